@@ -1,0 +1,342 @@
+"""All of Modelyard's Redis access: typed reads and writes, Lua scripts, change events.
+
+Redis holds the *live* copy of routing state (aliases, epochs, membership); the registry's own
+store is the source of truth and rewrites Redis from it. Alias maps are written whole, guarded
+by the model's epoch: a write whose epoch is not newer than the stored one is ignored, so
+concurrent or replayed writes can never move a pointer backwards.
+
+Not supported: Redis Cluster (the alias script also touches the global models set and event
+log). Use a single Redis, or Sentinel for high availability.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import time
+import warnings
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, Field
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from modelyard.errors import CoordinationUnavailable
+from modelyard.redis_keys import KeySchema
+from modelyard.settings import RedisSettings
+
+__all__ = [
+    "CoordinationStore",
+    "ServiceRecord",
+    "VersionRecord",
+    "AliasesEvent",
+    "ServiceEvent",
+    "Event",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+EVENTS_LOG_MAXLEN = 10_000
+
+
+class VersionRecord(BaseModel):
+    """One model version held by a model server, as its heartbeat reports it."""
+
+    model: str
+    version: int
+    state: str
+    """"loading", "ready", "unloading" or "failed"."""
+    device: str = "cpu"
+    outstanding: int = 0
+    error: str = ""
+    signature: dict[str, Any] = Field(default_factory=dict)
+    """The version's signature as protobuf JSON (json_format.MessageToDict)."""
+    platform: str = ""
+
+
+class ServiceRecord(BaseModel):
+    """The membership record a service keeps fresh in Redis while it runs."""
+
+    v: int = SCHEMA_VERSION
+    id: str
+    kind: str
+    """"gateway", "model_server", "registry" or "monitor"."""
+    address: str
+    """host:port of its gRPC listener, as other services should dial it."""
+    metrics_address: str = ""
+    software_version: str = ""
+    start_time: float = 0.0
+    heartbeat_time: float = 0.0
+    draining: bool = False
+    versions: list[VersionRecord] = Field(default_factory=list)
+
+
+class AliasesEvent(BaseModel):
+    """A model's aliases changed."""
+
+    v: int = SCHEMA_VERSION
+    type: str = "aliases"
+    model: str
+    epoch: int
+    aliases: dict[str, int]
+
+
+class ServiceEvent(BaseModel):
+    """A service joined, changed what it holds, or left."""
+
+    v: int = SCHEMA_VERSION
+    type: str = "service"
+    id: str
+    change: str
+    """"up", "changed" or "down"."""
+
+
+Event = AliasesEvent | ServiceEvent
+
+
+def parse_event(payload: str) -> Event | None:
+    """Decode an event; unknown types (from newer services) are skipped, not fatal."""
+    data = json.loads(payload)
+    kind = data.get("type")
+    if kind == "aliases":
+        return AliasesEvent.model_validate(data)
+    if kind == "service":
+        return ServiceEvent.model_validate(data)
+    return None
+
+
+class _State(enum.Enum):
+    UNOPENED = 1
+    OPENED = 2
+    CLOSED = 3
+
+
+class CoordinationStore:
+    """Typed async access to the cluster's Redis.
+
+    Usage::
+
+        async with CoordinationStore(settings.redis) as store:
+            aliases, epoch = await store.get_aliases("demo")
+
+    Raises `CoordinationUnavailable` (UNAVAILABLE) when Redis cannot be reached after retries.
+    """
+
+    # Replace a model's alias map if, and only if, the incoming epoch is newer.
+    # KEYS: aliases, epoch, models, events log. ARGV: epoch, model, event json, channel,
+    # then alias/version pairs.
+    LUA_APPLY_ALIASES = """
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+local incoming = tonumber(ARGV[1])
+if incoming <= current then return 0 end
+redis.call('DEL', KEYS[1])
+if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', '10000', '*', 'event', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[3])
+return 1
+"""
+
+    def __init__(self, settings: RedisSettings, *, client: aioredis.Redis | None = None) -> None:
+        self._settings = settings
+        self.keys = KeySchema(settings.key_prefix)
+        self._client = client
+        self._state = _State.UNOPENED
+        self._apply_aliases: Any = None
+
+    async def open(self) -> CoordinationStore:
+        """Connect (lazily: the first command dials) and register the scripts."""
+        if self._state is not _State.UNOPENED:
+            raise RuntimeError("Cannot open a CoordinationStore more than once.")
+        if self._client is None:
+            self._client = aioredis.Redis.from_url(
+                self._settings.url,
+                decode_responses=True,
+                socket_timeout=self._settings.socket_timeout_s,
+                socket_connect_timeout=self._settings.socket_timeout_s,
+                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), self._settings.retries),
+                retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            )
+        self._apply_aliases = self._client.register_script(self.LUA_APPLY_ALIASES)
+        self._state = _State.OPENED
+        return self
+
+    async def aclose(self) -> None:
+        """Close the connection pool. Safe to call twice."""
+        if self._state is _State.OPENED and self._client is not None:
+            await self._client.aclose()
+        self._state = _State.CLOSED
+
+    async def __aenter__(self) -> CoordinationStore:
+        return await self.open()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await asyncio.shield(self.aclose())
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", None) is _State.OPENED:
+            warnings.warn(
+                "Unclosed CoordinationStore; call aclose()", ResourceWarning, stacklevel=1
+            )
+
+    @property
+    def client(self) -> aioredis.Redis:
+        if self._state is _State.UNOPENED:
+            raise RuntimeError("Cannot use a CoordinationStore before open().")
+        if self._state is _State.CLOSED or self._client is None:
+            raise RuntimeError("Cannot use a CoordinationStore after aclose().")
+        return self._client
+
+    async def ping(self) -> None:
+        """Check that Redis answers."""
+        try:
+            await self.client.ping()
+        except RedisError as exc:
+            raise CoordinationUnavailable(f"Redis at {self._redacted_url()} is unreachable: {exc}") from exc
+
+    def _redacted_url(self) -> str:
+        url = self._settings.url
+        if "@" in url:
+            scheme, rest = url.split("://", 1)
+            return f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return url
+
+    # -- aliases ---------------------------------------------------------------------------
+
+    async def apply_aliases(self, model: str, aliases: dict[str, int], epoch: int) -> bool:
+        """Replace a model's alias map if `epoch` is newer than the stored one.
+
+        Returns:
+            True if it was applied, False if Redis already held this epoch or a newer one.
+        """
+        event = AliasesEvent(model=model, epoch=epoch, aliases=aliases).model_dump_json()
+        pairs: list[str | int] = []
+        for name, version in sorted(aliases.items()):
+            pairs += [name, version]
+        try:
+            applied = await self._apply_aliases(
+                keys=[
+                    self.keys.aliases(model),
+                    self.keys.epoch(model),
+                    self.keys.models(),
+                    self.keys.events_log(),
+                ],
+                args=[epoch, model, event, self.keys.events_channel(), *pairs],
+            )
+        except RedisError as exc:
+            raise CoordinationUnavailable(f"cannot update aliases in Redis: {exc}") from exc
+        return bool(applied)
+
+    async def get_aliases(self, model: str) -> tuple[dict[str, int], int]:
+        """A model's alias map and epoch ({} and 0 when Redis knows nothing of it)."""
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.hgetall(self.keys.aliases(model))
+                pipe.get(self.keys.epoch(model))
+                raw_aliases, raw_epoch = await pipe.execute()
+        except RedisError as exc:
+            raise CoordinationUnavailable(f"cannot read aliases from Redis: {exc}") from exc
+        return {k: int(v) for k, v in raw_aliases.items()}, int(raw_epoch or 0)
+
+    async def list_models(self) -> list[str]:
+        """Every model name Redis knows, sorted."""
+        try:
+            return sorted(await self.client.smembers(self.keys.models()))
+        except RedisError as exc:
+            raise CoordinationUnavailable(f"cannot list models in Redis: {exc}") from exc
+
+    async def all_aliases(self) -> dict[str, tuple[dict[str, int], int]]:
+        """Alias map and epoch of every model, in one round trip after the model list."""
+        models = await self.list_models()
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for model in models:
+                    pipe.hgetall(self.keys.aliases(model))
+                    pipe.get(self.keys.epoch(model))
+                raw = await pipe.execute()
+        except RedisError as exc:
+            raise CoordinationUnavailable(f"cannot read aliases from Redis: {exc}") from exc
+        return {
+            model: ({k: int(v) for k, v in raw[2 * i].items()}, int(raw[2 * i + 1] or 0))
+            for i, model in enumerate(models)
+        }
+
+    # -- membership ------------------------------------------------------------------------
+
+    async def heartbeat(self, record: ServiceRecord, ttl_s: float) -> None:
+        """Write a service's record with a time to live, and mark it alive now."""
+        record.heartbeat_time = time.time()
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(self.keys.service(record.id), record.model_dump_json(), px=int(ttl_s * 1000))
+                pipe.zadd(self.keys.services(), {record.id: int(record.heartbeat_time * 1000)})
+                await pipe.execute()
+        except RedisError as exc:
+            raise CoordinationUnavailable(f"cannot write heartbeat to Redis: {exc}") from exc
+
+    async def deregister(self, service_id: str) -> None:
+        """Remove a service's record at once (clean shutdown) and tell the others."""
+        event = ServiceEvent(id=service_id, change="down").model_dump_json()
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.delete(self.keys.service(service_id))
+                pipe.zrem(self.keys.services(), service_id)
+                pipe.publish(self.keys.events_channel(), event)
+                await pipe.execute()
+        except RedisError as exc:
+            raise CoordinationUnavailable(f"cannot deregister from Redis: {exc}") from exc
+
+    async def publish_service_change(self, service_id: str, change: str) -> None:
+        """Tell subscribers that a service came up or changed what it holds."""
+        event = ServiceEvent(id=service_id, change=change).model_dump_json()
+        try:
+            await self.client.publish(self.keys.events_channel(), event)
+        except RedisError as exc:
+            raise CoordinationUnavailable(f"cannot publish to Redis: {exc}") from exc
+
+    async def list_services(self, *, include_expired_s: float = 0.0) -> list[ServiceRecord]:
+        """Every live service record; ids whose records expired are pruned from the index.
+
+        Args:
+            include_expired_s: Keep index entries of services whose record expired less than
+                this long ago (the monitor reports them as down instead of forgetting them).
+        """
+        try:
+            ids: list[str] = await self.client.zrange(self.keys.services(), 0, -1)
+            if not ids:
+                return []
+            raw = await self.client.mget([self.keys.service(i) for i in ids])
+            gone = [i for i, r in zip(ids, raw, strict=True) if r is None]
+            if gone:
+                cutoff = int((time.time() - include_expired_s) * 1000)
+                await self.client.zremrangebyscore(self.keys.services(), "-inf", cutoff)
+        except RedisError as exc:
+            raise CoordinationUnavailable(f"cannot list services in Redis: {exc}") from exc
+        return [ServiceRecord.model_validate_json(r) for r in raw if r is not None]
+
+    # -- events ----------------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Change events as they are published. Ends (raising) when the connection drops;
+        callers resync from the keys and subscribe again."""
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.keys.events_channel())
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is None:
+                    continue
+                event = parse_event(message["data"])
+                if event is not None:
+                    yield event
+        finally:
+            await pubsub.aclose()

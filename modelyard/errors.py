@@ -1,0 +1,162 @@
+"""The domain error tree. No grpc here: `modelyard.rpc.errors` maps each class to a status.
+
+    ModelyardError                      reason
+    ├── NotFound
+    │   ├── ModelNotFound               MODEL_NOT_FOUND
+    │   ├── VersionNotFound             VERSION_NOT_FOUND
+    │   └── AliasNotFound               ALIAS_NOT_FOUND
+    ├── InvalidArgument                 INVALID_ARGUMENT
+    │   ├── SignatureMismatch           SIGNATURE_MISMATCH
+    │   ├── ChecksumMismatch            CHECKSUM_MISMATCH
+    │   └── TooLarge                    TOO_LARGE
+    ├── AlreadyExists                   ALREADY_EXISTS
+    ├── Conflict                        CONFLICT            (a compare-and-set lost)
+    ├── FailedPrecondition              FAILED_PRECONDITION
+    ├── Unavailable                                         (retryable)
+    │   ├── NoReadyReplica              NO_READY_REPLICA
+    │   ├── VersionNotReady             VERSION_NOT_READY
+    │   ├── Draining                    DRAINING
+    │   └── CoordinationUnavailable     COORDINATION_UNAVAILABLE
+    ├── QueueFull                       QUEUE_FULL          (retry after retry_after_s)
+    ├── DeadlineExceeded                DEADLINE_EXCEEDED
+    ├── ArtifactCorrupt                 ARTIFACT_CORRUPT
+    └── ModelExecutionError             MODEL_ERROR
+
+Each reason is a value of `modelyard.v1.ErrorReason` without its prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+__all__ = [
+    "ModelyardError",
+    "NotFound",
+    "ModelNotFound",
+    "VersionNotFound",
+    "AliasNotFound",
+    "InvalidArgument",
+    "SignatureMismatch",
+    "ChecksumMismatch",
+    "TooLarge",
+    "AlreadyExists",
+    "Conflict",
+    "FailedPrecondition",
+    "Unavailable",
+    "NoReadyReplica",
+    "VersionNotReady",
+    "Draining",
+    "CoordinationUnavailable",
+    "QueueFull",
+    "DeadlineExceeded",
+    "ArtifactCorrupt",
+    "ModelExecutionError",
+]
+
+
+class ModelyardError(Exception):
+    """Base of every error a Modelyard service reports to its callers.
+
+    Args:
+        message: What went wrong and what to fix, for the caller. Never internals.
+        field: The request field at fault (reported as google.rpc.BadRequest), if any.
+        metadata: Extra key/values for google.rpc.ErrorInfo.metadata.
+        retry_after_s: A hint for when to retry (reported as google.rpc.RetryInfo).
+    """
+
+    reason: ClassVar[str] = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.metadata = dict(metadata or {})
+        self.retry_after_s = retry_after_s
+
+
+class NotFound(ModelyardError):
+    reason = "MODEL_NOT_FOUND"
+
+
+class ModelNotFound(NotFound):
+    reason = "MODEL_NOT_FOUND"
+
+
+class VersionNotFound(NotFound):
+    reason = "VERSION_NOT_FOUND"
+
+
+class AliasNotFound(NotFound):
+    reason = "ALIAS_NOT_FOUND"
+
+
+class InvalidArgument(ModelyardError):
+    reason = "INVALID_ARGUMENT"
+
+
+class SignatureMismatch(InvalidArgument):
+    reason = "SIGNATURE_MISMATCH"
+
+
+class ChecksumMismatch(InvalidArgument):
+    reason = "CHECKSUM_MISMATCH"
+
+
+class TooLarge(InvalidArgument):
+    reason = "TOO_LARGE"
+
+
+class AlreadyExists(ModelyardError):
+    reason = "ALREADY_EXISTS"
+
+
+class Conflict(ModelyardError):
+    reason = "CONFLICT"
+
+
+class FailedPrecondition(ModelyardError):
+    reason = "FAILED_PRECONDITION"
+
+
+class Unavailable(ModelyardError):
+    reason = "NO_READY_REPLICA"
+
+
+class NoReadyReplica(Unavailable):
+    reason = "NO_READY_REPLICA"
+
+
+class VersionNotReady(Unavailable):
+    reason = "VERSION_NOT_READY"
+
+
+class Draining(Unavailable):
+    reason = "DRAINING"
+
+
+class CoordinationUnavailable(Unavailable):
+    reason = "COORDINATION_UNAVAILABLE"
+
+
+class QueueFull(ModelyardError):
+    reason = "QUEUE_FULL"
+
+
+class DeadlineExceeded(ModelyardError):
+    reason = "DEADLINE_EXCEEDED"
+
+
+class ArtifactCorrupt(ModelyardError):
+    reason = "ARTIFACT_CORRUPT"
+
+
+class ModelExecutionError(ModelyardError):
+    reason = "MODEL_ERROR"

@@ -1,0 +1,1 @@
+"""Open Inference Protocol v2 stubs, generated from protos/inference. Do not edit."""

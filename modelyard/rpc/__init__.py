@@ -1,0 +1,1 @@
+"""gRPC plumbing shared by every service: error mapping, server factory, interceptors, channels."""

@@ -1,0 +1,170 @@
+"""The server factory every service uses: grpc.aio with health, reflection, the observability
+interceptor, Prometheus /metrics, optional TLS, and a drain in a fixed order."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from modelyard.rpc.interceptors import ObservabilityInterceptor
+from modelyard.settings import ServerSettings, TLSSettings
+from modelyard.telemetry import MetricsHTTPServer
+
+__all__ = ["ServiceServer", "create_server", "channel_options", "server_credentials"]
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Options shared by servers and client channels."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials | None:
+    """TLS (or mTLS) credentials for a listener, or None for plaintext."""
+    if not tls.enabled:
+        return None
+    assert tls.cert_file is not None and tls.key_file is not None  # checked by TLSSettings
+    root = tls.ca_file.read_bytes() if tls.ca_file else None
+    return grpc.ssl_server_credentials(
+        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        root_certificates=root,
+        require_client_auth=tls.client_auth_required,
+    )
+
+
+class ServiceServer:
+    """A started-or-not gRPC server with its health servicer and metrics endpoint.
+
+    Usage::
+
+        srv = create_server(settings.server, settings.tls, service_names=[...], register=...)
+        await srv.start()          # binds; srv.port is the real port (0 picks one)
+        await srv.set_serving(True)
+        ...
+        await srv.drain(grace_s=10)
+    """
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        health: HealthServicer,
+        service_names: Sequence[str],
+        settings: ServerSettings,
+    ) -> None:
+        self.server = server
+        self.port = port
+        self.health = health
+        self.service_names = list(service_names)
+        self._settings = settings
+        self.metrics: MetricsHTTPServer | None = None
+
+    @property
+    def address(self) -> str:
+        """host:port other processes dial to reach this server."""
+        host = self._settings.advertise_host or self._settings.host
+        if host in ("0.0.0.0", "[::]", "::", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    @property
+    def metrics_address(self) -> str:
+        return f"{self.address.rsplit(':', 1)[0]}:{self.metrics.port}" if self.metrics else ""
+
+    async def start(self) -> None:
+        """Start serving and the /metrics endpoint; every service reports NOT_SERVING until
+        `set_serving(True)`."""
+        await self.server.start()
+        metrics_port = self._settings.metrics_port
+        if metrics_port is None:
+            metrics_port = self.port + 1000 if self._settings.port else 0
+        self.metrics = MetricsHTTPServer(self._settings.host.strip("[]") or "0.0.0.0", metrics_port)
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report the whole server (and each of its services) as serving or not."""
+        status = SERVING if serving else NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stop taking calls, let in-flight ones finish within the grace period, then stop.
+
+        Health goes NOT_SERVING first (for good), so load balancers move away before the
+        listener closes.
+        """
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self._settings.drain_grace_s if grace_s is None else grace_s)
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+
+def create_server(
+    settings: ServerSettings,
+    tls: TLSSettings,
+    *,
+    service_names: Sequence[str],
+    register: Callable[[grpc.aio.Server], None],
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> ServiceServer:
+    """Build a server and bind its port, without starting it.
+
+    Args:
+        settings: Listener settings; port 0 binds a free port (see `ServiceServer.port`).
+        tls: TLS settings; plaintext unless enabled.
+        service_names: Full names of the services `register` adds (for health and reflection).
+        register: Adds the servicers to the server.
+        interceptors: Extra interceptors, run after the observability one (auth goes here).
+
+    Raises:
+        RuntimeError: the port cannot be bound.
+    """
+    server = grpc.aio.server(
+        interceptors=[
+            ObservabilityInterceptor(access_log_enabled=settings.access_log_enabled),
+            *interceptors,
+        ],
+        options=[
+            *channel_options(settings.max_message_bytes),
+            # Without this, a second server on a taken port binds silently on Linux.
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    register(server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME],
+        server,
+    )
+    address = f"{settings.host}:{settings.port}"
+    credentials = server_credentials(tls)
+    try:
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError as exc:
+        raise RuntimeError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {address}: the address is taken or invalid")
+    return ServiceServer(server, port, health, service_names, settings)

@@ -1,0 +1,121 @@
+"""Settings shared by every service. Each service subclasses `ServiceSettings` with its own
+env prefix (`MODELYARD_GATEWAY_`, `MODELYARD_MODEL_SERVER_`, ...); nested fields use `__`,
+for example `MODELYARD_GATEWAY_REDIS__URL=redis://redis:6379/0`.
+
+Settings are built once in a service's `__main__` and passed down; nothing reads them globally.
+A bad value fails at start-up with a message that names the environment variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, Field, PositiveFloat, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "RedisSettings",
+    "TLSSettings",
+    "ServerSettings",
+    "ServiceSettings",
+    "SettingsError",
+    "load_settings",
+]
+
+
+class RedisSettings(BaseModel):
+    """How a service reaches the cluster's Redis."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    """Redis URL (`redis://`, `rediss://` or `unix://`)."""
+    key_prefix: str = Field(default="my", pattern=r"^[A-Za-z0-9_.-]+$")
+    """Prefix of every Modelyard key, so several clusters can share one Redis."""
+    socket_timeout_s: PositiveFloat = 2.0
+    """Timeout of one Redis command."""
+    retries: int = Field(default=3, ge=0)
+    """Retries of a command on a connection error or timeout, with jittered backoff."""
+
+
+class TLSSettings(BaseModel):
+    """TLS for a service's listener and its outgoing channels."""
+
+    enabled: bool = False
+    """Serve and dial with TLS."""
+    cert_file: Path | None = None
+    """PEM certificate chain of this service."""
+    key_file: Path | None = None
+    """PEM private key of this service."""
+    ca_file: Path | None = None
+    """PEM CA bundle used to verify peers."""
+    client_auth_required: bool = False
+    """Require client certificates (mTLS)."""
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> TLSSettings:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("tls.enabled needs tls.cert_file and tls.key_file")
+        if self.client_auth_required and self.ca_file is None:
+            raise ValueError("tls.client_auth_required needs tls.ca_file")
+        return self
+
+
+class ServerSettings(BaseModel):
+    """The gRPC listener of a service."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on; "0.0.0.0" or "[::]" to accept remote clients."""
+    port: int = Field(default=0, ge=0, le=65535)
+    """gRPC port; 0 picks a free one (tests)."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Prometheus /metrics port; unset means the gRPC port + 1000, 0 a free one."""
+    advertise_host: str | None = None
+    """Host other services use to reach this one; unset means `host` (or 127.0.0.1)."""
+    drain_grace_s: PositiveFloat = 10.0
+    """On SIGTERM, how long in-flight calls get to finish."""
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    """Largest gRPC message accepted or sent (the gRPC default of 4 MiB is too small for tensors)."""
+    access_log_enabled: bool = False
+    """Log one line per RPC (method, status, duration, request id; never payloads)."""
+    heartbeat_interval_s: PositiveFloat = 1.0
+    """How often the service refreshes its membership record in Redis."""
+    heartbeat_ttl_s: PositiveFloat = 5.0
+    """A service that missed heartbeats for this long is considered gone."""
+
+
+class ServiceSettings(BaseSettings):
+    """What every service has: its listener, Redis and TLS."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MODELYARD_", env_nested_delimiter="__", extra="ignore"
+    )
+    default_port: ClassVar[int] = 0
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    """The gRPC listener."""
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    """The cluster's Redis."""
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    """TLS for listener and channels."""
+    service_id: str | None = None
+    """Unique id of this process in the cluster; unset means kind + random suffix."""
+
+
+class SettingsError(Exception):
+    """A setting has a bad value; the message names the environment variable."""
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def load_settings(cls: type[S], **overrides: Any) -> S:
+    """Build settings from the environment, turning validation errors into one readable message."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        problems = []
+        for err in exc.errors():
+            path = "__".join(str(p) for p in err["loc"]).upper()
+            problems.append(f"  {prefix}{path}: {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError("invalid settings:\n" + "\n".join(problems)) from None

@@ -1,0 +1,60 @@
+"""Prometheus metrics over HTTP, logging set-up, and the RPC metrics every server exports.
+
+Metrics are module-level (the Prometheus convention): several servers in one process, as in
+the tests, share them and are told apart by their labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+__all__ = [
+    "RPC_HANDLED",
+    "RPC_SECONDS",
+    "LATENCY_BUCKETS_S",
+    "MetricsHTTPServer",
+    "configure_logging",
+]
+
+# From 0.25 ms to 10 s: the Predict path lives in the first half of this range.
+LATENCY_BUCKETS_S = (
+    0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512,
+    1.0, 2.5, 5.0, 10.0,
+)
+
+RPC_HANDLED = Counter(
+    "modelyard_rpc_server_handled",
+    "RPCs completed by the server, by method and status code.",
+    ["grpc_service", "grpc_method", "grpc_code"],
+)
+RPC_SECONDS = Histogram(
+    "modelyard_rpc_server_handling_seconds",
+    "Time from receiving an RPC to its completion, as the server sees it.",
+    ["grpc_service", "grpc_method"],
+    buckets=LATENCY_BUCKETS_S,
+)
+
+
+class MetricsHTTPServer:
+    """Prometheus `/metrics` on its own port, served from a daemon thread."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._httpd: WSGIServer
+        self._httpd, self._thread = start_http_server(port, addr=host)
+        self.port: int = self._httpd.server_port
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def configure_logging(level: str | None = None) -> None:
+    """Plain, one-line logs to stderr; the level from MODELYARD_LOG_LEVEL (default INFO)."""
+    logging.basicConfig(
+        level=(level or os.environ.get("MODELYARD_LOG_LEVEL", "INFO")).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
