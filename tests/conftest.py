@@ -1,1 +1,50 @@
-"""Shared fixtures: options, markers and the real-Redis factory used by the integration tiers."""
+"""Shared fixtures: a real redis-server per test session (never the machine's 6379), a clean
+database per test, and an opened CoordinationStore.
+
+`--redis-url` points the suite at an existing Redis instead (it is flushed per test).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+
+from modelyard.coordination import CoordinationStore
+from modelyard.embedded_redis import RedisServer
+from modelyard.settings import RedisSettings
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--redis-url",
+        default=None,
+        help="use this Redis instead of starting one (its database is flushed per test)",
+    )
+
+
+@pytest.fixture(scope="session")
+def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """URL of the session's Redis: an embedded redis-server on a free port in a temp dir."""
+    url = request.config.getoption("--redis-url")
+    if url:
+        yield url
+        return
+    with RedisServer() as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis_settings(redis_url: str) -> Iterator[RedisSettings]:
+    """Settings for a freshly flushed database."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.close()
+    yield RedisSettings(url=redis_url, socket_timeout_s=2.0)
+
+
+@pytest.fixture
+async def store(redis_settings: RedisSettings) -> AsyncIterator[CoordinationStore]:
+    async with CoordinationStore(redis_settings) as opened:
+        yield opened

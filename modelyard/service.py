@@ -1,0 +1,61 @@
+"""Running a service process: settings, logging, signals, and the drain on the way out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from typing import Protocol
+
+from modelyard.settings import SettingsError
+from modelyard.telemetry import configure_logging
+
+__all__ = ["ServiceApp", "run_service"]
+
+log = logging.getLogger(__name__)
+
+
+class ServiceApp(Protocol):
+    """What a service's composition root (`<service>/app.py`) offers its `__main__`."""
+
+    name: str
+
+    @property
+    def address(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+def run_service(factory: Callable[[], ServiceApp]) -> None:
+    """Build the app, start it, serve until SIGTERM or SIGINT, then drain and exit.
+
+    A settings error exits with status 2 and a message naming the variable at fault.
+    """
+    configure_logging()
+    try:
+        app = factory()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+    asyncio.run(_serve(app))
+
+
+async def _serve(app: ServiceApp) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+    except BaseException:
+        await app.aclose()
+        raise
+    log.info("%s serving on %s", app.name, app.address)
+    await stop.wait()
+    log.info("%s draining", app.name)
+    await app.aclose()
+    log.info("%s stopped", app.name)

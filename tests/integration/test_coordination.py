@@ -1,0 +1,52 @@
+"""CoordinationStore against a real Redis: epoch-guarded alias writes, events, membership."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from modelyard.coordination import AliasesEvent, CoordinationStore, ServiceRecord, VersionRecord
+
+pytestmark = pytest.mark.integration
+
+
+async def test_alias_writes_apply_only_with_a_newer_epoch(store: CoordinationStore) -> None:
+    assert await store.get_aliases("demo") == ({}, 0)
+    assert await store.apply_aliases("demo", {"production": 1}, epoch=1)
+    assert await store.apply_aliases("demo", {"production": 2, "canary": 3}, epoch=3)
+    # A late, older write (a replay or a slow writer) never moves a pointer back.
+    assert not await store.apply_aliases("demo", {"production": 1}, epoch=2)
+    assert await store.get_aliases("demo") == ({"production": 2, "canary": 3}, 3)
+    assert await store.list_models() == ["demo"]
+    assert await store.all_aliases() == {"demo": ({"production": 2, "canary": 3}, 3)}
+
+
+async def test_alias_changes_are_published(store: CoordinationStore) -> None:
+    received: list[AliasesEvent] = []
+
+    async def listen() -> None:
+        async for event in store.events():
+            if isinstance(event, AliasesEvent):
+                received.append(event)
+                return
+
+    listener = asyncio.create_task(listen())
+    await asyncio.sleep(0.2)  # let the subscription land before publishing
+    await store.apply_aliases("demo", {"production": 4}, epoch=1)
+    await asyncio.wait_for(listener, 5)
+    assert received == [AliasesEvent(model="demo", epoch=1, aliases={"production": 4})]
+
+
+async def test_membership_expires_and_deregisters(store: CoordinationStore) -> None:
+    record = ServiceRecord(
+        id="model-server-1", kind="model_server", address="127.0.0.1:1",
+        versions=[VersionRecord(model="demo", version=1, state="ready")],
+    )
+    await store.heartbeat(record, ttl_s=0.3)
+    await store.heartbeat(record.model_copy(update={"id": "gateway-1", "kind": "gateway"}), ttl_s=30)
+    assert {s.id for s in await store.list_services()} == {"model-server-1", "gateway-1"}
+    await asyncio.sleep(0.5)
+    assert [s.id for s in await store.list_services()] == ["gateway-1"]
+    await store.deregister("gateway-1")
+    assert await store.list_services() == []
