@@ -78,8 +78,11 @@ class Heartbeat:
 
     async def _run(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can turn a cancellation that
+            # lands during its timeout into a TimeoutError, and this loop would never stop.
             try:
-                await asyncio.wait_for(self._wake.wait(), self._interval_s)
+                async with asyncio.timeout(self._interval_s):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

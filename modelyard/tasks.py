@@ -14,16 +14,20 @@ log = logging.getLogger(__name__)
 
 
 async def cancel_task(task: asyncio.Task[Any] | None) -> None:
-    """Cancel a task and wait for it, swallowing its CancelledError (not the caller's)."""
+    """Cancel a task and wait until it has ended; its CancelledError is swallowed, the caller's
+    own cancellation is not.
+
+    A cancellation that lands inside a library's I/O can be absorbed there (turned into a
+    connection error that a retry loop then handles), so the task is cancelled again until
+    it actually ends.
+    """
     if task is None or task.done():
         return
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=1.0)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("task %s failed while being cancelled: %r", task.get_name(), task.exception())
 
 
 class BackgroundTasks:

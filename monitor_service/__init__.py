@@ -1,0 +1,1 @@
+"""The monitor: watches the cluster through Redis membership and reports its health."""
