@@ -1,0 +1,10 @@
+"""The registry service: the source of truth for models, versions, artifacts and aliases.
+
+SQLite holds the metadata and a content-addressed directory the artifacts; Redis gets a live
+copy of every model's aliases, rebuilt from SQLite on start and whenever it drifts.
+
+Modules: `settings` (configuration), `records` (the core's value types), `store` (SQLite),
+`artifacts` (the artifact directory), `formats` (what an archive of each format looks like),
+`registry` (the core, no gRPC), `convert` (records <-> protobuf), `servicer` (the thin gRPC
+adapter) and `app` (the composition root).
+"""

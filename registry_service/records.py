@@ -1,0 +1,133 @@
+"""The registry core's value types and name rules. No gRPC here; `convert` maps them to protobuf.
+
+The signature stays a `modelyard.v1.Signature` message: it is the schema gateways and model
+servers validate requests against, so every service reads it in the same form.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+from modelyard.errors import InvalidArgument
+from modelyard.v1 import tensor_pb2
+
+__all__ = [
+    "NAME_PATTERN",
+    "check_name",
+    "ArtifactFormat",
+    "VersionState",
+    "AliasRecord",
+    "ModelRecord",
+    "VersionRecord",
+    "UploadMetadata",
+    "AliasChange",
+]
+
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+"""Model and alias names: a lower-case letter, then letters, digits, '-' or '_'; 63 at most."""
+
+
+def check_name(value: str, *, field: str, what: str) -> str:
+    """Return `value` if it is a valid model or alias name.
+
+    Raises:
+        InvalidArgument: naming `field`, with the rule the name breaks.
+    """
+    if NAME_PATTERN.fullmatch(value) is None:
+        shown = repr(value) if value else "empty"
+        raise InvalidArgument(
+            f"{what} name {shown} is not valid: use 1 to 63 lower-case letters, digits, '-' "
+            "or '_', starting with a letter",
+            field=field,
+        )
+    return value
+
+
+class ArtifactFormat(enum.Enum):
+    """The file format of an artifact; the value is what the database stores."""
+
+    TORCHSCRIPT = "torchscript"
+    TORCH_EXPORT = "torch_export"
+
+
+class VersionState(enum.Enum):
+    """The lifecycle of a version; the value is what the database stores."""
+
+    ACTIVE = "active"
+    ARCHIVED = "archived"
+
+
+@dataclass(frozen=True, slots=True)
+class AliasRecord:
+    """A named pointer at one version of a model."""
+
+    name: str
+    version: int
+    update_time: float
+    """Unix seconds of the last move."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    """A model with its aliases (sorted by name)."""
+
+    name: str
+    description: str
+    create_time: float
+    latest_version: int
+    """The highest version number uploaded so far; 0 when there is none."""
+    epoch: int
+    """Grows with every alias change; Redis keeps a write only if its epoch is newer."""
+    aliases: tuple[AliasRecord, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRecord:
+    """One immutable, numbered version of a model."""
+
+    model: str
+    version: int
+    format: ArtifactFormat
+    sha256: str
+    size_bytes: int
+    signature: tensor_pb2.Signature
+    description: str
+    labels: dict[str, str]
+    metrics: dict[str, float]
+    created_by: str
+    create_time: float
+    state: VersionState
+
+
+@dataclass(frozen=True, slots=True)
+class UploadMetadata:
+    """What an uploader says about the artifact it is about to send."""
+
+    model: str
+    format: ArtifactFormat | None
+    """None when the uploader left it unset (or sent a value this registry does not know)."""
+    sha256: str
+    signature: tensor_pb2.Signature
+    description: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AliasChange:
+    """The outcome of a set-alias call."""
+
+    model: str
+    alias: AliasRecord
+    previous_version: int
+    """What the alias pointed at before; 0 if it did not exist."""
+    epoch: int
+    """The model's epoch after the call."""
+    aliases: dict[str, int]
+    """The model's whole alias map after the call (what Redis must hold)."""
+    changed: bool
+    """False when nothing moved: the alias already pointed there, or the call is a retry of
+    one already applied (same request id)."""

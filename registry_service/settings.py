@@ -1,0 +1,73 @@
+"""Settings of the registry service (env prefix `MODELYARD_REGISTRY_`).
+
+For example `MODELYARD_REGISTRY_DATA_DIR=/var/lib/modelyard/registry` or
+`MODELYARD_REGISTRY_SERVER__PORT=50061`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field, PositiveFloat, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from modelyard.settings import ServerSettings, ServiceSettings
+
+__all__ = ["RegistrySettings", "DEFAULT_PORT"]
+
+DEFAULT_PORT = 50061
+
+# gRPC clients refuse messages over 4 MiB unless told otherwise; a download message carries a
+# chunk plus a few header bytes, so a chunk stays a little under that.
+_MAX_DOWNLOAD_CHUNK_BYTES = 4 * 1024 * 1024 - 64 * 1024
+
+
+class RegistrySettings(ServiceSettings):
+    """Everything the registry reads at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MODELYARD_REGISTRY_", env_nested_delimiter="__", extra="ignore"
+    )
+    default_port: ClassVar[int] = DEFAULT_PORT
+
+    server: ServerSettings = Field(default_factory=lambda: ServerSettings(port=DEFAULT_PORT))
+    """The gRPC listener (port 50061 by default)."""
+    data_dir: Path = Path("var/registry")
+    """Directory holding the database and the artifacts unless their own paths are set.
+    One registry process per directory."""
+    database_path: Path | None = None
+    """The SQLite database file; unset means `<data_dir>/registry.sqlite3`."""
+    artifacts_dir: Path | None = None
+    """The content-addressed artifact directory; unset means `<data_dir>/artifacts`. It must be
+    on one filesystem: uploads are written next to it and renamed into place."""
+    max_artifact_bytes: int = Field(default=2 * 1024**3, gt=0)
+    """Largest artifact an upload may carry; a larger one is refused with TOO_LARGE."""
+    download_chunk_bytes: int = Field(default=1024 * 1024, gt=0, le=_MAX_DOWNLOAD_CHUNK_BYTES)
+    """Bytes of artifact per download message (at most 4 MiB - 64 KiB, the default receive
+    limit of gRPC clients less room for the header)."""
+    redis_resync_interval_s: PositiveFloat = 5.0
+    """How often every model's aliases are compared with Redis and rewritten where Redis lost
+    or missed them (a FLUSHALL, a new Redis, an update made while Redis was down)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_port(cls, data: Any) -> Any:
+        # Any SERVER__* variable makes `server` arrive as a dict, which bypasses the default
+        # factory above and would leave ServerSettings' own port 0 (a random port).
+        if not isinstance(data, dict):
+            return data
+        server = data.get("server")
+        if isinstance(server, dict) and "port" not in server:
+            return {**data, "server": {**server, "port": cls.default_port}}
+        return data
+
+    @property
+    def resolved_database_path(self) -> Path:
+        """`database_path`, or its default under `data_dir`."""
+        return self.database_path or self.data_dir / "registry.sqlite3"
+
+    @property
+    def resolved_artifacts_dir(self) -> Path:
+        """`artifacts_dir`, or its default under `data_dir`."""
+        return self.artifacts_dir or self.data_dir / "artifacts"
