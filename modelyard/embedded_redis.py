@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import ipaddress
 import os
@@ -25,17 +24,14 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import warnings
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 from urllib.parse import quote
+
+from modelyard.processes import spawn_child
 
 __all__ = [
     "REDIS_SERVER_ENV",
@@ -52,7 +48,6 @@ _STDOUT_NAME = "redis-server.out"
 _PORT_ATTEMPTS = 5
 _ADDRESS_IN_USE = "Address already in use"
 _SYSTEM_REDIS_PORT = 6379
-_PR_SET_PDEATHSIG = 1
 _POLL_INTERVAL_S = 0.02
 _PROBE_TIMEOUT_S = 0.2
 _LOG_TAIL_LINES = 25
@@ -374,7 +369,7 @@ class RedisServer:
         data_dir = self.data_dir
         log_offset = _file_size(data_dir / _LOG_NAME)
         with open(data_dir / _STDOUT_NAME, "wb") as out:
-            proc = _spawn(self._argv(port, data_dir), out, data_dir)
+            proc = spawn_child(self._argv(port, data_dir), out, data_dir)
         self._proc = proc
         connect_host = _connect_host(self._host)
         while True:
@@ -544,57 +539,3 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """A preexec_fn making the child get SIGTERM when its parent dies (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    # Resolved before fork: the child should run as little Python as possible.
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    sigterm = int(signal.SIGTERM)
-    parent_pid = os.getpid()
-
-    def preexec() -> None:
-        if prctl(_PR_SET_PDEATHSIG, sigterm, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        # The parent may have died between fork() and prctl(): no signal would come.
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return preexec
-
-
-_spawner_lock = threading.Lock()
-_spawner: ThreadPoolExecutor | None = None
-
-
-def _spawner_executor() -> ThreadPoolExecutor:
-    global _spawner
-    with _spawner_lock:
-        if _spawner is None:
-            _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelyard-redis")
-        return _spawner
-
-
-def _popen(argv: list[str], out: IO[bytes], cwd: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        cwd=cwd,
-        # Its own session: a terminal's Ctrl-C reaches only us, and we stop Redis after
-        # the services that use it; kill() can also reach its background forks.
-        start_new_session=True,
-        preexec_fn=_pdeathsig_preexec(),
-    )
-
-
-def _spawn(argv: list[str], out: IO[bytes], cwd: Path) -> subprocess.Popen[bytes]:
-    # PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so a server
-    # started from a short-lived thread (asyncio.to_thread, a fixture's worker) would be
-    # SIGTERMed with it; fork from a thread that lives as long as the process instead.
-    if threading.current_thread() is threading.main_thread() or not sys.platform.startswith("linux"):
-        return _popen(argv, out, cwd)
-    return _spawner_executor().submit(_popen, argv, out, cwd).result()

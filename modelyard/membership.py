@@ -49,6 +49,7 @@ class Heartbeat:
         self._task: asyncio.Task[None] | None = None
         self._announced = False
         self._published: tuple[object, ...] | None = None
+        self._failing = False
         self.start_time = time.time()
 
     async def start(self) -> None:
@@ -73,8 +74,13 @@ class Heartbeat:
             if not self._announced:
                 log.info("registered as %s at %s", record.id, record.address)
             self._announced = True
+            if self._failing:
+                log.info("heartbeats reach Redis again")
+            self._failing = False
         except CoordinationUnavailable as exc:
-            log.warning("heartbeat failed, will retry: %s", exc)
+            if not self._failing:
+                log.warning("heartbeat failed, will keep retrying: %s", exc)
+            self._failing = True
 
     async def _run(self) -> None:
         while True:

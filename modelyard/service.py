@@ -36,15 +36,16 @@ def run_service(factory: Callable[[], ServiceApp]) -> None:
     A settings error exits with status 2 and a message naming the variable at fault.
     """
     configure_logging()
+    asyncio.run(_serve(factory))
+
+
+async def _serve(factory: Callable[[], ServiceApp]) -> None:
+    # Built inside the running loop: a grpc.aio server binds to the loop it is created on.
     try:
         app = factory()
     except SettingsError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
-    asyncio.run(_serve(app))
-
-
-async def _serve(app: ServiceApp) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -102,7 +102,7 @@ async def _abort_for(exc: Exception, context: grpc.aio.ServicerContext[Any, Any]
         await context.abort_with_status(to_rpc_status(exc))
     if isinstance(exc, grpc.aio.AioRpcError):
         # Relay an upstream failure as it is: its code, message and rich details.
-        await context.abort(exc.code(), exc.details() or "", exc.trailing_metadata())
+        await context.abort(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
     log.exception("unexpected error (request id %s)", current_request_id() or "-")
     await context.abort_with_status(_internal_status())
 

@@ -3,6 +3,7 @@ interceptor, Prometheus /metrics, optional TLS, and a drain in a fixed order."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -112,7 +113,8 @@ class ServiceServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self._settings.drain_grace_s if grace_s is None else grace_s)
         if self.metrics is not None:
-            self.metrics.close()
+            # shutdown() waits out the HTTP server's 0.5 s poll: not on the event loop.
+            await asyncio.to_thread(self.metrics.close)
             self.metrics = None
 
 

@@ -1,0 +1,173 @@
+"""The model server's composition root: settings → Redis, registry client → repository,
+reconciler → servicer → server.
+
+gRPC objects (the server, the registry channel) are built in `start()`, on the running loop:
+`run_service` builds the app before `asyncio.run`, and a grpc.aio object made outside the
+loop that serves it fails with "attached to a different loop".
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import torch
+
+from model_server.batching import BatchConfig
+from model_server.loader import ArtifactSource, RegistryArtifactSource
+from model_server.reconciler import Backoff, Reconciler
+from model_server.repository import ModelRepository
+from model_server.servicer import SERVICE_NAME, ModelServerServicer
+from model_server.settings import ModelServerSettings, resolve_torch_threads
+from modelyard import __version__
+from modelyard.coordination import CoordinationStore, ServiceRecord
+from modelyard.membership import Heartbeat, new_service_id
+from modelyard.rpc.server import ServiceServer, create_server
+from modelyard.settings import TLSSettings
+from modelyard.tasks import BackgroundTasks
+from modelyard.v1 import model_server_service_pb2_grpc
+
+__all__ = ["ModelServerApp"]
+
+log = logging.getLogger(__name__)
+
+
+def channel_credentials(tls: TLSSettings) -> grpc.ChannelCredentials | None:
+    """Credentials to dial other services with, or None for plaintext."""
+    if not tls.enabled:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=tls.ca_file.read_bytes() if tls.ca_file else None,
+        private_key=tls.key_file.read_bytes() if tls.key_file else None,
+        certificate_chain=tls.cert_file.read_bytes() if tls.cert_file else None,
+    )
+
+
+class ModelServerApp:
+    """A model server process: `await start()`, serve, `await aclose()`.
+
+    Args:
+        settings: Everything from the environment.
+        artifact_source: Where artifacts come from; unset means the registry at
+            `settings.registry_address`.
+    """
+
+    name = "model_server"
+
+    def __init__(
+        self, settings: ModelServerSettings, *, artifact_source: ArtifactSource | None = None
+    ) -> None:
+        self.settings = settings
+        # Process-wide; set once here, before any model runs.
+        torch.set_num_threads(resolve_torch_threads(settings.torch_threads, settings.instances))
+        self.service_id = settings.service_id or new_service_id("model_server")
+        self.store = CoordinationStore(settings.redis)
+        self._registry: RegistryArtifactSource | None = None
+        if artifact_source is None:
+            artifact_source = self._registry = RegistryArtifactSource(
+                settings.registry_address,
+                max_message_bytes=settings.server.max_message_bytes,
+                credentials=channel_credentials(settings.tls),
+            )
+        self.repository = ModelRepository(
+            artifact_source,
+            BatchConfig(
+                max_batch_size=settings.max_batch_size,
+                max_queue_delay_s=settings.max_queue_delay_ms / 1000,
+                max_queue_size=settings.max_queue_size,
+                instances=settings.instances,
+            ),
+            device=settings.device,
+            on_change=self._held_changed,
+        )
+        self.reconciler = Reconciler(
+            self.store,
+            self.repository,
+            interval_s=settings.reconcile_interval_s,
+            backoff=Backoff(cap_s=settings.load_retry_max_s),
+        )
+        self.heartbeat = Heartbeat(
+            self.store,
+            self._record,
+            interval_s=settings.server.heartbeat_interval_s,
+            ttl_s=settings.server.heartbeat_ttl_s,
+        )
+        self._tasks = BackgroundTasks()
+        self._server: ServiceServer | None = None
+        self._draining = False
+        self._closed = False
+
+    @property
+    def server(self) -> ServiceServer:
+        if self._server is None:
+            raise RuntimeError("The model server has not been started.")
+        return self._server
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def _record(self) -> ServiceRecord:
+        return ServiceRecord(
+            id=self.service_id,
+            kind="model_server",
+            address=self.server.address,
+            metrics_address=self.server.metrics_address,
+            software_version=__version__,
+            start_time=self.heartbeat.start_time,
+            draining=self._draining,
+            versions=self.repository.records(),
+        )
+
+    def _held_changed(self) -> None:
+        # Only meaningful once the heartbeat knows our address.
+        if self._server is not None:
+            self.heartbeat.poke()
+
+    async def start(self) -> None:
+        """Listen, join the cluster, and start following the aliases."""
+        if self._server is not None or self._closed:
+            raise RuntimeError("Cannot start a ModelServerApp more than once.")
+        servicer = ModelServerServicer(
+            self.repository, server_id=self.service_id, draining=lambda: self._draining
+        )
+        self._server = create_server(
+            self.settings.server,
+            self.settings.tls,
+            service_names=[SERVICE_NAME],
+            register=lambda server: model_server_service_pb2_grpc.add_ModelServerServiceServicer_to_server(
+                servicer, server
+            ),
+        )
+        await self.store.open()
+        await self._server.start()
+        await self.heartbeat.start()
+        self._tasks.spawn("reconcile", self.reconciler.run)
+        self._tasks.spawn("alias-events", self.reconciler.watch_events)
+        # The server itself is up; each version is ready when its heartbeat says so.
+        await self._server.set_serving(True)
+
+    async def aclose(self) -> None:
+        """Drain: NOT_SERVING → stop following aliases and leave the cluster → finish
+        in-flight calls → drain the batchers → close the registry channel and Redis.
+
+        Safe after a failed or partial `start()`, and safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._draining = True
+        if self._server is not None:
+            await self._server.health.enter_graceful_shutdown()
+        await self._tasks.aclose()
+        await self.reconciler.aclose()
+        await self.heartbeat.aclose()
+        if self._server is not None:
+            await self._server.drain()
+        await self.repository.aclose()
+        if self._registry is not None:
+            await self._registry.aclose()
+        await self.store.aclose()

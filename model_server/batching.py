@@ -1,0 +1,614 @@
+"""Dynamic batching for one loaded model version: many small requests, few large forwards.
+
+A request carries n >= 1 items on dim 0 of every input. Waiting requests are grouped by the
+rest of their shapes and their dtypes (a group's requests can be concatenated on dim 0;
+different groups are never mixed). A batch is the oldest requests of one group, in arrival
+order, up to `max_batch_size` items; a request is never split, and one bigger than
+`max_batch_size` runs alone.
+
+When a batch is dispatched (the rule; event-driven, no polling):
+
+1. Only while an instance is free: at most `instances` batches are in flight (the
+   in-flight count is the semaphore; it lives on the event loop, so taking a slot never
+   suspends the caller).
+2. At once when *no* batch is in flight: the server is idle, so waiting for company would
+   only add latency. This is Triton's default ("largest available batch, no delay") and is
+   what a lone caller sees: its request goes straight to a worker thread.
+3. Otherwise (another batch is computing, so load is known to exist and more requests are
+   likely on their way) a group is dispatched when it holds `max_batch_size` items, or when
+   `max_queue_delay` has passed since its oldest request arrived (measured with
+   `loop.time()`, a timer armed with `loop.call_at`), whichever comes first.
+
+With one instance, rule 3 never holds a free worker back: while the only worker computes,
+requests pile up, and when it finishes (rule 2) they all leave as one batch. The batch size
+thus follows the load by itself. With several instances, rule 3 stops a busy server from
+feeding every free worker batches of one.
+
+Requests whose future is done (the caller went away) or whose deadline has passed are
+dropped when their batch is formed, before compute. The waiting queue is bounded in items:
+beyond `max_queue_size`, `submit` raises QueueFull at once (never blocks).
+
+The forward runs on a dedicated `ThreadPoolExecutor(max_workers=instances)`, inside
+`torch.inference_mode()`, never on the event loop; the only thread hop per request is its
+batch's. Outputs are checked to have the batch's item count on dim 0 and split back with
+`torch.split`. A failing batch fails only its own requests (ModelExecutionError, the trace
+in the log) and the batcher goes on.
+
+Usage::
+
+    batcher = Batcher(module, BatchConfig(max_batch_size=64), model="mlp", version=3)
+    outputs, timing = await batcher.submit([x], deadline=loop.time() + 1.0)
+    ...
+    await batcher.aclose()   # finishes what it accepted, then stops
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from prometheus_client import Gauge, Histogram
+
+from modelyard.errors import (
+    DeadlineExceeded,
+    Draining,
+    InvalidArgument,
+    ModelExecutionError,
+    QueueFull,
+)
+from modelyard.telemetry import LATENCY_BUCKETS_S
+
+__all__ = [
+    "BatchConfig",
+    "BatchTiming",
+    "Batcher",
+    "ModelFn",
+    "QUEUE_SECONDS",
+    "COMPUTE_SECONDS",
+    "BATCH_SIZE",
+    "QUEUE_DEPTH",
+]
+
+log = logging.getLogger(__name__)
+
+ModelFn = Callable[..., Any]
+"""Called with the batched input tensors as positional arguments (signature order); returns
+a tensor or a tuple/list of tensors, each with the batch's item count on dim 0."""
+
+QUEUE_SECONDS = Histogram(
+    "modelyard_model_server_queue_seconds",
+    "Time a request waited in its version's batch queue before its batch started.",
+    ["model", "version"],
+    buckets=LATENCY_BUCKETS_S,
+)
+COMPUTE_SECONDS = Histogram(
+    "modelyard_model_server_compute_seconds",
+    "Time of one batch on its worker thread: concatenate, forward, check and split.",
+    ["model", "version"],
+    buckets=LATENCY_BUCKETS_S,
+)
+BATCH_SIZE = Histogram(
+    "modelyard_model_server_batch_size",
+    "Items per batched forward pass.",
+    ["model", "version"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+QUEUE_DEPTH = Gauge(
+    "modelyard_model_server_queue_depth",
+    "Items waiting in a version's batch queue (not counting batches being computed).",
+    ["model", "version"],
+)
+
+_CLOCK_SLACK_S = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class BatchConfig:
+    """How a version's requests are batched.
+
+    Usage::
+
+        BatchConfig(max_batch_size=64, max_queue_delay_s=0.002, max_queue_size=1024, instances=1)
+    """
+
+    max_batch_size: int = 64
+    """Most items in one forward pass (a bigger request runs alone)."""
+    max_queue_delay_s: float = 0.002
+    """Longest a group waits for company while another batch is in flight."""
+    max_queue_size: int = 1024
+    """Most items waiting; beyond it `submit` raises QueueFull."""
+    instances: int = 1
+    """Worker threads, hence batches in flight at once."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.instances < 1:
+            raise ValueError("max_batch_size, max_queue_size and instances must be >= 1")
+        if self.max_queue_delay_s < 0:
+            raise ValueError("max_queue_delay_s must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTiming:
+    """Where one request's server time went."""
+
+    queue_s: float
+    """From `submit` to its batch leaving for a worker."""
+    compute_s: float
+    """Its batch's time on the worker thread."""
+    batch_size: int
+    """Items in its batch."""
+
+
+class _Request:
+    __slots__ = ("inputs", "items", "deadline", "future", "enqueued_at", "queue_s", "request_id")
+
+    def __init__(
+        self,
+        inputs: Sequence[torch.Tensor],
+        items: int,
+        deadline: float | None,
+        future: asyncio.Future[tuple[list[torch.Tensor], BatchTiming]],
+        enqueued_at: float,
+        request_id: str,
+    ) -> None:
+        self.inputs = inputs
+        self.items = items
+        self.deadline = deadline
+        self.future = future
+        self.enqueued_at = enqueued_at
+        self.queue_s = 0.0
+        self.request_id = request_id
+
+
+class _Group:
+    """Waiting requests that may share a batch: same dtypes and non-batch dims."""
+
+    __slots__ = ("key", "requests", "items")
+
+    def __init__(self, key: Hashable) -> None:
+        self.key = key
+        self.requests: deque[_Request] = deque()
+        self.items = 0
+
+
+class _BadOutput(Exception):
+    """The model's result cannot be split back (wrong type, or wrong size on dim 0)."""
+
+
+class _State(enum.Enum):
+    OPEN = 1
+    CLOSING = 2
+    CLOSED = 3
+
+
+T = TypeVar("T")
+
+
+def _set_result_if_not_done(future: asyncio.Future[T], result: T) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception_if_not_done(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+def _as_tensor_list(result: Any) -> list[torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)) and result and all(isinstance(t, torch.Tensor) for t in result):
+        return list(result)
+    raise _BadOutput(f"the model returned {type(result).__name__}, not a tensor or a tuple of tensors")
+
+
+class Batcher:
+    """Batches the requests of one loaded model version onto its worker threads.
+
+    Create it on the event loop that will submit to it. See the module docstring for the
+    dispatch rule.
+
+    Args:
+        model: The forward function (an `nn.Module` or any callable, see `ModelFn`).
+        config: Batch sizes, window, queue bound and instances.
+        model_name: The model's name, for metrics and logs.
+        version: The version number, for metrics and logs.
+        batching: False for a model without a batch dimension: every request then runs
+            alone and its outputs are returned whole.
+    """
+
+    def __init__(
+        self,
+        model: ModelFn,
+        config: BatchConfig,
+        *,
+        model_name: str = "model",
+        version: int = 0,
+        batching: bool = True,
+    ) -> None:
+        self._model = model
+        self._config = config
+        self._name = model_name
+        self._version = version
+        self._batching = batching
+        self._max_items = config.max_batch_size if batching else 1
+        self._loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(
+            max_workers=config.instances, thread_name_prefix=f"model-{model_name}-v{version}"
+        )
+        self._groups: dict[Hashable, _Group] = {}
+        self._queued_items = 0
+        self._queued_requests = 0
+        self._in_flight = 0
+        self._in_flight_requests = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._state = _State.OPEN
+        # A rough recent batch time, only for the retry hint of QueueFull.
+        self._recent_batch_s = 0.01
+        labels = (model_name, str(version))
+        self._labels = labels
+        self._queue_seconds = QUEUE_SECONDS.labels(*labels)
+        self._compute_seconds = COMPUTE_SECONDS.labels(*labels)
+        self._batch_size = BATCH_SIZE.labels(*labels)
+        self._queue_depth = QUEUE_DEPTH.labels(*labels)
+        self._queue_depth.set(0)
+
+    # -- public ----------------------------------------------------------------------------
+
+    @property
+    def outstanding(self) -> int:
+        """Requests waiting or being computed."""
+        return self._queued_requests + self._in_flight_requests
+
+    @property
+    def queued_items(self) -> int:
+        """Items waiting for a batch."""
+        return self._queued_items
+
+    @property
+    def closed(self) -> bool:
+        """True once `aclose()` started: no new requests are taken."""
+        return self._state is not _State.OPEN
+
+    async def submit(
+        self,
+        inputs: Sequence[torch.Tensor],
+        deadline: float | None = None,
+        *,
+        request_id: str = "",
+    ) -> tuple[list[torch.Tensor], BatchTiming]:
+        """Queue one request and wait for its share of a batch's outputs.
+
+        Args:
+            inputs: The input tensors in signature order; each carries the request's n >= 1
+                items on dim 0.
+            deadline: `loop.time()` after which the request is dropped if not yet computed.
+            request_id: Logged if its batch fails.
+
+        Returns:
+            The request's rows of every output, and where its time went.
+
+        Raises:
+            QueueFull: the queue holds `max_queue_size` items (with a retry hint).
+            Draining: the batcher is closing.
+            DeadlineExceeded: the deadline passed before the request's batch started.
+            ModelExecutionError: its batch failed.
+            InvalidArgument: the inputs do not share a dim 0 size.
+        """
+        if self._state is not _State.OPEN:
+            raise Draining(f"model {self._name!r} version {self._version} is being unloaded")
+        items, key = self._items_and_key(inputs)
+        if self._queued_items + items > self._config.max_queue_size:
+            self._purge_abandoned()
+            if self._queued_items + items > self._config.max_queue_size:
+                raise self._queue_full(items)
+        loop = self._loop
+        future: asyncio.Future[tuple[list[torch.Tensor], BatchTiming]] = loop.create_future()
+        request = _Request(inputs, items, deadline, future, loop.time(), request_id)
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group(key)
+        group.requests.append(request)
+        group.items += items
+        self._queued_items += items
+        self._queued_requests += 1
+        self._idle.clear()
+        self._queue_depth.set(self._queued_items)
+        self._dispatch()
+        # Cancelling the caller cancels `future`; the request is then dropped unseen.
+        return await future
+
+    async def warm_up(self, inputs: Sequence[torch.Tensor], *, repeats: int = 3) -> list[torch.Tensor]:
+        """Run the model on `inputs` on every worker thread, `repeats` times, outside the
+        queue and the metrics (before the version is ready).
+
+        Returns:
+            The outputs of the last run, whole.
+
+        Raises:
+            ModelExecutionError: the model failed or its outputs cannot be split back; the
+                message says why (it is for the operator, not a caller).
+        """
+        items, _ = self._items_and_key(inputs)
+        for _ in range(repeats):
+            runs = [
+                self._loop.run_in_executor(self._executor, self._compute, [inputs], [items])
+                for _ in range(self._config.instances)
+            ]
+            try:
+                results = await asyncio.gather(*runs)
+            except _BadOutput as exc:
+                raise ModelExecutionError(f"warm-up at batch size {items}: {exc}") from None
+            except Exception as exc:
+                raise ModelExecutionError(
+                    f"warm-up at batch size {items} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+        return results[-1][0][0]
+
+    async def aclose(self) -> None:
+        """Stop taking requests, finish every accepted one (at once, without waiting out the
+        window), then stop the worker threads. Safe to call twice."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSING
+        self._dispatch()
+        await self._idle.wait()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._state is _State.CLOSED:  # a concurrent aclose() finished first
+            return
+        self._state = _State.CLOSED
+        # Every batch has finished, so the threads are idle and exit at once.
+        self._executor.shutdown(wait=False)
+        for metric in (QUEUE_SECONDS, COMPUTE_SECONDS, BATCH_SIZE, QUEUE_DEPTH):
+            try:
+                metric.remove(*self._labels)
+            except KeyError:
+                pass
+
+    # -- queueing --------------------------------------------------------------------------
+
+    def _items_and_key(self, inputs: Sequence[torch.Tensor]) -> tuple[int, Hashable]:
+        if not inputs:
+            raise InvalidArgument("a request needs at least one input tensor", field="inputs")
+        if not self._batching:
+            return 1, None
+        first = inputs[0]
+        if first.dim() == 0:
+            raise InvalidArgument("inputs need a batch dimension (dim 0)", field="inputs")
+        items = first.shape[0]
+        if len(inputs) == 1:
+            return items, (first.dtype, first.shape[1:])
+        for tensor in inputs[1:]:
+            if tensor.dim() == 0 or tensor.shape[0] != items:
+                raise InvalidArgument(
+                    "every input must carry the same number of items on dim 0 "
+                    f"(got {[tuple(t.shape) for t in inputs]})",
+                    field="inputs",
+                )
+        return items, tuple((t.dtype, t.shape[1:]) for t in inputs)
+
+    def _queue_full(self, items: int) -> Exception:
+        limit = self._config.max_queue_size
+        if items > limit:
+            return InvalidArgument(
+                f"the request carries {items} items; model {self._name!r} queues at most {limit}",
+                field="inputs",
+            )
+        backlog_batches = math.ceil(self._queued_items / self._max_items)
+        retry_after_s = max(self._config.max_queue_delay_s, self._recent_batch_s * backlog_batches)
+        return QueueFull(
+            f"model {self._name!r} version {self._version} has {self._queued_items} items "
+            f"queued (limit {limit}); retry later",
+            retry_after_s=retry_after_s,
+            metadata={"model": self._name, "version": str(self._version)},
+        )
+
+    def _purge_abandoned(self) -> None:
+        """Forget requests whose caller went away, to make room (only when the queue is full)."""
+        for key, group in list(self._groups.items()):
+            kept: deque[_Request] = deque()
+            for request in group.requests:
+                if request.future.done():
+                    self._forget(group, request)
+                else:
+                    kept.append(request)
+            group.requests = kept
+            if not kept:
+                del self._groups[key]
+        self._queue_depth.set(self._queued_items)
+        self._check_idle()
+
+    def _forget(self, group: _Group, request: _Request) -> None:
+        group.items -= request.items
+        self._queued_items -= request.items
+        self._queued_requests -= 1
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Launch every batch the rule allows now; arm the window timer for the rest."""
+        while self._in_flight < self._config.instances and self._groups:
+            group = self._ready_group()
+            if group is None:
+                return
+            batch = self._take(group)
+            if batch:
+                self._launch(batch)
+        self._check_idle()
+
+    def _ready_group(self) -> _Group | None:
+        now = self._loop.time()
+        dispatch_any = self._in_flight == 0 or self._state is not _State.OPEN
+        delay = self._config.max_queue_delay_s
+        best: _Group | None = None
+        next_due = math.inf
+        for group in self._groups.values():
+            head_at = group.requests[0].enqueued_at
+            due = head_at + delay
+            if dispatch_any or group.items >= self._max_items or due <= now + _CLOCK_SLACK_S:
+                if best is None or head_at < best.requests[0].enqueued_at:
+                    best = group
+            else:
+                next_due = min(next_due, due)
+        if best is None:
+            self._arm_timer(next_due)
+        return best
+
+    def _arm_timer(self, when: float) -> None:
+        if self._timer is not None:
+            if self._timer.when() <= when:
+                return
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _take(self, group: _Group) -> list[_Request]:
+        """The next batch from a group, dropping abandoned and expired requests on the way."""
+        now = self._loop.time()
+        requests = group.requests
+        batch: list[_Request] = []
+        items = 0
+        while requests:
+            request = requests[0]
+            if request.future.done():  # the caller went away
+                requests.popleft()
+                self._forget(group, request)
+                continue
+            if request.deadline is not None and request.deadline <= now:
+                requests.popleft()
+                self._forget(group, request)
+                waited_ms = (now - request.enqueued_at) * 1000
+                _set_exception_if_not_done(
+                    request.future,
+                    DeadlineExceeded(
+                        f"the deadline passed after {waited_ms:.1f} ms in the queue of model "
+                        f"{self._name!r} version {self._version}, before compute"
+                    ),
+                )
+                continue
+            if batch and items + request.items > self._max_items:
+                break
+            requests.popleft()
+            self._forget(group, request)
+            request.queue_s = now - request.enqueued_at
+            batch.append(request)
+            items += request.items
+            if items >= self._max_items:
+                break
+        if not requests:
+            del self._groups[group.key]
+        self._queue_depth.set(self._queued_items)
+        return batch
+
+    def _launch(self, batch: list[_Request]) -> None:
+        self._in_flight += 1
+        self._in_flight_requests += len(batch)
+        observe = self._queue_seconds.observe
+        for request in batch:
+            observe(request.queue_s)
+        inputs = [r.inputs for r in batch]
+        counts = [r.items for r in batch]
+        future = self._loop.run_in_executor(self._executor, self._compute, inputs, counts)
+        future.add_done_callback(functools.partial(self._on_batch_done, batch, sum(counts)))
+
+    # -- worker thread ---------------------------------------------------------------------
+
+    def _compute(
+        self, inputs: list[Sequence[torch.Tensor]], counts: list[int]
+    ) -> tuple[list[list[torch.Tensor]], float]:
+        """Concatenate, forward, check and split one batch. Runs on a worker thread."""
+        start = time.perf_counter()
+        with torch.inference_mode():
+            if len(inputs) == 1:
+                batched = inputs[0]
+            else:
+                batched = [torch.cat(column) for column in zip(*inputs, strict=True)]
+            outputs = _as_tensor_list(self._model(*batched))
+            if not self._batching:
+                return [outputs], time.perf_counter() - start
+            total = sum(counts)
+            for index, output in enumerate(outputs):
+                if output.dim() == 0 or output.shape[0] != total:
+                    raise _BadOutput(
+                        f"output {index} has shape {list(output.shape)}; a batch of {total} items "
+                        f"needs {total} rows on dim 0"
+                    )
+            if len(counts) == 1:
+                per_request = [outputs]
+            else:
+                columns = [torch.split(output, counts) for output in outputs]
+                per_request = [list(row) for row in zip(*columns, strict=True)]
+        return per_request, time.perf_counter() - start
+
+    # -- completion (event loop) -----------------------------------------------------------
+
+    def _on_batch_done(
+        self,
+        batch: list[_Request],
+        total: int,
+        future: asyncio.Future[tuple[list[list[torch.Tensor]], float]],
+    ) -> None:
+        self._in_flight -= 1
+        self._in_flight_requests -= len(batch)
+        try:
+            if future.cancelled():
+                self._fail_batch(batch, total, None)
+            elif (exc := future.exception()) is not None:
+                self._fail_batch(batch, total, exc)
+            else:
+                per_request, compute_s = future.result()
+                self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * compute_s
+                self._compute_seconds.observe(compute_s)
+                self._batch_size.observe(total)
+                for request, outputs in zip(batch, per_request, strict=True):
+                    _set_result_if_not_done(
+                        request.future, (outputs, BatchTiming(request.queue_s, compute_s, total))
+                    )
+        except Exception as exc:  # noqa: BLE001 - a bug here must not strand the waiters
+            log.exception("completing a batch of %s v%d failed", self._name, self._version)
+            self._fail_batch(batch, total, exc)
+        finally:
+            self._dispatch()
+
+    def _fail_batch(self, batch: list[_Request], total: int, exc: BaseException | None) -> None:
+        request_ids = ",".join(r.request_id for r in batch if r.request_id) or "-"
+        if isinstance(exc, _BadOutput):
+            log.error(
+                "model %s v%d returned unusable outputs for a batch of %d items (request ids %s): %s",
+                self._name, self._version, total, request_ids, exc,
+            )
+        else:
+            log.error(
+                "model %s v%d failed on a batch of %d items (request ids %s)",
+                self._name, self._version, total, request_ids, exc_info=exc,
+            )
+        for request in batch:
+            # One error object per caller: a raised exception collects its traceback.
+            _set_exception_if_not_done(
+                request.future,
+                ModelExecutionError(
+                    f"model {self._name!r} version {self._version} failed while computing the "
+                    "batch that held this request; the server log has the details"
+                ),
+            )
+
+    def _check_idle(self) -> None:
+        if self._queued_requests == 0 and self._in_flight == 0:
+            self._idle.set()

@@ -1,0 +1,76 @@
+"""Settings of a model server: env prefix `MODELYARD_MODEL_SERVER_`, nested fields with `__`.
+
+For example `MODELYARD_MODEL_SERVER_MAX_BATCH_SIZE=32` or
+`MODELYARD_MODEL_SERVER_SERVER__PORT=50082`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from modelyard.settings import ServiceSettings
+
+__all__ = ["ModelServerSettings", "resolve_torch_threads"]
+
+
+class ModelServerSettings(ServiceSettings):
+    """Everything a model server is told at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MODELYARD_MODEL_SERVER_", env_nested_delimiter="__", extra="ignore"
+    )
+    default_port: ClassVar[int] = 50081
+
+    registry_address: str = "127.0.0.1:50061"
+    """host:port of the registry, where artifacts are downloaded from."""
+    device: str = "cpu"
+    """Where models run: "cpu" (GPU devices come with the deepening of the model server)."""
+    torch_threads: PositiveInt | None = None
+    """Torch intra-op threads; unset means one per core left after the event loop's, divided
+    among the instances (at least 1)."""
+    max_batch_size: PositiveInt = 64
+    """Most items (rows on dim 0) one forward pass takes; a larger request runs alone."""
+    max_queue_delay_ms: NonNegativeFloat = 2.0
+    """Longest a request waits for company while another batch is in flight (see
+    `model_server.batching` for when the window applies at all)."""
+    max_queue_size: PositiveInt = 1024
+    """Most items waiting per loaded version; beyond it requests fail with RESOURCE_EXHAUSTED."""
+    instances: PositiveInt = 1
+    """Worker threads per loaded version, each running one batch at a time."""
+    reconcile_interval_s: PositiveFloat = 1.0
+    """How often the server compares what it holds with what the aliases in Redis point at
+    (it also reacts at once to alias events)."""
+    load_retry_max_s: PositiveFloat = 60.0
+    """Longest wait before retrying a version whose load failed (the wait doubles per failure)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_port(cls, data: Any) -> Any:
+        # `server` arrives as a dict when any SERVER__* variable is set, and ServerSettings'
+        # own default port is 0; fill in this service's well-known port unless one was given.
+        if not isinstance(data, dict):
+            return data
+        server = data.get("server")
+        if server is None:
+            return {**data, "server": {"port": cls.default_port}}
+        if isinstance(server, dict) and "port" not in server:
+            return {**data, "server": {**server, "port": cls.default_port}}
+        return data
+
+
+def resolve_torch_threads(torch_threads: int | None, instances: int, cores: int | None = None) -> int:
+    """The intra-op thread count to use.
+
+    Unset: the cores this process may run on, less one for the event loop and gRPC, shared
+    among the instances. On a 2-core box that is 1, which measured best for peers too: a
+    second spinning torch thread competes with the event loop (../shared/bench/PEERS.md).
+    """
+    if torch_threads is not None:
+        return torch_threads
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, (cores - 1) // instances)

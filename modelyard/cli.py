@@ -1,0 +1,126 @@
+"""The `modelyard` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from modelyard.local_cluster import LocalCluster
+from modelyard.telemetry import configure_logging
+
+app = typer.Typer(help="Modelyard: a gRPC inference cluster for PyTorch models.", no_args_is_help=True)
+console = Console()
+
+
+@app.callback()
+def main() -> None:
+    """Modelyard: a gRPC inference cluster for PyTorch models."""
+
+
+@app.command()
+def up(
+    demo: Annotated[bool, typer.Option(help="Register, promote and query the demo model.")] = False,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Use this Redis instead of starting an embedded one.")
+    ] = None,
+    model_servers: Annotated[int, typer.Option(min=1, help="How many model servers to start.")] = 1,
+    data_dir: Annotated[Path, typer.Option(help="Registry store, Redis files and logs.")] = Path("var"),
+    free_ports: Annotated[
+        bool, typer.Option(help="Bind free ports instead of 50051, 50061, ...")
+    ] = False,
+    exit_after_demo: Annotated[
+        bool, typer.Option(help="Stop the cluster once the demo has run (for scripts).")
+    ] = False,
+) -> None:
+    """Start the whole cluster locally and keep it running until Ctrl-C."""
+    configure_logging("WARNING")
+    cluster = LocalCluster(
+        data_dir=data_dir.resolve(),
+        redis_url=redis_url,
+        ports="free" if free_ports else "default",
+        model_servers=model_servers,
+    )
+    code = asyncio.run(_up(cluster, demo, exit_after_demo))
+    raise typer.Exit(code)
+
+
+async def _up(cluster: LocalCluster, demo: bool, exit_after_demo: bool) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        with console.status("starting Redis, registry, monitor, model servers, gateway..."):
+            await cluster.start()
+        _print_cluster(cluster)
+        if demo:
+            await _run_demo(cluster)
+        if exit_after_demo:
+            return 0
+        console.print("\nThe cluster is running. Press [bold]Ctrl-C[/] to stop it.")
+        while not stop.is_set():
+            dead = cluster.check_alive()
+            if dead:
+                for child in dead:
+                    console.print(f"[red]{child.name} exited[/]; its log:\n{child.log_tail()}")
+                return 1
+            try:
+                async with asyncio.timeout(1.0):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+        return 0
+    except RuntimeError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 1
+    finally:
+        with console.status("stopping..."):
+            await cluster.stop()
+        console.print("stopped.")
+
+
+def _print_cluster(cluster: LocalCluster) -> None:
+    table = Table(title="Modelyard cluster")
+    table.add_column("service")
+    table.add_column("gRPC")
+    table.add_column("log")
+    table.add_row("redis", cluster.redis_url, str(cluster.data_dir / "redis"))
+    for child in cluster.children:
+        table.add_row(child.name, child.address, str(child.log_path))
+    console.print(table)
+
+
+async def _run_demo(cluster: LocalCluster) -> None:
+    import torch  # the CLI loads torch only for the demo
+
+    from modelyard.demo import build_demo_model, demo_signature, predict_until_served, register_model
+
+    module, artifact = build_demo_model()
+    version = await register_model(
+        cluster.address_of("registry"), "demo", artifact, demo_signature(),
+        description="demo MLP 64-256-256-10",
+    )
+    console.print(f"\nregistered [bold]demo[/] v{version} and pointed [bold]production[/] at it")
+    generator = torch.Generator().manual_seed(1234)
+    inputs = [torch.randn(n, 64, generator=generator) for n in (1, 2, 3)]
+    answers = await predict_until_served(cluster.gateway_address, "demo", inputs, module)
+    table = Table(title=f"predictions through the gateway ({cluster.gateway_address})")
+    table.add_column("rows")
+    table.add_column("served by")
+    table.add_column("argmax per row")
+    table.add_column("max |Δ| vs in-process torch")
+    for x, answer in zip(inputs, answers, strict=True):
+        delta = (answer.output - answer.expected).abs().max().item()
+        table.add_row(str(x.shape[0]), f"demo v{answer.version}",
+                      str(answer.output.argmax(dim=1).tolist()), f"{delta:.2e}")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

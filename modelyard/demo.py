@@ -1,0 +1,129 @@
+"""The demo model of `modelyard up --demo`, and the client calls that register, promote and
+query it: the same steps a user takes, over the public contracts."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import torch
+from torch import nn
+
+from modelyard.tensor_codec import tensor_from_proto, tensor_to_proto
+from modelyard.v1 import inference_service_pb2 as inf
+from modelyard.v1 import inference_service_pb2_grpc as inf_grpc
+from modelyard.v1 import registry_pb2, tensor_pb2
+from modelyard.v1 import registry_service_pb2 as reg
+from modelyard.v1 import registry_service_pb2_grpc as reg_grpc
+
+__all__ = ["build_demo_model", "demo_signature", "register_model", "predict_until_served", "DemoAnswer"]
+
+CHUNK_BYTES = 1 << 20
+
+
+class DemoMLP(nn.Module):
+    """float32 [N, 64] → 64-256-256-10 MLP with ReLU: the shape of work of the reference `mlp`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def build_demo_model(seed: int = 0) -> tuple[torch.jit.ScriptModule, bytes]:
+    """The demo model (deterministic for a seed) and its TorchScript archive bytes."""
+    torch.manual_seed(seed)
+    module = torch.jit.script(DemoMLP().eval())
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    return module, buffer.getvalue()
+
+
+def demo_signature() -> tensor_pb2.Signature:
+    fp32 = tensor_pb2.DATA_TYPE_FP32
+    return tensor_pb2.Signature(
+        inputs=[tensor_pb2.TensorSpec(name="input", data_type=fp32, shape=[-1, 64])],
+        outputs=[tensor_pb2.TensorSpec(name="output", data_type=fp32, shape=[-1, 10])],
+    )
+
+
+async def register_model(
+    registry_address: str,
+    model: str,
+    artifact: bytes,
+    signature: tensor_pb2.Signature,
+    *,
+    alias: str = "production",
+    description: str = "",
+) -> int:
+    """Create the model if needed, upload a version, point `alias` at it; return the version."""
+    async with grpc.aio.insecure_channel(registry_address) as channel:
+        stub = reg_grpc.RegistryServiceStub(channel)
+        try:
+            await stub.CreateModel(reg.CreateModelRequest(name=model, description=description))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is not grpc.StatusCode.ALREADY_EXISTS:
+                raise
+
+        async def upload() -> AsyncIterator[reg.UploadModelVersionRequest]:
+            yield reg.UploadModelVersionRequest(metadata=reg.UploadModelVersionMetadata(
+                model=model,
+                format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
+                sha256=hashlib.sha256(artifact).hexdigest(),
+                signature=signature,
+                description=description,
+            ))
+            for start in range(0, len(artifact), CHUNK_BYTES):
+                yield reg.UploadModelVersionRequest(chunk=artifact[start:start + CHUNK_BYTES])
+
+        uploaded = await stub.UploadModelVersion(upload())
+        version = uploaded.model_version.version
+        await stub.SetAlias(reg.SetAliasRequest(
+            model=model, alias=alias, version=version, reason="modelyard up --demo"))
+        return int(version)
+
+
+@dataclass
+class DemoAnswer:
+    version: int
+    output: torch.Tensor
+    expected: torch.Tensor
+
+
+async def predict_until_served(
+    gateway_address: str,
+    model: str,
+    inputs: list[torch.Tensor],
+    reference: torch.jit.ScriptModule | None = None,
+    *,
+    timeout_s: float = 60.0,
+) -> list[DemoAnswer]:
+    """Predict each input through the gateway, waiting out UNAVAILABLE while the version loads."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    answers = []
+    async with grpc.aio.insecure_channel(gateway_address) as channel:
+        stub = inf_grpc.InferenceServiceStub(channel)
+        for x in inputs:
+            request = inf.PredictRequest(model=model, inputs=[tensor_to_proto("input", x)])
+            while True:
+                try:
+                    reply = await stub.Predict(request, timeout=10)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() is not grpc.StatusCode.UNAVAILABLE or loop.time() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+            output = tensor_from_proto(reply.outputs[0])
+            with torch.inference_mode():
+                expected = reference(x) if reference is not None else output
+            answers.append(DemoAnswer(reply.version, output, expected))
+    return answers

@@ -1,0 +1,238 @@
+"""A whole cluster on one machine as supervised child processes: what `modelyard up` runs
+and what the e2e tests drive.
+
+Redis (embedded unless a URL is given) → registry → monitor → model servers → gateway. Each
+child is told its service id; the supervisor finds its address in Redis membership (so port 0
+works) and waits until its grpc.health.v1 says SERVING. Stopping goes in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from modelyard.coordination import CoordinationStore
+from modelyard.embedded_redis import RedisServer
+from modelyard.membership import new_service_id
+from modelyard.processes import spawn_child
+from modelyard.settings import RedisSettings
+
+__all__ = ["LocalCluster", "Child", "DEFAULT_PORTS"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"gateway": 50051, "registry": 50061, "monitor": 50071, "model_server": 50081}
+
+
+@dataclass
+class Child:
+    """One service process of the cluster."""
+
+    name: str
+    kind: str
+    module: str
+    env: dict[str, str]
+    log_path: Path
+    service_id: str
+    process: subprocess.Popen[bytes] | None = None
+    address: str = ""
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class LocalCluster:
+    """Start and stop a local cluster.
+
+    Usage::
+
+        cluster = LocalCluster(data_dir=Path("var"), ports="default")
+        await cluster.start()
+        print(cluster.gateway_address)
+        await cluster.stop()
+
+    Args:
+        data_dir: Where the registry's store, Redis's files and the logs go.
+        redis_url: An existing Redis; None starts an embedded one.
+        ports: "default" for the well-known ports (gateway 50051, ...), "free" for port 0.
+        model_servers: How many model servers to start.
+        env: Extra environment for every child (e.g. MODELYARD_LOG_LEVEL).
+    """
+
+    def __init__(
+        self,
+        *,
+        data_dir: Path,
+        redis_url: str | None = None,
+        ports: str = "default",
+        model_servers: int = 1,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        if ports not in ("default", "free"):
+            raise ValueError("ports must be 'default' or 'free'")
+        self.data_dir = data_dir
+        self._redis_url = redis_url
+        self._ports = ports
+        self._model_servers = model_servers
+        self._extra_env = env or {}
+        self.redis: RedisServer | None = None
+        self.children: list[Child] = []
+        self.key_prefix = "my"
+
+    @property
+    def redis_url(self) -> str:
+        if self._redis_url is not None:
+            return self._redis_url
+        assert self.redis is not None
+        return self.redis.url
+
+    def _port(self, kind: str, index: int = 0) -> int:
+        return 0 if self._ports == "free" else DEFAULT_PORTS[kind] + index
+
+    def _child(self, name: str, kind: str, module: str, prefix: str, port: int, **extra: str) -> Child:
+        env = dict(os.environ)
+        env.update(self._extra_env)
+        service_id = new_service_id(name)
+        env.update({
+            f"{prefix}SERVICE_ID": service_id,
+            f"{prefix}REDIS__URL": self.redis_url,
+            f"{prefix}REDIS__KEY_PREFIX": self.key_prefix,
+            f"{prefix}SERVER__PORT": str(port),
+            f"{prefix}SERVER__METRICS_PORT": str(port + 1000 if port else 0),
+        })
+        env.update({f"{prefix}{k.upper()}": v for k, v in extra.items()})
+        logs = self.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        return Child(name, kind, module, env, logs / f"{name}.log", service_id)
+
+    async def start(self, timeout_s: float = 90.0) -> None:
+        """Start everything and wait until every service is registered and SERVING.
+
+        Raises:
+            RuntimeError: a child exited or was not ready in time; the message has its log.
+        """
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._redis_url is None:
+            self.redis = RedisServer(
+                port=0,
+                data_dir=self.data_dir / "redis",
+                persistence=True,
+            )
+            await asyncio.to_thread(self.redis.start)
+        deadline = time.monotonic() + timeout_s
+        async with CoordinationStore(
+            RedisSettings(url=self.redis_url, key_prefix=self.key_prefix)
+        ) as store:
+            registry = self._child(
+                "registry", "registry", "registry_service", "MODELYARD_REGISTRY_",
+                self._port("registry"), data_dir=str(self.data_dir / "registry"),
+            )
+            await self._launch([registry], store, deadline)
+            batch = [
+                self._child("monitor", "monitor", "monitor_service", "MODELYARD_MONITOR_",
+                            self._port("monitor"))
+            ]
+            for i in range(self._model_servers):
+                batch.append(self._child(
+                    f"model-server-{i + 1}", "model_server", "model_server",
+                    "MODELYARD_MODEL_SERVER_", self._port("model_server", i),
+                    registry_address=registry.address,
+                ))
+            await self._launch(batch, store, deadline)
+            gateway = self._child("gateway", "gateway", "gateway", "MODELYARD_GATEWAY_",
+                                  self._port("gateway"))
+            await self._launch([gateway], store, deadline)
+
+    async def _launch(self, children: list[Child], store: CoordinationStore, deadline: float) -> None:
+        for child in children:
+            child._log = open(child.log_path, "ab")  # noqa: SIM115 - closed in stop()
+            child.process = await asyncio.to_thread(
+                spawn_child,
+                [sys.executable, "-m", child.module],
+                child._log,
+                Path.cwd(),
+                child.env,
+            )
+            self.children.append(child)
+        for child in children:
+            await self._wait_ready(child, store, deadline)
+
+    async def _wait_ready(self, child: Child, store: CoordinationStore, deadline: float) -> None:
+        assert child.process is not None
+        while True:
+            if child.process.poll() is not None:
+                raise RuntimeError(
+                    f"{child.name} exited with status {child.process.returncode}; "
+                    f"its log ({child.log_path}):\n{child.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{child.name} was not ready in time; its log ({child.log_path}):\n"
+                    f"{child.log_tail()}"
+                )
+            if not child.address:
+                for record in await store.list_services():
+                    if record.id == child.service_id:
+                        child.address = record.address
+            if child.address and await _serving(child.address):
+                return
+            await asyncio.sleep(0.1)
+
+    @property
+    def gateway_address(self) -> str:
+        return self.address_of("gateway")
+
+    def address_of(self, name: str) -> str:
+        for child in self.children:
+            if child.name == name:
+                return child.address
+        raise KeyError(name)
+
+    def check_alive(self) -> list[Child]:
+        """Children that have exited."""
+        return [c for c in self.children if c.process is not None and c.process.poll() is not None]
+
+    async def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM every child, newest first, so each drains; SIGKILL stragglers; stop Redis."""
+        for child in reversed(self.children):
+            if child.process is not None and child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.to_thread(child.process.wait, timeout_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in %.0fs; killing it", child.name, timeout_s)
+                    child.process.kill()
+                    await asyncio.to_thread(child.process.wait)
+            if child._log is not None:
+                child._log.close()
+                child._log = None
+        self.children.clear()
+        if self.redis is not None:
+            await asyncio.to_thread(self.redis.stop)
+            self.redis = None
+
+
+async def _serving(address: str) -> bool:
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1.0
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
