@@ -33,8 +33,13 @@ setup() {
     fi
     # Reinstall only when the dependency list changed.
     if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
-        "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-        "$VENV/bin/python" -m pip install -q -e '.[dev]'
+        echo "setting up $VENV (pinned dependencies; the first time takes about a minute)..."
+        if ! { "$VENV/bin/python" -m pip install -q --upgrade pip \
+                && "$VENV/bin/python" -m pip install -q -e '.[dev]'; } > "$VENV/pip.log" 2>&1; then
+            tail -40 "$VENV/pip.log" >&2
+            echo "dependency install failed; the whole log is in $VENV/pip.log" >&2
+            exit 1
+        fi
         touch "$STAMP"
     fi
 }
