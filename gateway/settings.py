@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field, PositiveFloat
 from pydantic_settings import SettingsConfigDict
 
@@ -16,6 +18,8 @@ class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(
         env_prefix="MODELYARD_GATEWAY_", env_nested_delimiter="__", extra="ignore"
     )
+
+    default_port: ClassVar[int] = 50051
 
     server: ServerSettings = Field(default_factory=lambda: ServerSettings(port=50051))
     """The public gRPC listener (modelyard.v1.InferenceService)."""

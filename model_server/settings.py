@@ -7,9 +7,9 @@ For example `MODELYARD_MODEL_SERVER_MAX_BATCH_SIZE=32` or
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt
 from pydantic_settings import SettingsConfigDict
 
 from modelyard.settings import ServiceSettings
@@ -46,20 +46,6 @@ class ModelServerSettings(ServiceSettings):
     (it also reacts at once to alias events)."""
     load_retry_max_s: PositiveFloat = 60.0
     """Longest wait before retrying a version whose load failed (the wait doubles per failure)."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_port(cls, data: Any) -> Any:
-        # `server` arrives as a dict when any SERVER__* variable is set, and ServerSettings'
-        # own default port is 0; fill in this service's well-known port unless one was given.
-        if not isinstance(data, dict):
-            return data
-        server = data.get("server")
-        if server is None:
-            return {**data, "server": {"port": cls.default_port}}
-        if isinstance(server, dict) and "port" not in server:
-            return {**data, "server": {**server, "port": cls.default_port}}
-        return data
 
 
 def resolve_torch_threads(torch_threads: int | None, instances: int, cores: int | None = None) -> int:

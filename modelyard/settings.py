@@ -90,6 +90,7 @@ class ServiceSettings(BaseSettings):
         env_prefix="MODELYARD_", env_nested_delimiter="__", extra="ignore"
     )
     default_port: ClassVar[int] = 0
+    """The service's well-known port, kept when only some SERVER__* variables are set."""
 
     server: ServerSettings = Field(default_factory=ServerSettings)
     """The gRPC listener."""
@@ -99,6 +100,20 @@ class ServiceSettings(BaseSettings):
     """TLS for listener and channels."""
     service_id: str | None = None
     """Unique id of this process in the cluster; unset means kind + random suffix."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_default_port(cls, data: Any) -> Any:
+        # Any SERVER__* variable makes `server` arrive as a dict, which bypasses a subclass's
+        # default factory and would leave ServerSettings' own port 0 (a random port).
+        if not isinstance(data, dict) or not cls.default_port:
+            return data
+        server = data.get("server")
+        if server is None:
+            return {**data, "server": {"port": cls.default_port}}
+        if isinstance(server, dict) and "port" not in server:
+            return {**data, "server": {**server, "port": cls.default_port}}
+        return data
 
 
 class SettingsError(Exception):

@@ -7,9 +7,9 @@ For example `MODELYARD_REGISTRY_DATA_DIR=/var/lib/modelyard/registry` or
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from pydantic import Field, PositiveFloat, model_validator
+from pydantic import Field, PositiveFloat
 from pydantic_settings import SettingsConfigDict
 
 from modelyard.settings import ServerSettings, ServiceSettings
@@ -49,18 +49,6 @@ class RegistrySettings(ServiceSettings):
     redis_resync_interval_s: PositiveFloat = 5.0
     """How often every model's aliases are compared with Redis and rewritten where Redis lost
     or missed them (a FLUSHALL, a new Redis, an update made while Redis was down)."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_port(cls, data: Any) -> Any:
-        # Any SERVER__* variable makes `server` arrive as a dict, which bypasses the default
-        # factory above and would leave ServerSettings' own port 0 (a random port).
-        if not isinstance(data, dict):
-            return data
-        server = data.get("server")
-        if isinstance(server, dict) and "port" not in server:
-            return {**data, "server": {**server, "port": cls.default_port}}
-        return data
 
     @property
     def resolved_database_path(self) -> Path:
