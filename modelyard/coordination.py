@@ -34,6 +34,7 @@ from modelyard.settings import RedisSettings
 
 __all__ = [
     "CoordinationStore",
+    "Deployment",
     "ServiceRecord",
     "VersionRecord",
     "AliasesEvent",
@@ -62,6 +63,36 @@ class VersionRecord(BaseModel):
     platform: str = ""
 
 
+class Deployment(BaseModel):
+    """How one model is served, written by the registry with the model's aliases and epoch.
+
+    Model servers load `placed_versions` (on `replicas` of them, chosen by rendezvous hashing
+    of the version over the live model servers; 0 = all) with these settings; gateways split
+    traffic and mirror shadows by it. Unset serving fields mean the model server's defaults.
+    """
+
+    v: int = SCHEMA_VERSION
+    placed_versions: list[int] = Field(default_factory=list)
+    """Every version to keep loaded: aliased, pinned, and recently replaced (for rollback)."""
+    replicas: int = 0
+    """Model servers per placed version; 0 means every model server."""
+    device: str | None = None
+    """"cpu", "cuda", "cuda:N" or "auto"; unset: the model server's default."""
+    precision: str | None = None
+    """"fp32", "fp16" or "bf16"; unset: fp32."""
+    max_batch_size: int | None = None
+    max_queue_delay_ms: float | None = None
+    max_queue_size: int | None = None
+    instances: int | None = None
+    traffic_split: dict[str, int] = Field(default_factory=dict)
+    """Weights per alias for requests that select the default alias, e.g. {"production": 90,
+    "canary": 10}; empty means all to the default alias."""
+    shadow_alias: str = ""
+    """An alias whose version receives a copy of `shadow_fraction` of the traffic; its answers
+    are compared and recorded, never returned."""
+    shadow_fraction: float = 0.0
+
+
 class ServiceRecord(BaseModel):
     """The membership record a service keeps fresh in Redis while it runs."""
 
@@ -87,6 +118,7 @@ class AliasesEvent(BaseModel):
     model: str
     epoch: int
     aliases: dict[str, int]
+    deployment: Deployment | None = None
 
 
 class ServiceEvent(BaseModel):
@@ -130,15 +162,16 @@ class CoordinationStore:
     Raises `CoordinationUnavailable` (UNAVAILABLE) when Redis cannot be reached after retries.
     """
 
-    # Replace a model's alias map if, and only if, the incoming epoch is newer.
-    # KEYS: aliases, epoch, models, events log. ARGV: epoch, model, event json, channel,
-    # then alias/version pairs.
+    # Replace a model's alias map (and deployment, when given) if, and only if, the incoming
+    # epoch is newer. KEYS: aliases, epoch, models, events log, deployment. ARGV: epoch, model,
+    # event json, channel, deployment json ("" leaves it as it is), then alias/version pairs.
     LUA_APPLY_ALIASES = """
 local current = tonumber(redis.call('GET', KEYS[2]) or '0')
 local incoming = tonumber(ARGV[1])
 if incoming <= current then return 0 end
 redis.call('DEL', KEYS[1])
-if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
+if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
+if ARGV[5] ~= '' then redis.call('SET', KEYS[5], ARGV[5]) end
 redis.call('SET', KEYS[2], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[2])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', '10000', '*', 'event', ARGV[3])
@@ -212,13 +245,22 @@ return 1
 
     # -- aliases ---------------------------------------------------------------------------
 
-    async def apply_aliases(self, model: str, aliases: dict[str, int], epoch: int) -> bool:
-        """Replace a model's alias map if `epoch` is newer than the stored one.
+    async def apply_aliases(
+        self,
+        model: str,
+        aliases: dict[str, int],
+        epoch: int,
+        deployment: Deployment | None = None,
+    ) -> bool:
+        """Replace a model's alias map (and its deployment, if given) if `epoch` is newer than
+        the stored one.
 
         Returns:
             True if it was applied, False if Redis already held this epoch or a newer one.
         """
-        event = AliasesEvent(model=model, epoch=epoch, aliases=aliases).model_dump_json()
+        event = AliasesEvent(
+            model=model, epoch=epoch, aliases=aliases, deployment=deployment
+        ).model_dump_json()
         pairs: list[str | int] = []
         for name, version in sorted(aliases.items()):
             pairs += [name, version]
@@ -229,8 +271,16 @@ return 1
                     self.keys.epoch(model),
                     self.keys.models(),
                     self.keys.events_log(),
+                    self.keys.deployment(model),
                 ],
-                args=[epoch, model, event, self.keys.events_channel(), *pairs],
+                args=[
+                    epoch,
+                    model,
+                    event,
+                    self.keys.events_channel(),
+                    deployment.model_dump_json() if deployment is not None else "",
+                    *pairs,
+                ],
             )
         except RedisError as exc:
             raise CoordinationUnavailable(f"cannot update aliases in Redis: {exc}") from exc
@@ -268,6 +318,20 @@ return 1
         return {
             model: ({k: int(v) for k, v in raw[2 * i].items()}, int(raw[2 * i + 1] or 0))
             for i, model in enumerate(models)
+        }
+
+    async def all_deployments(self) -> dict[str, Deployment]:
+        """Every model's deployment; a model without one gets the default `Deployment()`."""
+        models = await self.list_models()
+        if not models:
+            return {}
+        try:
+            raw = await self.client.mget([self.keys.deployment(m) for m in models])
+        except RedisError as exc:
+            raise CoordinationUnavailable(f"cannot read deployments from Redis: {exc}") from exc
+        return {
+            model: Deployment.model_validate_json(r) if r else Deployment()
+            for model, r in zip(models, raw, strict=True)
         }
 
     # -- membership ------------------------------------------------------------------------

@@ -25,6 +25,10 @@ class KeySchema:
         """Hash alias -> version number of one model."""
         return f"{self.prefix}:model:{{{model}}}:aliases"
 
+    def deployment(self, model: str) -> str:
+        """JSON `Deployment` of one model: placement, serving settings, traffic split."""
+        return f"{self.prefix}:model:{{{model}}}:deployment"
+
     def epoch(self, model: str) -> str:
         """Integer that grows with every routing change of one model."""
         return f"{self.prefix}:model:{{{model}}}:epoch"
@@ -50,6 +54,7 @@ class KeySchema:
         return {
             self.models(): "set of model names",
             self.aliases("<model>"): "hash alias -> version",
+            self.deployment("<model>"): "JSON Deployment: placed versions, serving settings, split",
             self.epoch("<model>"): "routing epoch of the model (int)",
             self.services(): "zset service id -> last heartbeat (unix ms)",
             self.service("<id>"): "JSON membership record (expires)",

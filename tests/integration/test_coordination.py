@@ -50,3 +50,19 @@ async def test_membership_expires_and_deregisters(store: CoordinationStore) -> N
     assert [s.id for s in await store.list_services()] == ["gateway-1"]
     await store.deregister("gateway-1")
     assert await store.list_services() == []
+
+
+async def test_deployment_travels_with_the_alias_map(store: CoordinationStore) -> None:
+    from modelyard.coordination import Deployment
+
+    assert await store.all_deployments() == {}
+    await store.apply_aliases("demo", {"production": 1}, epoch=1)
+    assert await store.all_deployments() == {"demo": Deployment()}
+    deployment = Deployment(placed_versions=[1, 2], traffic_split={"production": 90, "canary": 10})
+    await store.apply_aliases("demo", {"production": 1, "canary": 2}, epoch=2, deployment=deployment)
+    # An older epoch moves neither the aliases nor the deployment.
+    assert not await store.apply_aliases("demo", {}, epoch=1, deployment=Deployment())
+    # No deployment given: the stored one stays.
+    await store.apply_aliases("demo", {"production": 2}, epoch=3)
+    assert await store.all_deployments() == {"demo": deployment}
+    assert await store.get_aliases("demo") == ({"production": 2}, 3)
