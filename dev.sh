@@ -53,6 +53,7 @@ case "$cmd" in
     test)
         setup
         bash scripts/check_protos.sh
+        bash scripts/check_deploy.sh
         "$VENV/bin/ruff" check .
         exec "$VENV/bin/python" -m pytest "$@"
         ;;

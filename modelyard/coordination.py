@@ -19,10 +19,12 @@ import time
 import warnings
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -35,6 +37,8 @@ from modelyard.settings import RedisSettings
 __all__ = [
     "CoordinationStore",
     "Deployment",
+    "redis_client",
+    "parse_sentinel_url",
     "ServiceRecord",
     "VersionRecord",
     "AliasesEvent",
@@ -145,6 +149,46 @@ def parse_event(payload: str) -> Event | None:
     return None
 
 
+def redis_client(settings: RedisSettings) -> aioredis.Redis:
+    """A client for `settings.url`: `redis://`, `rediss://`, `unix://`, or Sentinel as
+    `redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]`, which follows
+    the current master through failovers."""
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_connect_timeout": settings.socket_timeout_s,
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), settings.retries),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+    }
+    if not settings.url.startswith("redis+sentinel://"):
+        return aioredis.Redis.from_url(settings.url, **options)
+    sentinels, service_name, db, password = parse_sentinel_url(settings.url)
+    sentinel = Sentinel(
+        sentinels,
+        socket_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.socket_timeout_s,
+    )
+    return sentinel.master_for(service_name, db=db, password=password, **options)
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
+    """(sentinel addresses, service name, db, password) of a `redis+sentinel://` URL."""
+    parsed = urlsplit(url)
+    password = unquote(parsed.password) if parsed.password else None
+    hosts = parsed.netloc.rsplit("@", 1)[-1]
+    sentinels = []
+    for part in hosts.split(","):
+        host, _, port = part.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"sentinel address {part!r} in {url!r} must be host:port")
+        sentinels.append((host.strip("[]"), int(port)))
+    path = [p for p in parsed.path.split("/") if p]
+    if not path:
+        raise ValueError(f"{url!r} names no Sentinel service: add /<service_name>")
+    db = int(path[1]) if len(path) > 1 else 0
+    return sentinels, path[0], db, password
+
+
 class _State(enum.Enum):
     UNOPENED = 1
     OPENED = 2
@@ -191,14 +235,7 @@ return 1
         if self._state is not _State.UNOPENED:
             raise RuntimeError("Cannot open a CoordinationStore more than once.")
         if self._client is None:
-            self._client = aioredis.Redis.from_url(
-                self._settings.url,
-                decode_responses=True,
-                socket_timeout=self._settings.socket_timeout_s,
-                socket_connect_timeout=self._settings.socket_timeout_s,
-                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), self._settings.retries),
-                retry_on_error=[RedisConnectionError, RedisTimeoutError],
-            )
+            self._client = redis_client(self._settings)
         self._apply_aliases = self._client.register_script(self.LUA_APPLY_ALIASES)
         self._state = _State.OPENED
         return self

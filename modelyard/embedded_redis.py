@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
@@ -128,6 +129,9 @@ class RedisServer:
             already in the OS page cache). ``False`` disables RDB snapshots and AOF.
         password: Sets ``requirepass``; it is passed on the command line, so it is
             visible to other local users (this launcher is for dev and tests).
+        extra_args: More command-line options, e.g. ``["--replicaof", "127.0.0.1", "6400"]``.
+        sentinel_config: Run as a Sentinel with this config text (``sentinel monitor ...``
+            lines), written to ``<data_dir>/sentinel.conf`` at the first start.
 
     Raises:
         RuntimeError: If no usable ``redis-server`` binary is found.
@@ -143,6 +147,8 @@ class RedisServer:
         binary: str | os.PathLike[str] | None = None,
         persistence: bool = False,
         password: str | None = None,
+        extra_args: Sequence[str] = (),
+        sentinel_config: str | None = None,
     ) -> None:
         # Set before anything can raise, so __del__ sees a consistent object.
         self._proc: subprocess.Popen[bytes] | None = None
@@ -155,6 +161,8 @@ class RedisServer:
         self._binary = find_redis_server(binary)
         self._persistence = persistence
         self._password = password
+        self._extra_args = list(extra_args)
+        self._sentinel_config = sentinel_config
 
     def __repr__(self) -> str:
         port = self._port if self._port is not None else "?"
@@ -345,8 +353,15 @@ class RedisServer:
             self._owns_data_dir = False
 
     def _argv(self, port: int, data_dir: Path) -> list[str]:
-        argv = [
-            self._binary,
+        argv = [self._binary]
+        if self._sentinel_config is not None:
+            # Sentinel rewrites its config file as it learns the topology; write it once, so
+            # a restart() keeps what it learned.
+            config = data_dir / "sentinel.conf"
+            if not config.exists():
+                config.write_text(self._sentinel_config)
+            argv += [str(config), "--sentinel"]
+        argv += [
             "--port", str(port),
             "--bind", self._host,
             "--dir", str(data_dir),
@@ -362,7 +377,7 @@ class RedisServer:
             argv += ["--protected-mode", "no"]
         if self._password is not None:
             argv += ["--requirepass", self._password]
-        return argv
+        return argv + self._extra_args
 
     def _launch(self, port: int, deadline: float, timeout_s: float) -> None:
         """Run one ``redis-server`` on ``port`` until it answers PING, or raise."""

@@ -1,0 +1,32 @@
+"""`python -m modelyard.healthcheck HOST:PORT [SERVICE]`: exit 0 when the server's
+grpc.health.v1 says SERVING, 1 otherwise. For container health checks (Docker, compose)."""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def check(address: str, service: str = "", timeout_s: float = 3.0) -> bool:
+    """Whether `address` reports `service` ("" = the whole server) as SERVING."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def main(argv: list[str]) -> int:
+    if not 1 <= len(argv) <= 2:
+        print("usage: python -m modelyard.healthcheck HOST:PORT [SERVICE]", file=sys.stderr)
+        return 2
+    return 0 if check(*argv) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
