@@ -21,7 +21,9 @@ fi
 
 echo "building the wheelhouse on the host"
 rm -rf "$WORK/context" && mkdir -p "$WORK/context/wheelhouse"
-.venv/bin/python -m pip wheel -q --wheel-dir "$WORK/context/wheelhouse" .
+# Debian's python3 is 3.11.2; redis-py needs async-timeout below 3.11.3, which the host's
+# newer 3.11 does not resolve, so it is added explicitly.
+.venv/bin/python -m pip wheel -q --wheel-dir "$WORK/context/wheelhouse" . "async-timeout==5.0.1"
 cp deploy/docker/Dockerfile "$WORK/context/Dockerfile"
 docker build --build-arg "BASE_IMAGE=$BASE" -t "$IMAGE" "$WORK/context"
 echo "built $IMAGE"

