@@ -8,6 +8,7 @@ loop that serves it fails with "attached to a different loop".
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -15,19 +16,21 @@ import torch
 
 from model_server.batching import BatchConfig
 from model_server.loader import ArtifactSource, RegistryArtifactSource
+from model_server.oip_servicer import OIP_SERVICE_NAME, OipServicer
 from model_server.reconciler import Backoff, Reconciler
-from model_server.repository import ModelRepository
+from model_server.repository import ModelRepository, VersionState
 from model_server.servicer import SERVICE_NAME, ModelServerServicer
 from model_server.settings import ModelServerSettings, resolve_torch_threads
 from modelyard import __version__
 from modelyard.coordination import CoordinationStore, ServiceRecord
 from modelyard.membership import Heartbeat, new_service_id
-from modelyard.rpc.server import ServiceServer, create_server
+from modelyard.oip import grpc_service_pb2_grpc
+from modelyard.rpc.server import NOT_SERVING, SERVING, ServiceServer, create_server
 from modelyard.settings import TLSSettings
 from modelyard.tasks import BackgroundTasks
 from modelyard.v1 import model_server_service_pb2_grpc
 
-__all__ = ["ModelServerApp"]
+__all__ = ["ModelServerApp", "version_health_name"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,11 @@ def channel_credentials(tls: TLSSettings) -> grpc.ChannelCredentials | None:
         private_key=tls.key_file.read_bytes() if tls.key_file else None,
         certificate_chain=tls.cert_file.read_bytes() if tls.cert_file else None,
     )
+
+
+def version_health_name(model: str, version: int) -> str:
+    """The grpc.health.v1 service name of one held version: SERVING while it is ready."""
+    return f"modelyard.model.{model}.{version}"
 
 
 class ModelServerApp:
@@ -78,6 +86,7 @@ class ModelServerApp:
                 instances=settings.instances,
             ),
             device=settings.device,
+            precision=settings.precision,
             on_change=self._held_changed,
         )
         self.reconciler = Reconciler(
@@ -85,6 +94,7 @@ class ModelServerApp:
             self.repository,
             interval_s=settings.reconcile_interval_s,
             backoff=Backoff(cap_s=settings.load_retry_max_s),
+            server_id=self.service_id,
         )
         self.heartbeat = Heartbeat(
             self.store,
@@ -93,6 +103,8 @@ class ModelServerApp:
             ttl_s=settings.server.heartbeat_ttl_s,
         )
         self._tasks = BackgroundTasks()
+        self._health_dirty = asyncio.Event()
+        self._health_names: set[str] = set()
         self._server: ServiceServer | None = None
         self._draining = False
         self._closed = False
@@ -127,6 +139,25 @@ class ModelServerApp:
         # Only meaningful once the heartbeat knows our address.
         if self._server is not None:
             self.heartbeat.poke()
+            self._health_dirty.set()
+
+    async def _follow_version_health(self) -> None:
+        """Keep one grpc.health.v1 service per held version: SERVING while it is ready."""
+        while True:
+            await self._health_dirty.wait()
+            self._health_dirty.clear()
+            health = self.server.health
+            current: dict[str, int] = {
+                version_health_name(v.model, v.version): (
+                    SERVING if v.state is VersionState.READY else NOT_SERVING
+                )
+                for v in self.repository.versions()
+            }
+            for name in self._health_names - current.keys():
+                await health.set(name, NOT_SERVING)
+            for name, status in current.items():
+                await health.set(name, status)
+            self._health_names = set(current)
 
     async def start(self) -> None:
         """Listen, join the cluster, and start following the aliases."""
@@ -135,25 +166,37 @@ class ModelServerApp:
         servicer = ModelServerServicer(
             self.repository, server_id=self.service_id, draining=lambda: self._draining
         )
+        oip_servicer = OipServicer(self.repository, draining=lambda: self._draining)
+
+        def register(server: grpc.aio.Server) -> None:
+            model_server_service_pb2_grpc.add_ModelServerServiceServicer_to_server(servicer, server)
+            grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(oip_servicer, server)
+
         self._server = create_server(
             self.settings.server,
             self.settings.tls,
-            service_names=[SERVICE_NAME],
-            register=lambda server: model_server_service_pb2_grpc.add_ModelServerServiceServicer_to_server(
-                servicer, server
-            ),
+            service_names=[SERVICE_NAME, OIP_SERVICE_NAME],
+            register=register,
         )
         await self.store.open()
         await self._server.start()
         await self.heartbeat.start()
         self._tasks.spawn("reconcile", self.reconciler.run)
         self._tasks.spawn("alias-events", self.reconciler.watch_events)
+        self._tasks.spawn("version-health", self._follow_version_health)
+        self._health_dirty.set()
         # The server itself is up; each version is ready when its heartbeat says so.
         await self._server.set_serving(True)
 
     async def aclose(self) -> None:
-        """Drain: NOT_SERVING → stop following aliases and leave the cluster → finish
-        in-flight calls → drain the batchers → close the registry channel and Redis.
+        """Drain: NOT_SERVING → stop following aliases and leave the cluster → settle →
+        finish in-flight calls → drain the batchers → close the registry channel and Redis.
+
+        The settle delay (`drain_settle_s`) sits between leaving the cluster and stopping the
+        listener: gateways drop this server from routing on the "down" event, and calls they
+        sent just before still reach a handler. `server.stop()` cancels calls that reached
+        the listener but not yet a handler (the caller sees CANCELLED), so the listener must
+        stop only once nothing new is on its way.
 
         Safe after a failed or partial `start()`, and safe to call twice."""
         if self._closed:
@@ -166,7 +209,7 @@ class ModelServerApp:
         await self.reconciler.aclose()
         await self.heartbeat.aclose()
         if self._server is not None:
-            await self._server.drain()
+            await self._server.drain(settle_s=self.settings.drain_settle_s)
         await self.repository.aclose()
         if self._registry is not None:
             await self._registry.aclose()

@@ -50,10 +50,11 @@ import functools
 import logging
 import math
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -71,6 +72,7 @@ from modelyard.telemetry import LATENCY_BUCKETS_S
 __all__ = [
     "BatchConfig",
     "BatchTiming",
+    "BatcherStats",
     "Batcher",
     "ModelFn",
     "QUEUE_SECONDS",
@@ -111,6 +113,9 @@ QUEUE_DEPTH = Gauge(
 
 _CLOCK_SLACK_S = 1e-6
 
+# Which batcher owns the series of a (model, version) label pair (the newest one).
+_METRIC_OWNERS: weakref.WeakValueDictionary[tuple[str, str], Batcher] = weakref.WeakValueDictionary()
+
 
 @dataclass(frozen=True, slots=True)
 class BatchConfig:
@@ -147,6 +152,34 @@ class BatchTiming:
     """Its batch's time on the worker thread."""
     batch_size: int
     """Items in its batch."""
+
+
+@dataclass(slots=True)
+class BatcherStats:
+    """Cumulative figures of one batcher since it started (for OIP ModelStatistics).
+
+    Written only on the event loop, so reading them there needs no lock.
+    """
+
+    success_count: int = 0
+    """Requests answered."""
+    success_s: float = 0.0
+    """Sum of their queue + compute time."""
+    fail_count: int = 0
+    """Requests whose batch failed, or dropped for their deadline."""
+    fail_s: float = 0.0
+    queue_s: float = 0.0
+    """Sum of the answered requests' queue time."""
+    compute_s: float = 0.0
+    """Sum of the answered requests' batch compute time."""
+    inference_count: int = 0
+    """Items (rows on dim 0) computed."""
+    execution_count: int = 0
+    """Batches (forward passes) computed."""
+    last_inference_ms: int = 0
+    """Wall-clock time of the last answered batch, in Unix milliseconds."""
+    batches: dict[int, tuple[int, float]] = field(default_factory=dict)
+    """Batch size -> (batches of that size, their total compute seconds)."""
 
 
 class _Request:
@@ -262,8 +295,16 @@ class Batcher:
         self._queue_seconds = QUEUE_SECONDS.labels(*labels)
         self._compute_seconds = COMPUTE_SECONDS.labels(*labels)
         self._batch_size = BATCH_SIZE.labels(*labels)
-        self._queue_depth = QUEUE_DEPTH.labels(*labels)
-        self._queue_depth.set(0)
+        # Read at scrape time instead of written on every enqueue and dispatch: a gauge
+        # write takes a lock, and the hot path would pay it twice per request.
+        # A weak reference: the metrics registry must not keep an unloaded model alive.
+        this = weakref.ref(self)
+        QUEUE_DEPTH.labels(*labels).set_function(
+            lambda: batcher._queued_items if (batcher := this()) is not None else 0
+        )
+        _METRIC_OWNERS[labels] = self
+        self.stats = BatcherStats()
+        """Cumulative figures, see `BatcherStats`."""
 
     # -- public ----------------------------------------------------------------------------
 
@@ -325,7 +366,6 @@ class Batcher:
         self._queued_items += items
         self._queued_requests += 1
         self._idle.clear()
-        self._queue_depth.set(self._queued_items)
         self._dispatch()
         # Cancelling the caller cancels `future`; the request is then dropped unseen.
         return await future
@@ -373,11 +413,15 @@ class Batcher:
         self._state = _State.CLOSED
         # Every batch has finished, so the threads are idle and exit at once.
         self._executor.shutdown(wait=False)
-        for metric in (QUEUE_SECONDS, COMPUTE_SECONDS, BATCH_SIZE, QUEUE_DEPTH):
-            try:
-                metric.remove(*self._labels)
-            except KeyError:
-                pass
+        # A reconfigured version gets a new batcher with the same labels before the old one
+        # closes: the series then belong to the new one and stay.
+        if _METRIC_OWNERS.get(self._labels) is self:
+            del _METRIC_OWNERS[self._labels]
+            for metric in (QUEUE_SECONDS, COMPUTE_SECONDS, BATCH_SIZE, QUEUE_DEPTH):
+                try:
+                    metric.remove(*self._labels)
+                except KeyError:
+                    pass
 
     # -- queueing --------------------------------------------------------------------------
 
@@ -429,7 +473,6 @@ class Batcher:
             group.requests = kept
             if not kept:
                 del self._groups[key]
-        self._queue_depth.set(self._queued_items)
         self._check_idle()
 
     def _forget(self, group: _Group, request: _Request) -> None:
@@ -495,6 +538,8 @@ class Batcher:
                 requests.popleft()
                 self._forget(group, request)
                 waited_ms = (now - request.enqueued_at) * 1000
+                self.stats.fail_count += 1
+                self.stats.fail_s += now - request.enqueued_at
                 _set_exception_if_not_done(
                     request.future,
                     DeadlineExceeded(
@@ -514,7 +559,6 @@ class Batcher:
                 break
         if not requests:
             del self._groups[group.key]
-        self._queue_depth.set(self._queued_items)
         return batch
 
     def _launch(self, batch: list[_Request]) -> None:
@@ -577,6 +621,17 @@ class Batcher:
                 self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * compute_s
                 self._compute_seconds.observe(compute_s)
                 self._batch_size.observe(total)
+                stats = self.stats
+                stats.inference_count += total
+                stats.execution_count += 1
+                stats.last_inference_ms = int(time.time() * 1000)
+                count, seconds = stats.batches.get(total, (0, 0.0))
+                stats.batches[total] = (count + 1, seconds + compute_s)
+                for request in batch:
+                    stats.success_count += 1
+                    stats.queue_s += request.queue_s
+                    stats.compute_s += compute_s
+                    stats.success_s += request.queue_s + compute_s
                 for request, outputs in zip(batch, per_request, strict=True):
                     _set_result_if_not_done(
                         request.future, (outputs, BatchTiming(request.queue_s, compute_s, total))
@@ -599,6 +654,8 @@ class Batcher:
                 "model %s v%d failed on a batch of %d items (request ids %s)",
                 self._name, self._version, total, request_ids, exc_info=exc,
             )
+        self.stats.fail_count += len(batch)
+        self.stats.fail_s += sum(r.queue_s for r in batch)
         for request in batch:
             # One error object per caller: a raised exception collects its traceback.
             _set_exception_if_not_done(

@@ -1,9 +1,14 @@
-"""Keeps what a model server holds equal to what the aliases in Redis point at.
+"""Keeps what a model server holds equal to what the deployments in Redis place on it.
 
-Desired = every (model, version) some alias points at. On start, every `interval_s`, and at
-once on an alias event, the reconciler loads what is missing (concurrently, one load per
-version) and unloads what nothing points at any more. A failed load stays visible as
-"failed" (with its error, in the heartbeat) and is retried with exponential backoff.
+Desired = the versions `model_server.placement.desired_versions` gives this server: each
+model's `placed_versions` (fallback: every aliased version), on `replicas` servers chosen by
+rendezvous hashing over the live model servers, served with the deployment's device,
+precision and batching over this server's defaults. On start, every `interval_s`, and at
+once on an alias event or a model server joining or leaving, the reconciler loads what is
+missing (concurrently, one load per version), reloads a version whose serving settings
+changed (the old copy serves until the new one is warm), and unloads what nothing places
+here any more. A failed load stays visible as "failed" (with its error, in the heartbeat)
+and is retried with exponential backoff.
 
 Hand-over: a version no longer wanted is unloaded only once no other version of the same
 model is still loading here, so moving an alias never leaves the model with nothing ready on
@@ -20,8 +25,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Protocol
 
+from model_server.devices import ServingConfig
+from model_server.placement import desired_versions, owners, placed_versions
 from model_server.repository import ModelRepository, VersionState
-from modelyard.coordination import AliasesEvent, Event
+from modelyard.coordination import AliasesEvent, Deployment, Event, ServiceEvent, ServiceRecord
 from modelyard.errors import CoordinationUnavailable
 from modelyard.tasks import cancel_task
 
@@ -36,6 +43,10 @@ class AliasSource(Protocol):
     """The part of `CoordinationStore` the reconciler reads."""
 
     async def all_aliases(self) -> dict[str, tuple[dict[str, int], int]]: ...
+
+    async def all_deployments(self) -> dict[str, Deployment]: ...
+
+    async def list_services(self) -> list[ServiceRecord]: ...
 
     def events(self) -> AsyncIterator[Event]: ...
 
@@ -69,6 +80,12 @@ class Reconciler:
         interval_s: Time between full reconciliations when no event arrives.
         backoff: Wait before retrying a failed load.
         clock: Monotonic seconds (tests pass their own).
+        server_id: This server's id in the membership (for placement).
+        absent_model_grace_s: How long a model must be missing from Redis altogether (no
+            aliases, no deployment) before its versions are unloaded. A Redis that lost its
+            data (a flush, a failover to a replica that was not in sync) looks exactly like
+            that until the registry re-pushes it, which takes a few seconds; a model really
+            deleted can wait that long.
     """
 
     def __init__(
@@ -79,8 +96,13 @@ class Reconciler:
         interval_s: float,
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
+        server_id: str = "",
+        absent_model_grace_s: float = 10.0,
     ) -> None:
         self._store = store
+        self._server_id = server_id
+        self._absent_model_grace_s = absent_model_grace_s
+        self._absent_since: dict[str, float] = {}
         self._repository = repository
         self._interval_s = interval_s
         self._backoff = backoff or Backoff()
@@ -92,8 +114,12 @@ class Reconciler:
         self._retry_at: dict[VersionKey, float] = {}
         self._deferred_unloads = False
         self._closed = False
-        self.desired: frozenset[VersionKey] = frozenset()
-        """What the aliases pointed at in the last successful read."""
+        self._loading_config: dict[VersionKey, ServingConfig] = {}
+        self._placed: dict[VersionKey, int] = {}
+        self._ready_elsewhere: set[tuple[str, int, str]] = set()
+        self._live: list[str] = []
+        self.desired: dict[VersionKey, ServingConfig] = {}
+        """What was placed here in the last successful read, with its serving settings."""
 
     def wake(self) -> None:
         """Reconcile now (something changed)."""
@@ -119,40 +145,97 @@ class Reconciler:
         # Events may have been missed while (re)subscribing; resync.
         self._wake.set()
         async for event in self._store.events():
-            if isinstance(event, AliasesEvent):
+            # Placement depends on the membership too: a model server joining or leaving
+            # moves the versions it wins or held.
+            if isinstance(event, AliasesEvent) or (
+                isinstance(event, ServiceEvent) and event.change in ("up", "down")
+            ):
                 self._wake.set()
 
     async def reconcile_once(self) -> None:
         """One comparison of desired and held versions; starts loads and unloads, returns
         without waiting for them."""
         aliases = await self._store.all_aliases()
-        desired = frozenset(
-            (model, version) for model, (pointers, _epoch) in aliases.items() for version in pointers.values()
+        deployments = await self._store.all_deployments()
+        services = await self._store.list_services()
+        live = [s.id for s in services if s.kind == "model_server" and not s.draining]
+        desired = desired_versions(
+            aliases,
+            deployments,
+            server_id=self._server_id,
+            live_servers=live,
+            defaults=self._repository.default_serving,
         )
         self.desired = desired
+        self._placed = placed_versions(aliases, deployments)
+        self._ready_elsewhere = {
+            (v.model, v.version, s.id)
+            for s in services
+            if s.kind == "model_server" and not s.draining and s.id != self._server_id
+            for v in s.versions
+            if v.state == "ready"
+        }
+        self._live = [s for s in live if s != self._server_id]
         now = self._clock()
         for key in sorted(desired):
-            if key in self._loading or key in self._unloading:
+            serving = desired[key]
+            if key in self._unloading:
+                continue
+            if key in self._loading and self._loading_config.get(key) == serving:
                 continue
             held = self._repository.get(*key)
-            if held is not None and held.state in (VersionState.READY, VersionState.LOADING):
+            if key not in self._loading and held is not None:
+                if held.state is VersionState.LOADING:
+                    continue
+                if held.state is VersionState.READY and held.serving == serving:
+                    continue
+            if now < self._retry_at.get(key, 0.0) and self._loading_config.get(key) == serving:
                 continue
-            if now < self._retry_at.get(key, 0.0):
-                continue
-            self._spawn(self._loading, key, self._load(key))
+            self._loading_config[key] = serving
+            self._spawn(self._loading, key, self._load(key, serving))
 
         self._deferred_unloads = False
+        present = {*aliases, *deployments}
+        self._absent_since = {
+            m: self._absent_since.get(m, now) for m, _ in self._repository.keys() if m not in present
+        }
         for key in sorted(self._repository.keys()):
             if key in desired or key in self._unloading:
                 continue
-            if self._model_still_loading(key[0], desired):
+            absent_since = self._absent_since.get(key[0])
+            if absent_since is not None and now - absent_since < self._absent_model_grace_s:
+                # The whole model vanished from Redis: wait for the registry's repair.
+                self._deferred_unloads = True
+                continue
+            if self._model_still_loading(key[0], desired) or self._not_yet_handed_over(key):
                 self._deferred_unloads = True
                 continue
             self._failures.pop(key, None)
             self._retry_at.pop(key, None)
+            self._loading_config.pop(key, None)
+            log.info(
+                "unloading %s v%d: %s",
+                key[0],
+                key[1],
+                "placed on other servers"
+                if key in self._placed
+                else f"no longer placed (aliases {aliases.get(key[0], ({}, 0))[0]}, deployment "
+                f"{deployments[key[0]].placed_versions if key[0] in deployments else None})",
+            )
             self._spawn(self._unloading, key, self._unload(key))
 
-    def _model_still_loading(self, model: str, desired: frozenset[VersionKey]) -> bool:
+    def _not_yet_handed_over(self, key: VersionKey) -> bool:
+        """True while a version still placed in the cluster but moved off this server (a
+        server joined, or `replicas` changed) is not yet ready on its new owners: keep
+        serving it here until they report it ready, so the move leaves no gap."""
+        replicas = self._placed.get(key)
+        if replicas is None:
+            return False  # placed nowhere any more
+        model, version = key
+        new_owners = owners(model, version, self._live, replicas)
+        return not all((model, version, owner) in self._ready_elsewhere for owner in new_owners)
+
+    def _model_still_loading(self, model: str, desired: dict[VersionKey, ServingConfig]) -> bool:
         for other in desired:
             if other[0] != model:
                 continue
@@ -184,10 +267,10 @@ class Reconciler:
 
         task.add_done_callback(done)
 
-    async def _load(self, key: VersionKey) -> None:
+    async def _load(self, key: VersionKey, serving: ServingConfig) -> None:
         model, version = key
         try:
-            await self._repository.load(model, version)
+            await self._repository.load(model, version, serving)
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
@@ -197,8 +280,14 @@ class Reconciler:
             failures = self._failures[key] = self._failures.get(key, 0) + 1
             delay_s = self._backoff.delay_s(failures)
             self._retry_at[key] = self._clock() + delay_s
-            log.warning("loading %s v%d failed (%d in a row); retrying in %.1fs: %s",
-                        model, version, failures, delay_s, exc)
+            log.warning(
+                "loading %s v%d failed (%d in a row); retrying in %.1fs: %s",
+                model,
+                version,
+                failures,
+                delay_s,
+                exc,
+            )
         else:
             self._failures.pop(key, None)
             self._retry_at.pop(key, None)

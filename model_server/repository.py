@@ -20,6 +20,7 @@ import torch
 from google.protobuf import json_format
 
 from model_server.batching import BatchConfig, Batcher, BatchTiming
+from model_server.devices import ServingConfig, cast_module, check_precision, forward_fn, resolve_device
 from model_server.loader import ArtifactSource, load_module
 from modelyard.coordination import VersionRecord
 from modelyard.errors import (
@@ -65,6 +66,8 @@ class LoadedVersion:
     device: str = "cpu"
     signature: tensor_pb2.Signature = field(default_factory=tensor_pb2.Signature)
     platform: str = ""
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    """The configuration it was loaded with (a different one reloads it)."""
     module: Any = None
     """The loaded `torch.nn.Module`; dropped on unload so its memory is returned."""
     batcher: Batcher | None = None
@@ -95,20 +98,6 @@ class LoadedVersion:
         )
 
 
-def _forward_fn(module: Any, device: str) -> Callable[..., Any]:
-    """The batcher's model callable: inputs to the device, forward, outputs back to the CPU."""
-    if device == "cpu":
-        return module  # type: ignore[no-any-return]  # an nn.Module is the callable itself
-
-    def forward(*inputs: torch.Tensor) -> Any:
-        result = module(*(t.to(device, non_blocking=True) for t in inputs))
-        if isinstance(result, torch.Tensor):
-            return result.cpu()
-        return type(result)(t.cpu() for t in result)
-
-    return forward
-
-
 def _synthetic_inputs(signature: tensor_pb2.Signature, batch_size: int) -> list[torch.Tensor]:
     """Zeros shaped by the signature, `batch_size` on dim 0 and 1 for any other dynamic dim."""
     inputs = []
@@ -129,8 +118,9 @@ class ModelRepository:
 
     Args:
         source: Where artifacts come from (the registry in production).
-        config: Batching of every version.
-        device: Where models run ("cpu").
+        config: Batching of a version loaded without its own `ServingConfig`.
+        device: Where such a version runs ("cpu", "cuda", "cuda:N", "auto").
+        precision: Its compute precision ("fp32", "fp16" on GPU, "bf16").
         on_change: Called after every state change (the app pokes its heartbeat).
     """
 
@@ -140,14 +130,16 @@ class ModelRepository:
         config: BatchConfig,
         *,
         device: str = "cpu",
+        precision: str = "fp32",
         on_change: Callable[[], None] | None = None,
     ) -> None:
         self._source = source
-        self._config = config
-        self._device = device
+        self.default_serving = ServingConfig(device=device, precision=precision, batch=config)
+        """What a version is served with when its deployment sets nothing."""
         self._on_change = on_change or (lambda: None)
         self._versions: dict[VersionKey, LoadedVersion] = {}
         self._loads: dict[VersionKey, asyncio.Task[LoadedVersion]] = {}
+        self._load_targets: dict[VersionKey, ServingConfig] = {}
         self._closed = False
 
     # -- reads -----------------------------------------------------------------------------
@@ -167,6 +159,15 @@ class ModelRepository:
     def records(self) -> list[VersionRecord]:
         """Every version held, as the heartbeat reports them."""
         return [v.record() for v in self.versions()]
+
+    def highest_ready(self, model: str) -> LoadedVersion | None:
+        """The model's highest version that is ready here, or None."""
+        best: LoadedVersion | None = None
+        for (name, _), loaded in self._versions.items():
+            if name == model and loaded.state is VersionState.READY:
+                if best is None or loaded.version > best.version:
+                    best = loaded
+        return best
 
     def _ready_here(self) -> str:
         ready = [f"{m} v{v}" for (m, v), lv in sorted(self._versions.items())
@@ -205,6 +206,23 @@ class ModelRepository:
             InvalidArgument: an unknown output name, or inputs disagreeing on dim 0.
             QueueFull, DeadlineExceeded, ModelExecutionError, Draining: from the batcher.
         """
+        loaded = self.ready(model, version)
+        tensors = self._order(loaded, [(m.name, tensor_from_proto(m)) for m in inputs])
+        selected = self._select_outputs(loaded, output_names)
+        batcher = loaded.batcher
+        assert batcher is not None  # ready() checked it
+        outputs, timing = await batcher.submit(tensors, deadline, request_id=request_id)
+        names = loaded.output_names
+        if selected is None:
+            return [tensor_to_proto(name, t) for name, t in zip(names, outputs, strict=True)], timing
+        return [tensor_to_proto(names[i], outputs[i]) for i in selected], timing
+
+    def ready(self, model: str, version: int) -> LoadedVersion:
+        """The version if it is ready here.
+
+        Raises:
+            VersionNotReady: it is not (the message lists what is).
+        """
         loaded = self._versions.get((model, version))
         if loaded is None or loaded.state is not VersionState.READY or loaded.batcher is None:
             state = "not held" if loaded is None else loaded.state.value
@@ -213,32 +231,50 @@ class ModelRepository:
                 f"{self._ready_here()}",
                 metadata={"model": model, "version": str(version)},
             )
-        tensors = self._decode(loaded, inputs)
-        selected = self._select_outputs(loaded, output_names)
-        outputs, timing = await loaded.batcher.submit(tensors, deadline, request_id=request_id)
-        names = loaded.output_names
-        if selected is None:
-            return [tensor_to_proto(name, t) for name, t in zip(names, outputs, strict=True)], timing
-        return [tensor_to_proto(names[i], outputs[i]) for i in selected], timing
+        return loaded
+
+    async def infer_tensors(
+        self,
+        loaded: LoadedVersion,
+        inputs: Sequence[tuple[str, torch.Tensor]],
+        deadline: float | None,
+        *,
+        request_id: str = "",
+    ) -> tuple[list[torch.Tensor], BatchTiming]:
+        """Run decoded, named inputs through a ready version's batcher (the OIP path).
+
+        Returns:
+            Every output, in signature order (`loaded.output_names`), and the timing.
+
+        Raises:
+            VersionNotReady: the version stopped being ready (unloaded meanwhile).
+            SignatureMismatch, InvalidArgument, QueueFull, DeadlineExceeded,
+            ModelExecutionError, Draining: as `infer`.
+        """
+        batcher = loaded.batcher
+        if batcher is None or loaded.state is not VersionState.READY:
+            loaded = self.ready(loaded.model, loaded.version)
+            batcher = loaded.batcher
+            assert batcher is not None
+        tensors = self._order(loaded, inputs)
+        return await batcher.submit(tensors, deadline, request_id=request_id)
 
     @staticmethod
-    def _decode(loaded: LoadedVersion, inputs: Sequence[tensor_pb2.Tensor]) -> list[torch.Tensor]:
+    def _order(loaded: LoadedVersion, inputs: Sequence[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Check named inputs against the signature; return them in signature order."""
         specs = loaded.signature.inputs
         slots: list[torch.Tensor | None] = [None] * len(specs)
-        for message in inputs:
-            index = loaded.input_index.get(message.name)
+        for name, tensor in inputs:
+            index = loaded.input_index.get(name)
             if index is None:
                 raise SignatureMismatch(
-                    f"unknown input {message.name!r}; model {loaded.model!r} takes "
+                    f"unknown input {name!r}; model {loaded.model!r} takes "
                     f"{', '.join(repr(n) for n in loaded.input_index)}",
-                    field=f"inputs[{message.name}]",
+                    field=f"inputs[{name}]",
                 )
             if slots[index] is not None:
-                raise SignatureMismatch(
-                    f"input {message.name!r} is given twice", field=f"inputs[{message.name}]"
-                )
+                raise SignatureMismatch(f"input {name!r} is given twice", field=f"inputs[{name}]")
             spec = specs[index]
-            tensor = tensor_from_proto(message)
             check_tensor(spec.name, tensor, spec.data_type, spec.shape)
             slots[index] = tensor
         for spec, tensor in zip(specs, slots, strict=True):
@@ -268,26 +304,42 @@ class ModelRepository:
 
     # -- load / unload ---------------------------------------------------------------------
 
-    async def load(self, model: str, version: int) -> LoadedVersion:
+    async def load(self, model: str, version: int, serving: ServingConfig | None = None) -> LoadedVersion:
         """Fetch, verify, load and warm up a version; it takes requests once this returns.
 
-        Concurrent calls for one version share one load. A version already ready is
-        returned as it is; a failed one is tried again.
+        Concurrent calls for one version share one load. A version already ready with the
+        same `serving` is returned as it is; a failed one is tried again. A version ready
+        with a *different* `serving` is reloaded beside the old copy, which keeps serving
+        until the new one is warm, then finishes what it accepted and is dropped: no
+        request fails because of a reconfiguration.
+
+        Args:
+            model: The model's name.
+            version: The version number.
+            serving: Device, precision and batching; None: the server's defaults.
 
         Raises:
-            ModelyardError: the load failed (the version stays held as FAILED, with the
-                error, until `unload`).
+            ModelyardError: the load failed (a new version stays held as FAILED, with the
+                error, until `unload`; a reconfigured one keeps serving its old copy).
         """
         if self._closed:
             raise RuntimeError("Cannot load a version after aclose().")
+        serving = serving or self.default_serving
         key = (model, version)
         existing = self._versions.get(key)
-        if existing is not None and existing.state is VersionState.READY:
+        if existing is not None and existing.state is VersionState.READY and existing.serving == serving:
             return existing
         task = self._loads.get(key)
+        if task is not None and self._load_targets.get(key) != serving:
+            # The wanted configuration changed while loading: start over with the new one.
+            await cancel_task(task)
+            task = None
         if task is None:
-            task = asyncio.create_task(self._load(model, version), name=f"load {model} v{version}")
+            task = asyncio.create_task(
+                self._load(model, version, serving), name=f"load {model} v{version}"
+            )
             self._loads[key] = task
+            self._load_targets[key] = serving
             task.add_done_callback(lambda t, k=key: self._load_done(k, t))  # type: ignore[misc]
         # Shielded: one waiter going away must not abort the load for the others;
         # `unload` and `aclose` cancel it explicitly.
@@ -296,38 +348,24 @@ class ModelRepository:
     def _load_done(self, key: VersionKey, task: asyncio.Task[LoadedVersion]) -> None:
         if self._loads.get(key) is task:
             del self._loads[key]
+            self._load_targets.pop(key, None)
         if not task.cancelled():
             # A failure reaches the awaiters and the FAILED state; this marks it retrieved
             # even when every awaiter went away.
             task.exception()
 
-    async def _load(self, model: str, version: int) -> LoadedVersion:
+    async def _load(self, model: str, version: int, serving: ServingConfig) -> LoadedVersion:
         key = (model, version)
-        loaded = LoadedVersion(model=model, version=version, device=self._device)
-        self._versions[key] = loaded
-        self._on_change()
+        previous = self._versions.get(key)
+        replacing = previous is not None and previous.state is VersionState.READY
+        loaded = LoadedVersion(model=model, version=version, device=serving.device, serving=serving)
+        if not replacing:
+            # A reload stays invisible until warm: the old copy keeps the key meanwhile.
+            self._versions[key] = loaded
+            self._on_change()
         started = time.monotonic()
         try:
-            artifact = await self._source.fetch(model, version)
-            loaded.signature = artifact.signature
-            loaded.platform = artifact.platform
-            self._check_signature(loaded)
-            loaded.input_index = {spec.name: i for i, spec in enumerate(artifact.signature.inputs)}
-            loaded.output_names = [spec.name for spec in artifact.signature.outputs]
-            loaded.module = await asyncio.to_thread(load_module, artifact, self._device)
-            del artifact  # its bytes are no longer needed
-            batching = _is_batching(loaded.signature)
-            loaded.batcher = Batcher(
-                _forward_fn(loaded.module, self._device),
-                self._config,
-                model_name=model,
-                version=version,
-                batching=batching,
-            )
-            sizes = sorted({1, self._config.max_batch_size}) if batching else [1]
-            for size in sizes:
-                outputs = await loaded.batcher.warm_up(_synthetic_inputs(loaded.signature, size))
-                self._check_outputs(loaded, outputs)
+            await self._build(loaded)
         except asyncio.CancelledError:
             await self._discard(loaded)
             if self._versions.get(key) is loaded:
@@ -340,14 +378,53 @@ class ModelRepository:
             loaded.error = exc.message if isinstance(exc, ModelyardError) else f"{type(exc).__name__}: {exc}"
             log.warning("loading %s v%d failed: %s", model, version, loaded.error,
                         exc_info=not isinstance(exc, ModelyardError))
+            if replacing:
+                assert previous is not None
+                previous.error = f"reconfiguration failed: {loaded.error}"
             self._on_change()
             raise
         loaded.state = VersionState.READY
         loaded.ready_time = time.time()
-        log.info("loaded %s v%d (%s on %s) in %.2fs", model, version, loaded.platform,
-                 self._device, time.monotonic() - started)
+        self._versions[key] = loaded
+        log.info("loaded %s v%d (%s on %s, %s) in %.2fs", model, version, loaded.platform,
+                 loaded.device, serving.precision, time.monotonic() - started)
         self._on_change()
+        if replacing and previous is not None and previous is not loaded:
+            # Requests already in the old batcher finish there; new ones see the new copy.
+            previous.state = VersionState.UNLOADING
+            await self._discard(previous)
+            gc.collect()
         return loaded
+
+    async def _build(self, loaded: LoadedVersion) -> None:
+        """Fetch, verify, load, cast and warm up `loaded` in place (not yet ready)."""
+        model, version, serving = loaded.model, loaded.version, loaded.serving
+        device = resolve_device(serving.device)
+        compute_dtype = check_precision(serving.precision, device)
+        loaded.device = device
+        artifact = await self._source.fetch(model, version)
+        loaded.signature = artifact.signature
+        loaded.platform = artifact.platform
+        self._check_signature(loaded)
+        loaded.input_index = {spec.name: i for i, spec in enumerate(artifact.signature.inputs)}
+        loaded.output_names = [spec.name for spec in artifact.signature.outputs]
+        module = await asyncio.to_thread(load_module, artifact, device)
+        del artifact  # its bytes are no longer needed
+        loaded.module = cast_module(module, compute_dtype)
+        del module
+        batching = _is_batching(loaded.signature)
+        output_dtypes = [DTYPE_BY_DATA_TYPE[spec.data_type] for spec in loaded.signature.outputs]
+        loaded.batcher = Batcher(
+            forward_fn(loaded.module, device, compute_dtype, output_dtypes),
+            serving.batch,
+            model_name=model,
+            version=version,
+            batching=batching,
+        )
+        sizes = sorted({1, serving.batch.max_batch_size}) if batching else [1]
+        for size in sizes:
+            outputs = await loaded.batcher.warm_up(_synthetic_inputs(loaded.signature, size))
+            self._check_outputs(loaded, outputs)
 
     @staticmethod
     def _check_signature(loaded: LoadedVersion) -> None:

@@ -11,6 +11,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from model_server.batching import BatchTiming
 from model_server.repository import LoadedVersion, ModelRepository, VersionState
+from model_server.stats import RequestStats
 from modelyard.rpc.context import current_request_id
 from modelyard.rpc.errors import rpc_errors
 from modelyard.v1 import (
@@ -76,6 +77,7 @@ class ModelServerServicer(model_server_service_pb2_grpc.ModelServerServiceServic
         self._repository = repository
         self._server_id = server_id
         self._draining = draining
+        self._stats = RequestStats()
 
     @rpc_errors
     async def Infer(
@@ -86,13 +88,18 @@ class ModelServerServicer(model_server_service_pb2_grpc.ModelServerServiceServic
         remaining_s = context.time_remaining()
         deadline = None if remaining_s is None else asyncio.get_running_loop().time() + remaining_s
         request_id = request.request_id or current_request_id()
-        outputs, timing = await self._repository.infer(
+        outputs, timing = await self._stats.observe(
             request.model,
             request.version,
             request.inputs,
-            request.output_names,
-            deadline,
-            request_id=request_id,
+            lambda: self._repository.infer(
+                request.model,
+                request.version,
+                request.inputs,
+                request.output_names,
+                deadline,
+                request_id=request_id,
+            ),
         )
         return model_server_service_pb2.InferResponse(
             model=request.model,

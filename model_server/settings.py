@@ -7,7 +7,7 @@ For example `MODELYARD_MODEL_SERVER_MAX_BATCH_SIZE=32` or
 from __future__ import annotations
 
 import os
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt
 from pydantic_settings import SettingsConfigDict
@@ -28,7 +28,10 @@ class ModelServerSettings(ServiceSettings):
     registry_address: str = "127.0.0.1:50061"
     """host:port of the registry, where artifacts are downloaded from."""
     device: str = "cpu"
-    """Where models run: "cpu" (GPU devices come with the deepening of the model server)."""
+    """Where models run unless their deployment says otherwise: "cpu", "cuda", "cuda:N" or
+    "auto" (the first CUDA device if there is one, else the CPU)."""
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """Compute precision unless a deployment says otherwise: fp16 on GPU only, bf16 on both."""
     torch_threads: PositiveInt | None = None
     """Torch intra-op threads; unset means one per core left after the event loop's, divided
     among the instances (at least 1)."""
@@ -44,6 +47,10 @@ class ModelServerSettings(ServiceSettings):
     reconcile_interval_s: PositiveFloat = 1.0
     """How often the server compares what it holds with what the aliases in Redis point at
     (it also reacts at once to alias events)."""
+    drain_settle_s: NonNegativeFloat = 0.5
+    """On shutdown, time between leaving the cluster (health NOT_SERVING, membership record
+    deleted) and stopping the listener, so that calls routed here just before still land on
+    a handler instead of being cancelled by the stop."""
     load_retry_max_s: PositiveFloat = 60.0
     """Longest wait before retrying a version whose load failed (the wait doubles per failure)."""
 

@@ -149,10 +149,14 @@ def parse_event(payload: str) -> Event | None:
     return None
 
 
-def redis_client(settings: RedisSettings) -> aioredis.Redis:
+def redis_client(settings: RedisSettings) -> tuple[aioredis.Redis, list[aioredis.Redis]]:
     """A client for `settings.url`: `redis://`, `rediss://`, `unix://`, or Sentinel as
     `redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]`, which follows
-    the current master through failovers."""
+    the current master through failovers.
+
+    Returns:
+        The client, and the extra clients it depends on (the Sentinels) to close with it.
+    """
     options: dict[str, Any] = {
         "decode_responses": True,
         "socket_timeout": settings.socket_timeout_s,
@@ -161,14 +165,15 @@ def redis_client(settings: RedisSettings) -> aioredis.Redis:
         "retry_on_error": [RedisConnectionError, RedisTimeoutError],
     }
     if not settings.url.startswith("redis+sentinel://"):
-        return aioredis.Redis.from_url(settings.url, **options)
+        return aioredis.Redis.from_url(settings.url, **options), []
     sentinels, service_name, db, password = parse_sentinel_url(settings.url)
     sentinel = Sentinel(
         sentinels,
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.socket_timeout_s,
     )
-    return sentinel.master_for(service_name, db=db, password=password, **options)
+    client = sentinel.master_for(service_name, db=db, password=password, **options)
+    return client, list(sentinel.sentinels)
 
 
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
@@ -229,13 +234,14 @@ return 1
         self._client = client
         self._state = _State.UNOPENED
         self._apply_aliases: Any = None
+        self._dependents: list[aioredis.Redis] = []
 
     async def open(self) -> CoordinationStore:
         """Connect (lazily: the first command dials) and register the scripts."""
         if self._state is not _State.UNOPENED:
             raise RuntimeError("Cannot open a CoordinationStore more than once.")
         if self._client is None:
-            self._client = redis_client(self._settings)
+            self._client, self._dependents = redis_client(self._settings)
         self._apply_aliases = self._client.register_script(self.LUA_APPLY_ALIASES)
         self._state = _State.OPENED
         return self
@@ -244,6 +250,8 @@ return 1
         """Close the connection pool. Safe to call twice."""
         if self._state is _State.OPENED and self._client is not None:
             await self._client.aclose()
+            for dependent in self._dependents:
+                await dependent.aclose()
         self._state = _State.CLOSED
 
     async def __aenter__(self) -> CoordinationStore:

@@ -104,13 +104,21 @@ class ServiceServer:
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
-    async def drain(self, grace_s: float | None = None) -> None:
+    async def drain(self, grace_s: float | None = None, *, settle_s: float = 0.0) -> None:
         """Stop taking calls, let in-flight ones finish within the grace period, then stop.
 
         Health goes NOT_SERVING first (for good), so load balancers move away before the
         listener closes.
+
+        Args:
+            grace_s: How long accepted calls may take to finish; unset: the settings'.
+            settle_s: Wait this long after NOT_SERVING before stopping the listener, so calls
+                already on their way reach a handler (`server.stop()` cancels those that
+                reached the listener but not a handler yet).
         """
         await self.health.enter_graceful_shutdown()
+        if settle_s > 0:
+            await asyncio.sleep(settle_s)
         await self.server.stop(self._settings.drain_grace_s if grace_s is None else grace_s)
         if self.metrics is not None:
             # shutdown() waits out the HTTP server's 0.5 s poll: not on the event loop.

@@ -72,6 +72,8 @@ async def registry(redis_settings: RedisSettings, tmp_path: Path) -> AsyncIterat
             server=ServerSettings(port=0, drain_grace_s=1.0),
             redis=redis_settings,
             data_dir=tmp_path / "registry",
+            # A replaced version stops being placed at once, so unloads show without waiting.
+            retention_s=0.0,
         )
     )
     await app.start()
@@ -97,6 +99,7 @@ async def start_model_server(
             "registry_address": registry.address,
             "reconcile_interval_s": 0.2,
             "max_batch_size": 16,
+            "drain_settle_s": 0.05,
             **overrides,
         }
         app = ModelServerApp(load_settings(ModelServerSettings, **values))

@@ -1,0 +1,263 @@
+"""Open Inference Protocol v2 (`inference.GRPCInferenceService`) on the model server's own
+port, so one model server can be used alone, like Triton, and `perf_analyzer` can drive it.
+
+A thin adapter over `ModelRepository`: tensors go through `modelyard.oip_codec`, inference
+through the version's batcher (the same one `ModelServerService.Infer` uses). Served:
+ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer (raw and typed
+contents), ModelConfig (Triton's extension) and ModelStatistics. A `model_version` of "" means
+the highest version ready here. The repository RPCs answer UNIMPLEMENTED: what a model server
+holds is decided by the deployments in Redis, not by its callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from model_server.repository import LoadedVersion, ModelRepository, VersionState
+from modelyard import __version__, oip_codec
+from modelyard.errors import InvalidArgument, ModelNotFound, VersionNotReady
+from modelyard.oip import grpc_service_pb2 as oip
+from modelyard.oip import grpc_service_pb2_grpc, model_config_pb2
+from modelyard.rpc.context import current_request_id
+from modelyard.rpc.errors import rpc_errors
+from modelyard.tensor_codec import DTYPE_BY_DATA_TYPE
+
+__all__ = ["OIP_SERVICE_NAME", "PLATFORM", "OipServicer"]
+
+OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+PLATFORM = "pytorch_libtorch"
+"""What ModelMetadata and ModelConfig report (Triton's name for a TorchScript model)."""
+
+EXTENSIONS = ["model_configuration", "statistics"]
+
+
+def _config_data_type(data_type: int) -> int:
+    """modelyard.v1.DataType -> Triton's model_config DataType (TYPE_FP32, ...)."""
+    name = oip_codec.DATATYPE_BY_DTYPE[DTYPE_BY_DATA_TYPE[data_type]]
+    return model_config_pb2.DataType.Value("TYPE_" + name)
+
+
+def _duration(count: int, seconds: float) -> oip.StatisticDuration:
+    return oip.StatisticDuration(count=count, ns=int(seconds * 1e9))
+
+
+def _is_batching(loaded: LoadedVersion) -> bool:
+    return all(len(s.shape) > 0 and s.shape[0] == -1 for s in loaded.signature.inputs)
+
+
+class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    """The Open Inference Protocol over a model server's repository.
+
+    Args:
+        repository: The versions this server holds.
+        draining: Tells whether the server is draining (then it is live but not ready).
+    """
+
+    def __init__(self, repository: ModelRepository, *, draining: Callable[[], bool]) -> None:
+        self._repository = repository
+        self._draining = draining
+
+    # -- lookup ----------------------------------------------------------------------------
+
+    def _held(self, model: str) -> list[LoadedVersion]:
+        return [v for v in self._repository.versions() if v.model == model]
+
+    def _version(self, model: str, version: str) -> LoadedVersion:
+        """A ready version by OIP name and version string ("" = the highest ready)."""
+        if not model:
+            raise InvalidArgument("name the model", field="model_name")
+        if version == "":
+            loaded = self._repository.highest_ready(model)
+            if loaded is not None:
+                return loaded
+            if not self._held(model):
+                raise ModelNotFound(f"model {model!r} is not held by this server")
+            raise VersionNotReady(
+                f"model {model!r} has no ready version on this server yet",
+                metadata={"model": model},
+            )
+        try:
+            number = int(version)
+        except ValueError:
+            raise InvalidArgument(
+                f"model version {version!r} is not a version number", field="model_version"
+            ) from None
+        try:
+            return self._repository.ready(model, number)
+        except VersionNotReady:
+            if not self._held(model):
+                raise ModelNotFound(f"model {model!r} is not held by this server") from None
+            raise
+
+    # -- health ----------------------------------------------------------------------------
+
+    @rpc_errors
+    async def ServerLive(
+        self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    @rpc_errors
+    async def ServerReady(
+        self, request: oip.ServerReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=not self._draining())
+
+    @rpc_errors
+    async def ModelReady(
+        self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.ModelReadyResponse:
+        try:
+            self._version(request.name, request.version)
+        except (ModelNotFound, VersionNotReady):
+            return oip.ModelReadyResponse(ready=False)
+        return oip.ModelReadyResponse(ready=True)
+
+    # -- metadata --------------------------------------------------------------------------
+
+    @rpc_errors
+    async def ServerMetadata(
+        self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(name="modelyard", version=__version__, extensions=EXTENSIONS)
+
+    @rpc_errors
+    async def ModelMetadata(
+        self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.ModelMetadataResponse:
+        loaded = self._version(request.name, request.version)
+        ready = [
+            str(v.version) for v in self._held(request.name) if v.state is VersionState.READY
+        ]
+
+        def metadata(specs: Any) -> list[oip.ModelMetadataResponse.TensorMetadata]:
+            return [
+                oip.ModelMetadataResponse.TensorMetadata(
+                    name=s.name,
+                    datatype=oip_codec.DATATYPE_BY_DTYPE[DTYPE_BY_DATA_TYPE[s.data_type]],
+                    shape=s.shape,
+                )
+                for s in specs
+            ]
+
+        return oip.ModelMetadataResponse(
+            name=loaded.model,
+            versions=ready,
+            platform=PLATFORM,
+            inputs=metadata(loaded.signature.inputs),
+            outputs=metadata(loaded.signature.outputs),
+        )
+
+    @rpc_errors
+    async def ModelConfig(
+        self, request: oip.ModelConfigRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.ModelConfigResponse:
+        loaded = self._version(request.name, request.version)
+        batching = _is_batching(loaded)
+        batch = loaded.serving.batch
+        # Triton's dims exclude the batch dimension when max_batch_size > 0.
+        skip = 1 if batching else 0
+        config = model_config_pb2.ModelConfig(
+            name=loaded.model,
+            platform=PLATFORM,
+            backend="pytorch",
+            max_batch_size=batch.max_batch_size if batching else 0,
+            input=[
+                model_config_pb2.ModelInput(
+                    name=s.name, data_type=_config_data_type(s.data_type), dims=list(s.shape)[skip:]
+                )
+                for s in loaded.signature.inputs
+            ],
+            output=[
+                model_config_pb2.ModelOutput(
+                    name=s.name, data_type=_config_data_type(s.data_type), dims=list(s.shape)[skip:]
+                )
+                for s in loaded.signature.outputs
+            ],
+            instance_group=[
+                model_config_pb2.ModelInstanceGroup(
+                    name=f"{loaded.model}_{loaded.version}",
+                    kind=(
+                        model_config_pb2.ModelInstanceGroup.KIND_CPU
+                        if loaded.device == "cpu"
+                        else model_config_pb2.ModelInstanceGroup.KIND_GPU
+                    ),
+                    count=batch.instances,
+                    gpus=[] if loaded.device == "cpu" else [int(loaded.device.partition(":")[2] or 0)],
+                )
+            ],
+        )
+        if batching:
+            config.dynamic_batching.max_queue_delay_microseconds = int(batch.max_queue_delay_s * 1e6)
+        return oip.ModelConfigResponse(config=config)
+
+    @rpc_errors
+    async def ModelStatistics(
+        self, request: oip.ModelStatisticsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.ModelStatisticsResponse:
+        if request.name and request.version:
+            versions = [self._version(request.name, request.version)]
+        elif request.name:
+            versions = [v for v in self._held(request.name) if v.state is VersionState.READY]
+            if not versions:
+                raise ModelNotFound(f"model {request.name!r} has no ready version on this server")
+        else:
+            versions = [v for v in self._repository.versions() if v.state is VersionState.READY]
+        response = oip.ModelStatisticsResponse()
+        for loaded in versions:
+            if loaded.batcher is None:
+                continue
+            stats = loaded.batcher.stats
+            message = response.model_stats.add(
+                name=loaded.model,
+                version=str(loaded.version),
+                last_inference=stats.last_inference_ms,
+                inference_count=stats.inference_count,
+                execution_count=stats.execution_count,
+            )
+            inference = message.inference_stats
+            inference.success.CopyFrom(_duration(stats.success_count, stats.success_s))
+            inference.fail.CopyFrom(_duration(stats.fail_count, stats.fail_s))
+            inference.queue.CopyFrom(_duration(stats.success_count, stats.queue_s))
+            inference.compute_infer.CopyFrom(_duration(stats.success_count, stats.compute_s))
+            for size, (count, seconds) in sorted(stats.batches.items()):
+                message.batch_stats.add(
+                    batch_size=size, compute_infer=_duration(count, seconds)
+                )
+        return response
+
+    # -- inference -------------------------------------------------------------------------
+
+    @rpc_errors
+    async def ModelInfer(
+        self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.ModelInferResponse:
+        loaded = self._version(request.model_name, request.model_version)
+        requested = oip_codec.requested_outputs(request)
+        for name in requested or ():
+            if name not in loaded.output_names:
+                raise InvalidArgument(
+                    f"output {name!r} is not an output of model {loaded.model!r}; it has "
+                    f"{', '.join(repr(n) for n in loaded.output_names)}",
+                    field=f"outputs[{name}]",
+                )
+        inputs = oip_codec.decode_inputs(request)
+        remaining_s = context.time_remaining()
+        deadline = None if remaining_s is None else asyncio.get_running_loop().time() + remaining_s
+        outputs, _timing = await self._repository.infer_tensors(
+            loaded, inputs, deadline, request_id=request.id or current_request_id()
+        )
+        response = oip.ModelInferResponse(
+            model_name=loaded.model, model_version=str(loaded.version), id=request.id
+        )
+        oip_codec.encode_outputs(
+            response,
+            zip(loaded.output_names, outputs, strict=True),
+            requested=requested,
+        )
+        return response
