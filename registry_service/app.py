@@ -85,7 +85,9 @@ class RegistryApp:
         self._start_time = time.time()
         settings = self.settings
         self._coordination = await CoordinationStore(settings.redis).open()
-        self._store = await RegistryStore(settings.resolved_database_path).open()
+        self._store = await RegistryStore(
+            settings.resolved_database_path, retention_s=settings.retention_s
+        ).open()
         artifacts = ArtifactStore(settings.resolved_artifacts_dir)
         await artifacts.open()
         registry = self._registry = Registry(
@@ -94,6 +96,8 @@ class RegistryApp:
             self._coordination,
             max_artifact_bytes=settings.max_artifact_bytes,
             download_chunk_bytes=settings.download_chunk_bytes,
+            retention_s=settings.retention_s,
+            promote_timeout_s=settings.promote_timeout_s,
         )
         servicer = RegistryServicer(registry)
         self._server = create_server(
@@ -108,7 +112,7 @@ class RegistryApp:
         try:
             rewritten = await registry.sync_to_redis()
             if rewritten:
-                log.info("published the aliases of %d model(s) to Redis", rewritten)
+                log.info("published the aliases and deployments of %d model(s) to Redis", rewritten)
         except CoordinationUnavailable as exc:
             log.warning("Redis is unreachable; aliases will be published when it is back: %s", exc)
         self._heartbeat = Heartbeat(
@@ -120,6 +124,7 @@ class RegistryApp:
         await self._heartbeat.start()
         interval_s = settings.redis_resync_interval_s
         self._tasks.spawn("registry-redis-resync", lambda: registry.resync_forever(interval_s))
+        self._tasks.spawn("registry-retention", registry.expire_holds_forever)
         await self._server.set_serving(True)
         log.info("registry %s serving on %s", self.service_id, self._server.address)
 

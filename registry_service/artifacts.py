@@ -181,7 +181,18 @@ class ArtifactStore:
         """Whether an artifact with this sha256 is stored (not whether it is intact)."""
         return await asyncio.to_thread(self.path_for(sha256).is_file)
 
+    async def remove(self, sha256: str) -> None:
+        """Delete the artifact with this sha256 (nothing happens if it is not stored). The
+        caller makes sure no version references it any more."""
+        await asyncio.to_thread(self._remove, sha256)
+
     # -- in worker threads -----------------------------------------------------------------
+
+    def _remove(self, sha256: str) -> None:
+        target = self.path_for(sha256)
+        target.unlink(missing_ok=True)
+        if target.parent.is_dir():
+            _fsync_dir(target.parent)
 
     def _prepare(self) -> None:
         self._objects.mkdir(parents=True, exist_ok=True)

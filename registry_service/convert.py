@@ -5,12 +5,17 @@ from __future__ import annotations
 
 from google.protobuf import timestamp_pb2
 
+from modelyard.errors import InvalidArgument
 from modelyard.v1 import registry_pb2, registry_service_pb2
 from registry_service.records import (
     AliasChange,
     AliasRecord,
     ArtifactFormat,
+    AuditRecord,
+    DeploymentSpec,
+    HistoryEntry,
     ModelRecord,
+    RoutingState,
     UploadMetadata,
     VersionRecord,
     VersionState,
@@ -26,6 +31,12 @@ __all__ = [
     "version_to_proto",
     "upload_metadata_from_proto",
     "set_alias_response",
+    "history_entry_to_proto",
+    "deployment_to_proto",
+    "deployment_spec_from_proto",
+    "audit_to_proto",
+    "page_token_to_id",
+    "next_page_token",
 ]
 
 FORMAT_TO_PROTO: dict[ArtifactFormat, registry_pb2.ArtifactFormat] = {
@@ -100,3 +111,87 @@ def set_alias_response(change: AliasChange) -> registry_service_pb2.SetAliasResp
         previous_version=change.previous_version,
         epoch=change.epoch,
     )
+
+
+def history_entry_to_proto(entry: HistoryEntry) -> registry_pb2.AliasHistoryEntry:
+    return registry_pb2.AliasHistoryEntry(
+        model=entry.model,
+        alias=entry.alias,
+        from_version=entry.from_version,
+        to_version=entry.to_version,
+        epoch=entry.epoch,
+        reason=entry.reason,
+        actor=entry.actor,
+        request_id=entry.request_id,
+        time=timestamp(entry.time),
+    )
+
+
+def deployment_to_proto(state: RoutingState) -> registry_pb2.Deployment:
+    spec = state.spec
+    message = registry_pb2.Deployment(
+        pinned_versions=list(spec.pinned_versions),
+        replicas=spec.replicas,
+        device=spec.device,
+        precision=spec.precision,
+        max_batch_size=spec.max_batch_size,
+        max_queue_size=spec.max_queue_size,
+        instances=spec.instances,
+        traffic_split=spec.traffic_split,
+        shadow_alias=spec.shadow_alias,
+        shadow_fraction=spec.shadow_fraction,
+        placed_versions=list(state.placed_versions),
+        epoch=state.epoch,
+    )
+    if spec.max_queue_delay_ms is not None:
+        message.max_queue_delay_ms = spec.max_queue_delay_ms
+    return message
+
+
+def deployment_spec_from_proto(message: registry_pb2.Deployment) -> DeploymentSpec:
+    """The settable part of a Deployment; output-only fields are ignored."""
+    return DeploymentSpec(
+        pinned_versions=tuple(sorted(set(message.pinned_versions))),
+        replicas=message.replicas,
+        device=message.device,
+        precision=message.precision,
+        max_batch_size=message.max_batch_size,
+        max_queue_delay_ms=(message.max_queue_delay_ms if message.HasField("max_queue_delay_ms") else None),
+        max_queue_size=message.max_queue_size,
+        instances=message.instances,
+        traffic_split=dict(message.traffic_split),
+        shadow_alias=message.shadow_alias,
+        shadow_fraction=message.shadow_fraction,
+    )
+
+
+def audit_to_proto(record: AuditRecord) -> registry_pb2.AuditEntry:
+    return registry_pb2.AuditEntry(
+        id=record.id,
+        time=timestamp(record.time),
+        actor=record.actor,
+        method=record.method,
+        model=record.model,
+        target=record.target,
+        request_id=record.request_id,
+        outcome=record.outcome,
+        error_reason=record.error_reason,
+        message=record.message,
+    )
+
+
+def page_token_to_id(token: str) -> int:
+    """The id a page token continues below (0: from the newest)."""
+    if not token:
+        return 0
+    if not token.isdigit() or int(token) < 1:
+        raise InvalidArgument(
+            "page_token is not one this registry issued; pass next_page_token as it came",
+            field="page_token",
+        )
+    return int(token)
+
+
+def next_page_token(ids: list[int], page_size: int) -> str:
+    """The token for the page after one holding `ids` (newest first); "" after the last."""
+    return str(ids[-1]) if ids and len(ids) >= page_size else ""

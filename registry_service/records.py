@@ -7,6 +7,7 @@ servers validate requests against, so every service reads it in the same form.
 from __future__ import annotations
 
 import enum
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -23,6 +24,12 @@ __all__ = [
     "VersionRecord",
     "UploadMetadata",
     "AliasChange",
+    "DeploymentSpec",
+    "RoutingState",
+    "HistoryEntry",
+    "AuditRecord",
+    "AuditFilter",
+    "DeleteOutcome",
 ]
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
@@ -131,3 +138,116 @@ class AliasChange:
     changed: bool
     """False when nothing moved: the alias already pointed there, or the call is a retry of
     one already applied (same request id)."""
+    state: RoutingState | None = None
+    """The model's whole routing state after the call (what Redis must hold)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentSpec:
+    """How a model is served, as an operator set it (what SetDeployment takes).
+
+    Zero / empty / None serving fields mean "the model server's default".
+    """
+
+    pinned_versions: tuple[int, ...] = ()
+    replicas: int = 0
+    device: str = ""
+    precision: str = ""
+    max_batch_size: int = 0
+    max_queue_delay_ms: float | None = None
+    max_queue_size: int = 0
+    instances: int = 0
+    traffic_split: dict[str, int] = field(default_factory=dict)
+    shadow_alias: str = ""
+    shadow_fraction: float = 0.0
+
+    def to_json(self) -> str:
+        """The form the database stores."""
+        return json.dumps(
+            {
+                "pinned_versions": list(self.pinned_versions),
+                "replicas": self.replicas,
+                "device": self.device,
+                "precision": self.precision,
+                "max_batch_size": self.max_batch_size,
+                "max_queue_delay_ms": self.max_queue_delay_ms,
+                "max_queue_size": self.max_queue_size,
+                "instances": self.instances,
+                "traffic_split": dict(sorted(self.traffic_split.items())),
+                "shadow_alias": self.shadow_alias,
+                "shadow_fraction": self.shadow_fraction,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> DeploymentSpec:
+        data = json.loads(text)
+        data["pinned_versions"] = tuple(data.get("pinned_versions", ()))
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingState:
+    """Everything Redis must hold for one model: its aliases and deployment, under its epoch."""
+
+    model: str
+    aliases: dict[str, int]
+    epoch: int
+    spec: DeploymentSpec
+    placed_versions: tuple[int, ...]
+    """Aliased, pinned, and held (recently replaced or being promoted) versions, sorted."""
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One recorded move of an alias."""
+
+    id: int
+    model: str
+    alias: str
+    from_version: int
+    to_version: int
+    epoch: int
+    reason: str
+    actor: str
+    request_id: str
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One mutating call and its outcome ("OK" or a gRPC status code name)."""
+
+    time: float
+    actor: str
+    method: str
+    model: str
+    target: str
+    request_id: str
+    outcome: str
+    error_reason: str = ""
+    message: str = ""
+    id: int = 0
+    """Assigned by the store."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFilter:
+    """Which audit entries to list; empty fields match everything."""
+
+    model: str = ""
+    actor: str = ""
+    method: str = ""
+    outcome: str = ""
+    start_time: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteOutcome:
+    """What deleting a version removed."""
+
+    sha256: str
+    artifact_unreferenced: bool
+    """True when no other version shares the artifact, so its file can go."""
+    state: RoutingState

@@ -15,21 +15,32 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import AsyncGenerator, AsyncIterator
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Protocol
 
+from modelyard.coordination import Deployment, ServiceRecord
 from modelyard.errors import (
     ArtifactCorrupt,
+    Conflict,
     CoordinationUnavailable,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    ModelyardError,
 )
 from modelyard.v1 import tensor_pb2
 from registry_service.artifacts import SHA256_PATTERN, ArtifactStore
+from registry_service.deployments import live_deployment
 from registry_service.formats import check_archive
 from registry_service.records import (
     AliasChange,
+    AuditFilter,
+    AuditRecord,
+    DeploymentSpec,
+    HistoryEntry,
     ModelRecord,
+    RoutingState,
     UploadMetadata,
     VersionRecord,
     VersionState,
@@ -37,7 +48,7 @@ from registry_service.records import (
 )
 from registry_service.store import RegistryStore
 
-__all__ = ["AliasSink", "Registry"]
+__all__ = ["AliasSink", "Registry", "PromoteOutcome", "resolve_page_size"]
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +56,34 @@ _KNOWN_DATA_TYPES = frozenset(tensor_pb2.DataType.values()) - {tensor_pb2.DATA_T
 
 
 class AliasSink(Protocol):
-    """Where alias maps go live: `modelyard.coordination.CoordinationStore` in production."""
+    """Where alias maps and deployments go live, and where model servers report what they hold:
+    `modelyard.coordination.CoordinationStore` in production."""
 
-    async def apply_aliases(self, model: str, aliases: dict[str, int], epoch: int) -> bool:
-        """Replace the model's alias map if `epoch` is newer; False if it was not."""
+    async def apply_aliases(
+        self, model: str, aliases: dict[str, int], epoch: int, deployment: Deployment | None = None
+    ) -> bool:
+        """Replace the model's alias map and deployment if `epoch` is newer; False if not."""
         ...
 
     async def all_aliases(self) -> dict[str, tuple[dict[str, int], int]]:
         """Every model's live alias map and epoch."""
         ...
+
+    async def all_deployments(self) -> dict[str, Deployment]:
+        """Every model's live deployment."""
+        ...
+
+    async def list_services(self) -> list[ServiceRecord]:
+        """Every live service's membership record."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PromoteOutcome:
+    """What a promote did: the alias move, and how many replicas were ready before it."""
+
+    change: AliasChange
+    ready_replicas: int
 
 
 class Registry:
@@ -83,12 +113,24 @@ class Registry:
         *,
         max_artifact_bytes: int,
         download_chunk_bytes: int,
+        retention_s: float = 600.0,
+        promote_timeout_s: float = 120.0,
+        ready_poll_interval_s: float = 0.1,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._artifacts = artifacts
         self._aliases = aliases
         self._max_artifact_bytes = max_artifact_bytes
         self._download_chunk_bytes = download_chunk_bytes
+        self._retention_s = retention_s
+        self._promote_timeout_s = promote_timeout_s
+        self._ready_poll_interval_s = ready_poll_interval_s
+        self._clock = clock
+        # An upload and a delete of the same content take its lock, so a delete can never
+        # remove a file that an upload has just found in place (dedup) and is about to record.
+        self._content_locks: dict[str, asyncio.Lock] = {}
+        self._holds_changed = asyncio.Event()
 
     # -- models ----------------------------------------------------------------------------
 
@@ -152,18 +194,19 @@ class Registry:
         _check_metrics(metadata.metrics)
         # Refuse an unknown model before any byte is read.
         await self._store.get_model(metadata.model)
-        stored_sha256, size = await self._artifacts.write(
-            chunks,
-            expected_sha256=sha256,
-            max_bytes=self._max_artifact_bytes,
-            check=lambda path: check_archive(path, fmt),
-        )
-        version = await self._store.insert_version(
-            dataclasses.replace(metadata, sha256=stored_sha256),
-            sha256=stored_sha256,
-            size_bytes=size,
-            created_by=actor,
-        )
+        async with self._content_lock(sha256):
+            stored_sha256, size = await self._artifacts.write(
+                chunks,
+                expected_sha256=sha256,
+                max_bytes=self._max_artifact_bytes,
+                check=lambda path: check_archive(path, fmt),
+            )
+            version = await self._store.insert_version(
+                dataclasses.replace(metadata, sha256=stored_sha256),
+                sha256=stored_sha256,
+                size_bytes=size,
+                created_by=actor,
+            )
         log.info(
             "stored version %d of model %r (%d bytes, sha256 %s)",
             version.version,
@@ -266,27 +309,296 @@ class Registry:
                 version,
                 change.epoch,
             )
-            await self._publish(model, change.aliases, change.epoch)
+            assert change.state is not None
+            await self._publish(change.state)
+            self._holds_changed.set()
         return change
 
-    async def _publish(self, model: str, aliases: dict[str, int], epoch: int) -> None:
+    async def rollback_alias(
+        self,
+        model: str,
+        alias: str,
+        *,
+        expected_version: int | None = None,
+        reason: str = "",
+        actor: str = "",
+        request_id: str = "",
+    ) -> AliasChange:
+        """Point an alias back at its previous target (compare-and-set, in one transaction).
+
+        The previous target is still placed for `retention_s` after the move, so within that
+        window the rollback is instant: no load, the model servers already hold it warm.
+
+        Raises:
+            InvalidArgument: bad names or numbers.
+            ModelNotFound / AliasNotFound: unknown model or alias.
+            Conflict: `expected_version` is set and the alias moved (ABORTED).
+            FailedPrecondition: no earlier target, or it is archived or deleted.
+        """
+        check_name(model, field="model", what="model")
+        check_name(alias, field="alias", what="alias")
+        change = await self._store.rollback_alias(
+            model,
+            alias,
+            expected_version=expected_version,
+            reason=reason,
+            actor=actor,
+            request_id=request_id,
+        )
+        if change.changed:
+            log.info(
+                "alias %r of model %r rolled back: version %d -> %d (epoch %d)",
+                alias,
+                model,
+                change.previous_version,
+                change.alias.version,
+                change.epoch,
+            )
+            assert change.state is not None
+            await self._publish(change.state)
+            self._holds_changed.set()
+        return change
+
+    async def list_alias_history(
+        self, model: str, alias: str = "", *, page_size: int = 100, before_id: int = 0
+    ) -> list[HistoryEntry]:
+        """Moves of a model's aliases, newest first. Raises InvalidArgument or ModelNotFound."""
+        check_name(model, field="model", what="model")
+        if alias:
+            check_name(alias, field="alias", what="alias")
+        return await self._store.list_alias_history(
+            model, alias, page_size=resolve_page_size(page_size), before_id=before_id
+        )
+
+    async def promote(
+        self,
+        model: str,
+        alias: str,
+        version: int,
+        *,
+        expected_version: int | None = None,
+        ready_timeout_s: float | None = None,
+        reason: str = "",
+        actor: str = "",
+        request_id: str = "",
+    ) -> PromoteOutcome:
+        """Move an alias with zero downtime: place the version, wait until enough model
+        servers report it ready, then move the alias (compare-and-set).
+
+        Enough means the deployment's `replicas`, or one when it places on every server (the
+        gateway routes only to ready replicas, so one is what serving needs; the others join
+        as they finish loading).
+
+        Raises:
+            InvalidArgument, ModelNotFound, VersionNotFound: as `set_alias`.
+            Conflict: the alias is not at `expected_version` (checked before and at the move).
+            DeadlineExceeded: the version was not ready on enough replicas in time.
+            FailedPrecondition: the version is archived, or no model server could load it.
+        """
+        _check_version_ref(model, version)
+        check_name(alias, field="alias", what="alias")
+        timeout_s = self._promote_timeout_s if ready_timeout_s is None else ready_timeout_s
+        if not timeout_s > 0:
+            raise InvalidArgument("ready_timeout must be positive", field="ready_timeout")
+        before = await self._store.routing_state(model)
+        current = before.aliases.get(alias, 0)
+        if expected_version is not None and expected_version != current:
+            # Fail fast: no point loading a version for a move that would lose anyway.
+            raise Conflict(
+                f"alias {alias!r} of model {model!r} points at version {current}, not "
+                f"{expected_version}; re-read it and retry with the new expected_version",
+                metadata={"model": model, "alias": alias, "current_version": str(current)},
+            )
+        state = await self._store.hold_version(
+            model, version, until=self._clock() + timeout_s + self._retention_s, why="promoting"
+        )
+        await self._publish(state)
+        self._holds_changed.set()
         try:
-            await self._aliases.apply_aliases(model, aliases, epoch)
+            ready = await self._wait_until_ready(model, version, max(1, state.spec.replicas), timeout_s)
+            change = await self.set_alias(
+                model,
+                alias,
+                version,
+                expected_version=expected_version,
+                reason=reason,
+                actor=actor,
+                request_id=request_id,
+            )
+        except BaseException:
+            # Stop placing a version nobody moved to (a no-op once the alias points at it).
+            with contextlib.suppress(ModelyardError):
+                released = await self._store.release_hold(model, version, why="promoting")
+                if released is not None:
+                    await self._publish(released)
+            raise
+        if not change.changed:
+            # Nothing moved (already there, or a retried call): the alias keeps it placed.
+            released = await self._store.release_hold(model, version, why="promoting")
+            if released is not None:
+                await self._publish(released)
+        return PromoteOutcome(change=change, ready_replicas=ready)
+
+    async def _wait_until_ready(self, model: str, version: int, needed: int, timeout_s: float) -> int:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            servers = [
+                s for s in await self._aliases.list_services() if s.kind == "model_server" and not s.draining
+            ]
+            held = [v for s in servers for v in s.versions if (v.model, v.version) == (model, version)]
+            ready = sum(1 for v in held if v.state == "ready")
+            if ready >= needed:
+                return ready
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(self._ready_poll_interval_s)
+        failed = [v.error for v in held if v.state == "failed"]
+        if not servers:
+            raise FailedPrecondition(
+                f"no model server is running, so version {version} of model {model!r} cannot be "
+                "made ready; start one, then promote again",
+                field="version",
+            )
+        if failed and not any(v.state == "loading" for v in held):
+            raise FailedPrecondition(
+                f"version {version} of model {model!r} failed to load: {failed[0]}",
+                field="version",
+                metadata={"model": model, "version": str(version)},
+            )
+        raise DeadlineExceeded(
+            f"version {version} of model {model!r} was ready on {ready} of the {needed} model "
+            f"server(s) needed after {timeout_s:g}s; the alias did not move. Check the model "
+            "servers (modelyard top) or promote again with a longer ready_timeout",
+            metadata={"model": model, "version": str(version), "ready_replicas": str(ready)},
+        )
+
+    # -- deployments -----------------------------------------------------------------------
+
+    async def set_deployment(self, model: str, spec: DeploymentSpec) -> RoutingState:
+        """Replace a model's deployment and publish it.
+
+        Raises:
+            InvalidArgument: a field is out of range, or the split or shadow names an unknown
+                alias, or the weights do not sum to 100.
+            ModelNotFound: unknown model.
+            FailedPrecondition: a pinned version is archived.
+        """
+        check_name(model, field="model", what="model")
+        state = await self._store.set_deployment(model, spec)
+        log.info("deployment of model %r set (epoch %d): %s", model, state.epoch, spec)
+        await self._publish(state)
+        return state
+
+    async def get_deployment(self, model: str) -> RoutingState:
+        """A model's deployment with the versions placed now. Raises ModelNotFound."""
+        check_name(model, field="model", what="model")
+        return await self._store.routing_state(model)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def archive_version(self, model: str, version: int) -> VersionRecord:
+        """Archive a version: no longer aliasable, servable or placed.
+
+        Raises:
+            FailedPrecondition: an alias points at it, or the deployment pins it.
+        """
+        _check_version_ref(model, version)
+        record, state = await self._store.archive_version(model, version)
+        log.info("archived version %d of model %r", version, model)
+        await self._publish(state)
+        return record
+
+    async def delete_version(self, model: str, version: int) -> bool:
+        """Delete a version, and its artifact unless another version shares the content.
+
+        Returns:
+            Whether the artifact file was removed.
+
+        Raises:
+            FailedPrecondition: an alias points at it, or the deployment pins it.
+        """
+        _check_version_ref(model, version)
+        record = await self._store.get_version(model, version)
+        async with self._content_lock(record.sha256):
+            outcome = await self._store.delete_version(model, version)
+            if outcome.artifact_unreferenced:
+                await self._artifacts.remove(outcome.sha256)
+        log.info(
+            "deleted version %d of model %r%s",
+            version,
+            model,
+            " and its artifact" if outcome.artifact_unreferenced else " (its artifact is shared)",
+        )
+        await self._publish(outcome.state)
+        return outcome.artifact_unreferenced
+
+    # -- audit -----------------------------------------------------------------------------
+
+    async def record_audit(self, record: AuditRecord) -> None:
+        """Append to the audit log. Never raises: the audit must not fail the call it records."""
+        try:
+            await self._store.add_audit(record)
+        except Exception:  # noqa: BLE001 - logged in full; the call itself already happened
+            log.exception("cannot write the audit entry %s", record)
+
+    async def list_audit(
+        self, where: AuditFilter, *, page_size: int = 100, before_id: int = 0
+    ) -> list[AuditRecord]:
+        """Audit entries matching `where`, newest first."""
+        return await self._store.list_audit(
+            where, page_size=resolve_page_size(page_size), before_id=before_id
+        )
+
+    # -- Redis -----------------------------------------------------------------------------
+
+    def _content_lock(self, sha256: str) -> asyncio.Lock:
+        return self._content_locks.setdefault(sha256.lower(), asyncio.Lock())
+
+    async def _publish(self, state: RoutingState) -> None:
+        try:
+            await self._aliases.apply_aliases(
+                state.model, state.aliases, state.epoch, deployment=live_deployment(state)
+            )
         except CoordinationUnavailable as exc:
             # Committed in the source of truth; the resync loop writes it once Redis is back.
             log.warning(
-                "aliases of model %r (epoch %d) are committed but not yet live in Redis: %s",
-                model,
-                epoch,
+                "routing of model %r (epoch %d) is committed but not yet live in Redis: %s",
+                state.model,
+                state.epoch,
                 exc,
             )
 
+    async def expire_holds_forever(self, max_sleep_s: float = 60.0) -> None:
+        """Stop placing replaced versions once their retention window is over, publishing the
+        model's new deployment (with a new epoch), until cancelled."""
+        while True:
+            self._holds_changed.clear()
+            try:
+                for state in await self._store.expire_holds():
+                    log.info(
+                        "retention over for model %r: placed versions now %s (epoch %d)",
+                        state.model,
+                        list(state.placed_versions),
+                        state.epoch,
+                    )
+                    await self._publish(state)
+                next_at = await self._store.next_hold_expiry()
+            except ModelyardError as exc:
+                log.warning("cannot expire held versions, will retry: %s", exc)
+                next_at = None
+            sleep_s = max_sleep_s if next_at is None else min(max_sleep_s, max(0.0, next_at - self._clock()))
+            # asyncio.timeout, not wait_for (see model_server.reconciler): cancellation-safe.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(sleep_s + 0.01):
+                    await self._holds_changed.wait()
+
     async def sync_to_redis(self) -> int:
-        """Make Redis hold every model's aliases as this registry has them.
+        """Make Redis hold every model's aliases and deployment as this registry has them.
 
         Only models whose live copy differs are written (with their epoch, so a concurrent
         move is never undone). A Redis whose epoch is ahead of this database (restored from an
-        older backup, say) gets the database's aliases under a fresh, higher epoch.
+        older backup, say) gets the database's state under a fresh, higher epoch.
 
         Returns:
             How many models were rewritten.
@@ -294,30 +606,34 @@ class Registry:
         Raises:
             CoordinationUnavailable: Redis cannot be reached.
         """
-        local = await self._store.all_alias_states()
+        local = await self._store.all_routing_states()
         live = await self._aliases.all_aliases()
+        live_deployments = await self._aliases.all_deployments()
         rewritten = 0
         for model, state in sorted(local.items()):
             live_state = live.get(model, ({}, 0))
-            if live_state == state:
+            live_dep = live_deployments.get(model)
+            if _same(state, live_state, live_dep):
                 continue
-            aliases, epoch = state
-            if live_state[1] >= epoch:
-                # Either a move committed (and went live) after our snapshot, or Redis really is
-                # ahead of us: look again before deciding.
-                aliases, epoch = await self._store.alias_state(model)
-                if (aliases, epoch) == live_state:
+            if live_state[1] >= state.epoch:
+                # Either a change committed (and went live) after our snapshot, or Redis really
+                # is ahead of us: look again before deciding.
+                state = await self._store.routing_state(model)
+                if _same(state, live_state, live_dep):
                     continue
-                if live_state[1] >= epoch:
+                if live_state[1] >= state.epoch:
                     log.warning(
-                        "Redis holds epoch %d for model %r, ahead of the registry's %d; "
-                        "rewriting it from the registry",
+                        "Redis holds epoch %d for model %r, ahead of or equal to the registry's "
+                        "%d but different; rewriting it from the registry",
                         live_state[1],
                         model,
-                        epoch,
+                        state.epoch,
                     )
-                    aliases, epoch = await self._store.bump_epoch(model, above=live_state[1])
-            if await self._aliases.apply_aliases(model, aliases, epoch):
+                    await self._store.bump_epoch(model, above=live_state[1])
+                    state = await self._store.routing_state(model)
+            if await self._aliases.apply_aliases(
+                model, state.aliases, state.epoch, deployment=live_deployment(state)
+            ):
                 rewritten += 1
         return rewritten
 
@@ -338,6 +654,17 @@ class Registry:
             reachable = True
             if rewritten:
                 log.info("rewrote the aliases of %d model(s) in Redis", rewritten)
+
+
+def _same(state: RoutingState, live: tuple[dict[str, int], int], deployment: Deployment | None) -> bool:
+    return (state.aliases, state.epoch) == live and deployment == live_deployment(state)
+
+
+def resolve_page_size(page_size: int) -> int:
+    """The page size a list call uses: 100 for 0, at most 1000. Raises InvalidArgument."""
+    if page_size < 0:
+        raise InvalidArgument("page_size is 0 (the default, 100) or more", field="page_size")
+    return min(page_size or 100, 1000)
 
 
 def _check_version_ref(model: str, version: int) -> None:

@@ -1,29 +1,51 @@
 """The registry's gRPC adapter: decode, one call into `registry.Registry`, encode.
 
-Every method wears `@rpc_errors`, which turns the core's domain errors into statuses.
+Every method wears `@rpc_errors`, which turns the core's domain errors into statuses. Every
+mutating method also records an audit entry (who, what, when, request id, outcome, failures
+included) through `_audited`. Who is the `x-modelyard-user` metadata until authentication
+exists, else the caller's peer address.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
+import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import grpc
 
-from modelyard.errors import InvalidArgument
-from modelyard.rpc.errors import rpc_errors
+from modelyard.errors import InvalidArgument, ModelyardError
+from modelyard.rpc.context import current_request_id
+from modelyard.rpc.errors import rpc_errors, status_code_for
 from modelyard.v1 import registry_service_pb2 as pb
 from modelyard.v1 import registry_service_pb2_grpc
 from registry_service import convert
-from registry_service.registry import Registry
+from registry_service.records import AuditFilter, AuditRecord
+from registry_service.registry import Registry, resolve_page_size
 
-__all__ = ["RegistryServicer", "SERVICE_NAME"]
+__all__ = ["RegistryServicer", "SERVICE_NAME", "USER_METADATA_KEY"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RegistryService"].full_name
 """The full name of the service ("modelyard.v1.RegistryService"), for health and reflection."""
 
+USER_METADATA_KEY = "x-modelyard-user"
+"""Call metadata naming the person or system behind a call, for the audit log and history."""
+
 _Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+
+@dataclasses.dataclass
+class _Audit:
+    """What an audited call fills in as it learns it."""
+
+    actor: str
+    request_id: str
+    model: str
+    target: str
+    message: str = ""
 
 
 class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
@@ -34,9 +56,10 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
 
     @rpc_errors
     async def CreateModel(self, request: pb.CreateModelRequest, context: _Context) -> pb.CreateModelResponse:
-        model = await self._registry.create_model(
-            request.name, request.description, request_id=request.request_id
-        )
+        async with self._audited(context, "CreateModel", request.name, "model", request.request_id):
+            model = await self._registry.create_model(
+                request.name, request.description, request_id=request.request_id
+            )
         return pb.CreateModelResponse(model=convert.model_to_proto(model))
 
     @rpc_errors
@@ -59,9 +82,15 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
                 "the first message of an upload must carry the metadata, the next ones the bytes",
                 field="metadata",
             )
-        version = await self._registry.upload_version(
-            convert.upload_metadata_from_proto(first.metadata), _chunks(request_iterator)
-        )
+        metadata = first.metadata
+        async with self._audited(
+            context, "UploadModelVersion", metadata.model, "new version", metadata.request_id
+        ) as audit:
+            version = await self._registry.upload_version(
+                convert.upload_metadata_from_proto(metadata), _chunks(request_iterator), actor=audit.actor
+            )
+            audit.target = f"version {version.version}"
+            audit.message = f"sha256 {version.sha256}, {version.size_bytes} bytes"
         return pb.UploadModelVersionResponse(model_version=convert.version_to_proto(version))
 
     @rpc_errors
@@ -97,15 +126,215 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
 
     @rpc_errors
     async def SetAlias(self, request: pb.SetAliasRequest, context: _Context) -> pb.SetAliasResponse:
-        change = await self._registry.set_alias(
+        target = f"alias {request.alias} -> {request.version}"
+        async with self._audited(context, "SetAlias", request.model, target, request.request_id) as audit:
+            change = await self._registry.set_alias(
+                request.model,
+                request.alias,
+                request.version,
+                expected_version=(request.expected_version if request.HasField("expected_version") else None),
+                reason=request.reason,
+                actor=audit.actor,
+                request_id=audit.request_id,
+            )
+            audit.message = _moved(
+                change.previous_version, change.alias.version, change.epoch, change.changed
+            )
+        return convert.set_alias_response(change)
+
+    @rpc_errors
+    async def RollbackAlias(
+        self, request: pb.RollbackAliasRequest, context: _Context
+    ) -> pb.RollbackAliasResponse:
+        target = f"alias {request.alias}"
+        async with self._audited(
+            context, "RollbackAlias", request.model, target, request.request_id
+        ) as audit:
+            change = await self._registry.rollback_alias(
+                request.model,
+                request.alias,
+                expected_version=(request.expected_version if request.HasField("expected_version") else None),
+                reason=request.reason,
+                actor=audit.actor,
+                request_id=audit.request_id,
+            )
+            audit.message = _moved(
+                change.previous_version, change.alias.version, change.epoch, change.changed
+            )
+        return pb.RollbackAliasResponse(
+            alias=convert.alias_to_proto(change.alias),
+            previous_version=change.previous_version,
+            epoch=change.epoch,
+        )
+
+    @rpc_errors
+    async def ListAliasHistory(
+        self, request: pb.ListAliasHistoryRequest, context: _Context
+    ) -> pb.ListAliasHistoryResponse:
+        page_size = resolve_page_size(request.page_size)
+        entries = await self._registry.list_alias_history(
             request.model,
             request.alias,
-            request.version,
-            expected_version=(request.expected_version if request.HasField("expected_version") else None),
-            reason=request.reason,
-            request_id=request.request_id,
+            page_size=page_size,
+            before_id=convert.page_token_to_id(request.page_token),
         )
-        return convert.set_alias_response(change)
+        return pb.ListAliasHistoryResponse(
+            entries=[convert.history_entry_to_proto(e) for e in entries],
+            next_page_token=convert.next_page_token([e.id for e in entries], page_size),
+        )
+
+    @rpc_errors
+    async def PromoteVersion(
+        self, request: pb.PromoteVersionRequest, context: _Context
+    ) -> pb.PromoteVersionResponse:
+        target = f"alias {request.alias} -> {request.version}"
+        async with self._audited(
+            context, "PromoteVersion", request.model, target, request.request_id
+        ) as audit:
+            outcome = await self._registry.promote(
+                request.model,
+                request.alias,
+                request.version,
+                expected_version=(request.expected_version if request.HasField("expected_version") else None),
+                ready_timeout_s=(
+                    request.ready_timeout.ToTimedelta().total_seconds()
+                    if request.HasField("ready_timeout")
+                    else None
+                ),
+                reason=request.reason,
+                actor=audit.actor,
+                request_id=audit.request_id,
+            )
+            change = outcome.change
+            audit.message = (
+                _moved(change.previous_version, change.alias.version, change.epoch, change.changed)
+                + f"; ready on {outcome.ready_replicas} model server(s)"
+            )
+        return pb.PromoteVersionResponse(
+            alias=convert.alias_to_proto(change.alias),
+            previous_version=change.previous_version,
+            epoch=change.epoch,
+            ready_replicas=outcome.ready_replicas,
+        )
+
+    @rpc_errors
+    async def SetDeployment(
+        self, request: pb.SetDeploymentRequest, context: _Context
+    ) -> pb.SetDeploymentResponse:
+        spec = convert.deployment_spec_from_proto(request.deployment)
+        async with self._audited(
+            context, "SetDeployment", request.model, "deployment", request.request_id
+        ) as audit:
+            state = await self._registry.set_deployment(request.model, spec)
+            audit.message = f"placed versions {list(state.placed_versions)} (epoch {state.epoch})"
+        return pb.SetDeploymentResponse(deployment=convert.deployment_to_proto(state))
+
+    @rpc_errors
+    async def GetDeployment(
+        self, request: pb.GetDeploymentRequest, context: _Context
+    ) -> pb.GetDeploymentResponse:
+        state = await self._registry.get_deployment(request.model)
+        return pb.GetDeploymentResponse(deployment=convert.deployment_to_proto(state))
+
+    @rpc_errors
+    async def ArchiveModelVersion(
+        self, request: pb.ArchiveModelVersionRequest, context: _Context
+    ) -> pb.ArchiveModelVersionResponse:
+        target = f"version {request.version}"
+        async with self._audited(context, "ArchiveModelVersion", request.model, target, request.request_id):
+            version = await self._registry.archive_version(request.model, request.version)
+        return pb.ArchiveModelVersionResponse(model_version=convert.version_to_proto(version))
+
+    @rpc_errors
+    async def DeleteModelVersion(
+        self, request: pb.DeleteModelVersionRequest, context: _Context
+    ) -> pb.DeleteModelVersionResponse:
+        target = f"version {request.version}"
+        async with self._audited(
+            context, "DeleteModelVersion", request.model, target, request.request_id
+        ) as audit:
+            artifact_deleted = await self._registry.delete_version(request.model, request.version)
+            audit.message = (
+                "artifact deleted" if artifact_deleted else "artifact kept: another version shares it"
+            )
+        return pb.DeleteModelVersionResponse(artifact_deleted=artifact_deleted)
+
+    @rpc_errors
+    async def ListAuditEntries(
+        self, request: pb.ListAuditEntriesRequest, context: _Context
+    ) -> pb.ListAuditEntriesResponse:
+        page_size = resolve_page_size(request.page_size)
+        where = AuditFilter(
+            model=request.model,
+            actor=request.actor,
+            method=request.method,
+            outcome=request.outcome,
+            start_time=(request.start_time.ToNanoseconds() / 1e9 if request.HasField("start_time") else 0.0),
+        )
+        entries = await self._registry.list_audit(
+            where, page_size=page_size, before_id=convert.page_token_to_id(request.page_token)
+        )
+        return pb.ListAuditEntriesResponse(
+            entries=[convert.audit_to_proto(e) for e in entries],
+            next_page_token=convert.next_page_token([e.id for e in entries], page_size),
+        )
+
+    @contextlib.asynccontextmanager
+    async def _audited(
+        self, context: _Context, method: str, model: str, target: str, request_id: str
+    ) -> AsyncIterator[_Audit]:
+        """Record the call in the audit log when the block ends, with its outcome."""
+        audit = _Audit(
+            actor=_actor(context),
+            request_id=request_id or current_request_id(),
+            model=model,
+            target=target,
+        )
+        started = time.time()
+
+        async def record(outcome: str, reason: str = "", message: str = "") -> None:
+            await self._registry.record_audit(
+                AuditRecord(
+                    time=started,
+                    actor=audit.actor,
+                    method=method,
+                    model=audit.model,
+                    target=audit.target,
+                    request_id=audit.request_id,
+                    outcome=outcome,
+                    error_reason=reason,
+                    message=message,
+                )
+            )
+
+        try:
+            yield audit
+        except ModelyardError as exc:
+            await record(status_code_for(exc).name, exc.reason, exc.message)
+            raise
+        except asyncio.CancelledError:
+            # The caller went away; what the call did is still worth a line. Shielded, so the
+            # cancellation being delivered does not also cancel the write.
+            await asyncio.shield(record("CANCELLED", "", "the caller cancelled the call"))
+            raise
+        except Exception:
+            # The details stay in the log (rpc_errors logs them with the request id).
+            await record("INTERNAL", "INTERNAL", "internal error")
+            raise
+        await record("OK", "", audit.message)
+
+
+def _actor(context: _Context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == USER_METADATA_KEY and value:
+            return str(value)
+    return context.peer() or "unknown"
+
+
+def _moved(previous: int, version: int, epoch: int, changed: bool) -> str:
+    if not changed:
+        return f"already at version {version} (epoch {epoch}); nothing moved"
+    return f"version {previous or 'none'} -> {version} (epoch {epoch})"
 
 
 async def _chunks(request_iterator: AsyncIterator[pb.UploadModelVersionRequest]) -> AsyncIterator[bytes]:

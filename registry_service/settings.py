@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field, PositiveFloat
+from pydantic import Field, NonNegativeFloat, PositiveFloat
 from pydantic_settings import SettingsConfigDict
 
 from modelyard.settings import ServerSettings, ServiceSettings
@@ -49,6 +49,13 @@ class RegistrySettings(ServiceSettings):
     redis_resync_interval_s: PositiveFloat = 5.0
     """How often every model's aliases are compared with Redis and rewritten where Redis lost
     or missed them (a FLUSHALL, a new Redis, an update made while Redis was down)."""
+
+    retention_s: NonNegativeFloat = 600.0
+    """How long a version stays placed (loaded and warm on the model servers) after an alias
+    moved away from it, so that a rollback within this window is instant."""
+    promote_timeout_s: PositiveFloat = 120.0
+    """How long PromoteVersion waits, by default, for the version to be ready on the model
+    servers before it gives up (DEADLINE_EXCEEDED) without moving the alias."""
 
     @property
     def resolved_database_path(self) -> Path:

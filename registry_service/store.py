@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from modelyard.errors import (
+    AliasNotFound,
     AlreadyExists,
     Conflict,
     FailedPrecondition,
@@ -35,11 +36,18 @@ from modelyard.errors import (
     VersionNotFound,
 )
 from modelyard.v1 import tensor_pb2
+from registry_service.deployments import check_deployment, placed_versions
 from registry_service.records import (
     AliasChange,
     AliasRecord,
     ArtifactFormat,
+    AuditFilter,
+    AuditRecord,
+    DeleteOutcome,
+    DeploymentSpec,
+    HistoryEntry,
     ModelRecord,
+    RoutingState,
     UploadMetadata,
     VersionRecord,
     VersionState,
@@ -47,7 +55,7 @@ from registry_service.records import (
 
 __all__ = ["RegistryStore", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Kept in `PRAGMA user_version`; a database from a newer registry is refused, not guessed at."""
 
 _SCHEMA = """
@@ -101,6 +109,31 @@ CREATE TABLE IF NOT EXISTS alias_history (
 CREATE INDEX IF NOT EXISTS alias_history_by_alias ON alias_history (model, alias, id);
 CREATE UNIQUE INDEX IF NOT EXISTS alias_history_by_request_id
     ON alias_history (model, request_id) WHERE request_id != '';
+CREATE TABLE IF NOT EXISTS deployments (
+    model       TEXT PRIMARY KEY REFERENCES models(name),
+    spec        TEXT NOT NULL,  -- JSON DeploymentSpec
+    update_time REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS held_versions (  -- placed though no alias or pin asks for them
+    model   TEXT    NOT NULL REFERENCES models(name),
+    version INTEGER NOT NULL,
+    until   REAL    NOT NULL,  -- unix s, after which the expiry timer removes the row
+    why     TEXT    NOT NULL,  -- "replaced" (retention for rollback) or "promoting"
+    PRIMARY KEY (model, version)
+);
+CREATE TABLE IF NOT EXISTS audit_log (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    time         REAL    NOT NULL,
+    actor        TEXT    NOT NULL,
+    method       TEXT    NOT NULL,
+    model        TEXT    NOT NULL,
+    target       TEXT    NOT NULL,
+    request_id   TEXT    NOT NULL,
+    outcome      TEXT    NOT NULL,
+    error_reason TEXT    NOT NULL,
+    message      TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_log_by_model ON audit_log (model, id);
 """
 
 T = TypeVar("T")
@@ -126,9 +159,12 @@ class RegistryStore:
     names are validated by the caller (`registry.Registry`).
     """
 
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, path: Path, *, clock: Callable[[], float] = time.time, retention_s: float = 600.0
+    ) -> None:
         self._path = path
         self._clock = clock
+        self._retention_s = retention_s
         self._state = _State.UNOPENED
         # One thread owns the connection: sqlite3 objects must stay on the thread that made them,
         # and a single writer is what SQLite supports anyway.
@@ -254,6 +290,101 @@ class RegistryStore:
             The model's alias map and its new epoch.
         """
         return await self._run(self._bump_epoch, model, above)
+
+    async def rollback_alias(
+        self,
+        model: str,
+        alias: str,
+        *,
+        expected_version: int | None,
+        reason: str = "",
+        actor: str = "",
+        request_id: str = "",
+    ) -> AliasChange:
+        """Point `alias` back at what it pointed at before its last move, in one transaction.
+
+        Raises:
+            ModelNotFound / AliasNotFound: unknown model or alias.
+            Conflict: `expected_version` is set and the alias does not point at it.
+            FailedPrecondition: the alias has no earlier target, or it is archived or deleted.
+            InvalidArgument: the request id was used for a different move.
+        """
+        return await self._run(
+            self._rollback_alias, model, alias, expected_version, reason, actor, request_id
+        )
+
+    async def list_alias_history(
+        self, model: str, alias: str = "", *, page_size: int = 100, before_id: int = 0
+    ) -> list[HistoryEntry]:
+        """Moves of a model's aliases (of one alias if named), newest first, with ids below
+        `before_id` when it is set. Raises ModelNotFound."""
+        return await self._run(self._list_alias_history, model, alias, page_size, before_id)
+
+    async def routing_state(self, model: str) -> RoutingState:
+        """A model's aliases, epoch and deployment. Raises ModelNotFound."""
+        return await self._run(self._routing_state, model)
+
+    async def all_routing_states(self) -> dict[str, RoutingState]:
+        """Routing state of every model that was ever published (epoch > 0)."""
+        return await self._run(self._all_routing_states)
+
+    async def set_deployment(self, model: str, spec: DeploymentSpec) -> RoutingState:
+        """Replace a model's deployment (validated against its aliases and versions) and bump
+        its epoch.
+
+        Raises:
+            ModelNotFound, InvalidArgument, FailedPrecondition: see `check_deployment`.
+        """
+        return await self._run(self._set_deployment, model, spec)
+
+    async def hold_version(self, model: str, version: int, *, until: float, why: str) -> RoutingState:
+        """Place a version until `until` (unix s) whatever the aliases say; bumps the epoch.
+
+        Raises:
+            ModelNotFound / VersionNotFound: unknown model or version.
+            FailedPrecondition: the version is archived.
+        """
+        return await self._run(self._hold_version, model, version, until, why)
+
+    async def release_hold(self, model: str, version: int, *, why: str) -> RoutingState | None:
+        """Remove a hold placed for `why`; the new state if one was removed, else None."""
+        return await self._run(self._release_hold, model, version, why)
+
+    async def expire_holds(self) -> list[RoutingState]:
+        """Remove holds whose time is up; the new state of every model that lost one."""
+        return await self._run(self._expire_holds)
+
+    async def next_hold_expiry(self) -> float | None:
+        """When the earliest hold ends (unix s); None when nothing is held."""
+        return await self._run(self._next_hold_expiry)
+
+    async def archive_version(self, model: str, version: int) -> tuple[VersionRecord, RoutingState]:
+        """Archive a version (idempotent) and stop placing it.
+
+        Raises:
+            ModelNotFound / VersionNotFound: unknown model or version.
+            FailedPrecondition: an alias points at it, or it is pinned.
+        """
+        return await self._run(self._archive_version, model, version)
+
+    async def delete_version(self, model: str, version: int) -> DeleteOutcome:
+        """Delete a version's row; says whether its artifact is still used by another version.
+
+        Raises:
+            ModelNotFound / VersionNotFound: unknown model or version.
+            FailedPrecondition: an alias points at it, or it is pinned.
+        """
+        return await self._run(self._delete_version, model, version)
+
+    async def add_audit(self, record: AuditRecord) -> int:
+        """Append to the audit log; returns the entry's id."""
+        return await self._run(self._add_audit, record)
+
+    async def list_audit(
+        self, where: AuditFilter, *, page_size: int = 100, before_id: int = 0
+    ) -> list[AuditRecord]:
+        """Audit entries matching `where`, newest first, with ids below `before_id` if set."""
+        return await self._run(self._list_audit, where, page_size, before_id)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -468,29 +599,54 @@ class RegistryStore:
                     epoch=epoch,
                     aliases=self._alias_map(conn, model),
                     changed=False,
+                    state=self._state_in(conn, model),
                 )
-            now = self._clock()
-            epoch += 1
+            return self._move_alias(conn, model, alias, current, version, reason, actor, request_id)
+
+    def _move_alias(
+        self,
+        conn: sqlite3.Connection,
+        model: str,
+        alias: str,
+        current: int,
+        version: int,
+        reason: str,
+        actor: str,
+        request_id: str,
+    ) -> AliasChange:
+        now = self._clock()
+        epoch = self._bump(conn, model)
+        conn.execute(
+            "INSERT INTO aliases (model, alias, version, update_time) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (model, alias) DO UPDATE SET version = excluded.version, "
+            "update_time = excluded.update_time",
+            (model, alias, version, now),
+        )
+        conn.execute(
+            "INSERT INTO alias_history (model, alias, from_version, to_version, epoch, reason, "
+            "actor, request_id, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (model, alias, current, version, epoch, reason, actor, request_id, now),
+        )
+        # The new target is aliased now; the old one stays placed for the retention window
+        # (unless another alias still points at it), so a rollback finds it loaded and warm.
+        conn.execute("DELETE FROM held_versions WHERE model = ? AND version = ?", (model, version))
+        aliases = self._alias_map(conn, model)
+        if current and current not in aliases.values():
             conn.execute(
-                "INSERT INTO aliases (model, alias, version, update_time) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (model, alias) DO UPDATE SET version = excluded.version, "
-                "update_time = excluded.update_time",
-                (model, alias, version, now),
+                "INSERT INTO held_versions (model, version, until, why) VALUES (?, ?, ?, 'replaced') "
+                "ON CONFLICT (model, version) DO UPDATE SET until = max(until, excluded.until), "
+                "why = excluded.why",
+                (model, current, now + self._retention_s),
             )
-            conn.execute(
-                "INSERT INTO alias_history (model, alias, from_version, to_version, epoch, reason, "
-                "actor, request_id, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (model, alias, current, version, epoch, reason, actor, request_id, now),
-            )
-            conn.execute("UPDATE models SET epoch = ? WHERE name = ?", (epoch, model))
-            return AliasChange(
-                model=model,
-                alias=AliasRecord(alias, version, now),
-                previous_version=current,
-                epoch=epoch,
-                aliases=self._alias_map(conn, model),
-                changed=True,
-            )
+        return AliasChange(
+            model=model,
+            alias=AliasRecord(alias, version, now),
+            previous_version=current,
+            epoch=epoch,
+            aliases=aliases,
+            changed=True,
+            state=self._state_in(conn, model),
+        )
 
     def _replayed_move(
         self, conn: sqlite3.Connection, earlier: sqlite3.Row, alias: str, version: int
@@ -509,6 +665,7 @@ class RegistryStore:
             epoch=earlier["epoch"],
             aliases=self._alias_map(conn, earlier["model"]),
             changed=False,
+            state=self._state_in(conn, earlier["model"]),
         )
 
     def _alias_state(self, model: str) -> tuple[dict[str, int], int]:
@@ -537,6 +694,296 @@ class RegistryStore:
             epoch = max(row["epoch"], above) + 1
             conn.execute("UPDATE models SET epoch = ? WHERE name = ?", (epoch, model))
             return self._alias_map(conn, model), epoch
+
+    def _rollback_alias(
+        self,
+        model: str,
+        alias: str,
+        expected_version: int | None,
+        reason: str,
+        actor: str,
+        request_id: str,
+    ) -> AliasChange:
+        with self._transaction() as conn:
+            self._require_model(conn, model)
+            if request_id:
+                earlier = conn.execute(
+                    "SELECT * FROM alias_history WHERE model = ? AND request_id = ?",
+                    (model, request_id),
+                ).fetchone()
+                if earlier is not None:
+                    return self._replayed_move(conn, earlier, alias, earlier["to_version"])
+            row = conn.execute(
+                "SELECT * FROM aliases WHERE model = ? AND alias = ?", (model, alias)
+            ).fetchone()
+            if row is None:
+                raise AliasNotFound(
+                    f"model {model!r} has no alias {alias!r}; nothing to roll back",
+                    field="alias",
+                    metadata={"model": model, "alias": alias},
+                )
+            current: int = row["version"]
+            if expected_version is not None and expected_version != current:
+                raise _conflict(model, alias, current, expected_version)
+            last = conn.execute(
+                "SELECT from_version FROM alias_history WHERE model = ? AND alias = ? "
+                "ORDER BY id DESC LIMIT 1",
+                (model, alias),
+            ).fetchone()
+            target = last["from_version"] if last is not None else 0
+            if not target:
+                raise FailedPrecondition(
+                    f"alias {alias!r} of model {model!r} has pointed only at version {current}; "
+                    "there is nothing to roll back to (move it with SetAlias)",
+                    field="alias",
+                )
+            found = conn.execute(
+                "SELECT state FROM versions WHERE model = ? AND version = ?", (model, target)
+            ).fetchone()
+            if found is None or found["state"] != VersionState.ACTIVE.value:
+                what = "deleted" if found is None else found["state"]
+                raise FailedPrecondition(
+                    f"alias {alias!r} of model {model!r} pointed at version {target} before, but "
+                    f"that version is {what}; move the alias with SetAlias instead",
+                    field="alias",
+                )
+            why = reason or f"rollback from version {current}"
+            return self._move_alias(conn, model, alias, current, target, why, actor, request_id)
+
+    def _list_alias_history(
+        self, model: str, alias: str, page_size: int, before_id: int
+    ) -> list[HistoryEntry]:
+        with self._read() as conn:
+            self._require_model(conn, model)
+            query = "SELECT * FROM alias_history WHERE model = ?"
+            args: list[Any] = [model]
+            if alias:
+                query += " AND alias = ?"
+                args.append(alias)
+            if before_id:
+                query += " AND id < ?"
+                args.append(before_id)
+            query += " ORDER BY id DESC LIMIT ?"
+            args.append(page_size)
+            return [
+                HistoryEntry(
+                    id=r["id"],
+                    model=r["model"],
+                    alias=r["alias"],
+                    from_version=r["from_version"],
+                    to_version=r["to_version"],
+                    epoch=r["epoch"],
+                    reason=r["reason"],
+                    actor=r["actor"],
+                    request_id=r["request_id"],
+                    time=r["time"],
+                )
+                for r in conn.execute(query, args)
+            ]
+
+    def _routing_state(self, model: str) -> RoutingState:
+        with self._read() as conn:
+            self._require_model(conn, model)
+            return self._state_in(conn, model)
+
+    def _all_routing_states(self) -> dict[str, RoutingState]:
+        with self._read() as conn:
+            names = [r["name"] for r in conn.execute("SELECT name FROM models WHERE epoch > 0")]
+            return {name: self._state_in(conn, name) for name in names}
+
+    def _set_deployment(self, model: str, spec: DeploymentSpec) -> RoutingState:
+        with self._transaction() as conn:
+            self._require_model(conn, model)
+            versions = {
+                r["version"]: VersionState(r["state"])
+                for r in conn.execute("SELECT version, state FROM versions WHERE model = ?", (model,))
+            }
+            check_deployment(spec, model=model, aliases=self._alias_map(conn, model), versions=versions)
+            conn.execute(
+                "INSERT INTO deployments (model, spec, update_time) VALUES (?, ?, ?) "
+                "ON CONFLICT (model) DO UPDATE SET spec = excluded.spec, "
+                "update_time = excluded.update_time",
+                (model, spec.to_json(), self._clock()),
+            )
+            self._bump(conn, model)
+            return self._state_in(conn, model)
+
+    def _hold_version(self, model: str, version: int, until: float, why: str) -> RoutingState:
+        with self._transaction() as conn:
+            target = self._version_in(conn, model, version)
+            if target.state is not VersionState.ACTIVE:
+                raise FailedPrecondition(
+                    f"version {version} of model {model!r} is {target.state.value}; only active "
+                    "versions can be placed",
+                    field="version",
+                )
+            conn.execute(
+                "INSERT INTO held_versions (model, version, until, why) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (model, version) DO UPDATE SET until = max(until, excluded.until), "
+                "why = excluded.why",
+                (model, version, until, why),
+            )
+            self._bump(conn, model)
+            return self._state_in(conn, model)
+
+    def _release_hold(self, model: str, version: int, why: str) -> RoutingState | None:
+        with self._transaction() as conn:
+            removed = conn.execute(
+                "DELETE FROM held_versions WHERE model = ? AND version = ? AND why = ?",
+                (model, version, why),
+            ).rowcount
+            if not removed:
+                return None
+            self._bump(conn, model)
+            return self._state_in(conn, model)
+
+    def _expire_holds(self) -> list[RoutingState]:
+        with self._transaction() as conn:
+            now = self._clock()
+            models = [
+                r["model"]
+                for r in conn.execute(
+                    "SELECT DISTINCT model FROM held_versions WHERE until <= ? ORDER BY model", (now,)
+                )
+            ]
+            conn.execute("DELETE FROM held_versions WHERE until <= ?", (now,))
+            for model in models:
+                self._bump(conn, model)
+            return [self._state_in(conn, model) for model in models]
+
+    def _next_hold_expiry(self) -> float | None:
+        with self._read() as conn:
+            until: float | None = conn.execute("SELECT min(until) FROM held_versions").fetchone()[0]
+            return until
+
+    def _check_unreferenced(self, conn: sqlite3.Connection, model: str, version: int, doing: str) -> None:
+        aliased = [
+            r["alias"]
+            for r in conn.execute(
+                "SELECT alias FROM aliases WHERE model = ? AND version = ? ORDER BY alias", (model, version)
+            )
+        ]
+        if aliased:
+            raise FailedPrecondition(
+                f"cannot {doing} version {version} of model {model!r}: alias(es) "
+                f"{', '.join(aliased)} point at it; move them first",
+                field="version",
+                metadata={"model": model, "version": str(version), "aliases": ",".join(aliased)},
+            )
+        if version in self._spec_in(conn, model).pinned_versions:
+            raise FailedPrecondition(
+                f"cannot {doing} version {version} of model {model!r}: the deployment pins it; "
+                "unpin it with SetDeployment first",
+                field="version",
+                metadata={"model": model, "version": str(version)},
+            )
+
+    def _archive_version(self, model: str, version: int) -> tuple[VersionRecord, RoutingState]:
+        with self._transaction() as conn:
+            self._version_in(conn, model, version)
+            self._check_unreferenced(conn, model, version, "archive")
+            conn.execute(
+                "UPDATE versions SET state = ? WHERE model = ? AND version = ?",
+                (VersionState.ARCHIVED.value, model, version),
+            )
+            # Archived versions are not served: stop placing it at once, retention or not.
+            conn.execute("DELETE FROM held_versions WHERE model = ? AND version = ?", (model, version))
+            self._bump(conn, model)
+            return self._version_in(conn, model, version), self._state_in(conn, model)
+
+    def _delete_version(self, model: str, version: int) -> DeleteOutcome:
+        with self._transaction() as conn:
+            record = self._version_in(conn, model, version)
+            self._check_unreferenced(conn, model, version, "delete")
+            conn.execute("DELETE FROM held_versions WHERE model = ? AND version = ?", (model, version))
+            conn.execute("DELETE FROM versions WHERE model = ? AND version = ?", (model, version))
+            still_used = conn.execute(
+                "SELECT 1 FROM versions WHERE sha256 = ? LIMIT 1", (record.sha256,)
+            ).fetchone()
+            self._bump(conn, model)
+            return DeleteOutcome(
+                sha256=record.sha256,
+                artifact_unreferenced=still_used is None,
+                state=self._state_in(conn, model),
+            )
+
+    def _add_audit(self, record: AuditRecord) -> int:
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "INSERT INTO audit_log (time, actor, method, model, target, request_id, outcome, "
+                "error_reason, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.time,
+                    record.actor,
+                    record.method,
+                    record.model,
+                    record.target,
+                    record.request_id,
+                    record.outcome,
+                    record.error_reason,
+                    record.message,
+                ),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def _list_audit(self, where: AuditFilter, page_size: int, before_id: int) -> list[AuditRecord]:
+        query = "SELECT * FROM audit_log WHERE 1 = 1"
+        args: list[Any] = []
+        for column in ("model", "actor", "method", "outcome"):
+            value = getattr(where, column)
+            if value:
+                query += f" AND {column} = ?"
+                args.append(value)
+        if where.start_time:
+            query += " AND time >= ?"
+            args.append(where.start_time)
+        if before_id:
+            query += " AND id < ?"
+            args.append(before_id)
+        query += " ORDER BY id DESC LIMIT ?"
+        args.append(page_size)
+        with self._read() as conn:
+            return [
+                AuditRecord(
+                    id=r["id"],
+                    time=r["time"],
+                    actor=r["actor"],
+                    method=r["method"],
+                    model=r["model"],
+                    target=r["target"],
+                    request_id=r["request_id"],
+                    outcome=r["outcome"],
+                    error_reason=r["error_reason"],
+                    message=r["message"],
+                )
+                for r in conn.execute(query, args)
+            ]
+
+    def _bump(self, conn: sqlite3.Connection, model: str) -> int:
+        conn.execute("UPDATE models SET epoch = epoch + 1 WHERE name = ?", (model,))
+        epoch: int = conn.execute("SELECT epoch FROM models WHERE name = ?", (model,)).fetchone()[0]
+        return epoch
+
+    def _spec_in(self, conn: sqlite3.Connection, model: str) -> DeploymentSpec:
+        row = conn.execute("SELECT spec FROM deployments WHERE model = ?", (model,)).fetchone()
+        return DeploymentSpec.from_json(row["spec"]) if row is not None else DeploymentSpec()
+
+    def _state_in(self, conn: sqlite3.Connection, model: str) -> RoutingState:
+        epoch: int = conn.execute("SELECT epoch FROM models WHERE name = ?", (model,)).fetchone()[0]
+        aliases = self._alias_map(conn, model)
+        spec = self._spec_in(conn, model)
+        # Every held row counts until the expiry timer deletes it (and bumps the epoch), so the
+        # placed set only ever changes together with the epoch.
+        held = [
+            r["version"] for r in conn.execute("SELECT version FROM held_versions WHERE model = ?", (model,))
+        ]
+        return RoutingState(
+            model=model,
+            aliases=aliases,
+            epoch=epoch,
+            spec=spec,
+            placed_versions=placed_versions(aliases, spec.pinned_versions, held),
+        )
 
     def _alias_map(self, conn: sqlite3.Connection, model: str) -> dict[str, int]:
         rows = conn.execute("SELECT alias, version FROM aliases WHERE model = ?", (model,))

@@ -22,11 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from modelyard.v1 import registry_pb2 as modelyard_dot_v1_dot_registry__pb2
 from modelyard.v1 import tensor_pb2 as modelyard_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#modelyard/v1/registry_service.proto\x12\x0cmodelyard.v1\x1a\x1bmodelyard/v1/registry.proto\x1a\x19modelyard/v1/tensor.proto\"K\n\x12\x43reateModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"9\n\x13\x43reateModelResponse\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.modelyard.v1.Model\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x10GetModelResponse\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.modelyard.v1.Model\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.modelyard.v1.Model\"\xab\x03\n\x1aUploadModelVersionMetadata\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1c.modelyard.v1.ArtifactFormat\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12*\n\tsignature\x18\x04 \x01(\x0b\x32\x17.modelyard.v1.Signature\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x44\n\x06labels\x18\x06 \x03(\x0b\x32\x34.modelyard.v1.UploadModelVersionMetadata.LabelsEntry\x12\x46\n\x07metrics\x18\x07 \x03(\x0b\x32\x35.modelyard.v1.UploadModelVersionMetadata.MetricsEntry\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"u\n\x19UploadModelVersionRequest\x12<\n\x08metadata\x18\x01 \x01(\x0b\x32(.modelyard.v1.UploadModelVersionMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"O\n\x1aUploadModelVersionResponse\x12\x31\n\rmodel_version\x18\x01 \x01(\x0b\x32\x1a.modelyard.v1.ModelVersion\"8\n\x16GetModelVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"L\n\x17GetModelVersionResponse\x12\x31\n\rmodel_version\x18\x01 \x01(\x0b\x32\x1a.modelyard.v1.ModelVersion\")\n\x18ListModelVersionsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"O\n\x19ListModelVersionsResponse\x12\x32\n\x0emodel_versions\x18\x01 \x03(\x0b\x32\x1a.modelyard.v1.ModelVersion\"=\n\x1b\x44ownloadModelVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"Q\n\x1c\x44ownloadModelVersionResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"\x98\x01\n\x0fSetAliasRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x1d\n\x10\x65xpected_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x13\n\x11_expected_version\"_\n\x10SetAliasResponse\x12\"\n\x05\x61lias\x18\x01 \x01(\x0b\x32\x13.modelyard.v1.Alias\x12\x18\n\x10previous_version\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x32\xee\x05\n\x0fRegistryService\x12R\n\x0b\x43reateModel\x12 .modelyard.v1.CreateModelRequest\x1a!.modelyard.v1.CreateModelResponse\x12I\n\x08GetModel\x12\x1d.modelyard.v1.GetModelRequest\x1a\x1e.modelyard.v1.GetModelResponse\x12O\n\nListModels\x12\x1f.modelyard.v1.ListModelsRequest\x1a .modelyard.v1.ListModelsResponse\x12i\n\x12UploadModelVersion\x12\'.modelyard.v1.UploadModelVersionRequest\x1a(.modelyard.v1.UploadModelVersionResponse(\x01\x12^\n\x0fGetModelVersion\x12$.modelyard.v1.GetModelVersionRequest\x1a%.modelyard.v1.GetModelVersionResponse\x12\x64\n\x11ListModelVersions\x12&.modelyard.v1.ListModelVersionsRequest\x1a\'.modelyard.v1.ListModelVersionsResponse\x12o\n\x14\x44ownloadModelVersion\x12).modelyard.v1.DownloadModelVersionRequest\x1a*.modelyard.v1.DownloadModelVersionResponse0\x01\x12I\n\x08SetAlias\x12\x1d.modelyard.v1.SetAliasRequest\x1a\x1e.modelyard.v1.SetAliasResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#modelyard/v1/registry_service.proto\x12\x0cmodelyard.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bmodelyard/v1/registry.proto\x1a\x19modelyard/v1/tensor.proto\"K\n\x12\x43reateModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"9\n\x13\x43reateModelResponse\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.modelyard.v1.Model\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x10GetModelResponse\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.modelyard.v1.Model\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.modelyard.v1.Model\"\xab\x03\n\x1aUploadModelVersionMetadata\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1c.modelyard.v1.ArtifactFormat\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12*\n\tsignature\x18\x04 \x01(\x0b\x32\x17.modelyard.v1.Signature\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x44\n\x06labels\x18\x06 \x03(\x0b\x32\x34.modelyard.v1.UploadModelVersionMetadata.LabelsEntry\x12\x46\n\x07metrics\x18\x07 \x03(\x0b\x32\x35.modelyard.v1.UploadModelVersionMetadata.MetricsEntry\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"u\n\x19UploadModelVersionRequest\x12<\n\x08metadata\x18\x01 \x01(\x0b\x32(.modelyard.v1.UploadModelVersionMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"O\n\x1aUploadModelVersionResponse\x12\x31\n\rmodel_version\x18\x01 \x01(\x0b\x32\x1a.modelyard.v1.ModelVersion\"8\n\x16GetModelVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"L\n\x17GetModelVersionResponse\x12\x31\n\rmodel_version\x18\x01 \x01(\x0b\x32\x1a.modelyard.v1.ModelVersion\")\n\x18ListModelVersionsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"O\n\x19ListModelVersionsResponse\x12\x32\n\x0emodel_versions\x18\x01 \x03(\x0b\x32\x1a.modelyard.v1.ModelVersion\"=\n\x1b\x44ownloadModelVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"Q\n\x1c\x44ownloadModelVersionResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"\x98\x01\n\x0fSetAliasRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x1d\n\x10\x65xpected_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x13\n\x11_expected_version\"_\n\x10SetAliasResponse\x12\"\n\x05\x61lias\x18\x01 \x01(\x0b\x32\x13.modelyard.v1.Alias\x12\x18\n\x10previous_version\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\"\x8c\x01\n\x14RollbackAliasRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x13\n\x11_expected_version\"d\n\x15RollbackAliasResponse\x12\"\n\x05\x61lias\x18\x01 \x01(\x0b\x32\x13.modelyard.v1.Alias\x12\x18\n\x10previous_version\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\"^\n\x17ListAliasHistoryRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"e\n\x18ListAliasHistoryResponse\x12\x30\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1f.modelyard.v1.AliasHistoryEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xd0\x01\n\x15PromoteVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x1d\n\x10\x65xpected_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x30\n\rready_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x13\n\x11_expected_version\"}\n\x16PromoteVersionResponse\x12\"\n\x05\x61lias\x18\x01 \x01(\x0b\x32\x13.modelyard.v1.Alias\x12\x18\n\x10previous_version\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x16\n\x0eready_replicas\x18\x04 \x01(\x05\"g\n\x14SetDeploymentRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\ndeployment\x18\x02 \x01(\x0b\x32\x18.modelyard.v1.Deployment\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"E\n\x15SetDeploymentResponse\x12,\n\ndeployment\x18\x01 \x01(\x0b\x32\x18.modelyard.v1.Deployment\"%\n\x14GetDeploymentRequest\x12\r\n\x05model\x18\x01 \x01(\t\"E\n\x15GetDeploymentResponse\x12,\n\ndeployment\x18\x01 \x01(\x0b\x32\x18.modelyard.v1.Deployment\"P\n\x1a\x41rchiveModelVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"P\n\x1b\x41rchiveModelVersionResponse\x12\x31\n\rmodel_version\x18\x01 \x01(\x0b\x32\x1a.modelyard.v1.ModelVersion\"O\n\x19\x44\x65leteModelVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"6\n\x1a\x44\x65leteModelVersionResponse\x12\x18\n\x10\x61rtifact_deleted\x18\x01 \x01(\x08\"\xaf\x01\n\x17ListAuditEntriesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"^\n\x18ListAuditEntriesResponse\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.modelyard.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf4\x0b\n\x0fRegistryService\x12R\n\x0b\x43reateModel\x12 .modelyard.v1.CreateModelRequest\x1a!.modelyard.v1.CreateModelResponse\x12I\n\x08GetModel\x12\x1d.modelyard.v1.GetModelRequest\x1a\x1e.modelyard.v1.GetModelResponse\x12O\n\nListModels\x12\x1f.modelyard.v1.ListModelsRequest\x1a .modelyard.v1.ListModelsResponse\x12i\n\x12UploadModelVersion\x12\'.modelyard.v1.UploadModelVersionRequest\x1a(.modelyard.v1.UploadModelVersionResponse(\x01\x12^\n\x0fGetModelVersion\x12$.modelyard.v1.GetModelVersionRequest\x1a%.modelyard.v1.GetModelVersionResponse\x12\x64\n\x11ListModelVersions\x12&.modelyard.v1.ListModelVersionsRequest\x1a\'.modelyard.v1.ListModelVersionsResponse\x12o\n\x14\x44ownloadModelVersion\x12).modelyard.v1.DownloadModelVersionRequest\x1a*.modelyard.v1.DownloadModelVersionResponse0\x01\x12I\n\x08SetAlias\x12\x1d.modelyard.v1.SetAliasRequest\x1a\x1e.modelyard.v1.SetAliasResponse\x12X\n\rRollbackAlias\x12\".modelyard.v1.RollbackAliasRequest\x1a#.modelyard.v1.RollbackAliasResponse\x12\x61\n\x10ListAliasHistory\x12%.modelyard.v1.ListAliasHistoryRequest\x1a&.modelyard.v1.ListAliasHistoryResponse\x12[\n\x0ePromoteVersion\x12#.modelyard.v1.PromoteVersionRequest\x1a$.modelyard.v1.PromoteVersionResponse\x12X\n\rSetDeployment\x12\".modelyard.v1.SetDeploymentRequest\x1a#.modelyard.v1.SetDeploymentResponse\x12X\n\rGetDeployment\x12\".modelyard.v1.GetDeploymentRequest\x1a#.modelyard.v1.GetDeploymentResponse\x12j\n\x13\x41rchiveModelVersion\x12(.modelyard.v1.ArchiveModelVersionRequest\x1a).modelyard.v1.ArchiveModelVersionResponse\x12g\n\x12\x44\x65leteModelVersion\x12\'.modelyard.v1.DeleteModelVersionRequest\x1a(.modelyard.v1.DeleteModelVersionResponse\x12\x61\n\x10ListAuditEntries\x12%.modelyard.v1.ListAuditEntriesRequest\x1a&.modelyard.v1.ListAuditEntriesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,44 +39,76 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADMODELVERSIONMETADATA_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_UPLOADMODELVERSIONMETADATA_METRICSENTRY']._loaded_options = None
   _globals['_UPLOADMODELVERSIONMETADATA_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_CREATEMODELREQUEST']._serialized_start=109
-  _globals['_CREATEMODELREQUEST']._serialized_end=184
-  _globals['_CREATEMODELRESPONSE']._serialized_start=186
-  _globals['_CREATEMODELRESPONSE']._serialized_end=243
-  _globals['_GETMODELREQUEST']._serialized_start=245
-  _globals['_GETMODELREQUEST']._serialized_end=276
-  _globals['_GETMODELRESPONSE']._serialized_start=278
-  _globals['_GETMODELRESPONSE']._serialized_end=332
-  _globals['_LISTMODELSREQUEST']._serialized_start=334
-  _globals['_LISTMODELSREQUEST']._serialized_end=353
-  _globals['_LISTMODELSRESPONSE']._serialized_start=355
-  _globals['_LISTMODELSRESPONSE']._serialized_end=412
-  _globals['_UPLOADMODELVERSIONMETADATA']._serialized_start=415
-  _globals['_UPLOADMODELVERSIONMETADATA']._serialized_end=842
-  _globals['_UPLOADMODELVERSIONMETADATA_LABELSENTRY']._serialized_start=749
-  _globals['_UPLOADMODELVERSIONMETADATA_LABELSENTRY']._serialized_end=794
-  _globals['_UPLOADMODELVERSIONMETADATA_METRICSENTRY']._serialized_start=796
-  _globals['_UPLOADMODELVERSIONMETADATA_METRICSENTRY']._serialized_end=842
-  _globals['_UPLOADMODELVERSIONREQUEST']._serialized_start=844
-  _globals['_UPLOADMODELVERSIONREQUEST']._serialized_end=961
-  _globals['_UPLOADMODELVERSIONRESPONSE']._serialized_start=963
-  _globals['_UPLOADMODELVERSIONRESPONSE']._serialized_end=1042
-  _globals['_GETMODELVERSIONREQUEST']._serialized_start=1044
-  _globals['_GETMODELVERSIONREQUEST']._serialized_end=1100
-  _globals['_GETMODELVERSIONRESPONSE']._serialized_start=1102
-  _globals['_GETMODELVERSIONRESPONSE']._serialized_end=1178
-  _globals['_LISTMODELVERSIONSREQUEST']._serialized_start=1180
-  _globals['_LISTMODELVERSIONSREQUEST']._serialized_end=1221
-  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=1223
-  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=1302
-  _globals['_DOWNLOADMODELVERSIONREQUEST']._serialized_start=1304
-  _globals['_DOWNLOADMODELVERSIONREQUEST']._serialized_end=1365
-  _globals['_DOWNLOADMODELVERSIONRESPONSE']._serialized_start=1367
-  _globals['_DOWNLOADMODELVERSIONRESPONSE']._serialized_end=1448
-  _globals['_SETALIASREQUEST']._serialized_start=1451
-  _globals['_SETALIASREQUEST']._serialized_end=1603
-  _globals['_SETALIASRESPONSE']._serialized_start=1605
-  _globals['_SETALIASRESPONSE']._serialized_end=1700
-  _globals['_REGISTRYSERVICE']._serialized_start=1703
-  _globals['_REGISTRYSERVICE']._serialized_end=2453
+  _globals['_CREATEMODELREQUEST']._serialized_start=174
+  _globals['_CREATEMODELREQUEST']._serialized_end=249
+  _globals['_CREATEMODELRESPONSE']._serialized_start=251
+  _globals['_CREATEMODELRESPONSE']._serialized_end=308
+  _globals['_GETMODELREQUEST']._serialized_start=310
+  _globals['_GETMODELREQUEST']._serialized_end=341
+  _globals['_GETMODELRESPONSE']._serialized_start=343
+  _globals['_GETMODELRESPONSE']._serialized_end=397
+  _globals['_LISTMODELSREQUEST']._serialized_start=399
+  _globals['_LISTMODELSREQUEST']._serialized_end=418
+  _globals['_LISTMODELSRESPONSE']._serialized_start=420
+  _globals['_LISTMODELSRESPONSE']._serialized_end=477
+  _globals['_UPLOADMODELVERSIONMETADATA']._serialized_start=480
+  _globals['_UPLOADMODELVERSIONMETADATA']._serialized_end=907
+  _globals['_UPLOADMODELVERSIONMETADATA_LABELSENTRY']._serialized_start=814
+  _globals['_UPLOADMODELVERSIONMETADATA_LABELSENTRY']._serialized_end=859
+  _globals['_UPLOADMODELVERSIONMETADATA_METRICSENTRY']._serialized_start=861
+  _globals['_UPLOADMODELVERSIONMETADATA_METRICSENTRY']._serialized_end=907
+  _globals['_UPLOADMODELVERSIONREQUEST']._serialized_start=909
+  _globals['_UPLOADMODELVERSIONREQUEST']._serialized_end=1026
+  _globals['_UPLOADMODELVERSIONRESPONSE']._serialized_start=1028
+  _globals['_UPLOADMODELVERSIONRESPONSE']._serialized_end=1107
+  _globals['_GETMODELVERSIONREQUEST']._serialized_start=1109
+  _globals['_GETMODELVERSIONREQUEST']._serialized_end=1165
+  _globals['_GETMODELVERSIONRESPONSE']._serialized_start=1167
+  _globals['_GETMODELVERSIONRESPONSE']._serialized_end=1243
+  _globals['_LISTMODELVERSIONSREQUEST']._serialized_start=1245
+  _globals['_LISTMODELVERSIONSREQUEST']._serialized_end=1286
+  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=1288
+  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=1367
+  _globals['_DOWNLOADMODELVERSIONREQUEST']._serialized_start=1369
+  _globals['_DOWNLOADMODELVERSIONREQUEST']._serialized_end=1430
+  _globals['_DOWNLOADMODELVERSIONRESPONSE']._serialized_start=1432
+  _globals['_DOWNLOADMODELVERSIONRESPONSE']._serialized_end=1513
+  _globals['_SETALIASREQUEST']._serialized_start=1516
+  _globals['_SETALIASREQUEST']._serialized_end=1668
+  _globals['_SETALIASRESPONSE']._serialized_start=1670
+  _globals['_SETALIASRESPONSE']._serialized_end=1765
+  _globals['_ROLLBACKALIASREQUEST']._serialized_start=1768
+  _globals['_ROLLBACKALIASREQUEST']._serialized_end=1908
+  _globals['_ROLLBACKALIASRESPONSE']._serialized_start=1910
+  _globals['_ROLLBACKALIASRESPONSE']._serialized_end=2010
+  _globals['_LISTALIASHISTORYREQUEST']._serialized_start=2012
+  _globals['_LISTALIASHISTORYREQUEST']._serialized_end=2106
+  _globals['_LISTALIASHISTORYRESPONSE']._serialized_start=2108
+  _globals['_LISTALIASHISTORYRESPONSE']._serialized_end=2209
+  _globals['_PROMOTEVERSIONREQUEST']._serialized_start=2212
+  _globals['_PROMOTEVERSIONREQUEST']._serialized_end=2420
+  _globals['_PROMOTEVERSIONRESPONSE']._serialized_start=2422
+  _globals['_PROMOTEVERSIONRESPONSE']._serialized_end=2547
+  _globals['_SETDEPLOYMENTREQUEST']._serialized_start=2549
+  _globals['_SETDEPLOYMENTREQUEST']._serialized_end=2652
+  _globals['_SETDEPLOYMENTRESPONSE']._serialized_start=2654
+  _globals['_SETDEPLOYMENTRESPONSE']._serialized_end=2723
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=2725
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=2762
+  _globals['_GETDEPLOYMENTRESPONSE']._serialized_start=2764
+  _globals['_GETDEPLOYMENTRESPONSE']._serialized_end=2833
+  _globals['_ARCHIVEMODELVERSIONREQUEST']._serialized_start=2835
+  _globals['_ARCHIVEMODELVERSIONREQUEST']._serialized_end=2915
+  _globals['_ARCHIVEMODELVERSIONRESPONSE']._serialized_start=2917
+  _globals['_ARCHIVEMODELVERSIONRESPONSE']._serialized_end=2997
+  _globals['_DELETEMODELVERSIONREQUEST']._serialized_start=2999
+  _globals['_DELETEMODELVERSIONREQUEST']._serialized_end=3078
+  _globals['_DELETEMODELVERSIONRESPONSE']._serialized_start=3080
+  _globals['_DELETEMODELVERSIONRESPONSE']._serialized_end=3134
+  _globals['_LISTAUDITENTRIESREQUEST']._serialized_start=3137
+  _globals['_LISTAUDITENTRIESREQUEST']._serialized_end=3312
+  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_start=3314
+  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_end=3408
+  _globals['_REGISTRYSERVICE']._serialized_start=3411
+  _globals['_REGISTRYSERVICE']._serialized_end=4935
 # @@protoc_insertion_point(module_scope)

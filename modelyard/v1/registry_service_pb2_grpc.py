@@ -76,6 +76,46 @@ class RegistryServiceStub:
                 request_serializer=modelyard_dot_v1_dot_registry__service__pb2.SetAliasRequest.SerializeToString,
                 response_deserializer=modelyard_dot_v1_dot_registry__service__pb2.SetAliasResponse.FromString,
                 _registered_method=True)
+        self.RollbackAlias = channel.unary_unary(
+                '/modelyard.v1.RegistryService/RollbackAlias',
+                request_serializer=modelyard_dot_v1_dot_registry__service__pb2.RollbackAliasRequest.SerializeToString,
+                response_deserializer=modelyard_dot_v1_dot_registry__service__pb2.RollbackAliasResponse.FromString,
+                _registered_method=True)
+        self.ListAliasHistory = channel.unary_unary(
+                '/modelyard.v1.RegistryService/ListAliasHistory',
+                request_serializer=modelyard_dot_v1_dot_registry__service__pb2.ListAliasHistoryRequest.SerializeToString,
+                response_deserializer=modelyard_dot_v1_dot_registry__service__pb2.ListAliasHistoryResponse.FromString,
+                _registered_method=True)
+        self.PromoteVersion = channel.unary_unary(
+                '/modelyard.v1.RegistryService/PromoteVersion',
+                request_serializer=modelyard_dot_v1_dot_registry__service__pb2.PromoteVersionRequest.SerializeToString,
+                response_deserializer=modelyard_dot_v1_dot_registry__service__pb2.PromoteVersionResponse.FromString,
+                _registered_method=True)
+        self.SetDeployment = channel.unary_unary(
+                '/modelyard.v1.RegistryService/SetDeployment',
+                request_serializer=modelyard_dot_v1_dot_registry__service__pb2.SetDeploymentRequest.SerializeToString,
+                response_deserializer=modelyard_dot_v1_dot_registry__service__pb2.SetDeploymentResponse.FromString,
+                _registered_method=True)
+        self.GetDeployment = channel.unary_unary(
+                '/modelyard.v1.RegistryService/GetDeployment',
+                request_serializer=modelyard_dot_v1_dot_registry__service__pb2.GetDeploymentRequest.SerializeToString,
+                response_deserializer=modelyard_dot_v1_dot_registry__service__pb2.GetDeploymentResponse.FromString,
+                _registered_method=True)
+        self.ArchiveModelVersion = channel.unary_unary(
+                '/modelyard.v1.RegistryService/ArchiveModelVersion',
+                request_serializer=modelyard_dot_v1_dot_registry__service__pb2.ArchiveModelVersionRequest.SerializeToString,
+                response_deserializer=modelyard_dot_v1_dot_registry__service__pb2.ArchiveModelVersionResponse.FromString,
+                _registered_method=True)
+        self.DeleteModelVersion = channel.unary_unary(
+                '/modelyard.v1.RegistryService/DeleteModelVersion',
+                request_serializer=modelyard_dot_v1_dot_registry__service__pb2.DeleteModelVersionRequest.SerializeToString,
+                response_deserializer=modelyard_dot_v1_dot_registry__service__pb2.DeleteModelVersionResponse.FromString,
+                _registered_method=True)
+        self.ListAuditEntries = channel.unary_unary(
+                '/modelyard.v1.RegistryService/ListAuditEntries',
+                request_serializer=modelyard_dot_v1_dot_registry__service__pb2.ListAuditEntriesRequest.SerializeToString,
+                response_deserializer=modelyard_dot_v1_dot_registry__service__pb2.ListAuditEntriesResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -142,6 +182,70 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RollbackAlias(self, request, context):
+        """RollbackAlias points an alias back at the version it pointed at before its last move.
+        Fails with FAILED_PRECONDITION when the alias has no earlier target, and with ABORTED
+        when `expected_version` is set and the alias has moved.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAliasHistory(self, request, context):
+        """ListAliasHistory returns the moves of a model's aliases, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteVersion(self, request, context):
+        """PromoteVersion moves an alias with zero downtime: it places the version on the model
+        servers, waits until enough replicas report it ready, and only then moves the alias
+        (compare-and-set). Fails with DEADLINE_EXCEEDED when the version is not ready in time,
+        and with FAILED_PRECONDITION when no model server can load it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDeployment(self, request, context):
+        """SetDeployment replaces how a model is served: pinned versions, replicas, device,
+        precision, batching, traffic split and shadow.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeployment(self, request, context):
+        """GetDeployment returns how a model is served, with the versions placed now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ArchiveModelVersion(self, request, context):
+        """ArchiveModelVersion retires a version: it can no longer be aliased or served. Fails with
+        FAILED_PRECONDITION while an alias points at it or it is pinned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModelVersion(self, request, context):
+        """DeleteModelVersion removes a version, and its artifact when no other version shares it.
+        Fails with FAILED_PRECONDITION while an alias points at it or it is pinned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEntries(self, request, context):
+        """ListAuditEntries returns the audit log of mutating calls, newest first, filtered and paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +288,46 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.SetAlias,
                     request_deserializer=modelyard_dot_v1_dot_registry__service__pb2.SetAliasRequest.FromString,
                     response_serializer=modelyard_dot_v1_dot_registry__service__pb2.SetAliasResponse.SerializeToString,
+            ),
+            'RollbackAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackAlias,
+                    request_deserializer=modelyard_dot_v1_dot_registry__service__pb2.RollbackAliasRequest.FromString,
+                    response_serializer=modelyard_dot_v1_dot_registry__service__pb2.RollbackAliasResponse.SerializeToString,
+            ),
+            'ListAliasHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAliasHistory,
+                    request_deserializer=modelyard_dot_v1_dot_registry__service__pb2.ListAliasHistoryRequest.FromString,
+                    response_serializer=modelyard_dot_v1_dot_registry__service__pb2.ListAliasHistoryResponse.SerializeToString,
+            ),
+            'PromoteVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteVersion,
+                    request_deserializer=modelyard_dot_v1_dot_registry__service__pb2.PromoteVersionRequest.FromString,
+                    response_serializer=modelyard_dot_v1_dot_registry__service__pb2.PromoteVersionResponse.SerializeToString,
+            ),
+            'SetDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDeployment,
+                    request_deserializer=modelyard_dot_v1_dot_registry__service__pb2.SetDeploymentRequest.FromString,
+                    response_serializer=modelyard_dot_v1_dot_registry__service__pb2.SetDeploymentResponse.SerializeToString,
+            ),
+            'GetDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeployment,
+                    request_deserializer=modelyard_dot_v1_dot_registry__service__pb2.GetDeploymentRequest.FromString,
+                    response_serializer=modelyard_dot_v1_dot_registry__service__pb2.GetDeploymentResponse.SerializeToString,
+            ),
+            'ArchiveModelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ArchiveModelVersion,
+                    request_deserializer=modelyard_dot_v1_dot_registry__service__pb2.ArchiveModelVersionRequest.FromString,
+                    response_serializer=modelyard_dot_v1_dot_registry__service__pb2.ArchiveModelVersionResponse.SerializeToString,
+            ),
+            'DeleteModelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModelVersion,
+                    request_deserializer=modelyard_dot_v1_dot_registry__service__pb2.DeleteModelVersionRequest.FromString,
+                    response_serializer=modelyard_dot_v1_dot_registry__service__pb2.DeleteModelVersionResponse.SerializeToString,
+            ),
+            'ListAuditEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEntries,
+                    request_deserializer=modelyard_dot_v1_dot_registry__service__pb2.ListAuditEntriesRequest.FromString,
+                    response_serializer=modelyard_dot_v1_dot_registry__service__pb2.ListAuditEntriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -404,6 +548,222 @@ class RegistryService:
             '/modelyard.v1.RegistryService/SetAlias',
             modelyard_dot_v1_dot_registry__service__pb2.SetAliasRequest.SerializeToString,
             modelyard_dot_v1_dot_registry__service__pb2.SetAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.v1.RegistryService/RollbackAlias',
+            modelyard_dot_v1_dot_registry__service__pb2.RollbackAliasRequest.SerializeToString,
+            modelyard_dot_v1_dot_registry__service__pb2.RollbackAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAliasHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.v1.RegistryService/ListAliasHistory',
+            modelyard_dot_v1_dot_registry__service__pb2.ListAliasHistoryRequest.SerializeToString,
+            modelyard_dot_v1_dot_registry__service__pb2.ListAliasHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.v1.RegistryService/PromoteVersion',
+            modelyard_dot_v1_dot_registry__service__pb2.PromoteVersionRequest.SerializeToString,
+            modelyard_dot_v1_dot_registry__service__pb2.PromoteVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.v1.RegistryService/SetDeployment',
+            modelyard_dot_v1_dot_registry__service__pb2.SetDeploymentRequest.SerializeToString,
+            modelyard_dot_v1_dot_registry__service__pb2.SetDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.v1.RegistryService/GetDeployment',
+            modelyard_dot_v1_dot_registry__service__pb2.GetDeploymentRequest.SerializeToString,
+            modelyard_dot_v1_dot_registry__service__pb2.GetDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ArchiveModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.v1.RegistryService/ArchiveModelVersion',
+            modelyard_dot_v1_dot_registry__service__pb2.ArchiveModelVersionRequest.SerializeToString,
+            modelyard_dot_v1_dot_registry__service__pb2.ArchiveModelVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.v1.RegistryService/DeleteModelVersion',
+            modelyard_dot_v1_dot_registry__service__pb2.DeleteModelVersionRequest.SerializeToString,
+            modelyard_dot_v1_dot_registry__service__pb2.DeleteModelVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.v1.RegistryService/ListAuditEntries',
+            modelyard_dot_v1_dot_registry__service__pb2.ListAuditEntriesRequest.SerializeToString,
+            modelyard_dot_v1_dot_registry__service__pb2.ListAuditEntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

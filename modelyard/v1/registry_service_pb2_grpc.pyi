@@ -57,6 +57,35 @@ class RegistryServiceStub:
     """SetAlias points an alias at a version, compare-and-set on the version it points at now.
     Fails with ABORTED when the alias has moved since the caller read it.
     """
+    RollbackAlias: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.RollbackAliasRequest, _registry_service_pb2.RollbackAliasResponse]
+    """RollbackAlias points an alias back at the version it pointed at before its last move.
+    Fails with FAILED_PRECONDITION when the alias has no earlier target, and with ABORTED
+    when `expected_version` is set and the alias has moved.
+    """
+    ListAliasHistory: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListAliasHistoryRequest, _registry_service_pb2.ListAliasHistoryResponse]
+    """ListAliasHistory returns the moves of a model's aliases, newest first."""
+    PromoteVersion: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.PromoteVersionRequest, _registry_service_pb2.PromoteVersionResponse]
+    """PromoteVersion moves an alias with zero downtime: it places the version on the model
+    servers, waits until enough replicas report it ready, and only then moves the alias
+    (compare-and-set). Fails with DEADLINE_EXCEEDED when the version is not ready in time,
+    and with FAILED_PRECONDITION when no model server can load it.
+    """
+    SetDeployment: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.SetDeploymentRequest, _registry_service_pb2.SetDeploymentResponse]
+    """SetDeployment replaces how a model is served: pinned versions, replicas, device,
+    precision, batching, traffic split and shadow.
+    """
+    GetDeployment: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetDeploymentRequest, _registry_service_pb2.GetDeploymentResponse]
+    """GetDeployment returns how a model is served, with the versions placed now."""
+    ArchiveModelVersion: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ArchiveModelVersionRequest, _registry_service_pb2.ArchiveModelVersionResponse]
+    """ArchiveModelVersion retires a version: it can no longer be aliased or served. Fails with
+    FAILED_PRECONDITION while an alias points at it or it is pinned.
+    """
+    DeleteModelVersion: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.DeleteModelVersionRequest, _registry_service_pb2.DeleteModelVersionResponse]
+    """DeleteModelVersion removes a version, and its artifact when no other version shares it.
+    Fails with FAILED_PRECONDITION while an alias points at it or it is pinned.
+    """
+    ListAuditEntries: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListAuditEntriesRequest, _registry_service_pb2.ListAuditEntriesResponse]
+    """ListAuditEntries returns the audit log of mutating calls, newest first, filtered and paged."""
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -87,6 +116,35 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """SetAlias points an alias at a version, compare-and-set on the version it points at now.
     Fails with ABORTED when the alias has moved since the caller read it.
     """
+    RollbackAlias: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.RollbackAliasRequest, _registry_service_pb2.RollbackAliasResponse]  # type: ignore[assignment]
+    """RollbackAlias points an alias back at the version it pointed at before its last move.
+    Fails with FAILED_PRECONDITION when the alias has no earlier target, and with ABORTED
+    when `expected_version` is set and the alias has moved.
+    """
+    ListAliasHistory: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListAliasHistoryRequest, _registry_service_pb2.ListAliasHistoryResponse]  # type: ignore[assignment]
+    """ListAliasHistory returns the moves of a model's aliases, newest first."""
+    PromoteVersion: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.PromoteVersionRequest, _registry_service_pb2.PromoteVersionResponse]  # type: ignore[assignment]
+    """PromoteVersion moves an alias with zero downtime: it places the version on the model
+    servers, waits until enough replicas report it ready, and only then moves the alias
+    (compare-and-set). Fails with DEADLINE_EXCEEDED when the version is not ready in time,
+    and with FAILED_PRECONDITION when no model server can load it.
+    """
+    SetDeployment: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.SetDeploymentRequest, _registry_service_pb2.SetDeploymentResponse]  # type: ignore[assignment]
+    """SetDeployment replaces how a model is served: pinned versions, replicas, device,
+    precision, batching, traffic split and shadow.
+    """
+    GetDeployment: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetDeploymentRequest, _registry_service_pb2.GetDeploymentResponse]  # type: ignore[assignment]
+    """GetDeployment returns how a model is served, with the versions placed now."""
+    ArchiveModelVersion: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ArchiveModelVersionRequest, _registry_service_pb2.ArchiveModelVersionResponse]  # type: ignore[assignment]
+    """ArchiveModelVersion retires a version: it can no longer be aliased or served. Fails with
+    FAILED_PRECONDITION while an alias points at it or it is pinned.
+    """
+    DeleteModelVersion: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.DeleteModelVersionRequest, _registry_service_pb2.DeleteModelVersionResponse]  # type: ignore[assignment]
+    """DeleteModelVersion removes a version, and its artifact when no other version shares it.
+    Fails with FAILED_PRECONDITION while an alias points at it or it is pinned.
+    """
+    ListAuditEntries: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListAuditEntriesRequest, _registry_service_pb2.ListAuditEntriesResponse]  # type: ignore[assignment]
+    """ListAuditEntries returns the audit log of mutating calls, newest first, filtered and paged."""
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """RegistryService is the source of truth for models, their versions, artifacts and aliases.
@@ -162,5 +220,82 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         """SetAlias points an alias at a version, compare-and-set on the version it points at now.
         Fails with ABORTED when the alias has moved since the caller read it.
         """
+
+    @_abc_1.abstractmethod
+    def RollbackAlias(
+        self,
+        request: _registry_service_pb2.RollbackAliasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.RollbackAliasResponse, _abc.Awaitable[_registry_service_pb2.RollbackAliasResponse]]:
+        """RollbackAlias points an alias back at the version it pointed at before its last move.
+        Fails with FAILED_PRECONDITION when the alias has no earlier target, and with ABORTED
+        when `expected_version` is set and the alias has moved.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAliasHistory(
+        self,
+        request: _registry_service_pb2.ListAliasHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ListAliasHistoryResponse, _abc.Awaitable[_registry_service_pb2.ListAliasHistoryResponse]]:
+        """ListAliasHistory returns the moves of a model's aliases, newest first."""
+
+    @_abc_1.abstractmethod
+    def PromoteVersion(
+        self,
+        request: _registry_service_pb2.PromoteVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.PromoteVersionResponse, _abc.Awaitable[_registry_service_pb2.PromoteVersionResponse]]:
+        """PromoteVersion moves an alias with zero downtime: it places the version on the model
+        servers, waits until enough replicas report it ready, and only then moves the alias
+        (compare-and-set). Fails with DEADLINE_EXCEEDED when the version is not ready in time,
+        and with FAILED_PRECONDITION when no model server can load it.
+        """
+
+    @_abc_1.abstractmethod
+    def SetDeployment(
+        self,
+        request: _registry_service_pb2.SetDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.SetDeploymentResponse, _abc.Awaitable[_registry_service_pb2.SetDeploymentResponse]]:
+        """SetDeployment replaces how a model is served: pinned versions, replicas, device,
+        precision, batching, traffic split and shadow.
+        """
+
+    @_abc_1.abstractmethod
+    def GetDeployment(
+        self,
+        request: _registry_service_pb2.GetDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.GetDeploymentResponse, _abc.Awaitable[_registry_service_pb2.GetDeploymentResponse]]:
+        """GetDeployment returns how a model is served, with the versions placed now."""
+
+    @_abc_1.abstractmethod
+    def ArchiveModelVersion(
+        self,
+        request: _registry_service_pb2.ArchiveModelVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ArchiveModelVersionResponse, _abc.Awaitable[_registry_service_pb2.ArchiveModelVersionResponse]]:
+        """ArchiveModelVersion retires a version: it can no longer be aliased or served. Fails with
+        FAILED_PRECONDITION while an alias points at it or it is pinned.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteModelVersion(
+        self,
+        request: _registry_service_pb2.DeleteModelVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.DeleteModelVersionResponse, _abc.Awaitable[_registry_service_pb2.DeleteModelVersionResponse]]:
+        """DeleteModelVersion removes a version, and its artifact when no other version shares it.
+        Fails with FAILED_PRECONDITION while an alias points at it or it is pinned.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEntries(
+        self,
+        request: _registry_service_pb2.ListAuditEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ListAuditEntriesResponse, _abc.Awaitable[_registry_service_pb2.ListAuditEntriesResponse]]:
+        """ListAuditEntries returns the audit log of mutating calls, newest first, filtered and paged."""
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

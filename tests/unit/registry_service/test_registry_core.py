@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from modelyard.coordination import Deployment, ServiceRecord
 from modelyard.errors import CoordinationUnavailable, InvalidArgument, ModelNotFound
 from modelyard.v1 import tensor_pb2
 from registry_service.artifacts import ArtifactStore
@@ -40,15 +41,21 @@ class FakeAliasSink:
 
     def __init__(self) -> None:
         self.live: dict[str, tuple[dict[str, int], int]] = {}
+        self.deployments: dict[str, Deployment] = {}
+        self.services: list[ServiceRecord] = []
         self.down = False
         self.writes = 0
 
-    async def apply_aliases(self, model: str, aliases: dict[str, int], epoch: int) -> bool:
+    async def apply_aliases(
+        self, model: str, aliases: dict[str, int], epoch: int, deployment: Deployment | None = None
+    ) -> bool:
         if self.down:
             raise CoordinationUnavailable("redis is down")
         if epoch <= self.live.get(model, ({}, 0))[1]:
             return False
         self.live[model] = (dict(aliases), epoch)
+        if deployment is not None:
+            self.deployments[model] = deployment
         self.writes += 1
         return True
 
@@ -56,6 +63,16 @@ class FakeAliasSink:
         if self.down:
             raise CoordinationUnavailable("redis is down")
         return dict(self.live)
+
+    async def all_deployments(self) -> dict[str, Deployment]:
+        if self.down:
+            raise CoordinationUnavailable("redis is down")
+        return {model: self.deployments.get(model, Deployment()) for model in self.live}
+
+    async def list_services(self) -> list[ServiceRecord]:
+        if self.down:
+            raise CoordinationUnavailable("redis is down")
+        return list(self.services)
 
 
 @pytest.fixture

@@ -1,0 +1,558 @@
+"""`modelyard models | alias | deploy | audit`: the registry from the command line.
+
+Every command talks gRPC to the registry (`--registry`, default 127.0.0.1:50061), prints a
+readable table, or the response as protobuf JSON with `--json`. `--user` names who acts, for
+the audit log and the alias history. Failures print the status and the registry's message,
+and exit with 1.
+
+Wiring (in `modelyard/cli.py`)::
+
+    from modelyard import cli_registry
+    cli_registry.add_to(app)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import grpc
+import typer
+from google.protobuf import duration_pb2, json_format, timestamp_pb2
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.table import Table
+
+from modelyard.v1 import registry_pb2, registry_service_pb2_grpc, tensor_pb2
+from modelyard.v1 import registry_service_pb2 as pb
+
+__all__ = ["models_app", "alias_app", "deploy_app", "audit_app", "add_to", "parse_tensor_spec"]
+
+DEFAULT_REGISTRY = "127.0.0.1:50061"
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+
+models_app = typer.Typer(
+    help="Create models, upload versions, list, archive and delete them.", no_args_is_help=True
+)
+alias_app = typer.Typer(
+    help="Move aliases: set, promote (zero downtime), rollback, history.", no_args_is_help=True
+)
+deploy_app = typer.Typer(
+    help="How a model is served: placement, batching, traffic split.", no_args_is_help=True
+)
+audit_app = typer.Typer(help="The registry's audit log of mutating calls.")
+
+console = Console()
+
+RegistryOpt = Annotated[str, typer.Option("--registry", help="host:port of the registry.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the response as protobuf JSON.")]
+UserOpt = Annotated[
+    str, typer.Option("--user", envvar="MODELYARD_USER", help="Who acts (audit log, history).")
+]
+
+T = TypeVar("T")
+_Stub = Any  # the async stub type exists only in the typing stubs
+
+
+def add_to(app: typer.Typer) -> None:
+    """Mount the sub-apps on the `modelyard` command."""
+    app.add_typer(models_app, name="models")
+    app.add_typer(alias_app, name="alias")
+    app.add_typer(deploy_app, name="deploy")
+    app.add_typer(audit_app, name="audit")
+
+
+def _call(registry: str, user: str, fn: Callable[[_Stub, tuple[tuple[str, str], ...]], Awaitable[T]]) -> T:
+    async def run() -> T:
+        async with grpc.aio.insecure_channel(registry) as channel:
+            metadata = (("x-modelyard-user", user),) if user else ()
+            return await fn(registry_service_pb2_grpc.RegistryServiceStub(channel), metadata)
+
+    try:
+        return asyncio.run(run())
+    except grpc.aio.AioRpcError as exc:
+        Console(stderr=True).print(f"[red]{exc.code().name}[/red]: {exc.details()}")
+        raise typer.Exit(1) from None
+
+
+def _print_json(message: Message) -> None:
+    sys.stdout.write(json_format.MessageToJson(message, preserving_proto_field_name=True) + "\n")
+
+
+def _time(ts: timestamp_pb2.Timestamp) -> str:
+    if not ts.seconds and not ts.nanos:
+        return "-"
+    return datetime.fromtimestamp(ts.ToNanoseconds() / 1e9, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _state(state: int) -> str:
+    return registry_pb2.ModelVersionState.Name(state).removeprefix("MODEL_VERSION_STATE_").lower()
+
+
+def parse_tensor_spec(text: str) -> tensor_pb2.TensorSpec:
+    """`name:dtype:shape`, e.g. `input:fp32:-1,64`, as a TensorSpec.
+
+    Raises:
+        typer.BadParameter: the text is not of that form or names an unknown dtype.
+    """
+    try:
+        name, dtype, shape = text.split(":")
+        data_type = tensor_pb2.DataType.Value("DATA_TYPE_" + dtype.upper())
+        dims = [int(d) for d in shape.split(",")]
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r}: expected name:dtype:shape such as input:fp32:-1,64 (dtypes: "
+            + ", ".join(n.removeprefix("DATA_TYPE_").lower() for n in tensor_pb2.DataType.keys()[1:])
+            + ")"
+        ) from None
+    return tensor_pb2.TensorSpec(name=name, data_type=data_type, shape=dims)
+
+
+# -- models ---------------------------------------------------------------------------------
+
+
+@models_app.command("create")
+def models_create(
+    name: str,
+    description: Annotated[str, typer.Option(help="What the model does.")] = "",
+    registry: RegistryOpt = DEFAULT_REGISTRY,
+    as_json: JsonOpt = False,
+    user: UserOpt = "",
+) -> None:
+    """Create an empty model."""
+    response = _call(
+        registry,
+        user,
+        lambda s, md: s.CreateModel(pb.CreateModelRequest(name=name, description=description), metadata=md),
+    )
+    if as_json:
+        _print_json(response)
+    else:
+        console.print(f"created model [bold]{response.model.name}[/bold]")
+
+
+@models_app.command("upload")
+def models_upload(
+    model: str,
+    artifact: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A .pt or .pt2 file.")],
+    inputs: Annotated[list[str], typer.Option("--input", help="name:dtype:shape, e.g. input:fp32:-1,64")],
+    outputs: Annotated[list[str], typer.Option("--output", help="name:dtype:shape, e.g. output:fp32:-1,10")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="torchscript or torch_export; default from the suffix.")
+    ] = "",
+    description: Annotated[str, typer.Option(help="What changed in this version.")] = "",
+    label: Annotated[list[str] | None, typer.Option(help="key=value, repeatable.")] = None,
+    registry: RegistryOpt = DEFAULT_REGISTRY,
+    as_json: JsonOpt = False,
+    user: UserOpt = "",
+) -> None:
+    """Upload a new version of a model (streamed, sha256-checked by the registry)."""
+    kind = fmt or ("torch_export" if artifact.suffix == ".pt2" else "torchscript")
+    formats = {
+        "torchscript": registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
+        "torch_export": registry_pb2.ARTIFACT_FORMAT_TORCH_EXPORT,
+    }
+    if kind not in formats:
+        raise typer.BadParameter(f"--format is torchscript or torch_export, not {kind!r}")
+    labels = dict(item.split("=", 1) for item in (label or []) if "=" in item)
+    digest = hashlib.sha256()
+    with artifact.open("rb") as file:
+        for block in iter(lambda: file.read(UPLOAD_CHUNK_BYTES), b""):
+            digest.update(block)
+    metadata = pb.UploadModelVersionMetadata(
+        model=model,
+        format=formats[kind],
+        sha256=digest.hexdigest(),
+        signature=tensor_pb2.Signature(
+            inputs=[parse_tensor_spec(i) for i in inputs], outputs=[parse_tensor_spec(o) for o in outputs]
+        ),
+        description=description,
+        labels=labels,
+    )
+
+    async def requests() -> AsyncIterator[pb.UploadModelVersionRequest]:
+        yield pb.UploadModelVersionRequest(metadata=metadata)
+        with artifact.open("rb") as file:
+            for block in iter(lambda: file.read(UPLOAD_CHUNK_BYTES), b""):
+                yield pb.UploadModelVersionRequest(chunk=block)
+
+    response = _call(registry, user, lambda s, md: s.UploadModelVersion(requests(), metadata=md))
+    if as_json:
+        _print_json(response)
+    else:
+        v = response.model_version
+        console.print(
+            f"uploaded [bold]{v.model}[/bold] version [bold]{v.version}[/bold] "
+            f"({v.size_bytes} bytes, sha256 {v.sha256[:12]}…)"
+        )
+
+
+@models_app.command("list")
+def models_list(registry: RegistryOpt = DEFAULT_REGISTRY, as_json: JsonOpt = False) -> None:
+    """Every model with its latest version and aliases."""
+    response = _call(registry, "", lambda s, md: s.ListModels(pb.ListModelsRequest()))
+    if as_json:
+        _print_json(response)
+        return
+    table = Table("model", "latest", "aliases", "created", "description")
+    for m in response.models:
+        aliases = ", ".join(f"{a.name}→{a.version}" for a in m.aliases) or "-"
+        table.add_row(m.name, str(m.latest_version or "-"), aliases, _time(m.create_time), m.description)
+    console.print(table)
+
+
+@models_app.command("show")
+def models_show(name: str, registry: RegistryOpt = DEFAULT_REGISTRY, as_json: JsonOpt = False) -> None:
+    """One model: aliases and deployment."""
+
+    async def both(s: _Stub, md: Any) -> tuple[pb.GetModelResponse, pb.GetDeploymentResponse]:
+        return await s.GetModel(pb.GetModelRequest(name=name)), await s.GetDeployment(
+            pb.GetDeploymentRequest(model=name)
+        )
+
+    model, deployment = _call(registry, "", both)
+    if as_json:
+        sys.stdout.write(
+            json.dumps(
+                {
+                    "model": json_format.MessageToDict(model.model, preserving_proto_field_name=True),
+                    "deployment": json_format.MessageToDict(
+                        deployment.deployment, preserving_proto_field_name=True
+                    ),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        return
+    m = model.model
+    console.print(f"[bold]{m.name}[/bold]  {m.description}")
+    console.print(f"latest version {m.latest_version or '-'}, created {_time(m.create_time)}")
+    table = Table("alias", "version", "moved")
+    for a in m.aliases:
+        table.add_row(a.name, str(a.version), _time(a.update_time))
+    console.print(table)
+    _print_deployment(deployment.deployment)
+
+
+@models_app.command("versions")
+def models_versions(model: str, registry: RegistryOpt = DEFAULT_REGISTRY, as_json: JsonOpt = False) -> None:
+    """A model's versions, oldest first."""
+    response = _call(
+        registry, "", lambda s, md: s.ListModelVersions(pb.ListModelVersionsRequest(model=model))
+    )
+    if as_json:
+        _print_json(response)
+        return
+    table = Table("version", "state", "format", "size", "sha256", "created", "by", "description")
+    for v in response.model_versions:
+        table.add_row(
+            str(v.version),
+            _state(v.state),
+            registry_pb2.ArtifactFormat.Name(v.format).removeprefix("ARTIFACT_FORMAT_").lower(),
+            f"{v.size_bytes:,}",
+            v.sha256[:12],
+            _time(v.create_time),
+            v.created_by,
+            v.description,
+        )
+    console.print(table)
+
+
+@models_app.command("archive")
+def models_archive(
+    model: str,
+    version: int,
+    registry: RegistryOpt = DEFAULT_REGISTRY,
+    as_json: JsonOpt = False,
+    user: UserOpt = "",
+) -> None:
+    """Archive a version (refused while an alias points at it or it is pinned)."""
+    response = _call(
+        registry,
+        user,
+        lambda s, md: s.ArchiveModelVersion(
+            pb.ArchiveModelVersionRequest(model=model, version=version), metadata=md
+        ),
+    )
+    if as_json:
+        _print_json(response)
+    else:
+        console.print(f"archived {model} version {version}")
+
+
+@models_app.command("delete")
+def models_delete(
+    model: str,
+    version: int,
+    registry: RegistryOpt = DEFAULT_REGISTRY,
+    as_json: JsonOpt = False,
+    user: UserOpt = "",
+) -> None:
+    """Delete a version, and its artifact unless another version shares it."""
+    response = _call(
+        registry,
+        user,
+        lambda s, md: s.DeleteModelVersion(
+            pb.DeleteModelVersionRequest(model=model, version=version), metadata=md
+        ),
+    )
+    if as_json:
+        _print_json(response)
+    else:
+        kept = "artifact deleted" if response.artifact_deleted else "artifact kept (shared)"
+        console.print(f"deleted {model} version {version}; {kept}")
+
+
+# -- aliases --------------------------------------------------------------------------------
+
+
+def _print_move(model: str, alias: str, previous: int, version: int, epoch: int) -> None:
+    console.print(
+        f"{model} [bold]{alias}[/bold]: {previous or 'none'} → [bold]{version}[/bold] (epoch {epoch})"
+    )
+
+
+@alias_app.command("set")
+def alias_set(
+    model: str,
+    alias: str,
+    version: int,
+    expect: Annotated[
+        int | None, typer.Option(help="Compare-and-set: the version it must point at now (0: new).")
+    ] = None,
+    reason: Annotated[str, typer.Option(help="Why, for the history.")] = "",
+    registry: RegistryOpt = DEFAULT_REGISTRY,
+    as_json: JsonOpt = False,
+    user: UserOpt = "",
+) -> None:
+    """Point an alias at a version at once (use `promote` to wait for readiness first)."""
+    request = pb.SetAliasRequest(model=model, alias=alias, version=version, reason=reason)
+    if expect is not None:
+        request.expected_version = expect
+    response = _call(registry, user, lambda s, md: s.SetAlias(request, metadata=md))
+    if as_json:
+        _print_json(response)
+    else:
+        _print_move(model, alias, response.previous_version, response.alias.version, response.epoch)
+
+
+@alias_app.command("promote")
+def alias_promote(
+    model: str,
+    alias: str,
+    version: int,
+    expect: Annotated[
+        int | None, typer.Option(help="Compare-and-set: the version it must point at now (0: new).")
+    ] = None,
+    timeout_s: Annotated[float, typer.Option(help="How long to wait for ready replicas.")] = 120.0,
+    reason: Annotated[str, typer.Option(help="Why, for the history.")] = "",
+    registry: RegistryOpt = DEFAULT_REGISTRY,
+    as_json: JsonOpt = False,
+    user: UserOpt = "",
+) -> None:
+    """Zero-downtime move: load the version, wait until it is ready, then flip the alias."""
+    request = pb.PromoteVersionRequest(
+        model=model, alias=alias, version=version, reason=reason, ready_timeout=duration_pb2.Duration()
+    )
+    request.ready_timeout.FromNanoseconds(int(timeout_s * 1e9))
+    if expect is not None:
+        request.expected_version = expect
+    response = _call(
+        registry, user, lambda s, md: s.PromoteVersion(request, metadata=md, timeout=timeout_s + 30)
+    )
+    if as_json:
+        _print_json(response)
+    else:
+        _print_move(model, alias, response.previous_version, response.alias.version, response.epoch)
+        console.print(f"ready on {response.ready_replicas} model server(s) before the flip")
+
+
+@alias_app.command("rollback")
+def alias_rollback(
+    model: str,
+    alias: str,
+    expect: Annotated[
+        int | None, typer.Option(help="Compare-and-set: the version it must point at now.")
+    ] = None,
+    reason: Annotated[str, typer.Option(help="Why, for the history.")] = "",
+    registry: RegistryOpt = DEFAULT_REGISTRY,
+    as_json: JsonOpt = False,
+    user: UserOpt = "",
+) -> None:
+    """Point an alias back at its previous target."""
+    request = pb.RollbackAliasRequest(model=model, alias=alias, reason=reason)
+    if expect is not None:
+        request.expected_version = expect
+    response = _call(registry, user, lambda s, md: s.RollbackAlias(request, metadata=md))
+    if as_json:
+        _print_json(response)
+    else:
+        _print_move(model, alias, response.previous_version, response.alias.version, response.epoch)
+
+
+@alias_app.command("history")
+def alias_history(
+    model: str,
+    alias: Annotated[str, typer.Argument(help="Only this alias; all when omitted.")] = "",
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Most entries to show.")] = 50,
+    registry: RegistryOpt = DEFAULT_REGISTRY,
+    as_json: JsonOpt = False,
+) -> None:
+    """Moves of a model's aliases, newest first."""
+    response = _call(
+        registry,
+        "",
+        lambda s, md: s.ListAliasHistory(
+            pb.ListAliasHistoryRequest(model=model, alias=alias, page_size=limit)
+        ),
+    )
+    if as_json:
+        _print_json(response)
+        return
+    table = Table("when", "alias", "from", "to", "epoch", "who", "why", "request id")
+    for e in response.entries:
+        table.add_row(
+            _time(e.time),
+            e.alias,
+            str(e.from_version or "-"),
+            str(e.to_version),
+            str(e.epoch),
+            e.actor,
+            e.reason,
+            e.request_id,
+        )
+    console.print(table)
+
+
+# -- deployments ----------------------------------------------------------------------------
+
+
+def _print_deployment(d: registry_pb2.Deployment) -> None:
+    table = Table("setting", "value", show_header=False)
+    table.add_row("placed versions", ", ".join(map(str, d.placed_versions)) or "-")
+    table.add_row("pinned versions", ", ".join(map(str, d.pinned_versions)) or "-")
+    table.add_row("replicas", str(d.replicas or "all model servers"))
+    table.add_row("device", d.device or "default")
+    table.add_row("precision", d.precision or "fp32")
+    table.add_row("max batch size", str(d.max_batch_size or "default"))
+    table.add_row(
+        "max queue delay", f"{d.max_queue_delay_ms:g} ms" if d.HasField("max_queue_delay_ms") else "default"
+    )
+    table.add_row("max queue size", str(d.max_queue_size or "default"))
+    table.add_row("instances", str(d.instances or "default"))
+    table.add_row("traffic split", ", ".join(f"{k} {v}%" for k, v in sorted(d.traffic_split.items())) or "-")
+    table.add_row("shadow", f"{d.shadow_alias} ({d.shadow_fraction:.0%})" if d.shadow_alias else "-")
+    table.add_row("epoch", str(d.epoch))
+    console.print(table)
+
+
+@deploy_app.command("show")
+def deploy_show(model: str, registry: RegistryOpt = DEFAULT_REGISTRY, as_json: JsonOpt = False) -> None:
+    """A model's deployment, with the versions placed now."""
+    response = _call(registry, "", lambda s, md: s.GetDeployment(pb.GetDeploymentRequest(model=model)))
+    if as_json:
+        _print_json(response)
+    else:
+        _print_deployment(response.deployment)
+
+
+@deploy_app.command("set")
+def deploy_set(
+    model: str,
+    pin: Annotated[list[int] | None, typer.Option(help="Version to keep loaded, repeatable.")] = None,
+    replicas: Annotated[int, typer.Option(min=0, help="Model servers per version; 0: all.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "",
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "",
+    max_batch_size: Annotated[int, typer.Option(min=0)] = 0,
+    max_queue_delay_ms: Annotated[float | None, typer.Option(min=0)] = None,
+    max_queue_size: Annotated[int, typer.Option(min=0)] = 0,
+    instances: Annotated[int, typer.Option(min=0)] = 0,
+    split: Annotated[
+        list[str] | None, typer.Option(help="alias=weight, repeatable; weights sum to 100.")
+    ] = None,
+    shadow: Annotated[str, typer.Option(help="Alias that gets a copy of traffic.")] = "",
+    shadow_fraction: Annotated[float, typer.Option(min=0, max=1)] = 0.0,
+    registry: RegistryOpt = DEFAULT_REGISTRY,
+    as_json: JsonOpt = False,
+    user: UserOpt = "",
+) -> None:
+    """Replace a model's deployment (every setting not given goes back to its default)."""
+    traffic: dict[str, int] = {}
+    for item in split or []:
+        name, _, weight = item.partition("=")
+        if not weight.isdigit():
+            raise typer.BadParameter(f"--split {item!r}: expected alias=weight, such as production=90")
+        traffic[name] = int(weight)
+    deployment = registry_pb2.Deployment(
+        pinned_versions=pin or [],
+        replicas=replicas,
+        device=device,
+        precision=precision,
+        max_batch_size=max_batch_size,
+        max_queue_size=max_queue_size,
+        instances=instances,
+        traffic_split=traffic,
+        shadow_alias=shadow,
+        shadow_fraction=shadow_fraction,
+    )
+    if max_queue_delay_ms is not None:
+        deployment.max_queue_delay_ms = max_queue_delay_ms
+    response = _call(
+        registry,
+        user,
+        lambda s, md: s.SetDeployment(
+            pb.SetDeploymentRequest(model=model, deployment=deployment), metadata=md
+        ),
+    )
+    if as_json:
+        _print_json(response)
+    else:
+        _print_deployment(response.deployment)
+
+
+# -- audit ----------------------------------------------------------------------------------
+
+
+@audit_app.callback(invoke_without_command=True)
+def audit(
+    model: Annotated[str, typer.Option(help="Only calls on this model.")] = "",
+    actor: Annotated[str, typer.Option(help="Only calls by this actor.")] = "",
+    method: Annotated[str, typer.Option(help="Only this method, e.g. SetAlias.")] = "",
+    outcome: Annotated[str, typer.Option(help="Only this outcome: OK, ABORTED, ...")] = "",
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Most entries to show.")] = 50,
+    page_token: Annotated[str, typer.Option(help="Continue from a previous page.")] = "",
+    registry: RegistryOpt = DEFAULT_REGISTRY,
+    as_json: JsonOpt = False,
+) -> None:
+    """The audit log, newest first."""
+    request = pb.ListAuditEntriesRequest(
+        model=model, actor=actor, method=method, outcome=outcome, page_size=limit, page_token=page_token
+    )
+    response = _call(registry, "", lambda s, md: s.ListAuditEntries(request))
+    if as_json:
+        _print_json(response)
+        return
+    table = Table("id", "when", "who", "method", "model", "target", "outcome", "message", "request id")
+    for e in response.entries:
+        style = "" if e.outcome == "OK" else "red"
+        table.add_row(
+            str(e.id),
+            _time(e.time),
+            e.actor,
+            e.method,
+            e.model,
+            e.target,
+            f"[{style}]{e.outcome}[/]" if style else e.outcome,
+            e.message,
+            e.request_id,
+        )
+    console.print(table)
+    if response.next_page_token:
+        console.print(f"more: --page-token {response.next_page_token}")
