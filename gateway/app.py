@@ -1,8 +1,13 @@
-"""The gateway's composition root: settings → Redis → router → servicer → server."""
+"""The gateway's composition root: settings → Redis → router → servicers → server."""
 
 from __future__ import annotations
 
+import grpc
+
 from gateway.forwarder import ChannelPool
+from gateway.metrics import EJECTIONS
+from gateway.oip_servicer import OIP_SERVICE_NAME, OipGatewayServicer
+from gateway.outlier import PassiveHealth
 from gateway.router import Router
 from gateway.routing_sync import RoutingSync
 from gateway.servicer import SERVICE_NAME, InferenceServicer
@@ -10,9 +15,13 @@ from gateway.settings import GatewaySettings
 from modelyard import __version__
 from modelyard.coordination import CoordinationStore, ServiceRecord
 from modelyard.membership import Heartbeat, new_service_id
-from modelyard.rpc.server import ServiceServer, create_server
+from modelyard.rpc.server import NOT_SERVING, SERVING, ServiceServer, create_server
 
-__all__ = ["GatewayApp"]
+__all__ = ["GatewayApp", "ROUTING_HEALTH_SERVICE"]
+
+ROUTING_HEALTH_SERVICE = "modelyard.gateway.Routing"
+"""grpc.health.v1 service name that is NOT_SERVING while the routing table is degraded (Redis
+unreachable, routing from the last known table). The gateway itself stays SERVING."""
 
 
 class GatewayApp:
@@ -25,16 +34,45 @@ class GatewayApp:
         self.service_id = settings.service_id or new_service_id("gateway")
         self.store = CoordinationStore(settings.redis)
         self.pool = ChannelPool(max_message_bytes=settings.server.max_message_bytes)
-        self.router = Router(self.pool, default_alias=settings.default_alias)
-        self.sync = RoutingSync(
-            self.store, self.router, self.pool, resync_interval_s=settings.resync_interval_s
+        self.router = Router(
+            self.pool,
+            default_alias=settings.default_alias,
+            health=PassiveHealth(
+                threshold=settings.eject_after_failures,
+                eject_s=settings.eject_s,
+                on_eject=lambda replica: EJECTIONS.labels(replica.server_id).inc(),
+            ),
+            shadow_rtol=settings.shadow_rtol,
+            shadow_atol=settings.shadow_atol,
+            shadow_max_in_flight=settings.shadow_max_in_flight,
+            shadow_record_size=settings.shadow_record_size,
+            access_log_enabled=settings.server.access_log_enabled,
+            coalesce=settings.coalesce_enabled,
+            coalesce_max_items=settings.coalesce_max_items,
+            coalesce_max_in_flight=settings.coalesce_max_in_flight,
         )
+        self.sync = RoutingSync(
+            self.store,
+            self.router,
+            self.pool,
+            resync_interval_s=settings.resync_interval_s,
+            name=self.service_id,
+            on_degraded=self._routing_degraded,
+        )
+        self.router.on_miss = self.sync.refresh_on_miss
         self.servicer = InferenceServicer(self.router, default_timeout_s=settings.default_timeout_s)
+        self.oip_servicer = OipGatewayServicer(
+            self.router,
+            self.pool,
+            default_timeout_s=settings.default_timeout_s,
+            ready=lambda: not self._closed,
+        )
+        self._closed = False
         self.server: ServiceServer = create_server(
             settings.server,
             settings.tls,
-            service_names=[SERVICE_NAME],
-            register=self.servicer.register,
+            service_names=[SERVICE_NAME, OIP_SERVICE_NAME],
+            register=self._register,
         )
         self.heartbeat = Heartbeat(
             self.store,
@@ -42,7 +80,10 @@ class GatewayApp:
             interval_s=settings.server.heartbeat_interval_s,
             ttl_s=settings.server.heartbeat_ttl_s,
         )
-        self._closed = False
+
+    def _register(self, server: grpc.aio.Server) -> None:
+        self.servicer.register(server)
+        self.oip_servicer.register(server)
 
     @property
     def port(self) -> int:
@@ -63,12 +104,17 @@ class GatewayApp:
             draining=False,
         )
 
+    async def _routing_degraded(self, degraded: bool) -> None:
+        if not self._closed:
+            await self.server.health.set(ROUTING_HEALTH_SERVICE, NOT_SERVING if degraded else SERVING)
+
     async def start(self) -> None:
         await self.store.open()
         await self.sync.start()
         await self.server.start()
         await self.heartbeat.start()
         await self.server.set_serving(True)
+        await self._routing_degraded(self.sync.degraded)
 
     async def aclose(self) -> None:
         """Drain: NOT_SERVING → leave the cluster → finish in-flight calls → close clients.
@@ -80,6 +126,7 @@ class GatewayApp:
         await self.heartbeat.aclose()
         await self.server.drain()
         await self.sync.aclose()
+        await self.router.aclose()
         await self.pool.aclose()
         await self.store.aclose()
 

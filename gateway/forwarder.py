@@ -80,7 +80,13 @@ class ChannelPool:
         self._channels: dict[str, tuple[grpc.aio.Channel, Any]] = {}
         self._state = _State.OPENED
 
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        return self._entry(address)[0]
+
     def _infer_call(self, address: str) -> Any:
+        return self._entry(address)[1]
+
+    def _entry(self, address: str) -> tuple[grpc.aio.Channel, Any]:
         entry = self._channels.get(address)
         if entry is None:
             if self._state is _State.CLOSED:
@@ -92,7 +98,7 @@ class ChannelPool:
             # No serializers: bytes in, bytes out.
             entry = (channel, channel.unary_unary(INFER_METHOD))
             self._channels[address] = entry
-        return entry[1]
+        return entry
 
     async def infer(self, address: str, request: bytes, timeout_s: float, request_id: str) -> bytes:
         """Send InferRequest bytes; return InferResponse bytes.
@@ -111,6 +117,17 @@ class ChannelPool:
             if refused_before_work(exc):
                 raise ReplicaUnavailable(exc) from exc
             raise
+        return response
+
+    async def call(
+        self, address: str, method: str, request: bytes, timeout_s: float, request_id: str
+    ) -> bytes:
+        """A unary call of any method on a model server, bytes in and bytes out (the rare
+        calls beside Infer: OIP ModelConfig and ModelStatistics)."""
+        callable_ = self._channel(address).unary_unary(method)
+        response: bytes = await callable_(
+            request, timeout=timeout_s, metadata=((REQUEST_ID_METADATA_KEY, request_id),)
+        )
         return response
 
     async def forget(self, address: str) -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
 
 from gateway.forwarder import ChannelPool
+from gateway.metrics import ROUTING_AGE_SECONDS, ROUTING_DEGRADED
 from gateway.router import Router
-from gateway.routing_table import RoutingTable
+from gateway.routing_table import RoutingTable, keep_newer_routes
 from modelyard.coordination import CoordinationStore
 from modelyard.errors import CoordinationUnavailable
 from modelyard.tasks import BackgroundTasks
@@ -19,10 +22,26 @@ log = logging.getLogger(__name__)
 
 
 class RoutingSync:
-    """Owner of the loops that refresh `router.table`."""
+    """Owner of the loops that refresh `router.table`.
+
+    Args:
+        store: Redis access.
+        router: Whose `table` is replaced on every refresh.
+        pool: Channels to forget when their server leaves.
+        resync_interval_s: Refresh period on top of change events.
+        name: This gateway's id, the label of its routing metrics.
+        on_degraded: Awaited with the new state whenever `degraded` changes (health).
+    """
 
     def __init__(
-        self, store: CoordinationStore, router: Router, pool: ChannelPool, *, resync_interval_s: float
+        self,
+        store: CoordinationStore,
+        router: Router,
+        pool: ChannelPool,
+        *,
+        resync_interval_s: float,
+        name: str = "gateway",
+        on_degraded: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._router = router
@@ -32,6 +51,33 @@ class RoutingSync:
         self._tasks = BackgroundTasks()
         self.degraded = False
         """True while Redis is unreachable and the table may be stale."""
+        self._on_degraded = on_degraded
+        self._degraded_gauge = ROUTING_DEGRADED.labels(name)
+        self._refreshed_gauge = ROUTING_AGE_SECONDS.labels(name)
+        self._degraded_gauge.set(0)
+        self._last_refresh = float("-inf")
+        self._miss_refresh: asyncio.Future[None] | None = None
+
+    async def refresh_on_miss(self, min_interval_s: float = 0.05) -> bool:
+        """Refresh now because a request named something the table lacks: a client that has
+        just moved an alias (Redis already holds it) must not get NOT_FOUND because this
+        gateway's event has not arrived yet. Concurrent misses share one refresh, and the
+        table is not reread more often than every `min_interval_s`.
+
+        Returns:
+            True if the table was refreshed (the caller retries its lookup once).
+        """
+        if self._miss_refresh is not None:
+            await asyncio.shield(self._miss_refresh)
+            return True
+        if asyncio.get_running_loop().time() - self._last_refresh < min_interval_s:
+            return False
+        self._miss_refresh = asyncio.ensure_future(self.refresh())
+        try:
+            await asyncio.shield(self._miss_refresh)
+        finally:
+            self._miss_refresh = None
+        return True
 
     async def start(self) -> None:
         """Load the table once (best effort), then follow events and the timer."""
@@ -40,25 +86,43 @@ class RoutingSync:
         self._tasks.spawn("routing-events", self._event_loop)
 
     async def refresh(self) -> None:
+        self._last_refresh = asyncio.get_running_loop().time()
         try:
             aliases = await self._store.all_aliases()
+            deployments = await self._store.all_deployments()
             services = await self._store.list_services()
         except CoordinationUnavailable as exc:
             if not self.degraded:
                 log.warning("serving from the last known routing table: %s", exc)
-            self.degraded = True
+                await self._set_degraded(True)
+            return
+        old = self._router.table
+        if not aliases and old.models:
+            # Redis answers but knows no model at all while this gateway routes some: it was
+            # flushed or replaced (a failover to an empty replica). Keep routing from the last
+            # table, reported degraded, until the registry's re-push fills it again.
+            if not self.degraded:
+                log.warning("Redis holds no models; serving from the last known routing table")
+                await self._set_degraded(True)
             return
         if self.degraded:
             log.info("Redis is back; routing table refreshed")
-        self.degraded = False
-        old = self._router.table
-        new = RoutingTable.build(aliases, services, previous=old)
+            await self._set_degraded(False)
+        self._refreshed_gauge.set(time.time())
+        aliases, deployments = keep_newer_routes(old, aliases, deployments)
+        new = RoutingTable.build(aliases, services, previous=old, deployments=deployments)
         self._router.table = new
         gone = {r.address for rs in old.replicas.values() for r in rs} - {
             r.address for rs in new.replicas.values() for r in rs
         }
         for address in gone:
             await self._pool.forget(address)
+
+    async def _set_degraded(self, degraded: bool) -> None:
+        self.degraded = degraded
+        self._degraded_gauge.set(1 if degraded else 0)
+        if self._on_degraded is not None:
+            await self._on_degraded(degraded)
 
     async def _refresh_loop(self) -> None:
         while True:

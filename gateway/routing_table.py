@@ -7,20 +7,25 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelyard.coordination import ServiceRecord
+from modelyard.coordination import Deployment, ServiceRecord
 from modelyard.errors import AliasNotFound, ModelNotFound, NoReadyReplica
 
-__all__ = ["Replica", "RoutingTable"]
+__all__ = ["Replica", "RoutingTable", "keep_newer_routes"]
 
 
 @dataclass(eq=False)
 class Replica:
-    """A model server as the gateway sees it. `outstanding` counts this gateway's calls in
-    flight to it; it is what replica choice balances."""
+    """A model server as the gateway sees it. `outstanding` counts this gateway's callers in
+    flight to it; it is what replica choice balances. `failures` and `ejected_until` are the
+    passive health of the replica as this gateway saw it (see `gateway.outlier`)."""
 
     server_id: str
     address: str
     outstanding: int = 0
+    failures: int = 0
+    """Consecutive failed calls."""
+    ejected_until: float = 0.0
+    """Monotonic time until which the replica gets no work (0: not ejected)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,11 @@ class RoutingTable:
     models: dict[str, _ModelRoutes] = field(default_factory=dict)
     replicas: dict[tuple[str, int], list[Replica]] = field(default_factory=dict)
     signatures: dict[tuple[str, int], tuple[dict[str, Any], str]] = field(default_factory=dict)
+    deployments: dict[str, Deployment] = field(default_factory=dict)
+    """Per model: traffic split and shadow mirroring (absent: the default Deployment)."""
+    batchable: set[tuple[str, int]] = field(default_factory=set)
+    """Versions whose every input and output has a batch dimension (-1 first): calls to them
+    may be coalesced."""
 
     @classmethod
     def build(
@@ -43,15 +53,19 @@ class RoutingTable:
         aliases: Mapping[str, tuple[Mapping[str, int], int]],
         services: Iterable[ServiceRecord],
         previous: RoutingTable | None = None,
+        deployments: Mapping[str, Deployment] | None = None,
     ) -> RoutingTable:
-        """A new table from Redis's view, keeping the Replica objects (and their in-flight
-        counts) of servers that are still there."""
+        """A new table from Redis's view, keeping the Replica objects (their in-flight counts
+        and passive health) of servers that are still there."""
         known: dict[str, Replica] = {}
         if previous is not None:
             for replicas in previous.replicas.values():
                 for replica in replicas:
                     known[replica.server_id] = replica
-        table = cls(models={m: _ModelRoutes(dict(a), e) for m, (a, e) in aliases.items()})
+        table = cls(
+            models={m: _ModelRoutes(dict(a), e) for m, (a, e) in aliases.items()},
+            deployments=dict(deployments or {}),
+        )
         for record in services:
             if record.kind != "model_server" or record.draining:
                 continue
@@ -63,7 +77,10 @@ class RoutingTable:
                     continue
                 key = (version.model, version.version)
                 table.replicas.setdefault(key, []).append(replica)
-                table.signatures.setdefault(key, (version.signature, version.platform))
+                if key not in table.signatures:
+                    table.signatures[key] = (version.signature, version.platform)
+                    if _batchable(version.signature):
+                        table.batchable.add(key)
         return table
 
     def resolve(self, model: str, version: int, alias: str) -> int:
@@ -96,8 +113,42 @@ class RoutingTable:
             )
         return replicas
 
+    def deployment(self, model: str) -> Deployment | None:
+        """The model's deployment, or None when it has none."""
+        return self.deployments.get(model)
+
     def aliases_of(self, model: str, version: int) -> list[str]:
         routes = self.models.get(model)
         if routes is None:
             return []
         return sorted(a for a, v in routes.aliases.items() if v == version)
+
+
+def _batchable(signature: Mapping[str, Any]) -> bool:
+    """Whether a signature (protobuf JSON) has a batch dimension on every tensor."""
+    specs = [*signature.get("inputs", ()), *signature.get("outputs", ())]
+    return bool(specs) and all(
+        spec.get("shape") and int(spec["shape"][0]) == -1 for spec in specs
+    )
+
+
+def keep_newer_routes(
+    previous: RoutingTable,
+    aliases: Mapping[str, tuple[Mapping[str, int], int]],
+    deployments: Mapping[str, Deployment],
+) -> tuple[dict[str, tuple[Mapping[str, int], int]], dict[str, Deployment]]:
+    """Redis's alias maps, except where the gateway already routes by a newer epoch.
+
+    Epochs only move forward, so an older epoch in Redis is a stale read (a replica promoted
+    before it caught up, a restored snapshot): the newer routes are kept until the registry's
+    re-push brings Redis forward again.
+    """
+    merged = dict(aliases)
+    kept = dict(deployments)
+    for model, routes in previous.models.items():
+        current = merged.get(model)
+        if current is not None and current[1] < routes.epoch:
+            merged[model] = (routes.aliases, routes.epoch)
+            if model in previous.deployments:
+                kept[model] = previous.deployments[model]
+    return merged, kept

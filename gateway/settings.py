@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field, PositiveFloat
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from pydantic_settings import SettingsConfigDict
 
 from modelyard.settings import ServerSettings, ServiceSettings
@@ -29,3 +29,24 @@ class GatewaySettings(ServiceSettings):
     """Deadline given to a model server when the caller sent none."""
     resync_interval_s: PositiveFloat = 2.0
     """How often the routing table is rebuilt from Redis, on top of change events."""
+    eject_after_failures: PositiveInt = 3
+    """Consecutive failed calls (UNAVAILABLE, INTERNAL, UNKNOWN) after which a replica gets no
+    work for `eject_s` (passive health)."""
+    eject_s: PositiveFloat = 5.0
+    """How long an ejected replica rests before the next call probes it again."""
+    shadow_rtol: NonNegativeFloat = 1e-4
+    """Relative tolerance when comparing a shadow version's outputs with the served ones."""
+    shadow_atol: NonNegativeFloat = 1e-5
+    """Absolute tolerance when comparing a shadow version's outputs with the served ones."""
+    shadow_max_in_flight: PositiveInt = 64
+    """Shadow copies running at once; copies over this are skipped (and counted), never queued."""
+    shadow_record_size: PositiveInt = 1000
+    """How many shadow comparisons the gateway keeps in memory (the newest)."""
+    coalesce_enabled: bool = True
+    """Join calls waiting for the same version (same input names, dtypes and non-batch
+    dimensions) into one model server call, split back by rows; only once
+    `coalesce_max_in_flight` calls per replica are running, so it adds no waiting at low load."""
+    coalesce_max_in_flight: PositiveInt = 4
+    """Calls per version and replica that run at once before further calls are grouped."""
+    coalesce_max_items: PositiveInt = 64
+    """Most batch items in one joined call."""

@@ -122,3 +122,17 @@ async def test_monitor_reports_services_up_then_down(
         status = await stub.GetClusterStatus(mon.GetClusterStatusRequest())
         states = {s.kind: s.state for s in status.services}
         assert states[mon.SERVICE_KIND_GATEWAY] == mon.SERVICE_STATE_DOWN
+
+
+async def test_a_just_written_alias_routes_without_waiting_for_the_event(
+    gateway: GatewayApp, store: CoordinationStore
+) -> None:
+    # With its event and timer loops stopped, only the refresh on a miss can find the alias.
+    await gateway.sync.aclose()
+    await store.apply_aliases("fresh", {"production": 1}, epoch=1)
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await inf_grpc.InferenceServiceStub(channel).Predict(inf.PredictRequest(model="fresh"))
+    # Routed as far as the (missing) replica: the gateway knew the alias.
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert _reason(err.value) == "NO_READY_REPLICA"

@@ -8,8 +8,8 @@ import pytest
 
 from gateway.forwarder import append_version
 from gateway.replica_picker import LeastOutstanding
-from gateway.routing_table import Replica, RoutingTable
-from modelyard.coordination import ServiceRecord, VersionRecord
+from gateway.routing_table import Replica, RoutingTable, keep_newer_routes
+from modelyard.coordination import Deployment, ServiceRecord, VersionRecord
 from modelyard.errors import AliasNotFound, ModelNotFound, NoReadyReplica
 from modelyard.v1 import inference_service_pb2, model_server_service_pb2, tensor_pb2
 
@@ -77,3 +77,15 @@ def test_append_version_makes_a_valid_infer_request(version: int) -> None:
     assert infer.version == version
     assert infer.request_id == "r1"
     assert infer.inputs[0] == request.inputs[0]
+
+
+def test_an_older_epoch_in_redis_never_moves_routes_back() -> None:
+    current = RoutingTable.build(
+        {"demo": ({"production": 3}, 7), "other": ({"production": 1}, 2)}, [],
+        deployments={"demo": Deployment(traffic_split={"production": 100})},
+    )
+    stale = {"demo": ({"production": 2}, 6), "other": ({"production": 5}, 3)}
+    aliases, deployments = keep_newer_routes(current, stale, {})
+    assert aliases["demo"] == ({"production": 3}, 7)  # kept: Redis is behind
+    assert deployments["demo"].traffic_split == {"production": 100}
+    assert aliases["other"] == ({"production": 5}, 3)  # moved forward

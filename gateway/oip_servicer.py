@@ -1,0 +1,344 @@
+"""Open Inference Protocol v2 (`inference.GRPCInferenceService`) on the gateway's port, so
+Triton / KServe clients (`tritonclient`, `perf_analyzer`) work against a Modelyard cluster.
+
+A thin adapter over the same `Router` as `modelyard.v1.InferenceService`:
+
+- `model_version` selects the version: digits name a version, any other text names an alias,
+  "" means the default alias (and the model's traffic split). A request parameter
+  `routing_key` (string) makes the call sticky.
+- ModelInfer translates the inputs with `modelyard.oip_codec` (raw contents pass through as
+  bytes; typed contents are packed once), routes them like Predict (split, shadow, retry,
+  passive health, metrics), and answers outputs as raw contents.
+- ModelConfig (Triton's extension) is asked of a model server that holds the version (it
+  knows the batching it runs); ModelStatistics is summed over the model servers that hold
+  the selected versions.
+- The repository RPCs answer UNIMPLEMENTED: what is loaded is decided by the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from gateway.forwarder import ChannelPool
+from gateway.router import Router
+from modelyard import __version__, oip_codec
+from modelyard.errors import InvalidArgument, ModelNotFound, ModelyardError, NoReadyReplica
+from modelyard.oip import grpc_service_pb2 as oip
+from modelyard.oip import grpc_service_pb2_grpc
+from modelyard.rpc.context import current_request_id, new_request_id
+from modelyard.rpc.errors import rpc_errors, status_code_for
+from modelyard.v1 import model_server_service_pb2, tensor_pb2
+
+__all__ = ["OIP_SERVICE_NAME", "OipGatewayServicer"]
+
+OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+PLATFORM = "pytorch_libtorch"
+"""What ModelMetadata reports (Triton's name for a TorchScript model)."""
+
+EXTENSIONS = ["model_configuration", "statistics"]
+
+_OIP_METHOD = f"/{OIP_SERVICE_NAME}/"
+
+
+def _selector(model_version: str) -> tuple[int, str]:
+    """(version, alias) of an OIP `model_version`: digits are a version, text an alias."""
+    if not model_version:
+        return 0, ""
+    if model_version.isdigit():
+        return int(model_version), ""
+    return 0, model_version
+
+
+def _routing_key(parameters: Any) -> str:
+    parameter = parameters.get("routing_key")
+    if parameter is None:
+        return ""
+    if parameter.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidArgument("parameter routing_key must be a string", field="parameters[routing_key]")
+    return str(parameter.string_param)
+
+
+def _tensor_metadata(specs: Sequence[Any]) -> list[oip.ModelMetadataResponse.TensorMetadata]:
+    out = []
+    for spec in specs:
+        datatype = oip_codec.DATATYPE_BY_DATA_TYPE.get(spec.data_type)
+        out.append(oip.ModelMetadataResponse.TensorMetadata(
+            name=spec.name, datatype=datatype or "", shape=list(spec.shape)))
+    return out
+
+
+def _add_duration(into: oip.StatisticDuration, other: oip.StatisticDuration) -> None:
+    into.count += other.count
+    into.ns += other.ns
+
+
+def _merge_statistics(into: oip.ModelStatistics, other: oip.ModelStatistics) -> None:
+    into.last_inference = max(into.last_inference, other.last_inference)
+    into.inference_count += other.inference_count
+    into.execution_count += other.execution_count
+    for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
+                  "cache_hit", "cache_miss"):
+        _add_duration(getattr(into.inference_stats, field), getattr(other.inference_stats, field))
+    sizes = {b.batch_size: b for b in into.batch_stats}
+    for batch in other.batch_stats:
+        mine = sizes.get(batch.batch_size)
+        if mine is None:
+            into.batch_stats.add().CopyFrom(batch)
+            continue
+        for field in ("compute_input", "compute_infer", "compute_output"):
+            _add_duration(getattr(mine, field), getattr(batch, field))
+
+
+class OipGatewayServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    """The Open Inference Protocol over the gateway's router.
+
+    Args:
+        router: Routes calls by the routing table.
+        pool: Channels to model servers (for ModelConfig and ModelStatistics).
+        default_timeout_s: Deadline given to a model server when the caller sent none.
+        ready: Tells whether the gateway takes calls (False while draining).
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        pool: ChannelPool,
+        *,
+        default_timeout_s: float,
+        ready: Callable[[], bool],
+    ) -> None:
+        self._router = router
+        self._pool = pool
+        self._default_timeout_s = default_timeout_s
+        self._ready = ready
+
+    def _timeout(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
+        remaining = context.time_remaining()
+        return self._default_timeout_s if remaining is None else max(remaining, 0.0)
+
+    def _resolve(self, model: str, model_version: str) -> int:
+        if not model:
+            raise InvalidArgument("name the model", field="name")
+        version, alias = _selector(model_version)
+        return self._router.select(model, version, alias)
+
+    def _versions_of(self, model: str) -> list[int]:
+        return sorted({v for m, v in self._router.table.replicas if m == model})
+
+    # -- health ----------------------------------------------------------------------------
+
+    @rpc_errors
+    async def ServerLive(
+        self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    @rpc_errors
+    async def ServerReady(
+        self, request: oip.ServerReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=self._ready())
+
+    @rpc_errors
+    async def ModelReady(
+        self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.ModelReadyResponse:
+        try:
+            version = self._resolve(request.name, request.version)
+            self._router.table.ready_replicas(request.name, version)
+        except (ModelNotFound, NoReadyReplica, ModelyardError):
+            return oip.ModelReadyResponse(ready=False)
+        return oip.ModelReadyResponse(ready=True)
+
+    # -- metadata --------------------------------------------------------------------------
+
+    @rpc_errors
+    async def ServerMetadata(
+        self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(name="modelyard", version=__version__, extensions=EXTENSIONS)
+
+    @rpc_errors
+    async def ModelMetadata(
+        self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.ModelMetadataResponse:
+        version, signature_json, _platform, _aliases = self._router.metadata(
+            request.name, *_selector(request.version)
+        )
+        signature = json_format.ParseDict(signature_json, tensor_pb2.Signature())
+        return oip.ModelMetadataResponse(
+            name=request.name,
+            versions=[str(v) for v in self._versions_of(request.name)] or [str(version)],
+            platform=PLATFORM,
+            inputs=_tensor_metadata(signature.inputs),
+            outputs=_tensor_metadata(signature.outputs),
+        )
+
+    @rpc_errors
+    async def ModelConfig(
+        self, request: oip.ModelConfigRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.ModelConfigResponse:
+        version = self._resolve(request.name, request.version)
+        replica = self._router.table.ready_replicas(request.name, version)[0]
+        asked = oip.ModelConfigRequest(name=request.name, version=str(version))
+        raw = await self._pool.call(
+            replica.address, _OIP_METHOD + "ModelConfig", asked.SerializeToString(),
+            self._timeout(context), current_request_id(),
+        )
+        return oip.ModelConfigResponse.FromString(raw)
+
+    @rpc_errors
+    async def ModelStatistics(
+        self, request: oip.ModelStatisticsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.ModelStatisticsResponse:
+        table = self._router.table
+        if request.name:
+            if request.version:
+                versions = [self._resolve(request.name, request.version)]
+            else:
+                versions = self._versions_of(request.name)
+                if not versions:
+                    raise ModelNotFound(f"model {request.name!r} has no ready version", field="name")
+            keys = [(request.name, v) for v in versions]
+        else:
+            keys = sorted(table.replicas)
+        calls = []
+        for model, version in keys:
+            asked = oip.ModelStatisticsRequest(name=model, version=str(version)).SerializeToString()
+            for replica in table.replicas.get((model, version), []):
+                calls.append(self._pool.call(
+                    replica.address, _OIP_METHOD + "ModelStatistics", asked,
+                    self._timeout(context), current_request_id(),
+                ))
+        merged: dict[tuple[str, str], oip.ModelStatistics] = {}
+        for raw in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(raw, BaseException):
+                continue  # a replica that just left: its numbers are gone with it
+            for stats in oip.ModelStatisticsResponse.FromString(raw).model_stats:
+                key = (stats.name, stats.version)
+                if key not in merged:
+                    merged[key] = oip.ModelStatistics(name=stats.name, version=stats.version)
+                _merge_statistics(merged[key], stats)
+        return oip.ModelStatisticsResponse(model_stats=[merged[k] for k in sorted(merged)])
+
+    # -- inference -------------------------------------------------------------------------
+
+    async def _infer(
+        self, request: oip.ModelInferRequest, timeout_s: float, request_id: str
+    ) -> oip.ModelInferResponse:
+        if not request.model_name:
+            raise InvalidArgument("name the model", field="model_name")
+        version, alias = _selector(request.model_version)
+        message = model_server_service_pb2.InferRequest(
+            model=request.model_name,
+            inputs=oip_codec.inputs_to_protos(request),
+            output_names=[o.name for o in request.outputs],
+            request_id=request_id,
+        )
+        raw = await self._router.forward(
+            request.model_name, version, alias, _routing_key(request.parameters),
+            message.SerializeToString(), timeout_s, request_id,
+            inputs=message.inputs, output_names=message.output_names,
+        )
+        answer = model_server_service_pb2.InferResponse.FromString(raw)
+        response = oip.ModelInferResponse(
+            model_name=answer.model, model_version=str(answer.version), id=request.id
+        )
+        for tensor in answer.outputs:
+            oip_codec.append_output_proto(response, tensor)
+        return response
+
+    @rpc_errors
+    async def ModelInfer(
+        self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.ModelInferResponse:
+        return await self._infer(request, self._timeout(context), request.id or current_request_id())
+
+    @rpc_errors
+    async def ModelStreamInfer(
+        self,
+        requests: AsyncIterator[oip.ModelInferRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[oip.ModelStreamInferResponse]:
+        # Requests run concurrently; answers go out as they complete, matched by id.
+        done: asyncio.Queue[oip.ModelStreamInferResponse | None] = asyncio.Queue()
+        pending: set[asyncio.Task[None]] = set()
+
+        async def run(item: oip.ModelInferRequest) -> None:
+            try:
+                response = await self._infer(
+                    item, self._timeout(context), item.id or new_request_id()
+                )
+                await done.put(oip.ModelStreamInferResponse(infer_response=response))
+            except ModelyardError as exc:
+                code = status_code_for(exc).name
+                await done.put(oip.ModelStreamInferResponse(
+                    error_message=f"{code}: {exc.message}",
+                    infer_response=oip.ModelInferResponse(
+                        model_name=item.model_name, model_version=item.model_version, id=item.id),
+                ))
+            except grpc.aio.AioRpcError as exc:
+                await done.put(oip.ModelStreamInferResponse(
+                    error_message=f"{exc.code().name}: {exc.details() or ''}",
+                    infer_response=oip.ModelInferResponse(
+                        model_name=item.model_name, model_version=item.model_version, id=item.id),
+                ))
+
+        async def read_all() -> None:
+            try:
+                async for message in requests:
+                    task = asyncio.create_task(run(message))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                while pending:
+                    await asyncio.gather(*list(pending))
+            finally:
+                await done.put(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (out := await done.get()) is not None:
+                yield out
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(pending):
+                task.cancel()
+
+    # -- repository (not offered) ----------------------------------------------------------
+
+    async def _unimplemented(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "the model repository is managed through modelyard.v1.RegistryService",
+        )
+
+    @rpc_errors
+    async def RepositoryIndex(
+        self, request: oip.RepositoryIndexRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.RepositoryIndexResponse:
+        await self._unimplemented(context)
+        raise AssertionError("unreachable")  # abort raises
+
+    @rpc_errors
+    async def RepositoryModelLoad(
+        self, request: oip.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.RepositoryModelLoadResponse:
+        await self._unimplemented(context)
+        raise AssertionError("unreachable")
+
+    @rpc_errors
+    async def RepositoryModelUnload(
+        self, request: oip.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.RepositoryModelUnloadResponse:
+        await self._unimplemented(context)
+        raise AssertionError("unreachable")
+
+    def register(self, server: grpc.aio.Server) -> None:
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self, server)
