@@ -1,32 +1,83 @@
-"""The monitor's composition root."""
+"""The monitor's composition root: collection loop, rules, drift, canary analysis, gRPC."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+
+import grpc
+
 from modelyard import __version__
 from modelyard.coordination import CoordinationStore, ServiceRecord
+from modelyard.errors import Unavailable
 from modelyard.membership import Heartbeat, new_service_id
 from modelyard.rpc.server import ServiceServer, create_server
+from modelyard.settings import TLSSettings
+from modelyard.tasks import BackgroundTasks
 from modelyard.v1 import monitor_service_pb2_grpc
+from modelyard.v1 import registry_service_pb2 as reg
+from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
+from monitor_service.alerting import Alert, AlertManager, AlertState, WebhookNotifier
+from monitor_service.canary import CanaryAction, CanaryAnalyzer, CanaryDecision
 from monitor_service.cluster import ClusterView
+from monitor_service.collector import Collector, VersionStats
+from monitor_service.drift import DriftDetector
+from monitor_service.events import EventBus
+from monitor_service.metrics import ALERTS_FIRING, CANARY_DECISIONS, INPUT_DRIFT, SCRAPE_SECONDS, SCRAPES
+from monitor_service.rules import RuleFile, load_rule_file
 from monitor_service.servicer import MonitorServicer
 from monitor_service.settings import MonitorSettings
 
 __all__ = ["MonitorApp"]
 
+log = logging.getLogger(__name__)
+
 SERVICE_NAME = "modelyard.v1.MonitorService"
 
 
+def _channel_credentials(tls: TLSSettings) -> grpc.ChannelCredentials | None:
+    """Credentials to dial the registry with, or None for plaintext."""
+    if not tls.enabled:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=tls.ca_file.read_bytes() if tls.ca_file else None,
+        private_key=tls.key_file.read_bytes() if tls.key_file else None,
+        certificate_chain=tls.cert_file.read_bytes() if tls.cert_file else None,
+    )
+
+
 class MonitorApp:
-    """A monitor process: `await start()`, serve, `await aclose()`."""
+    """A monitor process: `await start()`, serve, `await aclose()`.
+
+    Raises:
+        RuleFileError: from the constructor, when the rule file is bad (with the line).
+    """
 
     name = "monitor"
 
     def __init__(self, settings: MonitorSettings) -> None:
         self.settings = settings
+        self.rule_file = load_rule_file(settings.rules_file) if settings.rules_file else RuleFile()
         self.service_id = settings.service_id or new_service_id("monitor")
         self.store = CoordinationStore(settings.redis)
         self.cluster = ClusterView(self.store, settings.down_retention_s)
-        servicer = MonitorServicer(self.cluster)
+        self.collector = Collector(self.store, settings.window_s)
+        self.drift = DriftDetector(
+            self.rule_file.baselines,
+            learn_items=settings.drift_learn_items,
+            min_items=settings.drift_min_items,
+        )
+        self.events = EventBus(self.store)
+        self.notifier = WebhookNotifier(settings.webhook_urls)
+        self.alerts = AlertManager(self.notifier, on_change=self._alert_changed)
+        self.canary = CanaryAnalyzer(settings.canary, self._move_alias, self._canary_decided)
+        self.stats: dict[tuple[str, int], VersionStats] = {}
+        self.rounds = 0
+        self._round_done = asyncio.Condition()
+        self._registry_channels: dict[str, grpc.aio.Channel] = {}
+        self._tasks = BackgroundTasks(restart_delay_s=settings.scrape_interval_s)
+        servicer = MonitorServicer(self)
         self.server: ServiceServer = create_server(
             settings.server,
             settings.tls,
@@ -60,6 +111,7 @@ class MonitorApp:
         await self.store.open()
         await self.server.start()
         await self.heartbeat.start()
+        self._tasks.spawn("monitor collection", self._collect_forever)
         await self.server.set_serving(True)
 
     async def aclose(self) -> None:
@@ -67,6 +119,97 @@ class MonitorApp:
             return
         self._closed = True
         await self.server.health.enter_graceful_shutdown()
+        await self._tasks.aclose()
         await self.heartbeat.aclose()
         await self.server.drain()
+        await self.notifier.aclose()
+        for channel in self._registry_channels.values():
+            await channel.close()
         await self.store.aclose()
+
+    async def wait_rounds(self, count: int = 1) -> None:
+        """Wait until `count` more collection rounds have completed (for tests and tools)."""
+        target = self.rounds + count
+        async with self._round_done:
+            await self._round_done.wait_for(lambda: self.rounds >= target)
+
+    async def _collect_forever(self) -> None:
+        while True:
+            started = time.perf_counter()
+            try:
+                await self.collect_once()
+            except Unavailable as exc:
+                log.warning("collection round skipped: %s", exc)
+            SCRAPE_SECONDS.observe(time.perf_counter() - started)
+            await asyncio.sleep(self.settings.scrape_interval_s)
+
+    async def collect_once(self) -> None:
+        """One round: scrape, compute the figures, evaluate drift, rules and canaries."""
+        await self.collector.scrape()
+        SCRAPES.inc()
+        now = time.time()
+        stats = self.collector.version_stats()
+        self.drift.apply(stats)
+        for (model, version), figures in stats.items():
+            if figures.inputs:
+                INPUT_DRIFT.labels(model, str(version)).set(figures.input_drift)
+        self.events.observe_membership(self.collector.services)
+        await self.alerts.evaluate(self.rule_file.rules, stats, now)
+        await self.canary.evaluate(stats, self.collector.aliases, now)
+        ALERTS_FIRING.set(sum(a.state is AlertState.FIRING for a in self.alerts.alerts()))
+        self.stats = stats
+        async with self._round_done:
+            self.rounds += 1
+            self._round_done.notify_all()
+
+    async def _alert_changed(self, alert: Alert) -> None:
+        await self.events.publish({
+            "type": "alert",
+            "model": alert.labels.get("model", ""),
+            "name": alert.name,
+            "state": alert.state.value,
+            "labels": alert.labels,
+            "summary": alert.annotations.get("summary", ""),
+            "value": alert.value,
+            "threshold": alert.threshold,
+        })
+
+    async def _canary_decided(self, decision: CanaryDecision) -> None:
+        CANARY_DECISIONS.labels(decision.action.value).inc()
+        await self.events.publish(decision.as_event())
+        if decision.action is CanaryAction.ROLLBACK:
+            await self.alerts.fire_once(
+                "CanaryRolledBack",
+                {"severity": "critical", "model": decision.model, "version": str(decision.canary.version)},
+                {
+                    "summary": f"canary v{decision.canary.version} of {decision.model} rolled back "
+                               f"to v{decision.stable.version}",
+                    "description": f"{decision.reason} [canary {decision.canary.describe()} | "
+                                   f"stable {decision.stable.describe()}]",
+                },
+                decision.canary.error_rate,
+                self.settings.canary.max_error_rate_increase,
+                decision.time,
+                self.settings.event_alert_hold_s,
+            )
+
+    async def _move_alias(self, model: str, alias: str, version: int, expected: int, reason: str) -> None:
+        registries = [s for s in self.collector.services if s.kind == "registry" and not s.draining]
+        if not registries:
+            raise Unavailable("no registry is up to move the alias")
+        address = registries[0].address
+        channel = self._registry_channels.get(address)
+        if channel is None:
+            credentials = _channel_credentials(self.settings.tls)
+            channel = self._registry_channels[address] = (
+                grpc.aio.secure_channel(address, credentials)
+                if credentials
+                else grpc.aio.insecure_channel(address)
+            )
+        await RegistryServiceStub(channel).SetAlias(
+            reg.SetAliasRequest(
+                model=model, alias=alias, version=version, expected_version=expected, reason=reason,
+                request_id=f"monitor-canary-{model}-{alias}-{expected}-{version}",
+            ),
+            timeout=10.0,
+        )

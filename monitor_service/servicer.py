@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import math
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, timestamp_pb2
 
 from modelyard.rpc.errors import rpc_errors
 from modelyard.v1 import model_server_service_pb2 as ms_pb
 from modelyard.v1 import monitor_service_pb2 as pb
 from modelyard.v1 import monitor_service_pb2_grpc as pb_grpc
 from modelyard.v1 import tensor_pb2
-from monitor_service.cluster import ClusterView
+from monitor_service.alerting import Alert, AlertState
+from monitor_service.canary import CanaryAction, CanaryDecision, CanaryFigures
+from monitor_service.collector import VersionStats
+
+if TYPE_CHECKING:
+    from monitor_service.app import MonitorApp
 
 __all__ = ["MonitorServicer"]
 
@@ -35,24 +43,101 @@ _VERSION_STATES = {
 }
 
 
+_ALERT_STATES = {
+    AlertState.PENDING: pb.ALERT_STATE_PENDING,
+    AlertState.FIRING: pb.ALERT_STATE_FIRING,
+    AlertState.RESOLVED: pb.ALERT_STATE_RESOLVED,
+}
+_CANARY_ACTIONS = {
+    CanaryAction.HEALTHY: pb.CANARY_ACTION_HEALTHY,
+    CanaryAction.ROLLBACK: pb.CANARY_ACTION_ROLLBACK,
+    CanaryAction.PROMOTE: pb.CANARY_ACTION_PROMOTE,
+}
+
+
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
 
 
-class MonitorServicer(pb_grpc.MonitorServiceServicer):
-    """Thin adapter over ClusterView."""
+def _duration(seconds: float) -> duration_pb2.Duration | None:
+    """A Duration, or None (field left unset) when the figure is unknown."""
+    if math.isnan(seconds):
+        return None
+    nanos = int(seconds * 1e9)
+    return duration_pb2.Duration(seconds=nanos // 1_000_000_000, nanos=nanos % 1_000_000_000)
 
-    def __init__(self, cluster: ClusterView) -> None:
-        self._cluster = cluster
+
+def _version_stats(stats: VersionStats) -> pb.VersionStats:
+    return pb.VersionStats(
+        model=stats.model,
+        version=stats.version,
+        aliases=stats.aliases,
+        request_count=int(stats.request_count),
+        requests_per_second=stats.requests_per_second,
+        error_rate=stats.error_rate,
+        requests_by_code={code: int(n) for code, n in stats.requests_by_code.items()},
+        latency_p50=_duration(stats.latency_p50_s),
+        latency_p95=_duration(stats.latency_p95_s),
+        latency_p99=_duration(stats.latency_p99_s),
+        queue_time_mean=_duration(stats.queue_time_mean_s),
+        compute_time_mean=_duration(stats.compute_time_mean_s),
+        batch_size_mean=0.0 if math.isnan(stats.batch_size_mean) else stats.batch_size_mean,
+        batch_sizes=[pb.HistogramBucket(upper_bound=b, count=int(n)) for b, n in stats.batch_sizes],
+        queue_depth=stats.queue_depth,
+        replicas_ready=stats.replicas_ready,
+        input_drift=stats.input_drift,
+        requests_per_second_by_alias=stats.requests_per_second_by_alias,
+    )
+
+
+def _alert(alert: Alert) -> pb.Alert:
+    return pb.Alert(
+        name=alert.name,
+        state=_ALERT_STATES[alert.state],
+        labels=alert.labels,
+        annotations=alert.annotations,
+        value=0.0 if math.isnan(alert.value) else alert.value,
+        threshold=alert.threshold,
+        active_time=_timestamp(alert.active_at),
+        fire_time=_timestamp(alert.fired_at) if alert.fired_at is not None else None,
+        resolve_time=_timestamp(alert.resolved_at) if alert.resolved_at is not None else None,
+    )
+
+
+def _figures(figures: CanaryFigures) -> pb.CanaryFigures:
+    return pb.CanaryFigures(
+        version=figures.version,
+        request_count=figures.request_count,
+        error_rate=figures.error_rate,
+        latency_p99=_duration(figures.latency_p99_s),
+    )
+
+
+def _decision(decision: CanaryDecision) -> pb.CanaryDecision:
+    return pb.CanaryDecision(
+        model=decision.model,
+        action=_CANARY_ACTIONS[decision.action],
+        reason=decision.reason,
+        canary=_figures(decision.canary),
+        stable=_figures(decision.stable),
+        decide_time=_timestamp(decision.time),
+    )
+
+
+class MonitorServicer(pb_grpc.MonitorServiceServicer):
+    """Thin adapter over the monitor's parts (cluster view, collector, alerts, canary, events)."""
+
+    def __init__(self, app: MonitorApp) -> None:
+        self._app = app
 
     @rpc_errors
     async def GetClusterStatus(
         self, request: pb.GetClusterStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetClusterStatusResponse:
         services = []
-        for view in await self._cluster.services():
+        for view in await self._app.cluster.services():
             record = view.record
             loaded = [
                 ms_pb.LoadedVersion(
@@ -79,3 +164,50 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
                 )
             )
         return pb.GetClusterStatusResponse(services=services)
+
+    @rpc_errors
+    async def GetModelStats(
+        self, request: pb.GetModelStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetModelStatsResponse:
+        app = self._app
+        versions = [
+            _version_stats(stats)
+            for (model, _version), stats in sorted(app.stats.items())
+            if not request.model or model == request.model
+        ]
+        processes = [
+            pb.ProcessStats(service_ids=ids, cpu_usage=cpu, resident_memory_bytes=int(rss))
+            for ids, cpu, rss in app.collector.process_stats()
+        ]
+        return pb.GetModelStatsResponse(
+            window=_duration(app.settings.window_s), versions=versions, processes=processes
+        )
+
+    @rpc_errors
+    async def ListAlerts(
+        self, request: pb.ListAlertsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListAlertsResponse:
+        alerts = self._app.alerts.alerts(include_resolved=request.include_resolved)
+        return pb.ListAlertsResponse(alerts=[_alert(a) for a in alerts])
+
+    @rpc_errors
+    async def ListCanaryDecisions(
+        self, request: pb.ListCanaryDecisionsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListCanaryDecisionsResponse:
+        decisions = self._app.canary.decisions
+        return pb.ListCanaryDecisionsResponse(
+            decisions=[_decision(d) for d in decisions if not request.model or d.model == request.model]
+        )
+
+    @rpc_errors
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchEventsResponse]:
+        async for event in self._app.events.watch(request.model):
+            yield pb.WatchEventsResponse(
+                event_time=_timestamp(event.time),
+                type=event.type,
+                model=event.model,
+                summary=event.summary,
+                payload_json=json.dumps(event.payload),
+            )

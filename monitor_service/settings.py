@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field, PositiveFloat
+from pydantic import Field, PositiveFloat, PositiveInt
 from pydantic_settings import SettingsConfigDict
 
 from modelyard.settings import ServerSettings, ServiceSettings
+from monitor_service.canary import CanarySettings
 
 __all__ = ["MonitorSettings"]
 
@@ -25,3 +27,20 @@ class MonitorSettings(ServiceSettings):
     """The gRPC listener (modelyard.v1.MonitorService)."""
     down_retention_s: PositiveFloat = 300.0
     """How long a service that stopped heartbeating is still reported, as down."""
+    scrape_interval_s: PositiveFloat = 5.0
+    """How often every service's /metrics is scraped and the rules and canaries evaluated."""
+    window_s: PositiveFloat = 60.0
+    """The rolling window of every figure (rates, percentiles, drift, canary comparison)."""
+    rules_file: Path | None = None
+    """YAML alert rules and drift baselines (see monitor_service.rules); unset: no rules. A bad
+    file stops the monitor at start, naming the line."""
+    webhook_urls: list[str] = Field(default_factory=list)
+    """Where alerts are POSTed in the Alertmanager webhook format (JSON list in the env var)."""
+    canary: CanarySettings = Field(default_factory=CanarySettings)
+    """Canary analysis and automatic rollback."""
+    event_alert_hold_s: PositiveFloat = 300.0
+    """How long an event alert (a canary rollback) stays firing before it resolves by itself."""
+    drift_learn_items: PositiveInt = 1000
+    """Sampled items a model's input baseline is learned from when the rule file gives none."""
+    drift_min_items: PositiveInt = 50
+    """Sampled items a version needs in the window before it gets a drift score."""

@@ -22,27 +22,76 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from modelyard.v1 import model_server_service_pb2 as modelyard_dot_v1_dot_model__server__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"modelyard/v1/monitor_service.proto\x12\x0cmodelyard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\'modelyard/v1/model_server_service.proto\"\x19\n\x17GetClusterStatusRequest\"I\n\x18GetClusterStatusResponse\x12-\n\x08services\x18\x01 \x03(\x0b\x32\x1b.modelyard.v1.ServiceStatus\"\xb4\x02\n\rServiceStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.modelyard.v1.ServiceKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.modelyard.v1.ServiceState\x12\x18\n\x10software_version\x18\x05 \x01(\t\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0eheartbeat_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x0floaded_versions\x18\x08 \x03(\x0b\x32\x1b.modelyard.v1.LoadedVersion*\x99\x01\n\x0bServiceKind\x12\x1c\n\x18SERVICE_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14SERVICE_KIND_GATEWAY\x10\x01\x12\x1d\n\x19SERVICE_KIND_MODEL_SERVER\x10\x02\x12\x19\n\x15SERVICE_KIND_REGISTRY\x10\x03\x12\x18\n\x14SERVICE_KIND_MONITOR\x10\x04*w\n\x0cServiceState\x12\x1d\n\x19SERVICE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10SERVICE_STATE_UP\x10\x01\x12\x1a\n\x16SERVICE_STATE_DEGRADED\x10\x02\x12\x16\n\x12SERVICE_STATE_DOWN\x10\x03\x32s\n\x0eMonitorService\x12\x61\n\x10GetClusterStatus\x12%.modelyard.v1.GetClusterStatusRequest\x1a&.modelyard.v1.GetClusterStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"modelyard/v1/monitor_service.proto\x12\x0cmodelyard.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\'modelyard/v1/model_server_service.proto\"\x19\n\x17GetClusterStatusRequest\"I\n\x18GetClusterStatusResponse\x12-\n\x08services\x18\x01 \x03(\x0b\x32\x1b.modelyard.v1.ServiceStatus\"\xb4\x02\n\rServiceStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.modelyard.v1.ServiceKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.modelyard.v1.ServiceState\x12\x18\n\x10software_version\x18\x05 \x01(\t\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0eheartbeat_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x0floaded_versions\x18\x08 \x03(\x0b\x32\x1b.modelyard.v1.LoadedVersion\"%\n\x14GetModelStatsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x9f\x01\n\x15GetModelStatsResponse\x12)\n\x06window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x08versions\x18\x02 \x03(\x0b\x32\x1a.modelyard.v1.VersionStats\x12-\n\tprocesses\x18\x03 \x03(\x0b\x32\x1a.modelyard.v1.ProcessStats\"\xb2\x06\n\x0cVersionStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07\x61liases\x18\x03 \x03(\t\x12\x15\n\rrequest_count\x18\x04 \x01(\x03\x12\x1b\n\x13requests_per_second\x18\x05 \x01(\x01\x12\x12\n\nerror_rate\x18\x06 \x01(\x01\x12H\n\x10requests_by_code\x18\x07 \x03(\x0b\x32..modelyard.v1.VersionStats.RequestsByCodeEntry\x12.\n\x0blatency_p50\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0blatency_p95\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0blatency_p99\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0fqueue_time_mean\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11\x63ompute_time_mean\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0f\x62\x61tch_size_mean\x18\r \x01(\x01\x12\x32\n\x0b\x62\x61tch_sizes\x18\x0e \x03(\x0b\x32\x1d.modelyard.v1.HistogramBucket\x12\x13\n\x0bqueue_depth\x18\x0f \x01(\x01\x12\x16\n\x0ereplicas_ready\x18\x10 \x01(\x05\x12\x13\n\x0binput_drift\x18\x11 \x01(\x01\x12^\n\x1crequests_per_second_by_alias\x18\x12 \x03(\x0b\x32\x38.modelyard.v1.VersionStats.RequestsPerSecondByAliasEntry\x1a\x35\n\x13RequestsByCodeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a?\n\x1dRequestsPerSecondByAliasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"5\n\x0fHistogramBucket\x12\x13\n\x0bupper_bound\x18\x01 \x01(\x01\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"U\n\x0cProcessStats\x12\x13\n\x0bservice_ids\x18\x01 \x03(\t\x12\x11\n\tcpu_usage\x18\x02 \x01(\x01\x12\x1d\n\x15resident_memory_bytes\x18\x03 \x01(\x03\"-\n\x11ListAlertsRequest\x12\x18\n\x10include_resolved\x18\x01 \x01(\x08\"9\n\x12ListAlertsResponse\x12#\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x13.modelyard.v1.Alert\"\xc1\x03\n\x05\x41lert\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.modelyard.v1.AlertState\x12/\n\x06labels\x18\x03 \x03(\x0b\x32\x1f.modelyard.v1.Alert.LabelsEntry\x12\x39\n\x0b\x61nnotations\x18\x04 \x03(\x0b\x32$.modelyard.v1.Alert.AnnotationsEntry\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x11\n\tthreshold\x18\x06 \x01(\x01\x12/\n\x0b\x61\x63tive_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tfire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cresolve_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\rCanaryFigures\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x15\n\rrequest_count\x18\x02 \x01(\x03\x12\x12\n\nerror_rate\x18\x03 \x01(\x01\x12.\n\x0blatency_p99\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xe6\x01\n\x0e\x43\x61naryDecision\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1a.modelyard.v1.CanaryAction\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12+\n\x06\x63\x61nary\x18\x04 \x01(\x0b\x32\x1b.modelyard.v1.CanaryFigures\x12+\n\x06stable\x18\x05 \x01(\x0b\x32\x1b.modelyard.v1.CanaryFigures\x12/\n\x0b\x64\x65\x63ide_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"+\n\x1aListCanaryDecisionsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"N\n\x1bListCanaryDecisionsResponse\x12/\n\tdecisions\x18\x01 \x03(\x0b\x32\x1c.modelyard.v1.CanaryDecision\"#\n\x12WatchEventsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x89\x01\n\x13WatchEventsResponse\x12.\n\nevent_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07summary\x18\x04 \x01(\t\x12\x14\n\x0cpayload_json\x18\x05 \x01(\t*\x99\x01\n\x0bServiceKind\x12\x1c\n\x18SERVICE_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14SERVICE_KIND_GATEWAY\x10\x01\x12\x1d\n\x19SERVICE_KIND_MODEL_SERVER\x10\x02\x12\x19\n\x15SERVICE_KIND_REGISTRY\x10\x03\x12\x18\n\x14SERVICE_KIND_MONITOR\x10\x04*w\n\x0cServiceState\x12\x1d\n\x19SERVICE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10SERVICE_STATE_UP\x10\x01\x12\x1a\n\x16SERVICE_STATE_DEGRADED\x10\x02\x12\x16\n\x12SERVICE_STATE_DOWN\x10\x03*t\n\nAlertState\x12\x1b\n\x17\x41LERT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41LERT_STATE_PENDING\x10\x01\x12\x16\n\x12\x41LERT_STATE_FIRING\x10\x02\x12\x18\n\x14\x41LERT_STATE_RESOLVED\x10\x03*\x7f\n\x0c\x43\x61naryAction\x12\x1d\n\x19\x43\x41NARY_ACTION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43\x41NARY_ACTION_HEALTHY\x10\x01\x12\x1a\n\x16\x43\x41NARY_ACTION_ROLLBACK\x10\x02\x12\x19\n\x15\x43\x41NARY_ACTION_PROMOTE\x10\x03\x32\xe0\x03\n\x0eMonitorService\x12\x61\n\x10GetClusterStatus\x12%.modelyard.v1.GetClusterStatusRequest\x1a&.modelyard.v1.GetClusterStatusResponse\x12X\n\rGetModelStats\x12\".modelyard.v1.GetModelStatsRequest\x1a#.modelyard.v1.GetModelStatsResponse\x12O\n\nListAlerts\x12\x1f.modelyard.v1.ListAlertsRequest\x1a .modelyard.v1.ListAlertsResponse\x12j\n\x13ListCanaryDecisions\x12(.modelyard.v1.ListCanaryDecisionsRequest\x1a).modelyard.v1.ListCanaryDecisionsResponse\x12T\n\x0bWatchEvents\x12 .modelyard.v1.WatchEventsRequest\x1a!.modelyard.v1.WatchEventsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelyard.v1.monitor_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SERVICEKIND']._serialized_start=540
-  _globals['_SERVICEKIND']._serialized_end=693
-  _globals['_SERVICESTATE']._serialized_start=695
-  _globals['_SERVICESTATE']._serialized_end=814
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=126
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=151
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=153
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=226
-  _globals['_SERVICESTATUS']._serialized_start=229
-  _globals['_SERVICESTATUS']._serialized_end=537
-  _globals['_MONITORSERVICE']._serialized_start=816
-  _globals['_MONITORSERVICE']._serialized_end=931
+  _globals['_VERSIONSTATS_REQUESTSBYCODEENTRY']._loaded_options = None
+  _globals['_VERSIONSTATS_REQUESTSBYCODEENTRY']._serialized_options = b'8\001'
+  _globals['_VERSIONSTATS_REQUESTSPERSECONDBYALIASENTRY']._loaded_options = None
+  _globals['_VERSIONSTATS_REQUESTSPERSECONDBYALIASENTRY']._serialized_options = b'8\001'
+  _globals['_ALERT_LABELSENTRY']._loaded_options = None
+  _globals['_ALERT_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_ALERT_ANNOTATIONSENTRY']._loaded_options = None
+  _globals['_ALERT_ANNOTATIONSENTRY']._serialized_options = b'8\001'
+  _globals['_SERVICEKIND']._serialized_start=2954
+  _globals['_SERVICEKIND']._serialized_end=3107
+  _globals['_SERVICESTATE']._serialized_start=3109
+  _globals['_SERVICESTATE']._serialized_end=3228
+  _globals['_ALERTSTATE']._serialized_start=3230
+  _globals['_ALERTSTATE']._serialized_end=3346
+  _globals['_CANARYACTION']._serialized_start=3348
+  _globals['_CANARYACTION']._serialized_end=3475
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=158
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=183
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=185
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=258
+  _globals['_SERVICESTATUS']._serialized_start=261
+  _globals['_SERVICESTATUS']._serialized_end=569
+  _globals['_GETMODELSTATSREQUEST']._serialized_start=571
+  _globals['_GETMODELSTATSREQUEST']._serialized_end=608
+  _globals['_GETMODELSTATSRESPONSE']._serialized_start=611
+  _globals['_GETMODELSTATSRESPONSE']._serialized_end=770
+  _globals['_VERSIONSTATS']._serialized_start=773
+  _globals['_VERSIONSTATS']._serialized_end=1591
+  _globals['_VERSIONSTATS_REQUESTSBYCODEENTRY']._serialized_start=1473
+  _globals['_VERSIONSTATS_REQUESTSBYCODEENTRY']._serialized_end=1526
+  _globals['_VERSIONSTATS_REQUESTSPERSECONDBYALIASENTRY']._serialized_start=1528
+  _globals['_VERSIONSTATS_REQUESTSPERSECONDBYALIASENTRY']._serialized_end=1591
+  _globals['_HISTOGRAMBUCKET']._serialized_start=1593
+  _globals['_HISTOGRAMBUCKET']._serialized_end=1646
+  _globals['_PROCESSSTATS']._serialized_start=1648
+  _globals['_PROCESSSTATS']._serialized_end=1733
+  _globals['_LISTALERTSREQUEST']._serialized_start=1735
+  _globals['_LISTALERTSREQUEST']._serialized_end=1780
+  _globals['_LISTALERTSRESPONSE']._serialized_start=1782
+  _globals['_LISTALERTSRESPONSE']._serialized_end=1839
+  _globals['_ALERT']._serialized_start=1842
+  _globals['_ALERT']._serialized_end=2291
+  _globals['_ALERT_LABELSENTRY']._serialized_start=2194
+  _globals['_ALERT_LABELSENTRY']._serialized_end=2239
+  _globals['_ALERT_ANNOTATIONSENTRY']._serialized_start=2241
+  _globals['_ALERT_ANNOTATIONSENTRY']._serialized_end=2291
+  _globals['_CANARYFIGURES']._serialized_start=2293
+  _globals['_CANARYFIGURES']._serialized_end=2416
+  _globals['_CANARYDECISION']._serialized_start=2419
+  _globals['_CANARYDECISION']._serialized_end=2649
+  _globals['_LISTCANARYDECISIONSREQUEST']._serialized_start=2651
+  _globals['_LISTCANARYDECISIONSREQUEST']._serialized_end=2694
+  _globals['_LISTCANARYDECISIONSRESPONSE']._serialized_start=2696
+  _globals['_LISTCANARYDECISIONSRESPONSE']._serialized_end=2774
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=2776
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=2811
+  _globals['_WATCHEVENTSRESPONSE']._serialized_start=2814
+  _globals['_WATCHEVENTSRESPONSE']._serialized_end=2951
+  _globals['_MONITORSERVICE']._serialized_start=3478
+  _globals['_MONITORSERVICE']._serialized_end=3958
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,26 @@ class MonitorServiceStub:
                 request_serializer=modelyard_dot_v1_dot_monitor__service__pb2.GetClusterStatusRequest.SerializeToString,
                 response_deserializer=modelyard_dot_v1_dot_monitor__service__pb2.GetClusterStatusResponse.FromString,
                 _registered_method=True)
+        self.GetModelStats = channel.unary_unary(
+                '/modelyard.v1.MonitorService/GetModelStats',
+                request_serializer=modelyard_dot_v1_dot_monitor__service__pb2.GetModelStatsRequest.SerializeToString,
+                response_deserializer=modelyard_dot_v1_dot_monitor__service__pb2.GetModelStatsResponse.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/modelyard.v1.MonitorService/ListAlerts',
+                request_serializer=modelyard_dot_v1_dot_monitor__service__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=modelyard_dot_v1_dot_monitor__service__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.ListCanaryDecisions = channel.unary_unary(
+                '/modelyard.v1.MonitorService/ListCanaryDecisions',
+                request_serializer=modelyard_dot_v1_dot_monitor__service__pb2.ListCanaryDecisionsRequest.SerializeToString,
+                response_deserializer=modelyard_dot_v1_dot_monitor__service__pb2.ListCanaryDecisionsResponse.FromString,
+                _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/modelyard.v1.MonitorService/WatchEvents',
+                request_serializer=modelyard_dot_v1_dot_monitor__service__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=modelyard_dot_v1_dot_monitor__service__pb2.WatchEventsResponse.FromString,
+                _registered_method=True)
 
 
 class MonitorServiceServicer:
@@ -53,6 +73,35 @@ class MonitorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelStats(self, request, context):
+        """GetModelStats reports per model version figures over the monitor's rolling window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """ListAlerts lists the active alerts (pending and firing) and, on request, recent ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCanaryDecisions(self, request, context):
+        """ListCanaryDecisions lists the canary analysis decisions, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEvents(self, request, context):
+        """WatchEvents streams the cluster's events as they happen: alias moves, services up and
+        down, version loads and unloads, alerts and canary decisions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MonitorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +109,26 @@ def add_MonitorServiceServicer_to_server(servicer, server):
                     servicer.GetClusterStatus,
                     request_deserializer=modelyard_dot_v1_dot_monitor__service__pb2.GetClusterStatusRequest.FromString,
                     response_serializer=modelyard_dot_v1_dot_monitor__service__pb2.GetClusterStatusResponse.SerializeToString,
+            ),
+            'GetModelStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelStats,
+                    request_deserializer=modelyard_dot_v1_dot_monitor__service__pb2.GetModelStatsRequest.FromString,
+                    response_serializer=modelyard_dot_v1_dot_monitor__service__pb2.GetModelStatsResponse.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=modelyard_dot_v1_dot_monitor__service__pb2.ListAlertsRequest.FromString,
+                    response_serializer=modelyard_dot_v1_dot_monitor__service__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'ListCanaryDecisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCanaryDecisions,
+                    request_deserializer=modelyard_dot_v1_dot_monitor__service__pb2.ListCanaryDecisionsRequest.FromString,
+                    response_serializer=modelyard_dot_v1_dot_monitor__service__pb2.ListCanaryDecisionsResponse.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=modelyard_dot_v1_dot_monitor__service__pb2.WatchEventsRequest.FromString,
+                    response_serializer=modelyard_dot_v1_dot_monitor__service__pb2.WatchEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +159,114 @@ class MonitorService:
             '/modelyard.v1.MonitorService/GetClusterStatus',
             modelyard_dot_v1_dot_monitor__service__pb2.GetClusterStatusRequest.SerializeToString,
             modelyard_dot_v1_dot_monitor__service__pb2.GetClusterStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.v1.MonitorService/GetModelStats',
+            modelyard_dot_v1_dot_monitor__service__pb2.GetModelStatsRequest.SerializeToString,
+            modelyard_dot_v1_dot_monitor__service__pb2.GetModelStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.v1.MonitorService/ListAlerts',
+            modelyard_dot_v1_dot_monitor__service__pb2.ListAlertsRequest.SerializeToString,
+            modelyard_dot_v1_dot_monitor__service__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCanaryDecisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.v1.MonitorService/ListCanaryDecisions',
+            modelyard_dot_v1_dot_monitor__service__pb2.ListCanaryDecisionsRequest.SerializeToString,
+            modelyard_dot_v1_dot_monitor__service__pb2.ListCanaryDecisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelyard.v1.MonitorService/WatchEvents',
+            modelyard_dot_v1_dot_monitor__service__pb2.WatchEventsRequest.SerializeToString,
+            modelyard_dot_v1_dot_monitor__service__pb2.WatchEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

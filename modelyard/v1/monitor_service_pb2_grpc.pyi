@@ -35,6 +35,16 @@ class MonitorServiceStub:
     def __new__(cls, channel: _aio.Channel) -> MonitorServiceAsyncStub: ...
     GetClusterStatus: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.GetClusterStatusRequest, _monitor_service_pb2.GetClusterStatusResponse]
     """GetClusterStatus lists every service of the cluster and the model versions they serve."""
+    GetModelStats: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.GetModelStatsRequest, _monitor_service_pb2.GetModelStatsResponse]
+    """GetModelStats reports per model version figures over the monitor's rolling window."""
+    ListAlerts: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.ListAlertsRequest, _monitor_service_pb2.ListAlertsResponse]
+    """ListAlerts lists the active alerts (pending and firing) and, on request, recent ones."""
+    ListCanaryDecisions: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.ListCanaryDecisionsRequest, _monitor_service_pb2.ListCanaryDecisionsResponse]
+    """ListCanaryDecisions lists the canary analysis decisions, newest first."""
+    WatchEvents: _grpc.UnaryStreamMultiCallable[_monitor_service_pb2.WatchEventsRequest, _monitor_service_pb2.WatchEventsResponse]
+    """WatchEvents streams the cluster's events as they happen: alias moves, services up and
+    down, version loads and unloads, alerts and canary decisions.
+    """
 
 @_typing.type_check_only
 class MonitorServiceAsyncStub(MonitorServiceStub):
@@ -43,6 +53,16 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetClusterStatus: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.GetClusterStatusRequest, _monitor_service_pb2.GetClusterStatusResponse]  # type: ignore[assignment]
     """GetClusterStatus lists every service of the cluster and the model versions they serve."""
+    GetModelStats: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.GetModelStatsRequest, _monitor_service_pb2.GetModelStatsResponse]  # type: ignore[assignment]
+    """GetModelStats reports per model version figures over the monitor's rolling window."""
+    ListAlerts: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.ListAlertsRequest, _monitor_service_pb2.ListAlertsResponse]  # type: ignore[assignment]
+    """ListAlerts lists the active alerts (pending and firing) and, on request, recent ones."""
+    ListCanaryDecisions: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.ListCanaryDecisionsRequest, _monitor_service_pb2.ListCanaryDecisionsResponse]  # type: ignore[assignment]
+    """ListCanaryDecisions lists the canary analysis decisions, newest first."""
+    WatchEvents: _aio.UnaryStreamMultiCallable[_monitor_service_pb2.WatchEventsRequest, _monitor_service_pb2.WatchEventsResponse]  # type: ignore[assignment]
+    """WatchEvents streams the cluster's events as they happen: alias moves, services up and
+    down, version loads and unloads, alerts and canary decisions.
+    """
 
 class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
     """MonitorService watches the cluster and reports its health."""
@@ -54,5 +74,39 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_monitor_service_pb2.GetClusterStatusResponse, _abc.Awaitable[_monitor_service_pb2.GetClusterStatusResponse]]:
         """GetClusterStatus lists every service of the cluster and the model versions they serve."""
+
+    @_abc_1.abstractmethod
+    def GetModelStats(
+        self,
+        request: _monitor_service_pb2.GetModelStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_service_pb2.GetModelStatsResponse, _abc.Awaitable[_monitor_service_pb2.GetModelStatsResponse]]:
+        """GetModelStats reports per model version figures over the monitor's rolling window."""
+
+    @_abc_1.abstractmethod
+    def ListAlerts(
+        self,
+        request: _monitor_service_pb2.ListAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_service_pb2.ListAlertsResponse, _abc.Awaitable[_monitor_service_pb2.ListAlertsResponse]]:
+        """ListAlerts lists the active alerts (pending and firing) and, on request, recent ones."""
+
+    @_abc_1.abstractmethod
+    def ListCanaryDecisions(
+        self,
+        request: _monitor_service_pb2.ListCanaryDecisionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_service_pb2.ListCanaryDecisionsResponse, _abc.Awaitable[_monitor_service_pb2.ListCanaryDecisionsResponse]]:
+        """ListCanaryDecisions lists the canary analysis decisions, newest first."""
+
+    @_abc_1.abstractmethod
+    def WatchEvents(
+        self,
+        request: _monitor_service_pb2.WatchEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_monitor_service_pb2.WatchEventsResponse], _abc.AsyncIterator[_monitor_service_pb2.WatchEventsResponse]]:
+        """WatchEvents streams the cluster's events as they happen: alias moves, services up and
+        down, version loads and unloads, alerts and canary decisions.
+        """
 
 def add_MonitorServiceServicer_to_server(servicer: MonitorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

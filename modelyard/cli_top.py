@@ -1,0 +1,172 @@
+"""`modelyard top`: a live terminal view of the cluster, from the monitor, refreshed every second.
+
+Usage::
+
+    modelyard top                       # the monitor on 127.0.0.1:50071
+    modelyard top --monitor host:50071 --interval 2
+    modelyard top --once                # one frame, for scripts
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+import grpc
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from modelyard.v1 import monitor_service_pb2 as pb
+from modelyard.v1 import monitor_service_pb2_grpc as pb_grpc
+
+__all__ = ["app", "render"]
+
+app = typer.Typer(help="Live view of the cluster.")
+
+_STATE_STYLE = {
+    pb.SERVICE_STATE_UP: ("up", "green"),
+    pb.SERVICE_STATE_DEGRADED: ("degraded", "yellow"),
+    pb.SERVICE_STATE_DOWN: ("down", "red"),
+}
+
+
+def _ms(duration: object) -> str:
+    if not getattr(duration, "ByteSize", lambda: 0)():
+        return "-"
+    return f"{duration.ToNanoseconds() / 1e6:.1f}"  # type: ignore[attr-defined]  # a protobuf Duration
+
+
+def _since(ts: object, now: float) -> str:
+    seconds = max(now - ts.ToNanoseconds() / 1e9, 0)  # type: ignore[attr-defined]  # a protobuf Timestamp
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def render(
+    status: pb.GetClusterStatusResponse,
+    stats: pb.GetModelStatsResponse,
+    alerts: pb.ListAlertsResponse,
+    *,
+    now: float | None = None,
+) -> Group:
+    """One frame: services, model versions and firing alerts."""
+    now = time.time() if now is None else now
+    services = Table(title="services", expand=True, title_justify="left")
+    for column in ("id", "kind", "address", "state", "up for", "versions", "version"):
+        services.add_column(column)
+    for s in status.services:
+        label, style = _STATE_STYLE.get(s.state, ("?", "white"))
+        held = ", ".join(f"{v.model}:v{v.version}" for v in s.loaded_versions)
+        kind = pb.ServiceKind.Name(s.kind).removeprefix("SERVICE_KIND_").lower()
+        services.add_row(
+            s.id,
+            kind,
+            s.address,
+            Text(label, style=style),
+            _since(s.start_time, now),
+            held or "-",
+            s.software_version,
+        )
+
+    window = stats.window.ToNanoseconds() / 1e9 if stats.HasField("window") else 0
+    models = Table(title=f"models (last {window:.0f}s)", expand=True, title_justify="left")
+    for column in (
+        "model",
+        "ver",
+        "aliases",
+        "req/s",
+        "errors",
+        "p50 ms",
+        "p99 ms",
+        "queue ms",
+        "compute ms",
+        "batch",
+        "depth",
+        "ready",
+        "drift",
+    ):
+        models.add_column(column, justify="left" if column in ("model", "aliases") else "right")
+    for v in stats.versions:
+        errors = f"{v.error_rate * 100:.1f}%" if v.request_count else "-"
+        models.add_row(
+            v.model,
+            str(v.version),
+            ",".join(v.aliases) or "-",
+            f"{v.requests_per_second:.1f}",
+            Text(errors, style="red" if v.error_rate > 0.01 else ""),
+            _ms(v.latency_p50),
+            _ms(v.latency_p99),
+            _ms(v.queue_time_mean),
+            _ms(v.compute_time_mean),
+            f"{v.batch_size_mean:.1f}" if v.batch_size_mean else "-",
+            f"{v.queue_depth:.0f}",
+            Text(str(v.replicas_ready), style="red" if v.aliases and not v.replicas_ready else ""),
+            f"{v.input_drift:.2f}" if v.input_drift else "-",
+        )
+
+    firing = [a for a in alerts.alerts if a.state == pb.ALERT_STATE_FIRING]
+    alert_table = Table(title=f"firing alerts ({len(firing)})", expand=True, title_justify="left")
+    for column in ("alert", "model", "version", "severity", "value", "summary", "for"):
+        alert_table.add_column(column)
+    for a in firing:
+        alert_table.add_row(
+            Text(a.name, style="bold red"),
+            a.labels.get("model", ""),
+            a.labels.get("version", ""),
+            a.labels.get("severity", ""),
+            f"{a.value:.4g}",
+            a.annotations.get("summary", ""),
+            _since(a.fire_time, now),
+        )
+    return Group(services, models, alert_table)
+
+
+async def _frame(stub: pb_grpc.MonitorServiceStub) -> Group:
+    status, stats, alerts = await asyncio.gather(
+        stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=5),
+        stub.GetModelStats(pb.GetModelStatsRequest(), timeout=5),
+        stub.ListAlerts(pb.ListAlertsRequest(), timeout=5),
+    )
+    return render(status, stats, alerts)
+
+
+async def _run(monitor: str, interval_s: float, once: bool, console: Console) -> None:
+    async with grpc.aio.insecure_channel(monitor) as channel:
+        stub = pb_grpc.MonitorServiceStub(channel)
+        if once:
+            console.print(await _frame(stub))
+            return
+        with Live(console=console, auto_refresh=False, screen=False) as live:
+            while True:
+                try:
+                    live.update(await _frame(stub), refresh=True)
+                except grpc.aio.AioRpcError as err:
+                    live.update(
+                        Text(f"monitor at {monitor}: {err.code().name}: {err.details()}", style="red"),
+                        refresh=True,
+                    )
+                await asyncio.sleep(interval_s)
+
+
+@app.command()
+def top(
+    monitor: Annotated[str, typer.Option(help="host:port of the monitor.")] = "127.0.0.1:50071",
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between refreshes.")] = 1.0,
+    once: Annotated[bool, typer.Option(help="Print one frame and exit.")] = False,
+) -> None:
+    """Live view of services, models, versions, traffic, p99, errors, queue depth and alerts."""
+    console = Console()
+    try:
+        asyncio.run(_run(monitor, interval, once, console))
+    except KeyboardInterrupt:
+        pass
+    except grpc.aio.AioRpcError as err:
+        console.print(f"[red]monitor at {monitor}: {err.code().name}: {err.details()}[/]")
+        raise typer.Exit(1) from None

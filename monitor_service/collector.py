@@ -1,0 +1,411 @@
+"""Scrapes every service's Prometheus /metrics and turns counter deltas into window figures.
+
+Every `scrape_interval_s` the collector lists the services in Redis, fetches each distinct
+`metrics_address` and keeps, per *process*, a snapshot of the series it needs (flattened to
+`(what, model, version, detail) -> value`). Figures over the rolling window are the deltas
+between the newest snapshot of each process and its snapshot at the window's start, summed
+over processes: a restarted process (its counters went down) or one that started inside the
+window counts from zero. Percentiles come from histogram bucket deltas with the linear
+interpolation of Prometheus' `histogram_quantile`, never from averages.
+
+Processes, not services: several services in one process (as in the tests, or `modelyard up`
+in one interpreter) share one metrics registry, so scraping each would count every figure
+several times. Scrapes whose `process_start_time_seconds` and host agree are one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import urllib.request
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from modelyard.coordination import CoordinationStore, ServiceRecord
+
+__all__ = [
+    "Collector",
+    "FeatureStats",
+    "ProcessView",
+    "Snapshot",
+    "VersionStats",
+    "histogram_quantile",
+    "parse_snapshot",
+]
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str, int, str]
+"""(what, model, version, detail): detail is a status code, a bucket bound or input/feature."""
+
+_PREFIX = "modelyard_model_server_"
+# Gauges: their latest value is the figure; everything else is a cumulative counter.
+_GAUGES = frozenset({"depth", "rss"})
+
+
+def parse_snapshot(text: str) -> dict[Key, float]:
+    """The series the monitor uses from one /metrics body, flattened.
+
+    Raises:
+        ValueError: the body is not the Prometheus text format.
+    """
+    out: dict[Key, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name, labels, value = sample.name, sample.labels, float(sample.value)
+            if name == "process_cpu_seconds_total":
+                out[("cpu", "", 0, "")] = value
+                continue
+            if name == "process_resident_memory_bytes":
+                out[("rss", "", 0, "")] = value
+                continue
+            if name == "process_start_time_seconds":
+                out[("start", "", 0, "")] = value
+                continue
+            if name == "modelyard_gateway_requests_total" and "model" in labels:
+                key = ("gw_req", labels["model"], _int(labels.get("version", "0")), labels.get("alias", ""))
+                out[key] = out.get(key, 0.0) + value  # summed over status codes
+                continue
+            if not name.startswith(_PREFIX) or "model" not in labels:
+                continue
+            try:
+                version = int(labels.get("version", "0"))
+            except ValueError:
+                continue
+            model = labels["model"]
+            what = _series(name[len(_PREFIX):], labels)
+            if what is not None:
+                out[(what[0], model, version, what[1])] = value
+    return out
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return 0
+
+
+def _series(short: str, labels: dict[str, str]) -> tuple[str, str] | None:
+    match short:
+        case "requests_total":
+            return "req", labels.get("code", "")
+        case "request_seconds_bucket":
+            return "lat_b", labels["le"]
+        case "queue_seconds_sum":
+            return "queue_sum", ""
+        case "queue_seconds_count":
+            return "queue_n", ""
+        case "compute_seconds_sum":
+            return "compute_sum", ""
+        case "compute_seconds_count":
+            return "compute_n", ""
+        case "batch_size_bucket":
+            return "batch_b", labels["le"]
+        case "batch_size_sum":
+            return "batch_sum", ""
+        case "batch_size_count":
+            return "batch_n", ""
+        case "queue_depth":
+            return "depth", ""
+        case "input_sampled_items_total":
+            return "in_n", labels.get("input", "")
+        case "input_sum":
+            return "in_s", f"{labels.get('input', '')}/{labels.get('feature', '')}"
+        case "input_sum_squares":
+            return "in_q", f"{labels.get('input', '')}/{labels.get('feature', '')}"
+    return None
+
+
+def _start_time(body: str) -> float:
+    """`process_start_time_seconds` from a /metrics body without parsing all of it (0 if none)."""
+    at = body.find("\nprocess_start_time_seconds ")
+    if at < 0:
+        return 0.0
+    line = body[at + 1 : body.find("\n", at + 1)]
+    try:
+        return float(line.split()[1])
+    except (IndexError, ValueError):
+        return 0.0
+
+
+def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float:
+    """The q-quantile of a histogram given as (upper bound, cumulative count) pairs.
+
+    Linear interpolation inside the bucket holding the rank, as Prometheus does; NaN when
+    the histogram is empty; the last finite bound when the rank falls in +Inf.
+    """
+    ordered = sorted(buckets)
+    if not ordered or ordered[-1][1] <= 0:
+        return math.nan
+    rank = q * ordered[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in ordered:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One process's series at one moment."""
+
+    time: float
+    values: dict[Key, float]
+
+
+@dataclass
+class ProcessView:
+    """A scraped process: its services and its snapshots, oldest first."""
+
+    key: tuple[str, float]
+    service_ids: set[str] = field(default_factory=set)
+    start_time: float = 0.0
+    snapshots: deque[Snapshot] = field(default_factory=deque)
+
+    def delta(self, since: float) -> dict[Key, float]:
+        """Counter increases from `since` to the newest snapshot; gauges at their newest."""
+        newest = self.snapshots[-1]
+        base: dict[Key, float] = {}
+        if self.start_time < since:
+            older = [s for s in self.snapshots if s.time <= since]
+            base = (older[-1] if older else self.snapshots[0]).values
+        out: dict[Key, float] = {}
+        for key, value in newest.values.items():
+            if key[0] in _GAUGES:
+                out[key] = value
+                continue
+            before = base.get(key, 0.0)
+            # Gauge-backed sums (input statistics) may go down; real counters only go down
+            # on a restart, which `start_time` handles.
+            out[key] = value - before if key[0] in ("in_s", "in_q") or value >= before else value
+        return out
+
+
+@dataclass
+class FeatureStats:
+    """Count, mean and variance of one input feature over a window."""
+
+    count: float
+    mean: float
+    variance: float
+
+
+@dataclass
+class VersionStats:
+    """One model version's figures over the window (NaN where there was no data)."""
+
+    model: str
+    version: int
+    aliases: list[str] = field(default_factory=list)
+    request_count: float = 0.0
+    requests_per_second: float = 0.0
+    requests_by_code: dict[str, float] = field(default_factory=dict)
+    error_rate: float = 0.0
+    latency_p50_s: float = math.nan
+    latency_p95_s: float = math.nan
+    latency_p99_s: float = math.nan
+    queue_time_mean_s: float = math.nan
+    compute_time_mean_s: float = math.nan
+    batch_size_mean: float = math.nan
+    batch_sizes: list[tuple[float, float]] = field(default_factory=list)
+    """(upper bound, batches in that bucket), not cumulative."""
+    queue_depth: float = 0.0
+    replicas_ready: int = 0
+    inputs: dict[str, FeatureStats] = field(default_factory=dict)
+    """"input/feature" -> statistics of the sampled items in the window."""
+    input_drift: float = 0.0
+    """Filled in by the drift detector: the largest standardised mean shift."""
+    requests_per_second_by_alias: dict[str, float] = field(default_factory=dict)
+    """From the gateways' metrics: calls per second by the alias the caller selected ("" for
+    calls that named the version)."""
+
+
+Fetch = Callable[[str], Awaitable[str]]
+
+
+async def fetch_metrics(address: str) -> str:
+    """GET http://address/metrics (loopback or cluster network; short timeout)."""
+
+    def get() -> str:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=2.0) as response:
+            body: bytes = response.read()
+        return body.decode()
+
+    return await asyncio.to_thread(get)
+
+
+class Collector:
+    """Keeps the window of every process's snapshots and computes the figures.
+
+    Args:
+        store: Where services and aliases are read.
+        window_s: The rolling window.
+        fetch: Fetches a /metrics body by host:port (a strategy, for unit tests).
+        clock: Wall clock.
+    """
+
+    def __init__(
+        self,
+        store: CoordinationStore,
+        window_s: float,
+        *,
+        fetch: Fetch = fetch_metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self.window_s = window_s
+        self._fetch = fetch
+        self._clock = clock
+        self.processes: dict[tuple[str, float], ProcessView] = {}
+        self.services: list[ServiceRecord] = []
+        self.aliases: dict[str, dict[str, int]] = {}
+        self.scrapes = 0
+
+    async def scrape(self) -> None:
+        """One round: membership, aliases, and every distinct metrics endpoint."""
+        self.services = await self._store.list_services()
+        self.aliases = {m: a for m, (a, _epoch) in (await self._store.all_aliases()).items()}
+        by_address: dict[str, list[str]] = {}
+        for record in self.services:
+            if record.metrics_address:
+                by_address.setdefault(record.metrics_address, []).append(record.id)
+        bodies = await asyncio.gather(
+            *(self._fetch(address) for address in by_address), return_exceptions=True
+        )
+        now = self._clock()
+        seen: set[tuple[str, float]] = set()
+        for (address, ids), body in zip(by_address.items(), bodies, strict=True):
+            if isinstance(body, BaseException):
+                log.debug("cannot scrape %s: %s", address, body)
+                continue
+            start = _start_time(body)
+            key = (address.rsplit(":", 1)[0] if start else address, start)
+            if key in seen:  # another service of a process already scraped this round
+                self.processes[key].service_ids.update(ids)
+                continue
+            try:
+                # Parsing a large body takes milliseconds of CPU: off the event loop.
+                values = await asyncio.to_thread(parse_snapshot, body)
+            except ValueError as exc:
+                log.warning("bad /metrics from %s: %s", address, exc)
+                continue
+            seen.add(key)
+            process = self.processes.get(key)
+            if process is None:
+                process = self.processes[key] = ProcessView(key, start_time=start or now)
+            process.service_ids = set(ids)
+            process.snapshots.append(Snapshot(now, values))
+            while len(process.snapshots) > 2 and process.snapshots[1].time <= now - self.window_s:
+                process.snapshots.popleft()
+        for key in list(self.processes):
+            if key not in seen and self.processes[key].snapshots[-1].time < now - self.window_s:
+                del self.processes[key]
+        self.scrapes += 1
+
+    def window(self, window_s: float | None = None) -> dict[Key, float]:
+        """Deltas over the window, summed over processes."""
+        since = self._clock() - (window_s or self.window_s)
+        total: dict[Key, float] = {}
+        for process in self.processes.values():
+            for key, value in process.delta(since).items():
+                total[key] = total.get(key, 0.0) + value
+        return total
+
+    def version_stats(self, window_s: float | None = None) -> dict[tuple[str, int], VersionStats]:
+        """Figures per model version over the window (or a shorter one)."""
+        length = window_s or self.window_s
+        series = self.window(length)
+        grouped: dict[tuple[str, int], dict[tuple[str, str], float]] = {}
+        for (what, model, version, detail), value in series.items():
+            if model:
+                grouped.setdefault((model, version), {})[(what, detail)] = value
+        for record in self.services:
+            for held in record.versions:
+                grouped.setdefault((held.model, held.version), {})
+        for model, aliases in self.aliases.items():
+            for version in aliases.values():
+                grouped.setdefault((model, version), {})
+        stats = {key: _version_stats(key, values, length) for key, values in grouped.items()}
+        for record in self.services:
+            if record.draining:
+                continue
+            for held in record.versions:
+                if held.state == "ready":
+                    stats[(held.model, held.version)].replicas_ready += 1
+        for model, aliases in self.aliases.items():
+            for alias, version in sorted(aliases.items()):
+                stats[(model, version)].aliases.append(alias)
+        return stats
+
+    def process_stats(self) -> list[tuple[list[str], float, float]]:
+        """(service ids, CPU seconds per second, resident bytes) per process."""
+        out = []
+        since = self._clock() - self.window_s
+        for process in self.processes.values():
+            newest = process.snapshots[-1]
+            base = [s for s in process.snapshots if s.time <= since] or [process.snapshots[0]]
+            elapsed = newest.time - base[-1].time
+            cpu_key = ("cpu", "", 0, "")
+            cpu = (
+                (newest.values.get(cpu_key, 0.0) - base[-1].values.get(cpu_key, 0.0)) / elapsed
+                if elapsed > 0
+                else 0.0
+            )
+            out.append((sorted(process.service_ids), cpu, newest.values.get(("rss", "", 0, ""), 0.0)))
+        return out
+
+
+def _version_stats(
+    key: tuple[str, int], values: dict[tuple[str, str], float], window_s: float
+) -> VersionStats:
+    stats = VersionStats(model=key[0], version=key[1])
+    by_code = {detail: v for (what, detail), v in values.items() if what == "req" and v > 0}
+    stats.requests_by_code = by_code
+    stats.request_count = sum(by_code.values())
+    stats.requests_per_second = stats.request_count / window_s
+    if stats.request_count:
+        stats.error_rate = 1.0 - by_code.get("OK", 0.0) / stats.request_count
+    latency = [(float(detail), v) for (what, detail), v in values.items() if what == "lat_b"]
+    stats.latency_p50_s = histogram_quantile(0.50, latency)
+    stats.latency_p95_s = histogram_quantile(0.95, latency)
+    stats.latency_p99_s = histogram_quantile(0.99, latency)
+    stats.queue_time_mean_s = _ratio(values.get(("queue_sum", "")), values.get(("queue_n", "")))
+    stats.compute_time_mean_s = _ratio(values.get(("compute_sum", "")), values.get(("compute_n", "")))
+    stats.batch_size_mean = _ratio(values.get(("batch_sum", "")), values.get(("batch_n", "")))
+    cumulative = sorted((float(detail), v) for (what, detail), v in values.items() if what == "batch_b")
+    previous = 0.0
+    for bound, count in cumulative:
+        if count - previous > 0:
+            stats.batch_sizes.append((bound, count - previous))
+        previous = count
+    stats.queue_depth = values.get(("depth", ""), 0.0)
+    stats.requests_per_second_by_alias = {
+        alias: n / window_s for (what, alias), n in values.items() if what == "gw_req" and n > 0
+    }
+    for (what, detail), n in values.items():
+        if what != "in_n" or n <= 0:
+            continue
+        prefix = f"{detail}/"
+        for (what2, feature), total in values.items():
+            if what2 == "in_s" and feature.startswith(prefix):
+                squares = values.get(("in_q", feature), 0.0)
+                mean = total / n
+                stats.inputs[feature] = FeatureStats(n, mean, max(squares / n - mean * mean, 0.0))
+    return stats
+
+
+def _ratio(total: float | None, count: float | None) -> float:
+    if not count or total is None:
+        return math.nan
+    return total / count

@@ -1,0 +1,23 @@
+"""The monitor's own Prometheus metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = ["ALERTS_FIRING", "CANARY_DECISIONS", "INPUT_DRIFT", "SCRAPES", "SCRAPE_SECONDS"]
+
+SCRAPES = Counter("modelyard_monitor_scrapes", "Collection rounds completed.")
+SCRAPE_SECONDS = Histogram(
+    "modelyard_monitor_scrape_seconds",
+    "Time of one collection round: scrape every service, evaluate rules and canaries.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+ALERTS_FIRING = Gauge("modelyard_monitor_alerts_firing", "Alerts firing now.")
+INPUT_DRIFT = Gauge(
+    "modelyard_monitor_input_drift",
+    "Largest standardised mean shift of an input feature against the model's baseline.",
+    ["model", "version"],
+)
+CANARY_DECISIONS = Counter(
+    "modelyard_monitor_canary_decisions", "Canary analysis decisions, by action.", ["action"]
+)
