@@ -11,11 +11,25 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from modelyard import cli_registry, cli_top
 from modelyard.local_cluster import LocalCluster
 from modelyard.telemetry import configure_logging
 
 app = typer.Typer(help="Modelyard: a gRPC inference cluster for PyTorch models.", no_args_is_help=True)
 console = Console()
+cli_registry.add_to(app)
+app.command(name="top")(cli_top.top)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def load(ctx: typer.Context) -> None:
+    """Locust load-test scenarios with SLO gates (`modelyard load --help`)."""
+    from load_tests.cli import app as load_app  # locust (gevent) is imported only for this
+
+    load_app(args=ctx.args, prog_name="modelyard load")
 
 
 @app.callback()

@@ -1,0 +1,1 @@
+"""Locust load tests for Modelyard: a gRPC user, scenarios, SLO gates and their runner."""

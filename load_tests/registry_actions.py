@@ -1,0 +1,80 @@
+"""What the promote/rollback scenario asks of the registry, over `modelyard.v1.RegistryService`:
+copy the serving version into a new one, promote it, roll it back."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import duration_pb2
+
+from modelyard.v1 import registry_service_pb2 as reg
+from modelyard.v1 import registry_service_pb2_grpc as reg_grpc
+
+__all__ = ["copy_version", "promote", "rollback"]
+
+CHUNK_BYTES = 1 << 20
+
+
+async def copy_version(channel: grpc.aio.Channel, model: str, version: int) -> int:
+    """Upload the artifact and signature of `model` v`version` again as a new version.
+
+    A byte-identical copy answers exactly like the original, so a promote to it and a
+    rollback from it change which version serves, never what the callers get back.
+
+    Returns:
+        The new version's number.
+    """
+    stub = reg_grpc.RegistryServiceStub(channel)
+    source = (await stub.GetModelVersion(
+        reg.GetModelVersionRequest(model=model, version=version))).model_version
+    artifact = bytearray()
+    async for part in stub.DownloadModelVersion(
+        reg.DownloadModelVersionRequest(model=model, version=version)
+    ):
+        artifact += part.chunk
+
+    async def upload() -> AsyncIterator[reg.UploadModelVersionRequest]:
+        yield reg.UploadModelVersionRequest(metadata=reg.UploadModelVersionMetadata(
+            model=model,
+            format=source.format,
+            sha256=hashlib.sha256(artifact).hexdigest(),
+            signature=source.signature,
+            description=f"copy of v{version} for the promote_rollback load test",
+            labels={"created-by": "load-tests", "copy-of": str(version)},
+        ))
+        for start in range(0, len(artifact), CHUNK_BYTES):
+            yield reg.UploadModelVersionRequest(chunk=bytes(artifact[start:start + CHUNK_BYTES]))
+
+    uploaded = await stub.UploadModelVersion(upload())
+    return int(uploaded.model_version.version)
+
+
+async def promote(
+    channel: grpc.aio.Channel, model: str, alias: str, version: int, *, expected: int, ready_timeout_s: float
+) -> reg.PromoteVersionResponse:
+    """Zero-downtime promote: the registry has `version` loaded and ready before the alias moves."""
+    timeout = duration_pb2.Duration()
+    timeout.FromMilliseconds(int(ready_timeout_s * 1000))
+    reply: reg.PromoteVersionResponse = await reg_grpc.RegistryServiceStub(channel).PromoteVersion(
+        reg.PromoteVersionRequest(
+            model=model, alias=alias, version=version, expected_version=expected,
+            ready_timeout=timeout, reason="load test: promote under load",
+        ),
+        timeout=ready_timeout_s + 10,
+    )
+    return reply
+
+
+async def rollback(
+    channel: grpc.aio.Channel, model: str, alias: str, *, expected: int
+) -> reg.RollbackAliasResponse:
+    """Move the alias back to where it pointed before."""
+    reply: reg.RollbackAliasResponse = await reg_grpc.RegistryServiceStub(channel).RollbackAlias(
+        reg.RollbackAliasRequest(
+            model=model, alias=alias, expected_version=expected, reason="load test: rollback under load",
+        ),
+        timeout=30,
+    )
+    return reply
