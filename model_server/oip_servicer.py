@@ -224,10 +224,18 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             inference.success.CopyFrom(_duration(stats.success_count, stats.success_s))
             inference.fail.CopyFrom(_duration(stats.fail_count, stats.fail_s))
             inference.queue.CopyFrom(_duration(stats.success_count, stats.queue_s))
+            # Triton's clients (perf_analyzer) require equal counts in compute_input,
+            # compute_infer and compute_output; tensor conversion is timed as part of the
+            # forward here, so input and output carry the count with no time of their own.
+            inference.compute_input.CopyFrom(_duration(stats.success_count, 0.0))
             inference.compute_infer.CopyFrom(_duration(stats.success_count, stats.compute_s))
+            inference.compute_output.CopyFrom(_duration(stats.success_count, 0.0))
             for size, (count, seconds) in sorted(stats.batches.items()):
                 message.batch_stats.add(
-                    batch_size=size, compute_infer=_duration(count, seconds)
+                    batch_size=size,
+                    compute_input=_duration(count, 0.0),
+                    compute_infer=_duration(count, seconds),
+                    compute_output=_duration(count, 0.0),
                 )
         return response
 
