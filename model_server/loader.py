@@ -58,6 +58,8 @@ class Artifact:
     """The hex sha256 the registry recorded at upload."""
     signature: tensor_pb2.Signature
     data: bytes
+    input_baselines: tuple[registry_pb2.InputBaseline, ...] = ()
+    """The input statistics recorded at registration (bin edges for drift counting)."""
 
     @property
     def platform(self) -> str:
@@ -171,6 +173,7 @@ class RegistryArtifactSource:
             sha256=record.sha256,
             signature=record.signature,
             data=b"".join(chunks),
+            input_baselines=tuple(record.input_baselines),
         )
 
 

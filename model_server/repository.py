@@ -22,6 +22,7 @@ from google.protobuf import json_format
 from model_server.batching import BatchConfig, Batcher, BatchTiming
 from model_server.devices import ServingConfig, cast_module, check_precision, forward_fn, resolve_device
 from model_server.loader import ArtifactSource, load_module
+from model_server.stats import register_input_bins
 from modelyard.coordination import VersionRecord
 from modelyard.errors import (
     FailedPrecondition,
@@ -408,6 +409,7 @@ class ModelRepository:
         self._check_signature(loaded)
         loaded.input_index = {spec.name: i for i, spec in enumerate(artifact.signature.inputs)}
         loaded.output_names = [spec.name for spec in artifact.signature.outputs]
+        register_input_bins(model, version, artifact.input_baselines)
         module = await asyncio.to_thread(load_module, artifact, device)
         del artifact  # its bytes are no longer needed
         loaded.module = cast_module(module, compute_dtype)

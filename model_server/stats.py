@@ -11,25 +11,36 @@ This module is the model server's side of the monitor contract (docs/monitoring.
   `[items, features]`, the first `MAX_FEATURES` only) the count of items, the sum and the sum
   of squares. The monitor turns window deltas of these into a mean and a variance per feature
   and compares them with the model's baseline.
+- For versions registered with an input baseline that has bins (`modelyard.baseline`), the
+  sampled items per bin of every feature:
+  `modelyard_model_server_input_bin_items_total{model,version,input,feature,bin}`, from which
+  the monitor computes the population stability index. The edges are learnt when the version
+  is loaded (`register_input_bins`, from the registry's `ModelVersion.input_baselines`); the
+  counting is one `searchsorted` and one `bincount` on the sampled tensor, and the counters
+  are read only when /metrics is scraped.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
 import torch
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from modelyard.baseline import MAX_FEATURES as _BASELINE_FEATURES
 from modelyard.errors import ModelyardError
 from modelyard.rpc.errors import status_code_for
 from modelyard.telemetry import FINE_LATENCY_BUCKETS_S
 from modelyard.tensor_codec import tensor_from_proto
-from modelyard.v1 import tensor_pb2
+from modelyard.v1 import registry_pb2, tensor_pb2
 
 __all__ = [
     "REQUESTS",
@@ -38,8 +49,11 @@ __all__ = [
     "INPUT_ITEMS",
     "INPUT_SUM",
     "INPUT_SQUARES",
+    "INPUT_BINS",
     "MAX_FEATURES",
+    "InputBinCounts",
     "RequestStats",
+    "register_input_bins",
 ]
 
 log = logging.getLogger(__name__)
@@ -48,8 +62,9 @@ T = TypeVar("T")
 
 REQUEST_BUCKETS_S = FINE_LATENCY_BUCKETS_S
 
-MAX_FEATURES = 32
-"""Columns per input whose statistics are exported (bounds the series count)."""
+MAX_FEATURES = _BASELINE_FEATURES
+"""Columns per input whose statistics are exported (bounds the series count); the same as the
+baselines the registry records."""
 
 REQUESTS = Counter(
     "modelyard_model_server_requests",
@@ -78,6 +93,89 @@ INPUT_SQUARES = Gauge(
     "Sum of squares of one input feature over the sampled items.",
     ["model", "version", "input", "feature"],
 )
+
+
+class _Bins:
+    """One input's bin edges (padded with +inf to a [features, edges] tensor) and counts."""
+
+    __slots__ = ("edges", "bins", "counts")
+
+    def __init__(self, baseline: registry_pb2.InputBaseline) -> None:
+        features = baseline.features[:MAX_FEATURES]
+        width = max(len(f.bin_edges) for f in features)
+        edges = torch.full((len(features), width), float("inf"), dtype=torch.float64)
+        for i, feature in enumerate(features):
+            edges[i, : len(feature.bin_edges)] = torch.tensor(list(feature.bin_edges), dtype=torch.float64)
+        self.edges = edges
+        # Bins per feature; 0 for a feature without edges (its counts are never exported).
+        # Padding with +inf puts values above a feature's last real edge in its last real bin.
+        self.bins = [len(f.bin_edges) + 1 if f.bin_edges else 0 for f in features]
+        self.counts = torch.zeros(len(features) * (width + 1), dtype=torch.float64)
+
+
+class InputBinCounts(Collector):
+    """Counts sampled items per baseline bin, and exports the counts when /metrics is read.
+
+    A Prometheus custom collector: nothing is exported per sample, so the cost on the request
+    path is one vectorised `searchsorted` and one `bincount` per sampled input tensor.
+    """
+
+    def __init__(self, max_versions: int = 10_000) -> None:
+        self._lock = threading.Lock()  # the sampler runs on the event loop, collect() in the HTTP thread
+        self._bins: dict[tuple[str, str, str], _Bins] = {}
+        self._max_versions = max_versions
+
+    def register(self, model: str, version: int, baselines: Sequence[registry_pb2.InputBaseline]) -> None:
+        """Learn a version's bin edges (idempotent: a version's baseline never changes)."""
+        for baseline in baselines:
+            key = (model, str(version), baseline.input)
+            if key in self._bins or not any(f.bin_edges for f in baseline.features):
+                continue
+            with self._lock:
+                if len(self._bins) >= self._max_versions:  # unbounded model names must not leak
+                    self._bins.clear()
+                self._bins[key] = _Bins(baseline)
+
+    def count(self, labels: tuple[str, str], name: str, rows: torch.Tensor) -> None:
+        """Add the items of `rows` ([items, features], float64) to the bins of one input."""
+        bins = self._bins.get((labels[0], labels[1], name))
+        if bins is None:
+            return
+        features = min(rows.shape[1], bins.edges.shape[0])
+        width = bins.edges.shape[1] + 1
+        index = torch.searchsorted(bins.edges[:features], rows[:, :features].T.contiguous(), side="left")
+        index += torch.arange(features).unsqueeze(1) * width
+        added = torch.bincount(index.flatten(), minlength=features * width).to(torch.float64)
+        with self._lock:
+            bins.counts[: features * width] += added
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "modelyard_model_server_input_bin_items",
+            "Sampled items per bin of the version's input baseline, by input and feature.",
+            labels=["model", "version", "input", "feature", "bin"],
+        )
+        with self._lock:
+            snapshot = [
+                (key, b.bins, b.edges.shape[1] + 1, b.counts.tolist()) for key, b in self._bins.items()
+            ]
+        for (model, version, name), per_feature, width, counts in snapshot:
+            for feature, bins in enumerate(per_feature):
+                for index in range(bins):
+                    family.add_metric(
+                        [model, version, name, str(feature), str(index)], counts[feature * width + index]
+                    )
+        yield family
+
+
+INPUT_BINS = InputBinCounts()
+REGISTRY.register(INPUT_BINS)
+
+
+def register_input_bins(model: str, version: int, baselines: Sequence[registry_pb2.InputBaseline]) -> None:
+    """Learn the bin edges of a version being loaded, so its sampled inputs are also counted
+    per bin (the monitor's population stability index). A no-op without binned baselines."""
+    INPUT_BINS.register(model, version, baselines)
 
 
 class RequestStats:
@@ -149,6 +247,7 @@ class RequestStats:
             rows = tensor.reshape(tensor.shape[0], -1)[:, :MAX_FEATURES].to(torch.float64)
             if rows.shape[1] == 0:
                 continue
+            INPUT_BINS.count(labels, message.name, rows)
             sums = rows.sum(dim=0).tolist()
             squares = (rows * rows).sum(dim=0).tolist()
             INPUT_ITEMS.labels(*labels, message.name).inc(rows.shape[0])

@@ -29,6 +29,8 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
+from modelyard.baseline import DEFAULT_BINS, compute_baseline, load_baseline_sample
+from modelyard.errors import InvalidArgument
 from modelyard.v1 import registry_pb2, registry_service_pb2_grpc, tensor_pb2
 from modelyard.v1 import registry_service_pb2 as pb
 
@@ -148,11 +150,24 @@ def models_upload(
     ] = "",
     description: Annotated[str, typer.Option(help="What changed in this version.")] = "",
     label: Annotated[list[str] | None, typer.Option(help="key=value, repeatable.")] = None,
+    baseline_sample: Annotated[
+        Path | None,
+        typer.Option(
+            "--baseline-sample",
+            exists=True,
+            dir_okay=False,
+            help="A torch.save'd dict input name -> tensor (or one tensor for a single-input "
+            "model), e.g. a slice of the training set: its statistics are recorded with the "
+            "version as the drift baseline. Only tensors are read (weights_only).",
+        ),
+    ] = None,
+    bins: Annotated[int, typer.Option(help="Quantile bins per feature of the baseline.")] = DEFAULT_BINS,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
     user: UserOpt = "",
 ) -> None:
-    """Upload a new version of a model (streamed, sha256-checked by the registry)."""
+    """Upload a new version of a model (streamed, sha256-checked by the registry), optionally
+    with the input baseline the monitor compares traffic with."""
     kind = fmt or ("torch_export" if artifact.suffix == ".pt2" else "torchscript")
     formats = {
         "torchscript": registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
@@ -165,15 +180,23 @@ def models_upload(
     with artifact.open("rb") as file:
         for block in iter(lambda: file.read(UPLOAD_CHUNK_BYTES), b""):
             digest.update(block)
+    signature = tensor_pb2.Signature(
+        inputs=[parse_tensor_spec(i) for i in inputs], outputs=[parse_tensor_spec(o) for o in outputs]
+    )
+    baselines = []
+    if baseline_sample is not None:
+        try:
+            baselines = compute_baseline(load_baseline_sample(baseline_sample, signature), bins=bins)
+        except InvalidArgument as exc:
+            raise typer.BadParameter(exc.message, param_hint="--baseline-sample") from None
     metadata = pb.UploadModelVersionMetadata(
         model=model,
         format=formats[kind],
         sha256=digest.hexdigest(),
-        signature=tensor_pb2.Signature(
-            inputs=[parse_tensor_spec(i) for i in inputs], outputs=[parse_tensor_spec(o) for o in outputs]
-        ),
+        signature=signature,
         description=description,
         labels=labels,
+        input_baselines=baselines,
     )
 
     async def requests() -> AsyncIterator[pb.UploadModelVersionRequest]:
@@ -190,6 +213,10 @@ def models_upload(
         console.print(
             f"uploaded [bold]{v.model}[/bold] version [bold]{v.version}[/bold] "
             f"({v.size_bytes} bytes, sha256 {v.sha256[:12]}…)"
+            + "".join(
+                f"; baseline of {b.input}: {len(b.features)} features over {b.item_count} items"
+                for b in v.input_baselines
+            )
         )
 
 

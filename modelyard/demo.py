@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import grpc
 import torch
 from torch import nn
 
+from modelyard.baseline import compute_baseline
 from modelyard.tensor_codec import tensor_from_proto, tensor_to_proto
 from modelyard.v1 import inference_service_pb2 as inf
 from modelyard.v1 import inference_service_pb2_grpc as inf_grpc
@@ -20,7 +21,14 @@ from modelyard.v1 import registry_pb2, tensor_pb2
 from modelyard.v1 import registry_service_pb2 as reg
 from modelyard.v1 import registry_service_pb2_grpc as reg_grpc
 
-__all__ = ["build_demo_model", "demo_signature", "register_model", "predict_until_served", "DemoAnswer"]
+__all__ = [
+    "build_demo_model",
+    "demo_signature",
+    "demo_inputs",
+    "register_model",
+    "predict_until_served",
+    "DemoAnswer",
+]
 
 CHUNK_BYTES = 1 << 20
 
@@ -55,6 +63,19 @@ def demo_signature() -> tensor_pb2.Signature:
     )
 
 
+def demo_inputs(signature: tensor_pb2.Signature, items: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The demo's synthetic inputs: standard normal values shaped by the signature (`items` on
+    dim 0, 1 for any other dynamic dimension), as `modelyard up --demo` sends them."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        spec.name: torch.randn(
+            [items if i == 0 else (1 if d == -1 else d) for i, d in enumerate(spec.shape)],
+            generator=generator,
+        )
+        for spec in signature.inputs
+    }
+
+
 async def register_model(
     registry_address: str,
     model: str,
@@ -63,8 +84,17 @@ async def register_model(
     *,
     alias: str = "production",
     description: str = "",
+    baseline_sample: Mapping[str, torch.Tensor] | None = None,
 ) -> int:
-    """Create the model if needed, upload a version, point `alias` at it; return the version."""
+    """Create the model if needed, upload a version with its input baseline, point `alias` at
+    it; return the version.
+
+    Args:
+        baseline_sample: Input name -> items the drift baseline is computed from; None: 2000
+            items of the demo's synthetic inputs (`demo_inputs`), the distribution the demo sends.
+    """
+    sample = baseline_sample if baseline_sample is not None else demo_inputs(signature, 2000)
+    baselines = compute_baseline(sample)
     async with grpc.aio.insecure_channel(registry_address) as channel:
         stub = reg_grpc.RegistryServiceStub(channel)
         try:
@@ -80,6 +110,7 @@ async def register_model(
                 sha256=hashlib.sha256(artifact).hexdigest(),
                 signature=signature,
                 description=description,
+                input_baselines=baselines,
             ))
             for start in range(0, len(artifact), CHUNK_BYTES):
                 yield reg.UploadModelVersionRequest(chunk=artifact[start:start + CHUNK_BYTES])

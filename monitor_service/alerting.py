@@ -78,6 +78,8 @@ def rule_value(rule: AlertRule, stats: VersionStats) -> float:
             return 1.0 if stats.aliases and stats.replicas_ready == 0 else 0.0
         case "input_drift":
             return stats.input_drift
+        case "input_psi":
+            return stats.input_psi
     raise ValueError(f"unknown metric {rule.metric!r}")
 
 

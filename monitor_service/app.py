@@ -24,7 +24,14 @@ from monitor_service.cluster import ClusterView
 from monitor_service.collector import Collector, VersionStats
 from monitor_service.drift import DriftDetector
 from monitor_service.events import EventBus
-from monitor_service.metrics import ALERTS_FIRING, CANARY_DECISIONS, INPUT_DRIFT, SCRAPE_SECONDS, SCRAPES
+from monitor_service.metrics import (
+    ALERTS_FIRING,
+    CANARY_DECISIONS,
+    INPUT_DRIFT,
+    INPUT_PSI,
+    SCRAPE_SECONDS,
+    SCRAPES,
+)
 from monitor_service.rules import RuleFile, load_rule_file
 from monitor_service.servicer import MonitorServicer
 from monitor_service.settings import MonitorSettings
@@ -71,7 +78,10 @@ class MonitorApp:
         self.events = EventBus(self.store)
         self.notifier = WebhookNotifier(settings.webhook_urls)
         self.alerts = AlertManager(self.notifier, on_change=self._alert_changed)
-        self.canary = CanaryAnalyzer(settings.canary, self._move_alias, self._canary_decided)
+        self.canary = CanaryAnalyzer(
+            settings.canary, self._move_alias, self._canary_decided, set_split=self._set_traffic_split
+        )
+        self._baselines_fetched: set[tuple[str, int]] = set()
         self.stats: dict[tuple[str, int], VersionStats] = {}
         self.rounds = 0
         self._round_done = asyncio.Condition()
@@ -149,10 +159,12 @@ class MonitorApp:
         SCRAPES.inc()
         now = time.time()
         stats = self.collector.version_stats()
+        await self._fetch_baselines([key for key, figures in stats.items() if figures.inputs])
         self.drift.apply(stats)
         for (model, version), figures in stats.items():
             if figures.inputs:
                 INPUT_DRIFT.labels(model, str(version)).set(figures.input_drift)
+                INPUT_PSI.labels(model, str(version)).set(figures.input_psi)
         self.events.observe_membership(self.collector.services)
         await self.alerts.evaluate(self.rule_file.rules, stats, now)
         await self.canary.evaluate(stats, self.collector.aliases, now)
@@ -193,10 +205,11 @@ class MonitorApp:
                 self.settings.event_alert_hold_s,
             )
 
-    async def _move_alias(self, model: str, alias: str, version: int, expected: int, reason: str) -> None:
+    def _registry(self) -> RegistryServiceStub:
+        """A stub on a registry that is up (found through membership), its channel kept."""
         registries = [s for s in self.collector.services if s.kind == "registry" and not s.draining]
         if not registries:
-            raise Unavailable("no registry is up to move the alias")
+            raise Unavailable("no registry is up")
         address = registries[0].address
         channel = self._registry_channels.get(address)
         if channel is None:
@@ -206,10 +219,53 @@ class MonitorApp:
                 if credentials
                 else grpc.aio.insecure_channel(address)
             )
-        await RegistryServiceStub(channel).SetAlias(
+        return RegistryServiceStub(channel)
+
+    async def _fetch_baselines(self, keys: list[tuple[str, int]]) -> None:
+        """Ask the registry for the input baseline of every version not asked about yet.
+
+        A version's baseline never changes, so each is fetched once (a version without one is
+        remembered too); a failed fetch is tried again next round.
+        """
+        wanted = [key for key in keys if key not in self._baselines_fetched]
+        if not wanted:
+            return
+        try:
+            stub = self._registry()
+        except Unavailable:
+            return
+
+        async def fetch(model: str, version: int) -> None:
+            try:
+                response = await stub.GetModelVersion(
+                    reg.GetModelVersionRequest(model=model, version=version), timeout=5.0
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                    self._baselines_fetched.add((model, version))  # nothing to compare with
+                else:
+                    log.warning("cannot fetch the baseline of %s v%d: %s", model, version, exc.details())
+                return
+            self.drift.set_registry_baselines(model, version, list(response.model_version.input_baselines))
+            self._baselines_fetched.add((model, version))
+
+        await asyncio.gather(*(fetch(model, version) for model, version in wanted))
+
+    async def _move_alias(self, model: str, alias: str, version: int, expected: int, reason: str) -> None:
+        await self._registry().SetAlias(
             reg.SetAliasRequest(
                 model=model, alias=alias, version=version, expected_version=expected, reason=reason,
                 request_id=f"monitor-canary-{model}-{alias}-{expected}-{version}",
             ),
             timeout=10.0,
+        )
+
+    async def _set_traffic_split(self, model: str, split: dict[str, int], request_id: str) -> None:
+        """Replace the traffic split of a model's deployment, keeping the rest of it."""
+        stub = self._registry()
+        current = (await stub.GetDeployment(reg.GetDeploymentRequest(model=model), timeout=10.0)).deployment
+        current.traffic_split.clear()
+        current.traffic_split.update(split)
+        await stub.SetDeployment(
+            reg.SetDeploymentRequest(model=model, deployment=current, request_id=request_id), timeout=10.0
         )

@@ -12,6 +12,14 @@ compare-and-set on the canary's version, so a human's move in between wins) and 
 ROLLBACK decision with the figures, as an event and an alert. Within the margins: record one
 HEALTHY decision per canary version; with `promote_after_s` set, a canary healthy for that
 long is promoted (the stable alias moves to it) and a PROMOTE decision is recorded.
+
+Stepwise promotion (`promote_steps`, e.g. [0.1, 0.25, 0.5, 1.0]): as soon as a canary appears
+it gets the first step's share of the traffic that selects the stable alias, through the
+deployment's traffic split ({stable: 90, canary: 10}); after `step_after_s` at a step with
+the canary within the margins (and `min_requests` in the window) it gets the next step's
+share. The final step (1.0) is the promotion: the split is cleared and the stable alias moves
+to the canary. Every step is a STEP decision with the figures. A regression at any step is a
+rollback: the split is cleared first, then the canary alias moves back.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import BaseModel, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator
 
 from monitor_service.collector import VersionStats
 
@@ -50,13 +58,35 @@ class CanarySettings(BaseModel):
     latency_slack_s: NonNegativeFloat = 0.005
     """Added to the allowed p99, so that sub-millisecond noise never rolls a canary back."""
     promote_after_s: PositiveFloat | None = None
-    """Promote a canary that stayed healthy this long; unset: never promote automatically."""
+    """Promote a canary that stayed healthy this long; unset: never promote automatically.
+    Ignored when `promote_steps` is set."""
+    promote_steps: list[float] = []
+    """Stepwise promotion: the canary's share (0 to 1) of the traffic that selects the stable
+    alias, step by step, ascending, the last 1.0 (the promotion itself), e.g. [0.1, 0.25, 0.5,
+    1.0]. Applied through the deployment's traffic split, whole per cents. Empty: no steps."""
+    step_after_s: PositiveFloat = 60.0
+    """How long a canary stays within the margins at one step before it gets the next."""
+
+    @field_validator("promote_steps")
+    @classmethod
+    def _check_steps(cls, steps: list[float]) -> list[float]:
+        if not steps:
+            return steps
+        if steps[-1] != 1.0:
+            raise ValueError("the last of promote_steps must be 1.0 (the promotion)")
+        if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+            raise ValueError("promote_steps must be strictly ascending")
+        for step in steps[:-1]:
+            if not 1 <= round(step * 100) <= 99:
+                raise ValueError(f"step {step} is not a share from 0.01 to 0.99 of the traffic")
+        return steps
 
 
 class CanaryAction(enum.Enum):
     HEALTHY = "healthy"
     ROLLBACK = "rollback"
     PROMOTE = "promote"
+    STEP = "step"
 
 
 @dataclass(frozen=True)
@@ -87,6 +117,8 @@ class CanaryDecision:
     canary: CanaryFigures
     stable: CanaryFigures
     time: float
+    traffic_fraction: float = 0.0
+    """The canary's share of the split traffic after the decision (stepwise promotion)."""
 
     def as_event(self) -> dict[str, object]:
         return {
@@ -96,11 +128,16 @@ class CanaryDecision:
             "reason": self.reason,
             "canary": vars(self.canary),
             "stable": vars(self.stable),
+            "traffic_fraction": self.traffic_fraction,
         }
 
 
 MoveAlias = Callable[[str, str, int, int, str], Awaitable[None]]
 """(model, alias, version, expected_version, reason): moves an alias through the registry."""
+
+SetSplit = Callable[[str, dict[str, int], str], Awaitable[None]]
+"""(model, traffic_split, request_id): replaces the traffic split of the model's deployment
+through the registry; {} clears it."""
 
 
 @dataclass
@@ -111,15 +148,23 @@ class CanaryAnalyzer:
         settings: The margins.
         move_alias: Moves an alias through the registry (compare-and-set).
         on_decision: Told of every decision (the monitor publishes an event and an alert).
+        set_split: Replaces a model's traffic split through the registry (stepwise promotion).
     """
 
     settings: CanarySettings
     move_alias: MoveAlias
     on_decision: Callable[[CanaryDecision], Awaitable[None]]
+    set_split: SetSplit | None = None
     keep: int = 500
     decisions: deque[CanaryDecision] = field(default_factory=deque)
     _healthy_since: dict[tuple[str, int], float] = field(default_factory=dict)
     _rolled_back: set[tuple[str, int]] = field(default_factory=set)
+    _steps: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)
+    """(model, canary version) -> (index of the step it is at, when it got there)."""
+
+    def __post_init__(self) -> None:
+        if self.settings.promote_steps and self.set_split is None:
+            raise ValueError("stepwise promotion (promote_steps) needs set_split")
 
     async def evaluate(
         self, stats: dict[tuple[str, int], VersionStats], aliases: dict[str, dict[str, int]], now: float
@@ -137,9 +182,16 @@ class CanaryAnalyzer:
                 continue
             canary = stats.get(key)
             stable = stats.get((model, stable_version))
+            stable = stable or VersionStats(model=model, version=stable_version)
+            if s.promote_steps and key not in self._steps:
+                # Through the split is how the canary gets traffic at all: the first step starts
+                # as soon as the canary appears, before there are figures to judge.
+                empty = canary or VersionStats(model=model, version=canary_version)
+                figures = (CanaryFigures.of(empty), CanaryFigures.of(stable))
+                await self._enter_step(model, canary_version, stable_version, 0, figures, now)
+                continue
             if canary is None or canary.request_count < s.min_requests:
                 continue
-            stable = stable or VersionStats(model=model, version=stable_version)
             figures = (CanaryFigures.of(canary), CanaryFigures.of(stable))
             problems = self._problems(canary, stable)
             if problems:
@@ -150,7 +202,13 @@ class CanaryAnalyzer:
                 self._healthy_since[key] = now
                 reason = (f"within margins: error rate {canary.error_rate:.3f} <= "
                           f"{stable.error_rate:.3f} + {s.max_error_rate_increase:g}")
-                await self._record(CanaryDecision(model, CanaryAction.HEALTHY, reason, *figures, now))
+                await self._record(CanaryDecision(
+                    model, CanaryAction.HEALTHY, reason, *figures, now, self._fraction(key)
+                ))
+            if s.promote_steps:
+                index, since = self._steps[key]
+                if now - since >= s.step_after_s:
+                    await self._enter_step(model, canary_version, stable_version, index + 1, figures, now)
             elif s.promote_after_s is not None and now - self._healthy_since[key] >= s.promote_after_s:
                 healthy_s = now - self._healthy_since[key]
                 reason = f"healthy for {healthy_s:.0f}s; {s.stable_alias} moves to v{canary_version}"
@@ -159,6 +217,52 @@ class CanaryAnalyzer:
                 )
                 del self._healthy_since[key]
                 await self._record(CanaryDecision(model, CanaryAction.PROMOTE, reason, *figures, now))
+
+    def _fraction(self, key: tuple[str, int]) -> float:
+        """The canary's share of the split traffic now (0 without steps)."""
+        at = self._steps.get(key)
+        return self.settings.promote_steps[at[0]] if at is not None else 0.0
+
+    async def _enter_step(
+        self, model: str, canary_version: int, stable_version: int, index: int,
+        figures: tuple[CanaryFigures, CanaryFigures], now: float,
+    ) -> None:
+        """Give the canary step `index`'s share; the last step is the promotion."""
+        s = self.settings
+        assert self.set_split is not None  # checked in __post_init__
+        key = (model, canary_version)
+        share = s.promote_steps[index]
+        previous = self._fraction(key)
+        request_id = f"monitor-canary-{model}-v{canary_version}-step{index}"
+        try:
+            if index == len(s.promote_steps) - 1:
+                # Split first, alias second: if the move fails, every request goes to the
+                # stable version meanwhile, and the next round tries both again.
+                await self.set_split(model, {}, request_id)
+                reason = (f"healthy at {previous:.0%} of the traffic for {s.step_after_s:g}s; "
+                          f"{s.stable_alias} moves to v{canary_version}, traffic split cleared")
+                await self.move_alias(
+                    model, s.stable_alias, canary_version, stable_version, f"canary analysis: {reason}"
+                )
+                action, share = CanaryAction.PROMOTE, 0.0
+            else:
+                percent = round(share * 100)
+                split = {s.stable_alias: 100 - percent, s.canary_alias: percent}
+                await self.set_split(model, split, request_id)
+                reason = (f"step {index + 1} of {len(s.promote_steps)}: canary v{canary_version} gets "
+                          f"{percent}% of the traffic that selects {s.stable_alias}")
+                if index:
+                    reason += f" (healthy at {previous:.0%} for {s.step_after_s:g}s)"
+                action = CanaryAction.STEP
+        except Exception:
+            log.exception("stepping %s canary v%d to step %d failed", model, canary_version, index + 1)
+            return
+        if action is CanaryAction.PROMOTE:
+            self._steps.pop(key, None)
+            self._healthy_since.pop(key, None)
+        else:
+            self._steps[key] = (index, now)
+        await self._record(CanaryDecision(model, action, reason, *figures, now, share))
 
     def _problems(self, canary: VersionStats, stable: VersionStats) -> list[str]:
         s = self.settings
@@ -183,6 +287,11 @@ class CanaryAnalyzer:
     ) -> None:
         s = self.settings
         try:
+            if (model, canary_version) in self._steps:
+                assert self.set_split is not None
+                # The split first: from then on no request selecting the stable alias reaches
+                # the canary, whatever happens to the alias move.
+                await self.set_split(model, {}, f"monitor-canary-{model}-v{canary_version}-rollback")
             await self.move_alias(
                 model, s.canary_alias, stable_version, canary_version, f"canary analysis: {reason}"
             )
@@ -192,6 +301,8 @@ class CanaryAnalyzer:
             return
         self._rolled_back.add((model, canary_version))
         self._healthy_since.pop((model, canary_version), None)
+        if self._steps.pop((model, canary_version), None) is not None:
+            reason += "; traffic split cleared"
         await self._record(CanaryDecision(model, CanaryAction.ROLLBACK, reason, *figures, now))
 
     async def _record(self, decision: CanaryDecision) -> None:

@@ -119,6 +119,8 @@ def _series(short: str, labels: dict[str, str]) -> tuple[str, str] | None:
             return "in_s", f"{labels.get('input', '')}/{labels.get('feature', '')}"
         case "input_sum_squares":
             return "in_q", f"{labels.get('input', '')}/{labels.get('feature', '')}"
+        case "input_bin_items_total":
+            return "in_b", f"{labels.get('input', '')}/{labels.get('feature', '')}/{labels.get('bin', '')}"
     return None
 
 
@@ -224,8 +226,13 @@ class VersionStats:
     replicas_ready: int = 0
     inputs: dict[str, FeatureStats] = field(default_factory=dict)
     """"input/feature" -> statistics of the sampled items in the window."""
+    input_bins: dict[str, list[float]] = field(default_factory=dict)
+    """"input/feature" -> sampled items per bin of the registry baseline, in the window (only
+    for versions registered with a binned baseline)."""
     input_drift: float = 0.0
     """Filled in by the drift detector: the largest standardised mean shift."""
+    input_psi: float = 0.0
+    """Filled in by the drift detector: the largest population stability index of a feature."""
     requests_per_second_by_alias: dict[str, float] = field(default_factory=dict)
     """From the gateways' metrics: calls per second by the alias the caller selected ("" for
     calls that named the version)."""
@@ -402,6 +409,17 @@ def _version_stats(
                 squares = values.get(("in_q", feature), 0.0)
                 mean = total / n
                 stats.inputs[feature] = FeatureStats(n, mean, max(squares / n - mean * mean, 0.0))
+    for (what, detail), n in values.items():
+        if what == "in_b":
+            feature, _, index = detail.rpartition("/")
+            try:
+                bin_index = int(index)
+            except ValueError:
+                continue
+            counts = stats.input_bins.setdefault(feature, [])
+            if len(counts) <= bin_index:
+                counts.extend([0.0] * (bin_index + 1 - len(counts)))
+            counts[bin_index] = n
     return stats
 
 

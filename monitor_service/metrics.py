@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["ALERTS_FIRING", "CANARY_DECISIONS", "INPUT_DRIFT", "SCRAPES", "SCRAPE_SECONDS"]
+__all__ = ["ALERTS_FIRING", "CANARY_DECISIONS", "INPUT_DRIFT", "INPUT_PSI", "SCRAPES", "SCRAPE_SECONDS"]
 
 SCRAPES = Counter("modelyard_monitor_scrapes", "Collection rounds completed.")
 SCRAPE_SECONDS = Histogram(
@@ -16,6 +16,11 @@ ALERTS_FIRING = Gauge("modelyard_monitor_alerts_firing", "Alerts firing now.")
 INPUT_DRIFT = Gauge(
     "modelyard_monitor_input_drift",
     "Largest standardised mean shift of an input feature against the model's baseline.",
+    ["model", "version"],
+)
+INPUT_PSI = Gauge(
+    "modelyard_monitor_input_psi",
+    "Largest population stability index of an input feature against the version's registry baseline.",
     ["model", "version"],
 )
 CANARY_DECISIONS = Counter(

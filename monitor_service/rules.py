@@ -43,6 +43,7 @@ METRICS = {
     "queue_depth": "items waiting in the batch queues",
     "no_ready_replica": "1 when an aliased version has no ready replica, else 0",
     "input_drift": "largest standardised mean shift of an input feature vs the baseline",
+    "input_psi": "largest population stability index of an input feature vs the registry baseline",
 }
 """Every metric a rule can test, with its unit."""
 

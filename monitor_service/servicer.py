@@ -52,6 +52,7 @@ _CANARY_ACTIONS = {
     CanaryAction.HEALTHY: pb.CANARY_ACTION_HEALTHY,
     CanaryAction.ROLLBACK: pb.CANARY_ACTION_ROLLBACK,
     CanaryAction.PROMOTE: pb.CANARY_ACTION_PROMOTE,
+    CanaryAction.STEP: pb.CANARY_ACTION_STEP,
 }
 
 
@@ -88,6 +89,7 @@ def _version_stats(stats: VersionStats) -> pb.VersionStats:
         queue_depth=stats.queue_depth,
         replicas_ready=stats.replicas_ready,
         input_drift=stats.input_drift,
+        input_psi=stats.input_psi,
         requests_per_second_by_alias=stats.requests_per_second_by_alias,
     )
 
@@ -123,6 +125,7 @@ def _decision(decision: CanaryDecision) -> pb.CanaryDecision:
         canary=_figures(decision.canary),
         stable=_figures(decision.stable),
         decide_time=_timestamp(decision.time),
+        traffic_fraction=decision.traffic_fraction,
     )
 
 

@@ -88,6 +88,7 @@ def version_to_proto(version: VersionRecord) -> registry_pb2.ModelVersion:
         created_by=version.created_by,
         create_time=timestamp(version.create_time),
         state=STATE_TO_PROTO[version.state],
+        input_baselines=version.input_baselines,
     )
 
 
@@ -102,6 +103,7 @@ def upload_metadata_from_proto(message: registry_service_pb2.UploadModelVersionM
         labels=dict(message.labels),
         metrics=dict(message.metrics),
         request_id=message.request_id,
+        input_baselines=tuple(message.input_baselines),
     )
 
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from modelyard.errors import InvalidArgument
-from modelyard.v1 import tensor_pb2
+from modelyard.v1 import registry_pb2, tensor_pb2
 
 __all__ = [
     "NAME_PATTERN",
@@ -106,6 +106,8 @@ class VersionRecord:
     created_by: str
     create_time: float
     state: VersionState
+    input_baselines: tuple[registry_pb2.InputBaseline, ...] = ()
+    """Input statistics recorded at registration (the drift reference); empty if none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +123,8 @@ class UploadMetadata:
     labels: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     request_id: str = ""
+    input_baselines: tuple[registry_pb2.InputBaseline, ...] = ()
+    """Optional input statistics to record with the version (checked by the registry)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Protocol
 
+from modelyard.baseline import MAX_BIN_EDGES, MAX_FEATURES
 from modelyard.coordination import Deployment, ServiceRecord
 from modelyard.errors import (
     ArtifactCorrupt,
@@ -29,7 +31,7 @@ from modelyard.errors import (
     InvalidArgument,
     ModelyardError,
 )
-from modelyard.v1 import tensor_pb2
+from modelyard.v1 import registry_pb2, tensor_pb2
 from registry_service.artifacts import SHA256_PATTERN, ArtifactStore
 from registry_service.deployments import live_deployment
 from registry_service.formats import check_archive
@@ -170,8 +172,8 @@ class Registry:
             actor: Who uploads (recorded as `created_by`).
 
         Raises:
-            InvalidArgument: bad name, format, sha256 or signature, no bytes, or an archive
-                that is not of the stated format (the field at fault is named).
+            InvalidArgument: bad name, format, sha256, signature or input baseline, no bytes,
+                or an archive that is not of the stated format (the field at fault is named).
             ModelNotFound: the model does not exist.
             ChecksumMismatch: the bytes do not hash to `metadata.sha256`.
             TooLarge: the artifact is over the limit.
@@ -192,6 +194,7 @@ class Registry:
             )
         _check_signature(metadata.signature)
         _check_metrics(metadata.metrics)
+        _check_baselines(metadata.input_baselines, metadata.signature)
         # Refuse an unknown model before any byte is read.
         await self._store.get_model(metadata.model)
         async with self._content_lock(sha256):
@@ -709,3 +712,53 @@ def _check_metrics(metrics: dict[str, float]) -> None:
             raise InvalidArgument(
                 f"metric {name!r} is {value}; metrics must be finite", field="metadata.metrics"
             )
+
+
+def _check_baselines(
+    baselines: tuple[registry_pb2.InputBaseline, ...], signature: tensor_pb2.Signature
+) -> None:
+    """An input baseline must describe an input of the signature, once, with usable figures."""
+    inputs = [spec.name for spec in signature.inputs]
+    seen: set[str] = set()
+    for i, baseline in enumerate(baselines):
+        at = f"metadata.input_baselines[{i}]"
+        if baseline.input not in inputs:
+            raise InvalidArgument(
+                f"{at} describes input {baseline.input!r}, which the signature does not have "
+                f"(inputs: {', '.join(inputs)})",
+                field=f"{at}.input",
+            )
+        if baseline.input in seen:
+            raise InvalidArgument(f"{at}: input {baseline.input!r} has two baselines", field=f"{at}.input")
+        seen.add(baseline.input)
+        if baseline.item_count < 1:
+            raise InvalidArgument(f"{at}: item_count must be at least 1", field=f"{at}.item_count")
+        if not 1 <= len(baseline.features) <= MAX_FEATURES:
+            raise InvalidArgument(
+                f"{at}: a baseline describes 1 to {MAX_FEATURES} features, not {len(baseline.features)}",
+                field=f"{at}.features",
+            )
+        for j, feature in enumerate(baseline.features):
+            where = f"{at}.features[{j}]"
+            if not (math.isfinite(feature.mean) and math.isfinite(feature.std) and feature.std >= 0):
+                raise InvalidArgument(
+                    f"{where}: mean must be finite and std finite and >= 0", field=where
+                )
+            edges, fractions = list(feature.bin_edges), list(feature.bin_fractions)
+            if not edges and not fractions:
+                continue
+            if len(edges) > MAX_BIN_EDGES or len(fractions) != len(edges) + 1:
+                raise InvalidArgument(
+                    f"{where}: up to {MAX_BIN_EDGES} bin_edges, and one more bin_fractions than "
+                    f"bin_edges (got {len(edges)} and {len(fractions)})",
+                    field=f"{where}.bin_fractions",
+                )
+            if not all(math.isfinite(e) for e in edges) or any(a > b for a, b in itertools.pairwise(edges)):
+                raise InvalidArgument(
+                    f"{where}: bin_edges must be finite and ascending", field=f"{where}.bin_edges"
+                )
+            if any(not 0 <= f <= 1 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+                raise InvalidArgument(
+                    f"{where}: bin_fractions must be from 0 to 1 and sum to 1 (sum {sum(fractions):g})",
+                    field=f"{where}.bin_fractions",
+                )

@@ -20,8 +20,8 @@ import grpc
 from modelyard.errors import InvalidArgument, ModelyardError
 from modelyard.rpc.context import current_request_id
 from modelyard.rpc.errors import rpc_errors, status_code_for
+from modelyard.v1 import registry_pb2, registry_service_pb2_grpc
 from modelyard.v1 import registry_service_pb2 as pb
-from modelyard.v1 import registry_service_pb2_grpc
 from registry_service import convert
 from registry_service.records import AuditFilter, AuditRecord
 from registry_service.registry import Registry, resolve_page_size
@@ -90,7 +90,9 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
                 convert.upload_metadata_from_proto(metadata), _chunks(request_iterator), actor=audit.actor
             )
             audit.target = f"version {version.version}"
-            audit.message = f"sha256 {version.sha256}, {version.size_bytes} bytes"
+            audit.message = f"sha256 {version.sha256}, {version.size_bytes} bytes" + _baseline_summary(
+                version.input_baselines
+            )
         return pb.UploadModelVersionResponse(model_version=convert.version_to_proto(version))
 
     @rpc_errors
@@ -329,6 +331,18 @@ def _actor(context: _Context) -> str:
         if key == USER_METADATA_KEY and value:
             return str(value)
     return context.peer() or "unknown"
+
+
+def _baseline_summary(baselines: tuple[registry_pb2.InputBaseline, ...]) -> str:
+    """The input baseline recorded with a version, in a few words for the audit log."""
+    if not baselines:
+        return "; no input baseline"
+    described = ", ".join(
+        f"{b.input} ({len(b.features)} features, {b.item_count} items, "
+        f"{max((len(f.bin_fractions) for f in b.features), default=0)} bins)"
+        for b in baselines
+    )
+    return f"; input baseline: {described}"
 
 
 def _moved(previous: int, version: int, epoch: int, changed: bool) -> str:

@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from google.protobuf import json_format
+
 from modelyard.errors import (
     AliasNotFound,
     AlreadyExists,
@@ -35,7 +37,7 @@ from modelyard.errors import (
     ModelNotFound,
     VersionNotFound,
 )
-from modelyard.v1 import tensor_pb2
+from modelyard.v1 import registry_pb2, tensor_pb2
 from registry_service.deployments import check_deployment, placed_versions
 from registry_service.records import (
     AliasChange,
@@ -55,8 +57,9 @@ from registry_service.records import (
 
 __all__ = ["RegistryStore", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 2
-"""Kept in `PRAGMA user_version`; a database from a newer registry is refused, not guessed at."""
+SCHEMA_VERSION = 3
+"""Kept in `PRAGMA user_version`; a database from a newer registry is refused, not guessed at.
+2 -> 3 added `versions.input_baselines` (upgraded in place on open)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -81,6 +84,7 @@ CREATE TABLE IF NOT EXISTS versions (
     create_time REAL    NOT NULL,
     state       TEXT    NOT NULL,
     request_id  TEXT    NOT NULL DEFAULT '',
+    input_baselines TEXT NOT NULL DEFAULT '[]',  -- JSON list of modelyard.v1.InputBaseline
     PRIMARY KEY (model, version)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS versions_by_request_id
@@ -416,6 +420,7 @@ class RegistryStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            _upgrade_columns(conn)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -509,8 +514,8 @@ class RegistryStore:
             version = row["latest_version"] + 1
             conn.execute(
                 "INSERT INTO versions (model, version, format, sha256, size_bytes, signature, "
-                "description, labels, metrics, created_by, create_time, state, request_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "description, labels, metrics, created_by, create_time, state, request_id, "
+                "input_baselines) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     metadata.model,
                     version,
@@ -525,6 +530,7 @@ class RegistryStore:
                     self._clock(),
                     VersionState.ACTIVE.value,
                     metadata.request_id,
+                    _baselines_to_json(metadata.input_baselines),
                 ),
             )
             conn.execute("UPDATE models SET latest_version = ? WHERE name = ?", (version, metadata.model))
@@ -1026,6 +1032,25 @@ def _model_from(row: sqlite3.Row, aliases: list[AliasRecord]) -> ModelRecord:
     )
 
 
+def _upgrade_columns(conn: sqlite3.Connection) -> None:
+    """Add the columns a database of an older schema lacks (CREATE TABLE IF NOT EXISTS keeps
+    an existing table as it is). Runs inside the opening transaction."""
+    columns = {row["name"] for row in conn.execute("PRAGMA table_info(versions)")}
+    if "input_baselines" not in columns:  # schema 2 -> 3
+        conn.execute("ALTER TABLE versions ADD COLUMN input_baselines TEXT NOT NULL DEFAULT '[]'")
+
+
+def _baselines_to_json(baselines: tuple[registry_pb2.InputBaseline, ...]) -> str:
+    return json.dumps(
+        [json_format.MessageToDict(b, preserving_proto_field_name=True) for b in baselines],
+        sort_keys=True,
+    )
+
+
+def _baselines_from_json(text: str) -> tuple[registry_pb2.InputBaseline, ...]:
+    return tuple(json_format.ParseDict(item, registry_pb2.InputBaseline()) for item in json.loads(text))
+
+
 def _version_from(row: sqlite3.Row) -> VersionRecord:
     signature = tensor_pb2.Signature()
     signature.ParseFromString(row["signature"])
@@ -1042,4 +1067,5 @@ def _version_from(row: sqlite3.Row) -> VersionRecord:
         created_by=row["created_by"],
         create_time=row["create_time"],
         state=VersionState(row["state"]),
+        input_baselines=_baselines_from_json(row["input_baselines"]),
     )

@@ -40,6 +40,7 @@ class CanaryAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CANARY_ACTION_HEALTHY: _ClassVar[CanaryAction]
     CANARY_ACTION_ROLLBACK: _ClassVar[CanaryAction]
     CANARY_ACTION_PROMOTE: _ClassVar[CanaryAction]
+    CANARY_ACTION_STEP: _ClassVar[CanaryAction]
 SERVICE_KIND_UNSPECIFIED: ServiceKind
 SERVICE_KIND_GATEWAY: ServiceKind
 SERVICE_KIND_MODEL_SERVER: ServiceKind
@@ -57,6 +58,7 @@ CANARY_ACTION_UNSPECIFIED: CanaryAction
 CANARY_ACTION_HEALTHY: CanaryAction
 CANARY_ACTION_ROLLBACK: CanaryAction
 CANARY_ACTION_PROMOTE: CanaryAction
+CANARY_ACTION_STEP: CanaryAction
 
 class GetClusterStatusRequest(_message.Message):
     __slots__ = ()
@@ -105,7 +107,7 @@ class GetModelStatsResponse(_message.Message):
     def __init__(self, window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[VersionStats, _Mapping]]] = ..., processes: _Optional[_Iterable[_Union[ProcessStats, _Mapping]]] = ...) -> None: ...
 
 class VersionStats(_message.Message):
-    __slots__ = ("model", "version", "aliases", "request_count", "requests_per_second", "error_rate", "requests_by_code", "latency_p50", "latency_p95", "latency_p99", "queue_time_mean", "compute_time_mean", "batch_size_mean", "batch_sizes", "queue_depth", "replicas_ready", "input_drift", "requests_per_second_by_alias")
+    __slots__ = ("model", "version", "aliases", "request_count", "requests_per_second", "error_rate", "requests_by_code", "latency_p50", "latency_p95", "latency_p99", "queue_time_mean", "compute_time_mean", "batch_size_mean", "batch_sizes", "queue_depth", "replicas_ready", "input_drift", "requests_per_second_by_alias", "input_psi")
     class RequestsByCodeEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +140,7 @@ class VersionStats(_message.Message):
     REPLICAS_READY_FIELD_NUMBER: _ClassVar[int]
     INPUT_DRIFT_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_PER_SECOND_BY_ALIAS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_PSI_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     aliases: _containers.RepeatedScalarFieldContainer[str]
@@ -156,7 +159,8 @@ class VersionStats(_message.Message):
     replicas_ready: int
     input_drift: float
     requests_per_second_by_alias: _containers.ScalarMap[str, float]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., request_count: _Optional[int] = ..., requests_per_second: _Optional[float] = ..., error_rate: _Optional[float] = ..., requests_by_code: _Optional[_Mapping[str, int]] = ..., latency_p50: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., latency_p95: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., latency_p99: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., queue_time_mean: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., compute_time_mean: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., batch_size_mean: _Optional[float] = ..., batch_sizes: _Optional[_Iterable[_Union[HistogramBucket, _Mapping]]] = ..., queue_depth: _Optional[float] = ..., replicas_ready: _Optional[int] = ..., input_drift: _Optional[float] = ..., requests_per_second_by_alias: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    input_psi: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., request_count: _Optional[int] = ..., requests_per_second: _Optional[float] = ..., error_rate: _Optional[float] = ..., requests_by_code: _Optional[_Mapping[str, int]] = ..., latency_p50: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., latency_p95: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., latency_p99: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., queue_time_mean: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., compute_time_mean: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., batch_size_mean: _Optional[float] = ..., batch_sizes: _Optional[_Iterable[_Union[HistogramBucket, _Mapping]]] = ..., queue_depth: _Optional[float] = ..., replicas_ready: _Optional[int] = ..., input_drift: _Optional[float] = ..., requests_per_second_by_alias: _Optional[_Mapping[str, float]] = ..., input_psi: _Optional[float] = ...) -> None: ...
 
 class HistogramBucket(_message.Message):
     __slots__ = ("upper_bound", "count")
@@ -237,20 +241,22 @@ class CanaryFigures(_message.Message):
     def __init__(self, version: _Optional[int] = ..., request_count: _Optional[int] = ..., error_rate: _Optional[float] = ..., latency_p99: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class CanaryDecision(_message.Message):
-    __slots__ = ("model", "action", "reason", "canary", "stable", "decide_time")
+    __slots__ = ("model", "action", "reason", "canary", "stable", "decide_time", "traffic_fraction")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     CANARY_FIELD_NUMBER: _ClassVar[int]
     STABLE_FIELD_NUMBER: _ClassVar[int]
     DECIDE_TIME_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_FRACTION_FIELD_NUMBER: _ClassVar[int]
     model: str
     action: CanaryAction
     reason: str
     canary: CanaryFigures
     stable: CanaryFigures
     decide_time: _timestamp_pb2.Timestamp
-    def __init__(self, model: _Optional[str] = ..., action: _Optional[_Union[CanaryAction, str]] = ..., reason: _Optional[str] = ..., canary: _Optional[_Union[CanaryFigures, _Mapping]] = ..., stable: _Optional[_Union[CanaryFigures, _Mapping]] = ..., decide_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    traffic_fraction: float
+    def __init__(self, model: _Optional[str] = ..., action: _Optional[_Union[CanaryAction, str]] = ..., reason: _Optional[str] = ..., canary: _Optional[_Union[CanaryFigures, _Mapping]] = ..., stable: _Optional[_Union[CanaryFigures, _Mapping]] = ..., decide_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., traffic_fraction: _Optional[float] = ...) -> None: ...
 
 class ListCanaryDecisionsRequest(_message.Message):
     __slots__ = ("model",)

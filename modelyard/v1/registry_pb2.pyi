@@ -44,7 +44,7 @@ class Model(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., latest_version: _Optional[int] = ..., aliases: _Optional[_Iterable[_Union[Alias, _Mapping]]] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("model", "version", "format", "sha256", "size_bytes", "signature", "description", "labels", "metrics", "created_by", "create_time", "state")
+    __slots__ = ("model", "version", "format", "sha256", "size_bytes", "signature", "description", "labels", "metrics", "created_by", "create_time", "state", "input_baselines")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class ModelVersion(_message.Message):
     CREATED_BY_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_BASELINES_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     format: ArtifactFormat
@@ -83,7 +84,30 @@ class ModelVersion(_message.Message):
     created_by: str
     create_time: _timestamp_pb2.Timestamp
     state: ModelVersionState
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[_Union[ArtifactFormat, str]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., signature: _Optional[_Union[_tensor_pb2.Signature, _Mapping]] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_by: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[ModelVersionState, str]] = ...) -> None: ...
+    input_baselines: _containers.RepeatedCompositeFieldContainer[InputBaseline]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[_Union[ArtifactFormat, str]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., signature: _Optional[_Union[_tensor_pb2.Signature, _Mapping]] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_by: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., input_baselines: _Optional[_Iterable[_Union[InputBaseline, _Mapping]]] = ...) -> None: ...
+
+class InputBaseline(_message.Message):
+    __slots__ = ("input", "item_count", "features")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    input: str
+    item_count: int
+    features: _containers.RepeatedCompositeFieldContainer[FeatureBaseline]
+    def __init__(self, input: _Optional[str] = ..., item_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureBaseline, _Mapping]]] = ...) -> None: ...
+
+class FeatureBaseline(_message.Message):
+    __slots__ = ("mean", "std", "bin_edges", "bin_fractions")
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    BIN_EDGES_FIELD_NUMBER: _ClassVar[int]
+    BIN_FRACTIONS_FIELD_NUMBER: _ClassVar[int]
+    mean: float
+    std: float
+    bin_edges: _containers.RepeatedScalarFieldContainer[float]
+    bin_fractions: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, mean: _Optional[float] = ..., std: _Optional[float] = ..., bin_edges: _Optional[_Iterable[float]] = ..., bin_fractions: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Alias(_message.Message):
     __slots__ = ("name", "version", "update_time")

@@ -51,7 +51,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[_registry_pb2.Model, _Mapping]]] = ...) -> None: ...
 
 class UploadModelVersionMetadata(_message.Message):
-    __slots__ = ("model", "format", "sha256", "signature", "description", "labels", "metrics", "request_id")
+    __slots__ = ("model", "format", "sha256", "signature", "description", "labels", "metrics", "request_id", "input_baselines")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class UploadModelVersionMetadata(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_BASELINES_FIELD_NUMBER: _ClassVar[int]
     model: str
     format: _registry_pb2.ArtifactFormat
     sha256: str
@@ -82,7 +83,8 @@ class UploadModelVersionMetadata(_message.Message):
     labels: _containers.ScalarMap[str, str]
     metrics: _containers.ScalarMap[str, float]
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., format: _Optional[_Union[_registry_pb2.ArtifactFormat, str]] = ..., sha256: _Optional[str] = ..., signature: _Optional[_Union[_tensor_pb2.Signature, _Mapping]] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    input_baselines: _containers.RepeatedCompositeFieldContainer[_registry_pb2.InputBaseline]
+    def __init__(self, model: _Optional[str] = ..., format: _Optional[_Union[_registry_pb2.ArtifactFormat, str]] = ..., sha256: _Optional[str] = ..., signature: _Optional[_Union[_tensor_pb2.Signature, _Mapping]] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., request_id: _Optional[str] = ..., input_baselines: _Optional[_Iterable[_Union[_registry_pb2.InputBaseline, _Mapping]]] = ...) -> None: ...
 
 class UploadModelVersionRequest(_message.Message):
     __slots__ = ("metadata", "chunk")

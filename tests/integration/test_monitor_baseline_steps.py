@@ -1,0 +1,423 @@
+"""The monitor with the registry's baselines and the deployment's traffic split, on a real
+cluster (Redis, registry, model server, gateway, monitor, all on port 0) under real traffic:
+
+- a version registered with an input baseline: unshifted inputs raise no drift alert, shifted
+  ones do, by the registry's baseline alone (PSI per feature; no rule-file baseline);
+- stepwise canary promotion: a healthy canary walks the split's steps to promotion; a canary
+  failing 20 % of its requests at a step is rolled back and the split cleared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from gateway.app import GatewayApp
+from gateway.settings import GatewaySettings
+from model_server.app import ModelServerApp
+from model_server.settings import ModelServerSettings
+from modelyard.baseline import compute_baseline
+from modelyard.settings import RedisSettings, ServerSettings, load_settings
+from modelyard.tensor_codec import tensor_to_proto
+from modelyard.v1 import inference_service_pb2 as inf
+from modelyard.v1 import inference_service_pb2_grpc as inf_grpc
+from modelyard.v1 import monitor_service_pb2 as mon
+from modelyard.v1 import monitor_service_pb2_grpc as mon_grpc
+from modelyard.v1 import registry_pb2, tensor_pb2
+from modelyard.v1 import registry_service_pb2 as reg
+from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
+from monitor_service.app import MonitorApp
+from monitor_service.canary import CanaryAction, CanarySettings
+from monitor_service.settings import MonitorSettings
+from registry_service.app import RegistryApp
+from registry_service.settings import RegistrySettings
+
+pytestmark = pytest.mark.integration
+
+FEATURES = 4
+SIGNATURE = tensor_pb2.Signature(
+    inputs=[tensor_pb2.TensorSpec(name="input", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[-1, FEATURES])],
+    outputs=[tensor_pb2.TensorSpec(name="output", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[-1, 2])],
+)
+POISON = 99.0
+
+
+class Flaky(torch.nn.Module):
+    """A linear model; with `fail`, it raises on inputs whose first value is POISON."""
+
+    def __init__(self, fail: bool) -> None:
+        super().__init__()
+        self.fail = fail
+        self.linear = torch.nn.Linear(FEATURES, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fail and bool((x[:, 0] == 99.0).any()):
+            raise RuntimeError("poisoned input")
+        return self.linear(x)
+
+
+# -- the cluster ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sample_every_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELYARD_MODEL_SERVER_INPUT_SAMPLE_EVERY", "1")
+
+
+@pytest.fixture
+async def registry(redis_settings: RedisSettings, tmp_path: Path) -> AsyncIterator[RegistryApp]:
+    app = RegistryApp(
+        load_settings(
+            RegistrySettings,
+            server=ServerSettings(port=0, drain_grace_s=1.0),
+            redis=redis_settings,
+            data_dir=tmp_path / "registry",
+        )
+    )
+    await app.start()
+    yield app
+    await app.aclose()
+
+
+@pytest.fixture
+async def registry_stub(registry: RegistryApp) -> AsyncIterator[Any]:
+    async with grpc.aio.insecure_channel(registry.address) as channel:
+        yield RegistryServiceStub(channel)
+
+
+@pytest.fixture
+async def gateway(redis_settings: RedisSettings, registry: RegistryApp) -> AsyncIterator[Any]:
+    server = ModelServerApp(
+        load_settings(
+            ModelServerSettings,
+            server=ServerSettings(port=0, drain_grace_s=1.0, heartbeat_interval_s=0.2),
+            redis=redis_settings,
+            registry_address=registry.address,
+            reconcile_interval_s=0.2,
+            max_batch_size=16,
+        )
+    )
+    await server.start()
+    app = GatewayApp(
+        load_settings(GatewaySettings, server=ServerSettings(port=0, metrics_port=0), redis=redis_settings)
+    )
+    await app.start()
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        yield inf_grpc.InferenceServiceStub(channel)
+    await app.aclose()
+    await server.aclose()
+
+
+StartMonitor = Callable[..., Awaitable[MonitorApp]]
+
+
+@pytest.fixture
+async def start_monitor(redis_settings: RedisSettings) -> AsyncIterator[StartMonitor]:
+    apps: list[MonitorApp] = []
+
+    async def start(**overrides: Any) -> MonitorApp:
+        values: dict[str, Any] = {
+            "server": ServerSettings(port=0, metrics_port=0),
+            "redis": redis_settings,
+            "scrape_interval_s": 0.2,
+            "window_s": 30.0,
+            **overrides,
+        }
+        app = MonitorApp(load_settings(MonitorSettings, **values))
+        apps.append(app)
+        await app.start()
+        return app
+
+    yield start
+    for app in reversed(apps):
+        await app.aclose()
+
+
+async def publish(
+    registry_stub: Any,
+    model: str,
+    module: torch.nn.Module,
+    *,
+    create: bool,
+    baselines: list[registry_pb2.InputBaseline] | None = None,
+) -> int:
+    if create:
+        await registry_stub.CreateModel(reg.CreateModelRequest(name=model))
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(module.eval()), buffer)
+    data = buffer.getvalue()
+
+    async def requests() -> AsyncIterator[reg.UploadModelVersionRequest]:
+        yield reg.UploadModelVersionRequest(
+            metadata=reg.UploadModelVersionMetadata(
+                model=model,
+                format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
+                sha256=hashlib.sha256(data).hexdigest(),
+                signature=SIGNATURE,
+                input_baselines=baselines or [],
+            )
+        )
+        yield reg.UploadModelVersionRequest(chunk=data)
+
+    return int((await registry_stub.UploadModelVersion(requests())).model_version.version)
+
+
+async def set_alias(registry_stub: Any, model: str, alias: str, version: int) -> None:
+    await registry_stub.SetAlias(reg.SetAliasRequest(model=model, alias=alias, version=version))
+
+
+async def aliases_of(registry_stub: Any, model: str) -> dict[str, int]:
+    response = await registry_stub.GetModel(reg.GetModelRequest(name=model))
+    return {a.name: a.version for a in response.model.aliases}
+
+
+async def split_of(registry_stub: Any, model: str) -> dict[str, int]:
+    response = await registry_stub.GetDeployment(reg.GetDeploymentRequest(model=model))
+    return dict(response.deployment.traffic_split)
+
+
+async def predict(gateway: Any, model: str, alias: str, x: torch.Tensor) -> bool:
+    """True when the call succeeded, False when the model failed it (INTERNAL)."""
+    request = inf.PredictRequest(model=model, alias=alias, inputs=[tensor_to_proto("input", x)])
+    try:
+        await gateway.Predict(request, timeout=10)
+    except grpc.aio.AioRpcError as err:
+        assert err.code() is grpc.StatusCode.INTERNAL, err
+        return False
+    return True
+
+
+async def until_served(gateway: Any, model: str, aliases: list[str]) -> None:
+    end = time.monotonic() + 30
+    pending = set(aliases)
+    while pending:
+        alias = next(iter(pending))
+        request = inf.PredictRequest(
+            model=model, alias=alias, inputs=[tensor_to_proto("input", torch.zeros(1, FEATURES))]
+        )
+        try:
+            await gateway.Predict(request, timeout=5)
+            pending.discard(alias)
+        except grpc.aio.AioRpcError as err:
+            assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND), err
+            assert time.monotonic() < end, f"{model} {alias} never became servable"
+            await asyncio.sleep(0.05)
+
+
+async def until(monitor: MonitorApp, condition: Callable[[], bool], *, timeout_s: float, what: str) -> None:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"not within {timeout_s}s: {what}"
+        await asyncio.wait_for(monitor.wait_rounds(1), timeout=timeout_s)
+
+
+def normal(rng: random.Random, items: int, shift: float = 0.0) -> torch.Tensor:
+    """Standard normal items; `shift` added to feature 2."""
+    return torch.tensor(
+        [[rng.gauss(0, 1) + (shift if f == 2 else 0.0) for f in range(FEATURES)] for _ in range(items)]
+    )
+
+
+# -- drift by the registry's baseline -------------------------------------------------------
+
+
+async def test_drift_by_the_baseline_recorded_at_registration(
+    sample_every_request: None, registry_stub: Any, gateway: Any, start_monitor: StartMonitor, tmp_path: Path
+) -> None:
+    sample = torch.randn(4000, FEATURES, generator=torch.Generator().manual_seed(7))
+    version = await publish(
+        registry_stub,
+        "watched",
+        Flaky(fail=False),
+        create=True,
+        baselines=compute_baseline({"input": sample}),
+    )
+    # The registry keeps it with the version, and the upload's audit entry says so.
+    recorded = await registry_stub.GetModelVersion(
+        reg.GetModelVersionRequest(model="watched", version=version)
+    )
+    (baseline,) = recorded.model_version.input_baselines
+    assert baseline.input == "input" and baseline.item_count == 4000 and len(baseline.features) == FEATURES
+    (entry,) = (
+        await registry_stub.ListAuditEntries(
+            reg.ListAuditEntriesRequest(model="watched", method="UploadModelVersion")
+        )
+    ).entries
+    assert "input baseline: input (4 features, 4000 items, 10 bins)" in entry.message
+
+    await set_alias(registry_stub, "watched", "production", version)
+    await until_served(gateway, "watched", ["production"])
+    rules = tmp_path / "rules.yaml"  # rules only: no `baselines:` section
+    rules.write_text("rules:\n  - {name: InputPSI, metric: input_psi, threshold: 0.25, for: 0s}\n")
+    monitor = await start_monitor(rules_file=rules, drift_min_items=200, drift_learn_items=100_000)
+    rng = random.Random(3)
+
+    def binned() -> float:
+        stats = monitor.stats.get(("watched", version))
+        return min((sum(c) for c in stats.input_bins.values()), default=0) if stats else 0
+
+    for _ in range(100):
+        assert await predict(gateway, "watched", "production", normal(rng, 8))
+    await until(monitor, lambda: binned() >= 800, timeout_s=15, what="the unshifted samples, binned")
+    await monitor.wait_rounds(2)
+    steady = monitor.stats[("watched", version)]
+    assert 0 < steady.input_psi < 0.1 and steady.input_drift < 0.3  # both from the registry baseline
+    assert not monitor.alerts.alerts()
+
+    async def shifted() -> None:
+        while True:
+            await predict(gateway, "watched", "production", normal(rng, 8, shift=1.5))
+
+    sender = asyncio.create_task(shifted())
+    try:
+        await until(
+            monitor,
+            lambda: any(a.name == "InputPSI" for a in monitor.alerts.alerts()),
+            timeout_s=15,
+            what="the PSI drift alert",
+        )
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+    (alert,) = monitor.alerts.alerts()
+    assert alert.state.value == "firing" and alert.value > 0.25 and alert.labels["model"] == "watched"
+    async with grpc.aio.insecure_channel(monitor.address) as channel:
+        stats = await mon_grpc.MonitorServiceStub(channel).GetModelStats(
+            mon.GetModelStatsRequest(model="watched")
+        )
+    (figures,) = stats.versions
+    assert figures.input_psi > 0.25 and figures.input_drift > 0.3
+
+
+# -- stepwise canary promotion --------------------------------------------------------------
+
+STEPS = CanarySettings(
+    min_requests=20,
+    max_error_rate_increase=0.05,
+    max_latency_ratio=3.0,
+    latency_slack_s=0.05,
+    promote_steps=[0.25, 0.5, 1.0],
+    step_after_s=0.5,
+)
+
+
+async def stepped_canary(
+    registry_stub: Any, gateway: Any, start_monitor: StartMonitor, model: str, poison: float, **settings: Any
+) -> tuple[MonitorApp, int, int, asyncio.Task[None]]:
+    """Stable v1, canary v2 (failing on POISON), the monitor, and traffic on the default alias
+    (what the split applies to) with `poison` of the requests poisoned."""
+    stable = await publish(registry_stub, model, Flaky(fail=False), create=True)
+    canary = await publish(registry_stub, model, Flaky(fail=True), create=False)
+    await set_alias(registry_stub, model, "production", stable)
+    await set_alias(registry_stub, model, "canary", canary)
+    await until_served(gateway, model, ["production", "canary"])
+    monitor = await start_monitor(canary=STEPS.model_copy(update=settings))
+    rng = random.Random(5)
+
+    async def traffic() -> None:
+        while True:
+            poisoned = rng.random() < poison
+            x = torch.tensor([[POISON] + [0.0] * (FEATURES - 1)]) if poisoned else normal(rng, 1)
+            await predict(gateway, model, "", x)
+
+    return monitor, stable, canary, asyncio.create_task(traffic())
+
+
+async def test_a_healthy_canary_walks_the_traffic_split_steps_to_promotion(
+    registry_stub: Any, gateway: Any, start_monitor: StartMonitor
+) -> None:
+    monitor, stable, canary, sender = await stepped_canary(
+        registry_stub, gateway, start_monitor, "stepper", 0.0
+    )
+    seen_splits: list[dict[str, int]] = []
+    try:
+
+        async def watch_split() -> None:
+            while True:
+                split = await split_of(registry_stub, "stepper")
+                if split and split not in seen_splits:
+                    seen_splits.append(split)
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch_split())
+        await until(
+            monitor,
+            lambda: any(d.action is CanaryAction.PROMOTE for d in monitor.canary.decisions),
+            timeout_s=30,
+            what="the canary's promotion",
+        )
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+
+    assert await aliases_of(registry_stub, "stepper") == {"production": canary, "canary": canary}
+    assert await split_of(registry_stub, "stepper") == {}
+    assert {"production": 75, "canary": 25} in seen_splits
+    decisions = list(reversed(monitor.canary.decisions))  # oldest first
+    assert [(d.action.value, d.traffic_fraction) for d in decisions] == [
+        ("step", 0.25),
+        ("healthy", 0.25),
+        ("step", 0.5),
+        ("promote", 0.0),
+    ]
+    # Each step after the first was taken on figures: enough canary requests, no errors.
+    for decision in decisions[1:]:
+        assert decision.canary.version == canary and decision.stable.version == stable
+        assert decision.canary.request_count >= STEPS.min_requests and decision.canary.error_rate == 0.0
+    async with grpc.aio.insecure_channel(monitor.address) as channel:
+        listed = (
+            await mon_grpc.MonitorServiceStub(channel).ListCanaryDecisions(
+                mon.ListCanaryDecisionsRequest(model="stepper")
+            )
+        ).decisions
+    assert [d.action for d in listed] == [
+        mon.CANARY_ACTION_PROMOTE,
+        mon.CANARY_ACTION_STEP,
+        mon.CANARY_ACTION_HEALTHY,
+        mon.CANARY_ACTION_STEP,
+    ]
+    assert listed[1].traffic_fraction == 0.5 and "step 2 of 3" in listed[1].reason
+    history = (await registry_stub.ListAliasHistory(reg.ListAliasHistoryRequest(model="stepper"))).entries
+    assert history[0].alias == "production" and history[0].to_version == canary
+    assert "canary analysis" in history[0].reason
+
+
+async def test_a_canary_failing_20_percent_at_a_step_is_rolled_back_and_the_split_cleared(
+    registry_stub: Any, gateway: Any, start_monitor: StartMonitor
+) -> None:
+    monitor, stable, canary, sender = await stepped_canary(
+        registry_stub, gateway, start_monitor, "stumbler", 0.2, min_requests=40, step_after_s=60.0
+    )
+    try:
+        await until(
+            monitor,
+            lambda: any(d.action is CanaryAction.ROLLBACK for d in monitor.canary.decisions),
+            timeout_s=30,
+            what="the canary's rollback",
+        )
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+
+    assert await aliases_of(registry_stub, "stumbler") == {"production": stable, "canary": stable}
+    assert await split_of(registry_stub, "stumbler") == {}
+    rollback, step = monitor.canary.decisions  # newest first
+    assert step.action is CanaryAction.STEP and step.traffic_fraction == 0.25
+    assert rollback.action is CanaryAction.ROLLBACK and rollback.traffic_fraction == 0.0
+    assert rollback.canary.version == canary and rollback.canary.request_count >= 40
+    assert 0.08 <= rollback.canary.error_rate <= 0.4 and rollback.stable.error_rate == 0.0
+    assert "error rate" in rollback.reason and "traffic split cleared" in rollback.reason
+    assert any(a.name == "CanaryRolledBack" for a in monitor.alerts.alerts())
