@@ -426,8 +426,14 @@ return 1
             raw = await self.client.mget([self.keys.service(i) for i in ids])
             gone = [i for i, r in zip(ids, raw, strict=True) if r is None]
             if gone:
+                # Only ids whose record is gone: a delete by score range would also drop the
+                # live services, whose last heartbeat is older than "now" too, until they
+                # heartbeat again (gateways would see no replica for up to an interval).
                 cutoff = int((time.time() - include_expired_s) * 1000)
-                await self.client.zremrangebyscore(self.keys.services(), "-inf", cutoff)
+                scores = await self.client.zmscore(self.keys.services(), gone)
+                stale = [i for i, s in zip(gone, scores, strict=True) if s is not None and s <= cutoff]
+                if stale:
+                    await self.client.zrem(self.keys.services(), *stale)
         except RedisError as exc:
             raise CoordinationUnavailable(f"cannot list services in Redis: {exc}") from exc
         return [ServiceRecord.model_validate_json(r) for r in raw if r is not None]

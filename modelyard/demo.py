@@ -137,7 +137,8 @@ async def predict_until_served(
     *,
     timeout_s: float = 60.0,
 ) -> list[DemoAnswer]:
-    """Predict each input through the gateway, waiting out UNAVAILABLE while the version loads."""
+    """Predict each input through the gateway, waiting out UNAVAILABLE while the version loads
+    and NOT_FOUND until the gateway has seen the model's new alias."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     answers = []
@@ -150,7 +151,8 @@ async def predict_until_served(
                     reply = await stub.Predict(request, timeout=10)
                     break
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() is not grpc.StatusCode.UNAVAILABLE or loop.time() > deadline:
+                    waiting = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
+                    if not waiting or loop.time() > deadline:
                         raise
                     await asyncio.sleep(0.2)
             output = tensor_from_proto(reply.outputs[0])

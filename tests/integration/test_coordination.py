@@ -52,6 +52,18 @@ async def test_membership_expires_and_deregisters(store: CoordinationStore) -> N
     assert await store.list_services() == []
 
 
+async def test_pruning_an_expired_service_keeps_the_live_ones_listed(store: CoordinationStore) -> None:
+    # A SIGKILLed server's record expires; listing prunes it, and only it: the live services
+    # stay in the index between their heartbeats (gateways route from this list).
+    dead = ServiceRecord(id="model-server-dead", kind="model_server", address="127.0.0.1:1")
+    live = ServiceRecord(id="model-server-live", kind="model_server", address="127.0.0.1:2")
+    await store.heartbeat(dead, ttl_s=0.2)
+    await store.heartbeat(live, ttl_s=30)
+    await asyncio.sleep(0.3)
+    assert [s.id for s in await store.list_services()] == ["model-server-live"]
+    assert [s.id for s in await store.list_services()] == ["model-server-live"]
+
+
 async def test_deployment_travels_with_the_alias_map(store: CoordinationStore) -> None:
     from modelyard.coordination import Deployment
 
