@@ -6,9 +6,11 @@ A Typer sub-app, so it can also be mounted on the `modelyard` command.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -18,6 +20,8 @@ from load_tests.runner import RunOptions, RunReport, ScenarioError, run_scenario
 from load_tests.scenarios import SCENARIOS
 from load_tests.slo import DEFAULT_SLO_FILE, load_slos
 from load_tests.stages import format_stages, parse_duration_s
+from modelyard.local_cluster import CLUSTER_FILE_NAME, ClusterFile
+from modelyard.settings import RedisSettings
 from modelyard.telemetry import configure_logging
 
 __all__ = ["app"]
@@ -27,6 +31,11 @@ console = Console()
 
 EXIT_SLO_MISSED = 1
 EXIT_CANNOT_RUN = 2
+EXIT_INTERRUPTED = 130
+DEFAULT_HOST = "127.0.0.1:50051"
+DEFAULT_REGISTRY = "127.0.0.1:50061"
+DEFAULT_CLUSTER_FILE = Path("var") / CLUSTER_FILE_NAME
+"""Where `modelyard up` run from the same directory with its default --data-dir describes itself."""
 
 
 @app.command("list")
@@ -53,10 +62,25 @@ def list_scenarios(
 @app.command()
 def run(
     scenario: Annotated[str, typer.Argument(help=f"One of: {', '.join(SCENARIOS)}.")],
-    host: Annotated[str, typer.Option(help="The gateway, HOST:PORT.")] = "127.0.0.1:50051",
+    host: Annotated[
+        str | None, typer.Option(help="The gateway, HOST:PORT (default: from the cluster file, else "
+                                 f"{DEFAULT_HOST}).", show_default=False)
+    ] = None,
     registry: Annotated[
-        str, typer.Option(help="The registry, HOST:PORT (promote_rollback drives it).")
-    ] = "127.0.0.1:50061",
+        str | None, typer.Option(help="The registry, HOST:PORT, which promote_rollback and server_lost "
+                                 f"drive (default: from the cluster file, else {DEFAULT_REGISTRY}).",
+                                 show_default=False)
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="The cluster's Redis: server_lost joins a model server of its own "
+                                 "through it (default: from the cluster file).", show_default=False)
+    ] = None,
+    cluster_file: Annotated[
+        Path | None, typer.Option(help="What a running `modelyard up` wrote (DATA_DIR/cluster.json): "
+                                  f"its gateway, registry and Redis (default without --host: "
+                                  f"{DEFAULT_CLUSTER_FILE} if its `modelyard up` is running).",
+                                  show_default=False)
+    ] = None,
     start_cluster: Annotated[
         bool, typer.Option(help="Start a local cluster on free ports for the run (the demo model).")
     ] = False,
@@ -77,18 +101,21 @@ def run(
     try:
         slo = load_slos(slo_file)[scenario]
         duration_s = chosen.duration_s if duration is None else parse_duration_s(duration)
+        info = None if start_cluster else _cluster_file(cluster_file, host_given=host is not None)
     except KeyError:
         console.print(f"[red]error:[/] {slo_file} has no SLO for scenario {scenario!r}")
         raise typer.Exit(EXIT_CANNOT_RUN) from None
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_CANNOT_RUN) from None
     options = RunOptions(
         scenario=chosen,
         slo=slo,
         results_dir=results_dir or Path("var/load_tests") / f"{scenario}-{time.strftime('%Y%m%d-%H%M%S')}",
-        host=host,
-        registry=registry,
+        host=host or (info.gateway if info else DEFAULT_HOST),
+        registry=registry or (info.registry if info else DEFAULT_REGISTRY),
+        redis_url=redis_url or (info.redis_url if info else None),
+        key_prefix=info.key_prefix if info else RedisSettings().key_prefix,
         model=model,
         users=users or chosen.users,
         duration_s=duration_s,
@@ -96,12 +123,54 @@ def run(
     )
     console.print(f"scenario [bold]{scenario}[/]: {chosen.description}")
     try:
-        report = asyncio.run(run_scenario(options))
+        report = asyncio.run(_interruptible(run_scenario(options)))
     except ScenarioError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_CANNOT_RUN) from None
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        console.print("[red]interrupted[/]: the run stopped; what it started was stopped and undone "
+                      f"(see {options.results_dir})")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     _print_report(report)
     raise typer.Exit(0 if report.passed else EXIT_SLO_MISSED)
+
+
+def _cluster_file(path: Path | None, *, host_given: bool) -> ClusterFile | None:
+    """The cluster file to take addresses from: `path` (it must describe a running cluster);
+    else, unless the gateway was named, the default one when it exists and its `modelyard up`
+    still runs; else None.
+
+    Raises:
+        OSError, ValueError: `path` cannot be read, or its cluster is not running.
+    """
+    if path is None:
+        if host_given or not DEFAULT_CLUSTER_FILE.exists():
+            return None
+        try:
+            info = ClusterFile.read(DEFAULT_CLUSTER_FILE)
+        except (OSError, ValueError):
+            return None
+        if not info.running():
+            return None
+        console.print(f"cluster from {DEFAULT_CLUSTER_FILE}: gateway {info.gateway}")
+        return info
+    info = ClusterFile.read(path)
+    if not info.running():
+        raise ValueError(f"{path}: the `modelyard up` that wrote it (pid {info.pid}) is not running")
+    return info
+
+
+async def _interruptible(run: Coroutine[Any, Any, RunReport]) -> RunReport:
+    """Run `run`, cancelling it on SIGTERM as asyncio already does on Ctrl-C, so that its
+    clean-up (locust, the server_lost model server, the deployment) happens either way."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await run
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def _print_report(report: RunReport) -> None:

@@ -1,5 +1,6 @@
-"""What the promote/rollback scenario asks of the registry, over `modelyard.v1.RegistryService`:
-copy the serving version into a new one, promote it, roll it back."""
+"""What the scenarios ask of the registry, over `modelyard.v1.RegistryService`: copy the
+serving version into a new one, promote it, roll it back (promote_rollback); read and replace a
+model's deployment (server_lost, so that its own model server is given the version)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf import duration_pb2
 
+from modelyard.v1 import registry_pb2 as reg_pb2
 from modelyard.v1 import registry_service_pb2 as reg
 from modelyard.v1 import registry_service_pb2_grpc as reg_grpc
 
-__all__ = ["copy_version", "promote", "rollback"]
+__all__ = ["copy_version", "promote", "rollback", "get_deployment", "set_deployment", "spec_of", "ACTOR"]
 
 CHUNK_BYTES = 1 << 20
+ACTOR = "load-tests"
+"""Who the registry's audit log says made the deployment changes (`x-modelyard-user`)."""
 
 
 async def copy_version(channel: grpc.aio.Channel, model: str, version: int) -> int:
@@ -78,3 +82,38 @@ async def rollback(
         timeout=30,
     )
     return reply
+
+
+async def get_deployment(channel: grpc.aio.Channel, model: str) -> reg_pb2.Deployment:
+    """A model's deployment as the registry has it now (with its output-only fields)."""
+    reply = await reg_grpc.RegistryServiceStub(channel).GetDeployment(
+        reg.GetDeploymentRequest(model=model), timeout=10)
+    deployment: reg_pb2.Deployment = reply.deployment
+    return deployment
+
+
+async def set_deployment(
+    channel: grpc.aio.Channel, model: str, deployment: reg_pb2.Deployment
+) -> reg_pb2.Deployment:
+    """Replace a model's deployment; the output-only fields of `deployment` are ignored.
+
+    Returns:
+        The deployment as it is now, with the versions it places and its epoch.
+    """
+    reply = await reg_grpc.RegistryServiceStub(channel).SetDeployment(
+        reg.SetDeploymentRequest(model=model, deployment=spec_of(deployment)),
+        metadata=(("x-modelyard-user", ACTOR),),
+        timeout=10,
+    )
+    result: reg_pb2.Deployment = reply.deployment
+    return result
+
+
+def spec_of(deployment: reg_pb2.Deployment) -> reg_pb2.Deployment:
+    """`deployment` without its output-only fields: what SetDeployment takes, and what two
+    deployments are compared on."""
+    spec = reg_pb2.Deployment()
+    spec.CopyFrom(deployment)
+    spec.ClearField("placed_versions")
+    spec.ClearField("epoch")
+    return spec

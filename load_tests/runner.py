@@ -21,11 +21,11 @@ from pathlib import Path
 
 import grpc
 
+from load_tests.joined_server import JoinedModelServer, JoinError
 from load_tests.registry_actions import copy_version, promote, rollback
 from load_tests.scenarios import Action, Scenario
 from load_tests.slo import RunStats, Slo, SloMiss, check_slo, read_stats
 from load_tests.stages import format_stages
-from modelyard.coordination import CoordinationStore
 from modelyard.local_cluster import LocalCluster
 from modelyard.settings import RedisSettings
 from modelyard.tasks import cancel_task
@@ -56,7 +56,11 @@ class RunOptions:
         slo: What it must achieve.
         results_dir: Where locust's CSV and HTML report, the log and `summary.json` go.
         host: The gateway (`host:port`); ignored with `start_cluster`.
-        registry: The registry (`host:port`), for promote_rollback; ignored with `start_cluster`.
+        registry: The registry (`host:port`), for promote_rollback and server_lost; ignored
+            with `start_cluster`.
+        redis_url: The cluster's Redis, for server_lost (its own model server joins the
+            cluster through it); ignored with `start_cluster`.
+        key_prefix: The prefix of the cluster's keys in that Redis.
         model: The model to call; with `start_cluster` the demo model is registered as it.
         alias: The alias the users select and promote_rollback moves.
         users: Users at the steady level.
@@ -69,6 +73,8 @@ class RunOptions:
     results_dir: Path
     host: str = "127.0.0.1:50051"
     registry: str = "127.0.0.1:50061"
+    redis_url: str | None = None
+    key_prefix: str = "my"
     model: str = "demo"
     alias: str = "production"
     users: int = 16
@@ -133,9 +139,9 @@ async def run_scenario(options: RunOptions, cluster: LocalCluster | None = None)
 
     Args:
         options: The run.
-        cluster: A started cluster that the caller owns (it is left running, except for the
-            model server `server_lost` kills); its gateway and registry replace
-            `options.host` and `options.registry`. None: `options.start_cluster` decides.
+        cluster: A started cluster that the caller owns (it is left running); its gateway,
+            registry and Redis replace `options.host`, `options.registry` and
+            `options.redis_url`. None: `options.start_cluster` decides.
 
     Raises:
         ScenarioError: the cluster, the model or locust was not usable; the message says why.
@@ -150,7 +156,6 @@ async def run_scenario(options: RunOptions, cluster: LocalCluster | None = None)
             owned = cluster = LocalCluster(
                 data_dir=options.results_dir / "cluster",
                 ports="free",
-                model_servers=options.scenario.model_servers,
                 env={"MODELYARD_LOG_LEVEL": "WARNING"},
             )
             try:
@@ -161,12 +166,15 @@ async def run_scenario(options: RunOptions, cluster: LocalCluster | None = None)
         if cluster is not None:
             options.host = cluster.gateway_address
             options.registry = cluster.address_of("registry")
-        elif options.scenario.action is Action.KILL_MODEL_SERVER:
+            options.redis_url = cluster.redis_url
+            options.key_prefix = cluster.key_prefix
+        elif options.scenario.action is Action.KILL_MODEL_SERVER and options.redis_url is None:
             raise ScenarioError(
-                f"scenario {options.scenario.name} kills a model server, so it needs a cluster it "
-                "started itself: pass --start-cluster"
+                f"scenario {options.scenario.name} joins a model server of its own to the cluster "
+                "(and kills it), so it needs the cluster's Redis: pass --redis-url, or "
+                "--cluster-file (`modelyard up` writes DATA_DIR/cluster.json), or --start-cluster"
             )
-        return await _run(options, cluster)
+        return await _run(options, just_registered=cluster is not None)
     finally:
         if owned is not None:
             await owned.stop()
@@ -180,6 +188,11 @@ async def _register_demo(registry: str, model: str) -> None:
     await register_model(registry, model, artifact, demo_signature(), description="load-test demo model")
 
 
+def _probe_request(model: str) -> inf.PredictRequest:
+    return inf.PredictRequest(model=model, inputs=[tensor_pb2.Tensor(
+        name="input", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[1, 64], raw=bytes(4 * 64))])
+
+
 async def _serving_version(host: str, model: str, *, just_registered: bool, timeout_s: float = 60.0) -> int:
     """Wait (bounded) until the model answers through the gateway; return the serving version.
 
@@ -187,8 +200,7 @@ async def _serving_version(host: str, model: str, *, just_registered: bool, time
     the alias event is on its way to the gateway.
     """
     retry = {grpc.StatusCode.UNAVAILABLE} | ({grpc.StatusCode.NOT_FOUND} if just_registered else set())
-    request = inf.PredictRequest(model=model, inputs=[tensor_pb2.Tensor(
-        name="input", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[1, 64], raw=bytes(4 * 64))])
+    request = _probe_request(model)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     async with grpc.aio.insecure_channel(host) as channel:
@@ -207,45 +219,59 @@ async def _serving_version(host: str, model: str, *, just_registered: bool, time
             await asyncio.sleep(0.2)
 
 
-async def _wait_ready_everywhere(
-    cluster: LocalCluster, model: str, version: int, timeout_s: float = 60.0
-) -> int:
-    """Wait until every model server of the cluster reports `version` ready; return how many.
+async def _wait_routed(host: str, model: str, server: JoinedModelServer, timeout_s: float = 60.0) -> int:
+    """Call the model through the gateway, a few calls at a time, until `server` has answered
+    some of them: the gateway knows it and routes to it. Returns how many it answered.
 
-    The server_lost scenario kills one of them: the other must already hold the version.
+    Concurrent calls, because a gateway that picks the replica with the fewest calls in flight
+    may send one call at a time to the same replica for ever.
     """
-    servers = {c.service_id for c in cluster.children if c.kind == "model_server"}
+    request = _probe_request(model)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    settings = RedisSettings(url=cluster.redis_url, key_prefix=cluster.key_prefix)
-    async with CoordinationStore(settings) as store:
+    async with grpc.aio.insecure_channel(host) as channel:
+        stub = inf_grpc.InferenceServiceStub(channel)
         while True:
-            ready = {
-                record.id for record in await store.list_services()
-                if record.id in servers and any(
-                    v.model == model and v.version == version and v.state == "ready" for v in record.versions)
-            }
-            if ready == servers:
-                return len(ready)
+            # Failures are the load's business, not the probe's: only the count matters here.
+            await asyncio.gather(*(stub.Predict(request, timeout=10) for _ in range(8)),
+                                 return_exceptions=True)
+            try:
+                answered = await server.answered()
+            except JoinError as exc:
+                raise ScenarioError(str(exc)) from None
+            if answered:
+                return answered
             if loop.time() > deadline:
                 raise ScenarioError(
-                    f"{model} v{version} is ready on {len(ready)} of {len(servers)} model servers "
-                    f"after {timeout_s:g}s"
+                    f"the gateway at {host} sent none of its calls to model server "
+                    f"{server.service_id} ({server.address}) within {timeout_s:g}s of it being ready"
                 )
             await asyncio.sleep(0.2)
 
 
-async def _run(options: RunOptions, cluster: LocalCluster | None) -> RunReport:
+async def _run(options: RunOptions, *, just_registered: bool) -> RunReport:
     scenario = options.scenario
     clock = _Clock()
-    old_version = await _serving_version(options.host, options.model, just_registered=cluster is not None)
+    old_version = await _serving_version(options.host, options.model, just_registered=just_registered)
     clock.note(f"{options.model} v{old_version} serves at {options.host}")
-    if cluster is not None and scenario.action is Action.KILL_MODEL_SERVER:
-        count = await _wait_ready_everywhere(cluster, options.model, old_version)
-        clock.note(f"v{old_version} is ready on all {count} model servers")
 
+    victim: JoinedModelServer | None = None
     channel = grpc.aio.insecure_channel(options.registry)
     try:
+        if scenario.action is Action.KILL_MODEL_SERVER:
+            assert options.redis_url is not None
+            victim = JoinedModelServer(
+                redis=RedisSettings(url=options.redis_url, key_prefix=options.key_prefix),
+                registry=options.registry, gateway=options.host, model=options.model,
+                log_path=options.results_dir / "joined-model-server.log", note=clock.note,
+            )
+            try:
+                await victim.join(old_version)
+            except JoinError as exc:
+                raise ScenarioError(str(exc)) from None
+            answered = await _wait_routed(options.host, options.model, victim)
+            clock.note(f"the gateway routes to {victim.service_id}: it answered {answered} probe calls")
+
         new_version = 0
         if scenario.action is Action.PROMOTE_ROLLBACK:
             new_version = await copy_version(channel, options.model, old_version)
@@ -279,7 +305,7 @@ async def _run(options: RunOptions, cluster: LocalCluster | None) -> RunReport:
                 await _wait_started(process, started, options.results_dir / "locust.log")
                 clock.restart()
                 clock.note(f"load started: {format_stages(stages)} of {scenario.user_class}")
-                action = asyncio.create_task(_act(options, cluster, channel, clock, old_version, new_version))
+                action = asyncio.create_task(_act(options, victim, channel, clock, old_version, new_version))
                 try:
                     async with asyncio.timeout(total_s + LOCUST_GRACE_S):
                         await process.wait()
@@ -303,6 +329,9 @@ async def _run(options: RunOptions, cluster: LocalCluster | None) -> RunReport:
                     await process.wait()
     finally:
         await channel.close()
+        if victim is not None:
+            # Also on Ctrl-C (the task is cancelled) and on every error above.
+            await victim.aclose()
 
     stats_json = Path(f"{prefix}.json")
     if not stats_json.exists():
@@ -326,6 +355,8 @@ async def _run(options: RunOptions, cluster: LocalCluster | None) -> RunReport:
                 f"SLO versions_served missed: no request was answered by v{missing[0]} "
                 f"(answers per version: {served_versions})",
             ))
+    if victim is not None:
+        misses.extend(SloMiss("cleanup", f"cleanup incomplete: {p}") for p in victim.cleanup_problems)
     report = RunReport(scenario.name, options.results_dir, stats, options.slo, misses,
                        clock.timeline, served_versions)
     (options.results_dir / "summary.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
@@ -348,7 +379,7 @@ async def _wait_started(process: asyncio.subprocess.Process, started: Path, log_
 
 async def _act(
     options: RunOptions,
-    cluster: LocalCluster | None,
+    victim: JoinedModelServer | None,
     channel: grpc.aio.Channel,
     clock: _Clock,
     old_version: int,
@@ -368,12 +399,12 @@ async def _act(
         rolled = await rollback(channel, options.model, options.alias, expected=new_version)
         clock.note(f"rolled back: {options.alias} = v{rolled.alias.version}")
     elif action is Action.KILL_MODEL_SERVER:
-        assert cluster is not None
-        servers = [c for c in cluster.children if c.kind == "model_server"]
-        if len(servers) < 2:
-            raise ScenarioError("the server_lost scenario needs at least two model servers")
+        assert victim is not None
         await clock.sleep_until(duration * 0.33)
-        victim = servers[-1]
-        assert victim.process is not None
-        victim.process.kill()
-        clock.note(f"killed {victim.name} (pid {victim.process.pid}, {victim.address}) with SIGKILL")
+        try:
+            answered = str(await victim.answered())
+        except JoinError:
+            answered = "an unknown number of"  # its metrics are not the point: kill it anyway
+        victim.kill()
+        clock.note(f"killed {victim.service_id} (pid {victim.pid}, {victim.address}) with SIGKILL; "
+                   f"it had answered {answered} calls")

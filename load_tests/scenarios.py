@@ -18,7 +18,8 @@ class Action(enum.Enum):
     PROMOTE_ROLLBACK = "promote_rollback"
     """Promote a freshly uploaded version to the alias, then roll the alias back."""
     KILL_MODEL_SERVER = "kill_model_server"
-    """SIGKILL one of the cluster's model servers (needs a cluster the runner started)."""
+    """SIGKILL a model server that the runner started for the run and joined to the cluster
+    (`load_tests.joined_server`); the cluster's own servers are never touched."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,6 @@ class Scenario:
         users: Users at the steady level (the `--users` default).
         duration_s: The whole run (the `--duration` default).
         action: What the runner does meanwhile.
-        model_servers: Model servers in a cluster the runner starts (`--start-cluster`).
         spike_factor: For a spike: users at the peak = users × this, for the middle fifth.
     """
 
@@ -42,7 +42,6 @@ class Scenario:
     users: int = 16
     duration_s: float = 60.0
     action: Action = Action.NONE
-    model_servers: int = 1
     spike_factor: int = 0
 
     def stages(self, users: int, duration_s: float) -> list[Stage]:
@@ -71,8 +70,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         "PredictUser", action=Action.PROMOTE_ROLLBACK,
     ),
     Scenario(
-        "server_lost", "Predict while one of two model servers is killed (SIGKILL).",
-        "PredictUser", action=Action.KILL_MODEL_SERVER, model_servers=2,
+        "server_lost",
+        "Predict while a model server that the runner joined to the cluster for the run is "
+        "killed (SIGKILL).",
+        "PredictUser", action=Action.KILL_MODEL_SERVER,
     ),
     Scenario("oip", "ModelInfer on the Open Inference Protocol (KServe v2) endpoint.", "OipInferUser"),
 )}

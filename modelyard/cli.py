@@ -108,6 +108,7 @@ def _print_cluster(cluster: LocalCluster) -> None:
     for child in cluster.children:
         table.add_row(child.name, child.address, str(child.log_path))
     console.print(table)
+    console.print(f"addresses and Redis URL for tools (e.g. the load tests): {cluster.cluster_file}")
 
 
 async def _run_demo(cluster: LocalCluster) -> None:

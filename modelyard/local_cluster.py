@@ -4,11 +4,17 @@ and what the e2e tests drive.
 Redis (embedded unless a URL is given) → registry → monitor → model servers → gateway. Each
 child is told its service id; the supervisor finds its address in Redis membership (so port 0
 works) and waits until its grpc.health.v1 says SERVING. Stopping goes in reverse order.
+
+A started cluster describes itself in `DATA_DIR/cluster.json` (`ClusterFile`): the addresses
+of its services, its Redis URL and key prefix, and the pid of the process that supervises it.
+Tools that act on a running `modelyard up` read it (the load tests' `server_lost` joins a model
+server of its own through the Redis it names). The file is removed when the cluster stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -28,11 +34,13 @@ from modelyard.membership import new_service_id
 from modelyard.processes import spawn_child
 from modelyard.settings import RedisSettings
 
-__all__ = ["LocalCluster", "Child", "DEFAULT_PORTS"]
+__all__ = ["LocalCluster", "Child", "ClusterFile", "DEFAULT_PORTS", "CLUSTER_FILE_NAME"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"gateway": 50051, "registry": 50061, "monitor": 50071, "model_server": 50081}
+CLUSTER_FILE_NAME = "cluster.json"
+"""What a started cluster writes into its data dir (see `ClusterFile`)."""
 
 
 @dataclass
@@ -54,6 +62,73 @@ class Child:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+@dataclass(frozen=True)
+class ClusterFile:
+    """What a running local cluster says about itself in `DATA_DIR/cluster.json`.
+
+    Usage::
+
+        info = ClusterFile.read(Path("var/cluster.json"))
+        if info.running():
+            print(info.gateway, info.redis_url)
+
+    Args:
+        pid: The process that supervises the cluster (`modelyard up`).
+        redis_url: The cluster's Redis; every service coordinates through it.
+        key_prefix: The prefix of the cluster's keys in that Redis.
+        services: Service name (`gateway`, `registry`, `monitor`, `model-server-1`, ...) to the
+            `host:port` of its gRPC listener.
+    """
+
+    pid: int
+    redis_url: str
+    key_prefix: str
+    services: dict[str, str]
+
+    @property
+    def gateway(self) -> str:
+        return self.services["gateway"]
+
+    @property
+    def registry(self) -> str:
+        return self.services["registry"]
+
+    def running(self) -> bool:
+        """Whether the process that wrote the file still exists (a killed `modelyard up`
+        leaves its file behind)."""
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # it exists, under another user
+        return True
+
+    def to_json(self) -> dict[str, object]:
+        return {"v": 1, "pid": self.pid, "redis_url": self.redis_url, "key_prefix": self.key_prefix,
+                "services": self.services}
+
+    @classmethod
+    def read(cls, path: Path) -> ClusterFile:
+        """Read a cluster file.
+
+        Raises:
+            OSError: it cannot be read.
+            ValueError: it is not a cluster file.
+        """
+        try:
+            data = json.loads(path.read_text())
+            info = cls(pid=int(data["pid"]), redis_url=str(data["redis_url"]),
+                       key_prefix=str(data["key_prefix"]),
+                       services={str(k): str(v) for k, v in data["services"].items()})
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a modelyard cluster file ({exc})") from None
+        for name in ("gateway", "registry"):
+            if name not in info.services:
+                raise ValueError(f"{path}: not a modelyard cluster file (no {name} address)")
+        return info
 
 
 class LocalCluster:
@@ -93,6 +168,12 @@ class LocalCluster:
         self.redis: RedisServer | None = None
         self.children: list[Child] = []
         self.key_prefix = "my"
+        self._wrote_cluster_file = False
+
+    @property
+    def cluster_file(self) -> Path:
+        """Where the started cluster describes itself (`ClusterFile`)."""
+        return self.data_dir / CLUSTER_FILE_NAME
 
     @property
     def redis_url(self) -> str:
@@ -157,6 +238,21 @@ class LocalCluster:
             gateway = self._child("gateway", "gateway", "gateway", "MODELYARD_GATEWAY_",
                                   self._port("gateway"))
             await self._launch([gateway], store, deadline)
+        self._write_cluster_file()
+
+    def _write_cluster_file(self) -> None:
+        info = ClusterFile(pid=os.getpid(), redis_url=self.redis_url, key_prefix=self.key_prefix,
+                           services={c.name: c.address for c in self.children})
+        # Owner-only: a Redis URL given with --redis-url may carry a password. Written then
+        # renamed, so a reader never sees half a file.
+        partial = self.cluster_file.with_suffix(".json.partial")
+        partial.unlink(missing_ok=True)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(info.to_json(), out, indent=2)
+            out.write("\n")
+        partial.replace(self.cluster_file)
+        self._wrote_cluster_file = True
 
     async def _launch(self, children: list[Child], store: CoordinationStore, deadline: float) -> None:
         for child in children:
@@ -209,6 +305,9 @@ class LocalCluster:
 
     async def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM every child, newest first, so each drains; SIGKILL stragglers; stop Redis."""
+        if self._wrote_cluster_file:
+            self.cluster_file.unlink(missing_ok=True)
+            self._wrote_cluster_file = False
         for child in reversed(self.children):
             if child.process is not None and child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)

@@ -1,6 +1,8 @@
-"""The load-test runner on a real cluster (child processes, embedded Redis): short, tiny runs
-of the scenarios through the one command an SRE types, a run with an SLO the cluster cannot
-meet, and the SLO arithmetic on locust's statistics.
+"""The load-test runner on a real cluster (child processes, embedded Redis, started the way
+`modelyard up` starts it): short, tiny runs of the scenarios through the one command an SRE
+types, server_lost joining and killing a model server of its own (and cleaning up after it,
+Ctrl-C included), a run with an SLO the cluster cannot meet, and the SLO arithmetic on locust's
+statistics.
 
 Runs are kept to a few seconds and two users: the point is that each scenario runs end to end
 and gates on its SLO, not the numbers (those come from long runs on a quiet machine).
@@ -11,32 +13,40 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
-from load_tests.runner import REPO_ROOT, RunOptions, run_scenario
+from load_tests.registry_actions import get_deployment, set_deployment, spec_of
+from load_tests.runner import REPO_ROOT
 from load_tests.scenarios import SCENARIOS
 from load_tests.slo import DEFAULT_SLO_FILE, RunStats, Slo, check_slo, load_slos, read_stats
 from load_tests.stages import Stage, parse_duration_s, parse_stages
+from modelyard.coordination import CoordinationStore
 from modelyard.demo import build_demo_model, demo_signature, register_model
-from modelyard.local_cluster import LocalCluster
+from modelyard.local_cluster import ClusterFile, LocalCluster
+from modelyard.settings import RedisSettings
 
 RUN_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """One cluster (two model servers) with the demo model, shared by the module's runs.
+    """One cluster (one model server, as `modelyard up`) with the demo model, shared by the
+    module's runs.
 
     Started with asyncio.run: LocalCluster keeps no loop-bound state between start and stop,
     and the runs themselves are child processes.
     """
     local = LocalCluster(data_dir=tmp_path_factory.mktemp("load-cluster"), ports="free",
-                         model_servers=2, env={"MODELYARD_LOG_LEVEL": "WARNING"})
+                         env={"MODELYARD_LOG_LEVEL": "WARNING"})
     try:
         asyncio.run(local.start())
         _module, artifact = build_demo_model()
@@ -113,28 +123,139 @@ def test_promote_and_rollback_under_load_lose_no_request(cluster: LocalCluster, 
 
 
 @pytest.mark.integration
-def test_server_lost_needs_a_cluster_the_runner_owns(tmp_path: Path) -> None:
+def test_server_lost_needs_the_clusters_redis(tmp_path: Path) -> None:
     done = _run("server_lost", "--host", "127.0.0.1:1", "--duration", "2s",
                 "--results-dir", str(tmp_path / "lost"))
     assert done.returncode == 2
-    assert "pass --start-cluster" in done.stdout
+    assert "needs the cluster's Redis: pass --redis-url, or --cluster-file" in done.stdout
 
 
 @pytest.mark.integration
-async def test_server_lost_kills_one_of_two_model_servers_under_load(
+def test_server_lost_refuses_a_redis_of_another_cluster(
+    cluster: LocalCluster, redis_url: str, tmp_path: Path
+) -> None:
+    # The session's Redis holds no gateway: nothing may join it, nothing is started.
+    done = _run("server_lost", "--host", cluster.gateway_address,
+                "--registry", cluster.address_of("registry"), "--redis-url", redis_url,
+                "--duration", "2s", "--results-dir", str(tmp_path / "lost"))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"is not the cluster of the gateway {cluster.gateway_address}" in done.stdout
+    assert not (tmp_path / "lost" / "joined-model-server.log").exists()
+
+
+def _pids_of_service(service_id: str) -> list[int]:
+    """Processes (of this user) started with MODELYARD_MODEL_SERVER_SERVICE_ID=`service_id`."""
+    wanted = f"MODELYARD_MODEL_SERVER_SERVICE_ID={service_id}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue  # gone meanwhile, or not ours
+    return pids
+
+
+async def _model_servers(cluster: LocalCluster) -> set[str]:
+    settings = RedisSettings(url=cluster.redis_url, key_prefix=cluster.key_prefix)
+    async with CoordinationStore(settings) as store:
+        return {r.id for r in await store.list_services() if r.kind == "model_server"}
+
+
+@pytest.mark.integration
+async def test_server_lost_joins_a_model_server_of_its_own_and_kills_it(
     cluster: LocalCluster, tmp_path: Path
 ) -> None:
-    # In-process, on the module's cluster (the CLI only kills servers of a cluster it started
-    # itself). The other tests pass whichever order they run in: one model server is enough.
-    options = RunOptions(scenario=SCENARIOS["server_lost"], slo=load_slos()["server_lost"],
-                         results_dir=tmp_path / "lost", users=2, duration_s=4.0)
-    report = await run_scenario(options, cluster)
-    assert report.passed, report.misses
-    assert report.stats.requests > 0
-    killed = [e for _, e in report.timeline if e.startswith("killed model-server-")]
-    assert len(killed) == 1, report.timeline
-    assert [c.name for c in cluster.check_alive()] == [killed[0].split()[1]]
-    assert (tmp_path / "lost" / "server_lost_report.html").exists()
+    # The path an SRE takes against `modelyard up`: no --start-cluster, the cluster file that
+    # `up` writes. The deployment places the model on a fixed number of servers, so the
+    # runner must widen it for the run (through the registry) and put it back.
+    own_servers = await _model_servers(cluster)
+    async with grpc.aio.insecure_channel(cluster.address_of("registry")) as channel:
+        before = await get_deployment(channel, "demo")
+        fixed = spec_of(before)
+        fixed.replicas = 1
+        await set_deployment(channel, "demo", fixed)
+    try:
+        results = tmp_path / "lost"
+        # 10 s: the kill is at a third, so the killed server's membership record expires
+        # (heartbeat TTL 5 s) while the load still runs, and the cluster must ride that out too.
+        done = await asyncio.to_thread(
+            _run, "server_lost", "--cluster-file", str(cluster.cluster_file), "--users", "2",
+            "--duration", "10s", "--results-dir", str(results))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "PASS: scenario server_lost met its SLO" in done.stdout
+        summary = _summary(results)
+        events = [e["event"] for e in summary["timeline"]]  # type: ignore[union-attr]
+        assert "SetDeployment demo: replicas 1 -> 0" in " ".join(events), events
+        routed = [e for e in events if e.startswith("the gateway routes to model-server-load-test-")]
+        assert routed, events
+        killed = [e for e in events if e.startswith("killed model-server-load-test-")]
+        assert len(killed) == 1, events
+        match = re.match(r"killed (\S+) \(pid (\d+),", killed[0])
+        assert match is not None
+        service_id, pid = match[1], int(match[2])
+        assert any(e.startswith(f"removed {service_id}'s membership record") for e in events), events
+        assert any(e.startswith("SetDeployment demo: replicas back to 1") for e in events), events
+        stats = summary["stats"]
+        assert isinstance(stats, dict) and stats["requests"] > 0
+        # Nothing of the run is left: the process, its membership record; the cluster's own
+        # services all still run, and the deployment is the user's again.
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        assert _pids_of_service(service_id) == []
+        assert await _model_servers(cluster) == own_servers
+        assert cluster.check_alive() == []
+        async with grpc.aio.insecure_channel(cluster.address_of("registry")) as channel:
+            assert (await get_deployment(channel, "demo")).replicas == 1
+    finally:
+        async with grpc.aio.insecure_channel(cluster.address_of("registry")) as channel:
+            await set_deployment(channel, "demo", before)
+
+
+@pytest.mark.integration
+async def test_server_lost_interrupted_leaves_nothing_behind(cluster: LocalCluster, tmp_path: Path) -> None:
+    own_servers = await _model_servers(cluster)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "load_tests", "run", "server_lost", "--host", cluster.gateway_address,
+         "--registry", cluster.address_of("registry"), "--redis-url", cluster.redis_url,
+         "--users", "2", "--duration", "30s", "--results-dir", str(tmp_path / "lost")],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, COLUMNS="200"),
+    )
+    try:
+        # Ctrl-C once the joined server is a member of the cluster.
+        deadline = time.monotonic() + 90
+        joined: set[str] = set()
+        while not joined:
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, "the runner's model server never joined"
+            await asyncio.sleep(0.2)
+            joined = await _model_servers(cluster) - own_servers
+        process.send_signal(signal.SIGINT)
+        output, _ = await asyncio.to_thread(process.communicate, timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, output
+    assert "interrupted" in output
+    (service_id,) = joined
+    assert _pids_of_service(service_id) == []
+    assert await _model_servers(cluster) == own_servers
+    assert cluster.check_alive() == []
+
+
+def test_cluster_file_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.json"
+    info = ClusterFile(pid=os.getpid(), redis_url="redis://127.0.0.1:1/0", key_prefix="my",
+                       services={"gateway": "127.0.0.1:2", "registry": "127.0.0.1:3"})
+    path.write_text(json.dumps(info.to_json()))
+    assert ClusterFile.read(path) == info
+    assert info.running()
+    path.write_text(json.dumps({"pid": 1, "redis_url": "redis://x", "key_prefix": "my", "services": {}}))
+    with pytest.raises(ValueError, match="no gateway address"):
+        ClusterFile.read(path)
 
 
 # -- the SLO arithmetic and the scenario definitions (pure) ----------------------------------
