@@ -119,7 +119,8 @@ def perf_analyzer() -> Path | None:
 def run_pa(pa: Path, address: str, model: str, concurrency: int, seconds: float, out: Path) -> dict[str, Any]:
     csv_path = out / f"pa_{model}_{address.replace(':', '_')}_{concurrency}.csv"
     env = dict(os.environ)
-    cudart = os.environ.get("PEERS_CUDART", str(pa.parent / "cudart"))
+    # Where ../shared/bench/peers_env.sh puts libcudart.so.12 (perf_analyzer links it).
+    cudart = os.environ.get("PEERS_CUDART", str(pa.parent / "cudart/nvidia/cuda_runtime/lib"))
     env["LD_LIBRARY_PATH"] = f"{cudart}:{env.get('LD_LIBRARY_PATH', '')}"
     done = subprocess.run(
         [str(pa), "-m", model, "-i", "grpc", "-u", address, "--async",

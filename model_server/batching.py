@@ -24,15 +24,33 @@ requests pile up, and when it finishes (rule 2) they all leave as one batch. The
 thus follows the load by itself. With several instances, rule 3 stops a busy server from
 feeding every free worker batches of one.
 
+With `preferred_batch_sizes`, a group that reaches one of them leaves at once (rule 3), as a
+batch of the largest preferred size it can fill; the rest of the group waits for the next
+batch (Triton's preferred sizes, e.g. sizes a GPU kernel is tuned for).
+
+Where the forward runs (`execution`):
+
+- `thread`: on a dedicated `ThreadPoolExecutor(max_workers=instances)`; the event loop keeps
+  decoding requests while a batch computes. The only thread hop per request is its batch's,
+  but each hop hands the GIL between the loop and the worker, and under load the worker waits
+  for the GIL the loop holds (up to `sys.getswitchinterval()` per hand-over): for a forward of
+  a fraction of a millisecond that costs more than the forward.
+- `loop`: on the event loop itself, between requests: no hop, no GIL hand-over. The loop is
+  busy for the forward's duration, so this suits forwards well under a millisecond. A batch
+  then forms from the requests that arrive while the loop goes round: dispatch is deferred by
+  one turn of the loop at a time as long as new requests keep arriving (under load each turn
+  brings more), up to `max_batch_size` or `max_queue_delay`; a lone caller waits two turns
+  (microseconds).
+- `auto` (default): `loop` when the version runs on the CPU with one instance and its warm-up
+  forward at `max_batch_size` took at most `LOOP_MAX_FORWARD_S`; `thread` otherwise.
+
 Requests whose future is done (the caller went away) or whose deadline has passed are
 dropped when their batch is formed, before compute. The waiting queue is bounded in items:
 beyond `max_queue_size`, `submit` raises QueueFull at once (never blocks).
 
-The forward runs on a dedicated `ThreadPoolExecutor(max_workers=instances)`, inside
-`torch.inference_mode()`, never on the event loop; the only thread hop per request is its
-batch's. Outputs are checked to have the batch's item count on dim 0 and split back with
-`torch.split`. A failing batch fails only its own requests (ModelExecutionError, the trace
-in the log) and the batcher goes on.
+The forward runs inside `torch.inference_mode()`. Outputs are checked to have the batch's
+item count on dim 0 and split back with `torch.split`. A failing batch fails only its own
+requests (ModelExecutionError, the trace in the log) and the batcher goes on.
 
 Usage::
 
@@ -79,6 +97,8 @@ __all__ = [
     "COMPUTE_SECONDS",
     "BATCH_SIZE",
     "QUEUE_DEPTH",
+    "EXECUTIONS",
+    "LOOP_MAX_FORWARD_S",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,6 +133,13 @@ QUEUE_DEPTH = Gauge(
 
 _CLOCK_SLACK_S = 1e-6
 
+EXECUTIONS = ("auto", "loop", "thread")
+"""Where a batch's forward may run; see the module docstring."""
+
+LOOP_MAX_FORWARD_S = 0.001
+"""`auto` runs a CPU version on the event loop when its warm-up forward at `max_batch_size`
+took at most this long (a longer one would hold up every other request on the loop)."""
+
 # Which batcher owns the series of a (model, version) label pair (the newest one).
 _METRIC_OWNERS: weakref.WeakValueDictionary[tuple[str, str], Batcher] = weakref.WeakValueDictionary()
 
@@ -124,6 +151,7 @@ class BatchConfig:
     Usage::
 
         BatchConfig(max_batch_size=64, max_queue_delay_s=0.002, max_queue_size=1024, instances=1)
+        BatchConfig(max_batch_size=64, preferred_batch_sizes=(16, 32), execution="thread")
     """
 
     max_batch_size: int = 64
@@ -134,12 +162,29 @@ class BatchConfig:
     """Most items waiting; beyond it `submit` raises QueueFull."""
     instances: int = 1
     """Worker threads, hence batches in flight at once."""
+    preferred_batch_sizes: tuple[int, ...] = ()
+    """Batch sizes dispatched as soon as a group can fill one (the largest it can), without
+    waiting for `max_batch_size` or the window; empty: none."""
+    execution: str = "auto"
+    """Where the forward runs: "thread", "loop" or "auto" (see the module docstring)."""
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue_size < 1 or self.instances < 1:
             raise ValueError("max_batch_size, max_queue_size and instances must be >= 1")
         if self.max_queue_delay_s < 0:
             raise ValueError("max_queue_delay_s must be >= 0")
+        preferred = self.preferred_batch_sizes
+        if any(size < 1 or size > self.max_batch_size for size in preferred):
+            raise ValueError(
+                f"preferred_batch_sizes {list(preferred)} must lie between 1 and max_batch_size "
+                f"({self.max_batch_size})"
+            )
+        # Normalised (sorted, unique) so that equal settings compare equal.
+        object.__setattr__(self, "preferred_batch_sizes", tuple(sorted(set(preferred))))
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"execution {self.execution!r} is not one of {', '.join(EXECUTIONS)}")
+        if self.execution == "loop" and self.instances != 1:
+            raise ValueError("execution 'loop' runs one batch at a time: instances must be 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +303,8 @@ class Batcher:
         version: The version number, for metrics and logs.
         batching: False for a model without a batch dimension: every request then runs
             alone and its outputs are returned whole.
+        device: Where the forward runs ("cpu", "cuda:N"); `auto` execution picks the loop
+            only on the CPU.
     """
 
     def __init__(
@@ -268,6 +315,7 @@ class Batcher:
         model_name: str = "model",
         version: int = 0,
         batching: bool = True,
+        device: str = "cpu",
     ) -> None:
         self._model = model
         self._config = config
@@ -275,6 +323,11 @@ class Batcher:
         self._version = version
         self._batching = batching
         self._max_items = config.max_batch_size if batching else 1
+        self._preferred = config.preferred_batch_sizes if batching else ()
+        self._device = device
+        self._on_loop = config.execution == "loop"
+        self._tick: asyncio.Handle | None = None
+        self._tick_items = 0
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(
             max_workers=config.instances, thread_name_prefix=f"model-{model_name}-v{version}"
@@ -305,6 +358,8 @@ class Batcher:
         _METRIC_OWNERS[labels] = self
         self.stats = BatcherStats()
         """Cumulative figures, see `BatcherStats`."""
+        self.warm_up_s: dict[int, float] = {}
+        """Batch size -> the fastest warm-up forward at that size, in seconds."""
 
     # -- public ----------------------------------------------------------------------------
 
@@ -317,6 +372,11 @@ class Batcher:
     def queued_items(self) -> int:
         """Items waiting for a batch."""
         return self._queued_items
+
+    @property
+    def execution(self) -> str:
+        """Where batches run now: "loop" or "thread"."""
+        return "loop" if self._on_loop else "thread"
 
     @property
     def closed(self) -> bool:
@@ -366,7 +426,12 @@ class Batcher:
         self._queued_items += items
         self._queued_requests += 1
         self._idle.clear()
-        self._dispatch()
+        if self._on_loop:
+            if self._tick is None:
+                self._tick_items = 0  # the first turn always waits for one more
+                self._tick = loop.call_soon(self._on_tick)
+        else:
+            self._dispatch()
         # Cancelling the caller cancels `future`; the request is then dropped unseen.
         return await future
 
@@ -395,7 +460,25 @@ class Batcher:
                 raise ModelExecutionError(
                     f"warm-up at batch size {items} failed: {type(exc).__name__}: {exc}"
                 ) from exc
+            fastest = min(seconds for _, seconds in results)
+            self.warm_up_s[items] = min(fastest, self.warm_up_s.get(items, math.inf))
         return results[-1][0][0]
+
+    def settle_execution(self) -> str:
+        """Decide where `auto` runs batches, from the warm-up timings; call after warm-up.
+
+        Returns:
+            "loop" or "thread".
+        """
+        if self._config.execution == "auto":
+            largest = max(self.warm_up_s, default=None)
+            self._on_loop = (
+                self._device == "cpu"
+                and self._config.instances == 1
+                and largest is not None
+                and self.warm_up_s[largest] <= LOOP_MAX_FORWARD_S
+            )
+        return self.execution
 
     async def aclose(self) -> None:
         """Stop taking requests, finish every accepted one (at once, without waiting out the
@@ -405,9 +488,10 @@ class Batcher:
         self._state = _State.CLOSING
         self._dispatch()
         await self._idle.wait()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for handle in (self._timer, self._tick):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._tick = None
         if self._state is _State.CLOSED:  # a concurrent aclose() finished first
             return
         self._state = _State.CLOSED
@@ -499,10 +583,11 @@ class Batcher:
         delay = self._config.max_queue_delay_s
         best: _Group | None = None
         next_due = math.inf
+        full = self._preferred[0] if self._preferred else self._max_items
         for group in self._groups.values():
             head_at = group.requests[0].enqueued_at
             due = head_at + delay
-            if dispatch_any or group.items >= self._max_items or due <= now + _CLOCK_SLACK_S:
+            if dispatch_any or group.items >= full or due <= now + _CLOCK_SLACK_S:
                 if best is None or head_at < best.requests[0].enqueued_at:
                     best = group
             else:
@@ -522,10 +607,34 @@ class Batcher:
         self._timer = None
         self._dispatch()
 
+    def _on_tick(self) -> None:
+        """Loop execution: dispatch once a turn of the loop brought no new request (or the
+        batch is full, or its oldest request has waited `max_queue_delay`). The first turn
+        after a request always waits one more: the requests of a burst reach `submit` over
+        the next turns, not in the one that scheduled this."""
+        self._tick = None
+        grew = self._queued_items > self._tick_items
+        if grew and self._state is _State.OPEN and self._queued_items < self._max_items:
+            oldest = min(group.requests[0].enqueued_at for group in self._groups.values())
+            if self._loop.time() - oldest < self._config.max_queue_delay_s:
+                self._tick_items = self._queued_items
+                self._tick = self._loop.call_soon(self._on_tick)
+                return
+        self._dispatch()
+
+    def _limit(self, group: _Group) -> int:
+        """Most items the next batch of `group` takes: the largest preferred size it fills,
+        else `max_batch_size`."""
+        for size in reversed(self._preferred):
+            if group.items >= size:
+                return size
+        return self._max_items
+
     def _take(self, group: _Group) -> list[_Request]:
         """The next batch from a group, dropping abandoned and expired requests on the way."""
         now = self._loop.time()
         requests = group.requests
+        limit = self._limit(group)
         batch: list[_Request] = []
         items = 0
         while requests:
@@ -548,14 +657,14 @@ class Batcher:
                     ),
                 )
                 continue
-            if batch and items + request.items > self._max_items:
+            if batch and items + request.items > limit:
                 break
             requests.popleft()
             self._forget(group, request)
             request.queue_s = now - request.enqueued_at
             batch.append(request)
             items += request.items
-            if items >= self._max_items:
+            if items >= limit:
                 break
         if not requests:
             del self._groups[group.key]
@@ -569,15 +678,27 @@ class Batcher:
             observe(request.queue_s)
         inputs = [r.inputs for r in batch]
         counts = [r.items for r in batch]
+        if self._on_loop:
+            # No thread, no future: compute now, then complete (the caller's loop goes on to
+            # the next batch, so no re-dispatch from here).
+            self._in_flight -= 1
+            self._in_flight_requests -= len(batch)
+            try:
+                result = self._compute(inputs, counts)
+            except Exception as exc:  # noqa: BLE001 - fails only this batch, as on a thread
+                self._fail_batch(batch, sum(counts), exc)
+            else:
+                self._complete_batch(batch, sum(counts), result)
+            return
         future = self._loop.run_in_executor(self._executor, self._compute, inputs, counts)
         future.add_done_callback(functools.partial(self._on_batch_done, batch, sum(counts)))
 
-    # -- worker thread ---------------------------------------------------------------------
+    # -- compute (a worker thread, or the loop) --------------------------------------------
 
     def _compute(
         self, inputs: list[Sequence[torch.Tensor]], counts: list[int]
     ) -> tuple[list[list[torch.Tensor]], float]:
-        """Concatenate, forward, check and split one batch. Runs on a worker thread."""
+        """Concatenate, forward, check and split one batch."""
         start = time.perf_counter()
         with torch.inference_mode():
             if len(inputs) == 1:
@@ -617,30 +738,37 @@ class Batcher:
             elif (exc := future.exception()) is not None:
                 self._fail_batch(batch, total, exc)
             else:
-                per_request, compute_s = future.result()
-                self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * compute_s
-                self._compute_seconds.observe(compute_s)
-                self._batch_size.observe(total)
-                stats = self.stats
-                stats.inference_count += total
-                stats.execution_count += 1
-                stats.last_inference_ms = int(time.time() * 1000)
-                count, seconds = stats.batches.get(total, (0, 0.0))
-                stats.batches[total] = (count + 1, seconds + compute_s)
-                for request in batch:
-                    stats.success_count += 1
-                    stats.queue_s += request.queue_s
-                    stats.compute_s += compute_s
-                    stats.success_s += request.queue_s + compute_s
-                for request, outputs in zip(batch, per_request, strict=True):
-                    _set_result_if_not_done(
-                        request.future, (outputs, BatchTiming(request.queue_s, compute_s, total))
-                    )
+                self._complete_batch(batch, total, future.result())
+        finally:
+            self._dispatch()
+
+    def _complete_batch(
+        self, batch: list[_Request], total: int, result: tuple[list[list[torch.Tensor]], float]
+    ) -> None:
+        """Record a computed batch and hand every request its outputs."""
+        try:
+            per_request, compute_s = result
+            self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * compute_s
+            self._compute_seconds.observe(compute_s)
+            self._batch_size.observe(total)
+            stats = self.stats
+            stats.inference_count += total
+            stats.execution_count += 1
+            stats.last_inference_ms = int(time.time() * 1000)
+            count, seconds = stats.batches.get(total, (0, 0.0))
+            stats.batches[total] = (count + 1, seconds + compute_s)
+            for request in batch:
+                stats.success_count += 1
+                stats.queue_s += request.queue_s
+                stats.compute_s += compute_s
+                stats.success_s += request.queue_s + compute_s
+            for request, outputs in zip(batch, per_request, strict=True):
+                _set_result_if_not_done(
+                    request.future, (outputs, BatchTiming(request.queue_s, compute_s, total))
+                )
         except Exception as exc:  # noqa: BLE001 - a bug here must not strand the waiters
             log.exception("completing a batch of %s v%d failed", self._name, self._version)
             self._fail_batch(batch, total, exc)
-        finally:
-            self._dispatch()
 
     def _fail_batch(self, batch: list[_Request], total: int, exc: BaseException | None) -> None:
         request_ids = ",".join(r.request_id for r in batch if r.request_id) or "-"

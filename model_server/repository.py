@@ -110,6 +110,30 @@ def _synthetic_inputs(signature: tensor_pb2.Signature, batch_size: int) -> list[
     return inputs
 
 
+WARM_UP_EVERY_SIZE_UP_TO = 64
+"""Batch sizes up to this are each warmed up; beyond it, powers of two only."""
+
+
+def warm_up_sizes(config: BatchConfig) -> tuple[list[int], list[int]]:
+    """The batch sizes a batching version is warmed up at, before it is ready.
+
+    Returns:
+        (sweep, settle): every size the batcher can form (up to `WARM_UP_EVERY_SIZE_UP_TO`,
+        then powers of two), run once each so that TorchScript's profiling executor has seen
+        the whole range of shapes; then 1, the preferred sizes and `max_batch_size`, run three
+        times each, last, so that the plans kept are the ones for the whole range and the
+        timings taken (which decide `auto` execution) are of optimised runs.
+    """
+    top = config.max_batch_size
+    sweep = list(range(1, min(top, WARM_UP_EVERY_SIZE_UP_TO) + 1))
+    power = 128
+    while power < top:
+        sweep.append(power)
+        power *= 2
+    settle = sorted({1, *config.preferred_batch_sizes, top})
+    return [size for size in sweep if size not in settle], settle
+
+
 def _is_batching(signature: tensor_pb2.Signature) -> bool:
     return all(len(spec.shape) > 0 and spec.shape[0] == -1 for spec in signature.inputs)
 
@@ -422,11 +446,20 @@ class ModelRepository:
             model_name=model,
             version=version,
             batching=batching,
+            device=device,
         )
-        sizes = sorted({1, serving.batch.max_batch_size}) if batching else [1]
-        for size in sizes:
-            outputs = await loaded.batcher.warm_up(_synthetic_inputs(loaded.signature, size))
+        sweep, settle = warm_up_sizes(serving.batch) if batching else ([], [1])
+        for size, repeats in [*((size, 1) for size in sweep), *((size, 3) for size in settle)]:
+            outputs = await loaded.batcher.warm_up(
+                _synthetic_inputs(loaded.signature, size), repeats=repeats
+            )
             self._check_outputs(loaded, outputs)
+        execution = loaded.batcher.settle_execution()
+        timings = ", ".join(
+            f"batch {size}: {loaded.batcher.warm_up_s[size] * 1000:.2f} ms" for size in settle
+        )
+        log.info("%s v%d runs its batches on the %s (warm-up forward: %s)", model, version,
+                 "event loop" if execution == "loop" else "worker thread", timings)
 
     @staticmethod
     def _check_signature(loaded: LoadedVersion) -> None:

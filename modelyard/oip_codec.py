@@ -256,8 +256,18 @@ def requested_outputs(request: oip.ModelInferRequest) -> list[str] | None:
     return [o.name for o in request.outputs] or None
 
 
+_NUMPY_DTYPES = frozenset(
+    {torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64,
+     torch.uint8}
+)
+"""Dtypes whose tensors `.numpy()` takes as they are (not bfloat16, nor bool: uint8 views)."""
+
+
 def tensor_to_raw(tensor: torch.Tensor) -> bytes:
     """The tensor's elements as row-major little-endian bytes (one copy; any device/layout)."""
+    if tensor.device.type == "cpu" and tensor.dtype in _NUMPY_DTYPES and tensor.is_contiguous():
+        # The common case (a row slice of a CPU batch): numpy reads the memory in place.
+        return tensor.detach().numpy().tobytes()
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
