@@ -286,8 +286,9 @@ async def test_a_replica_killed_under_load_fails_no_call_that_had_not_reached_it
     callers = [asyncio.create_task(caller()) for _ in range(8)]
     await eventually(lambda: ok >= 100)
     # The crash: no deregistration (the record stays until it expires), connections cut.
-    reached = replica_of[victim.service_id].outstanding
     await victim.heartbeat.aclose(deregister=False)
+    # Counted with no await before the cut, so no call can reach the victim in between.
+    reached = replica_of[victim.service_id].outstanding
     await victim.server.server.stop(None)
     after_kill = ok
     await eventually(lambda: ok >= after_kill + 300)

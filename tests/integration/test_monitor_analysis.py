@@ -465,6 +465,8 @@ async def test_shifted_inputs_raise_a_drift_alert_and_unshifted_ones_do_not(
         f"    input: {{mean: {[0.0] * FEATURES}, std: {[1.0] * FEATURES}}}\n"
     )
     monitor = await start_monitor(rules_file=rules, window_s=30.0, drift_min_items=100)
+    # Figures are window deltas from the monitor's first scrape: send only after it.
+    await monitor.wait_rounds(1)
     rng = random.Random(3)
 
     def sampled() -> float:

@@ -238,46 +238,48 @@ async def test_drift_by_the_baseline_recorded_at_registration(
     sample = torch.randn(4000, FEATURES, generator=torch.Generator().manual_seed(7))
     version = await publish(
         registry_stub,
-        "watched",
+        "baselined",
         Flaky(fail=False),
         create=True,
         baselines=compute_baseline({"input": sample}),
     )
     # The registry keeps it with the version, and the upload's audit entry says so.
     recorded = await registry_stub.GetModelVersion(
-        reg.GetModelVersionRequest(model="watched", version=version)
+        reg.GetModelVersionRequest(model="baselined", version=version)
     )
     (baseline,) = recorded.model_version.input_baselines
     assert baseline.input == "input" and baseline.item_count == 4000 and len(baseline.features) == FEATURES
     (entry,) = (
         await registry_stub.ListAuditEntries(
-            reg.ListAuditEntriesRequest(model="watched", method="UploadModelVersion")
+            reg.ListAuditEntriesRequest(model="baselined", method="UploadModelVersion")
         )
     ).entries
     assert "input baseline: input (4 features, 4000 items, 10 bins)" in entry.message
 
-    await set_alias(registry_stub, "watched", "production", version)
-    await until_served(gateway, "watched", ["production"])
+    await set_alias(registry_stub, "baselined", "production", version)
+    await until_served(gateway, "baselined", ["production"])
     rules = tmp_path / "rules.yaml"  # rules only: no `baselines:` section
     rules.write_text("rules:\n  - {name: InputPSI, metric: input_psi, threshold: 0.25, for: 0s}\n")
     monitor = await start_monitor(rules_file=rules, drift_min_items=200, drift_learn_items=100_000)
+    # Figures are window deltas from the monitor's first scrape: send only after it.
+    await monitor.wait_rounds(1)
     rng = random.Random(3)
 
     def binned() -> float:
-        stats = monitor.stats.get(("watched", version))
+        stats = monitor.stats.get(("baselined", version))
         return min((sum(c) for c in stats.input_bins.values()), default=0) if stats else 0
 
     for _ in range(100):
-        assert await predict(gateway, "watched", "production", normal(rng, 8))
+        assert await predict(gateway, "baselined", "production", normal(rng, 8))
     await until(monitor, lambda: binned() >= 800, timeout_s=15, what="the unshifted samples, binned")
     await monitor.wait_rounds(2)
-    steady = monitor.stats[("watched", version)]
+    steady = monitor.stats[("baselined", version)]
     assert 0 < steady.input_psi < 0.1 and steady.input_drift < 0.3  # both from the registry baseline
     assert not monitor.alerts.alerts()
 
     async def shifted() -> None:
         while True:
-            await predict(gateway, "watched", "production", normal(rng, 8, shift=1.5))
+            await predict(gateway, "baselined", "production", normal(rng, 8, shift=1.5))
 
     sender = asyncio.create_task(shifted())
     try:
@@ -291,10 +293,10 @@ async def test_drift_by_the_baseline_recorded_at_registration(
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
     (alert,) = monitor.alerts.alerts()
-    assert alert.state.value == "firing" and alert.value > 0.25 and alert.labels["model"] == "watched"
+    assert alert.state.value == "firing" and alert.value > 0.25 and alert.labels["model"] == "baselined"
     async with grpc.aio.insecure_channel(monitor.address) as channel:
         stats = await mon_grpc.MonitorServiceStub(channel).GetModelStats(
-            mon.GetModelStatsRequest(model="watched")
+            mon.GetModelStatsRequest(model="baselined")
         )
     (figures,) = stats.versions
     assert figures.input_psi > 0.25 and figures.input_drift > 0.3

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from model_server import batching
 from model_server.batching import LOOP_MAX_FORWARD_S, BatchConfig, Batcher
 from model_server.repository import warm_up_sizes
 from modelyard.errors import DeadlineExceeded, Draining, ModelExecutionError
@@ -59,7 +60,7 @@ async def test_loop_execution_batches_a_burst_and_splits_it_back_exactly(closing
     inputs = [rows(100, 1), rows(200, 3), rows(300, 2), rows(400, 1, width=8)]
     results = await asyncio.gather(*(batcher.submit([x]) for x in inputs))
 
-    for x, (outputs, timing) in zip(inputs, results, strict=True):
+    for x, (outputs, _) in zip(inputs, results, strict=True):
         assert torch.equal(outputs[0], x * 2)
     # One forward for the three width-4 requests (6 items), one for the width-8 one.
     assert sorted(model.calls) == [(1, 8), (6, 4)]
@@ -157,12 +158,16 @@ def test_loop_execution_needs_one_instance() -> None:
 # -- auto -------------------------------------------------------------------------------------
 
 
-async def test_auto_runs_a_fast_cpu_forward_on_the_loop(closing: Any) -> None:
+async def test_auto_runs_a_fast_cpu_forward_on_the_loop(
+    closing: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bound no `x * 2` misses, however busy the machine running the test.
+    monkeypatch.setattr(batching, "LOOP_MAX_FORWARD_S", 1.0)
     model = Recorder()
     batcher = make(model, closing, max_batch_size=8)
     assert batcher.execution == "thread"  # until warm-up has timed the forward
     await batcher.warm_up([rows(0, 8)])
-    assert batcher.warm_up_s[8] <= LOOP_MAX_FORWARD_S
+    assert 0 < batcher.warm_up_s[8] <= 1.0
     assert batcher.settle_execution() == "loop"
     model.threads.clear()
     await batcher.submit([rows(0, 2)])
