@@ -84,6 +84,8 @@ class ModelServerApp:
                 max_queue_delay_s=settings.max_queue_delay_ms / 1000,
                 max_queue_size=settings.max_queue_size,
                 instances=settings.instances,
+                preferred_batch_sizes=settings.preferred_batch_sizes,
+                execution=settings.execution,
             ),
             device=settings.device,
             precision=settings.precision,

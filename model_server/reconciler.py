@@ -8,7 +8,11 @@ once on an alias event or a model server joining or leaving, the reconciler load
 missing (concurrently, one load per version), reloads a version whose serving settings
 changed (the old copy serves until the new one is warm), and unloads what nothing places
 here any more. A failed load stays visible as "failed" (with its error, in the heartbeat)
-and is retried with exponential backoff.
+and is retried with exponential backoff. A version whose deployment cannot be served here
+(`placement.ServingError`, e.g. a preferred batch size above this server's max_batch_size)
+is not loaded: it shows as failed with the reason in the heartbeat, and the check is retried
+with the same backoff (a copy already serving here keeps serving, with the reason as its
+error); other models are unaffected.
 
 Hand-over: a version no longer wanted is unloaded only once no other version of the same
 model is still loading here, so moving an alias never leaves the model with nothing ready on
@@ -26,7 +30,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Protocol
 
 from model_server.devices import ServingConfig
-from model_server.placement import desired_versions, owners, placed_versions
+from model_server.placement import ServingError, desired_versions, owners, placed_versions
 from model_server.repository import ModelRepository, VersionState
 from modelyard.coordination import AliasesEvent, Deployment, Event, ServiceEvent, ServiceRecord
 from modelyard.errors import CoordinationUnavailable
@@ -114,12 +118,13 @@ class Reconciler:
         self._retry_at: dict[VersionKey, float] = {}
         self._deferred_unloads = False
         self._closed = False
-        self._loading_config: dict[VersionKey, ServingConfig] = {}
+        self._loading_config: dict[VersionKey, ServingConfig | ServingError] = {}
         self._placed: dict[VersionKey, int] = {}
         self._ready_elsewhere: set[tuple[str, int, str]] = set()
         self._live: list[str] = []
-        self.desired: dict[VersionKey, ServingConfig] = {}
-        """What was placed here in the last successful read, with its serving settings."""
+        self.desired: dict[VersionKey, ServingConfig | ServingError] = {}
+        """What was placed here in the last successful read, with its serving settings (or
+        why its deployment cannot be served here)."""
 
     def wake(self) -> None:
         """Reconcile now (something changed)."""
@@ -235,7 +240,9 @@ class Reconciler:
         new_owners = owners(model, version, self._live, replicas)
         return not all((model, version, owner) in self._ready_elsewhere for owner in new_owners)
 
-    def _model_still_loading(self, model: str, desired: dict[VersionKey, ServingConfig]) -> bool:
+    def _model_still_loading(
+        self, model: str, desired: dict[VersionKey, ServingConfig | ServingError]
+    ) -> bool:
         for other in desired:
             if other[0] != model:
                 continue
@@ -267,9 +274,15 @@ class Reconciler:
 
         task.add_done_callback(done)
 
-    async def _load(self, key: VersionKey, serving: ServingConfig) -> None:
+    async def _load(self, key: VersionKey, serving: ServingConfig | ServingError) -> None:
         model, version = key
         try:
+            if isinstance(serving, ServingError):
+                # Fails like any load (logged, retried with backoff): the deployment may be
+                # fixed meanwhile, and a copy already serving here keeps serving. The heartbeat
+                # shows the version FAILED with the reason.
+                self._repository.fail(model, version, serving.message)
+                raise serving.error()
             await self._repository.load(model, version, serving)
         except asyncio.CancelledError:
             current = asyncio.current_task()

@@ -506,6 +506,22 @@ class ModelRepository:
                     f"says {list(spec.shape)}"
                 )
 
+    def fail(self, model: str, version: int, error: str) -> None:
+        """Mark a version FAILED with `error` without loading it (its deployment cannot be
+        served here), so that the heartbeat shows why; a ready copy keeps serving and carries
+        the error instead."""
+        key = (model, version)
+        held = self._versions.get(key)
+        if held is not None and held.state is VersionState.READY:
+            held.error = f"reconfiguration failed: {error}"
+        elif held is None or held.state is VersionState.FAILED:
+            self._versions[key] = LoadedVersion(
+                model=model, version=version, state=VersionState.FAILED, error=error
+            )
+        else:  # loading or unloading: that path decides the state
+            return
+        self._on_change()
+
     async def unload(self, model: str, version: int) -> None:
         """Stop taking new work for a version, finish what it accepted, and drop it so its
         memory is returned. Cancels a load in progress. A no-op if not held."""

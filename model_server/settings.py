@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import ClassVar, Literal
 
-from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from modelyard.settings import ServiceSettings
@@ -44,6 +44,15 @@ class ModelServerSettings(ServiceSettings):
     """Most items waiting per loaded version; beyond it requests fail with RESOURCE_EXHAUSTED."""
     instances: PositiveInt = 1
     """Worker threads per loaded version, each running one batch at a time."""
+    preferred_batch_sizes: tuple[PositiveInt, ...] = ()
+    """Batch sizes dispatched as soon as a group can fill one (the largest it can), without
+    waiting for `max_batch_size` or the window, e.g. `[8,16,32]` in the environment (JSON);
+    each at most `max_batch_size`. Empty: none."""
+    execution: Literal["auto", "loop", "thread"] = "auto"
+    """Where batches run unless a deployment says otherwise: "thread" (worker threads),
+    "loop" (the event loop, for forwards well under a millisecond; needs `instances` 1) or
+    "auto" (the loop for a CPU version with one instance whose warm-up forward at
+    `max_batch_size` is fast, threads otherwise). See `model_server.batching`."""
     reconcile_interval_s: PositiveFloat = 1.0
     """How often the server compares what it holds with what the aliases in Redis point at
     (it also reacts at once to alias events)."""
@@ -53,6 +62,25 @@ class ModelServerSettings(ServiceSettings):
     a handler instead of being cancelled by the stop."""
     load_retry_max_s: PositiveFloat = 60.0
     """Longest wait before retrying a version whose load failed (the wait doubles per failure)."""
+
+    # Field validators, not a model one, so that the error names the variable. Each runs
+    # after the fields declared before it (max_batch_size, instances) are validated.
+    @field_validator("preferred_batch_sizes")
+    @classmethod
+    def _fit_max_batch_size(cls, sizes: tuple[int, ...], info: ValidationInfo) -> tuple[int, ...]:
+        top = info.data.get("max_batch_size")
+        too_big = sorted({size for size in sizes if top is not None and size > top})
+        if too_big:
+            raise ValueError(f"{too_big} exceed max_batch_size ({top})")
+        return sizes
+
+    @field_validator("execution")
+    @classmethod
+    def _loop_runs_one_instance(cls, execution: str, info: ValidationInfo) -> str:
+        instances = info.data.get("instances")
+        if execution == "loop" and instances not in (None, 1):
+            raise ValueError(f"'loop' runs one batch at a time: needs instances 1, not {instances}")
+        return execution
 
 
 def resolve_torch_threads(torch_threads: int | None, instances: int, cores: int | None = None) -> int:

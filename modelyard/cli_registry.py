@@ -34,7 +34,15 @@ from modelyard.errors import InvalidArgument
 from modelyard.v1 import registry_pb2, registry_service_pb2_grpc, tensor_pb2
 from modelyard.v1 import registry_service_pb2 as pb
 
-__all__ = ["models_app", "alias_app", "deploy_app", "audit_app", "add_to", "parse_tensor_spec"]
+__all__ = [
+    "models_app",
+    "alias_app",
+    "deploy_app",
+    "audit_app",
+    "add_to",
+    "parse_batch_sizes",
+    "parse_tensor_spec",
+]
 
 DEFAULT_REGISTRY = "127.0.0.1:50061"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
@@ -95,6 +103,21 @@ def _time(ts: timestamp_pb2.Timestamp) -> str:
 
 def _state(state: int) -> str:
     return registry_pb2.ModelVersionState.Name(state).removeprefix("MODEL_VERSION_STATE_").lower()
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """`--preferred-batch-sizes`: "8,16,32" -> [8, 16, 32]; "" -> [].
+
+    Raises:
+        typer.BadParameter: an item is not a whole number (the registry checks the range).
+    """
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not all(item.isdigit() for item in items):
+        raise typer.BadParameter(
+            f"{text!r}: expected comma-separated whole numbers, such as 8,16,32",
+            param_hint="--preferred-batch-sizes",
+        )
+    return [int(item) for item in items]
 
 
 def parse_tensor_spec(text: str) -> tensor_pb2.TensorSpec:
@@ -474,6 +497,8 @@ def _print_deployment(d: registry_pb2.Deployment) -> None:
     )
     table.add_row("max queue size", str(d.max_queue_size or "default"))
     table.add_row("instances", str(d.instances or "default"))
+    table.add_row("preferred batch sizes", ", ".join(map(str, d.preferred_batch_sizes)) or "default")
+    table.add_row("execution", d.execution or "default")
     table.add_row("traffic split", ", ".join(f"{k} {v}%" for k, v in sorted(d.traffic_split.items())) or "-")
     table.add_row("shadow", f"{d.shadow_alias} ({d.shadow_fraction:.0%})" if d.shadow_alias else "-")
     table.add_row("epoch", str(d.epoch))
@@ -501,6 +526,13 @@ def deploy_set(
     max_queue_delay_ms: Annotated[float | None, typer.Option(min=0)] = None,
     max_queue_size: Annotated[int, typer.Option(min=0)] = 0,
     instances: Annotated[int, typer.Option(min=0)] = 0,
+    preferred_batch_sizes: Annotated[
+        str,
+        typer.Option(help="Comma-separated batch sizes sent as soon as they fill, such as 8,16,32."),
+    ] = "",
+    execution: Annotated[
+        str, typer.Option(help="Where batches run: auto, loop (needs --instances 1) or thread.")
+    ] = "",
     split: Annotated[
         list[str] | None, typer.Option(help="alias=weight, repeatable; weights sum to 100.")
     ] = None,
@@ -518,6 +550,8 @@ def deploy_set(
             raise typer.BadParameter(f"--split {item!r}: expected alias=weight, such as production=90")
         traffic[name] = int(weight)
     deployment = registry_pb2.Deployment(
+        preferred_batch_sizes=parse_batch_sizes(preferred_batch_sizes),
+        execution=execution,
         pinned_versions=pin or [],
         replicas=replicas,
         device=device,

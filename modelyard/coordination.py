@@ -95,6 +95,11 @@ class Deployment(BaseModel):
     """An alias whose version receives a copy of `shadow_fraction` of the traffic; its answers
     are compared and recorded, never returned."""
     shadow_fraction: float = 0.0
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    """Batch sizes dispatched as soon as a group can fill one; empty: the model server's
+    default."""
+    execution: str | None = None
+    """Where batches run: "auto", "loop" or "thread"; unset: the model server's default."""
 
 
 class ServiceRecord(BaseModel):

@@ -142,6 +142,8 @@ def deployment_to_proto(state: RoutingState) -> registry_pb2.Deployment:
         traffic_split=spec.traffic_split,
         shadow_alias=spec.shadow_alias,
         shadow_fraction=spec.shadow_fraction,
+        preferred_batch_sizes=list(spec.preferred_batch_sizes),
+        execution=spec.execution,
         placed_versions=list(state.placed_versions),
         epoch=state.epoch,
     )
@@ -164,6 +166,8 @@ def deployment_spec_from_proto(message: registry_pb2.Deployment) -> DeploymentSp
         traffic_split=dict(message.traffic_split),
         shadow_alias=message.shadow_alias,
         shadow_fraction=message.shadow_fraction,
+        preferred_batch_sizes=tuple(sorted(set(message.preferred_batch_sizes))),
+        execution=message.execution,
     )
 
 

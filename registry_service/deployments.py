@@ -11,10 +11,14 @@ from modelyard.coordination import Deployment
 from modelyard.errors import FailedPrecondition, InvalidArgument
 from registry_service.records import DeploymentSpec, RoutingState, VersionState
 
-__all__ = ["PRECISIONS", "check_deployment", "placed_versions", "live_deployment"]
+__all__ = ["PRECISIONS", "EXECUTIONS", "check_deployment", "placed_versions", "live_deployment"]
 
 PRECISIONS = frozenset({"", "fp32", "fp16", "bf16"})
 """Accepted `precision` values ("" is the model server's default, fp32)."""
+
+EXECUTIONS = frozenset({"", "auto", "loop", "thread"})
+"""Accepted `execution` values ("" is the model server's default); the model server's
+`model_server.batching.EXECUTIONS`, which the registry does not import."""
 
 _DEVICE_PATTERN = re.compile(r"cpu|cuda|cuda:\d{1,3}|auto")
 _TOTAL_WEIGHT = 100
@@ -59,6 +63,7 @@ def check_deployment(
             "max_queue_delay_ms is a finite number of milliseconds, 0 or more",
             field=f"{field}.max_queue_delay_ms",
         )
+    _check_batching(spec, field)
     if spec.traffic_split:
         at = f"{field}.traffic_split"
         for alias, weight in sorted(spec.traffic_split.items()):
@@ -100,6 +105,34 @@ def check_deployment(
             )
 
 
+def _check_batching(spec: DeploymentSpec, field: str) -> None:
+    """Preferred batch sizes and execution, as far as the registry can judge them.
+
+    A size above a model server's default `max_batch_size` (when the deployment leaves it
+    unset) is only found by that model server, which then fails the version's load with the
+    reason (`model_server.placement.serving_config`).
+    """
+    at = f"{field}.preferred_batch_sizes"
+    for size in spec.preferred_batch_sizes:
+        if size < 1:
+            raise InvalidArgument(f"preferred batch size {size} is not 1 or more", field=at)
+        if spec.max_batch_size and size > spec.max_batch_size:
+            raise InvalidArgument(
+                f"preferred batch size {size} is larger than max_batch_size ({spec.max_batch_size})",
+                field=at,
+            )
+    if spec.execution not in EXECUTIONS:
+        raise InvalidArgument(
+            f"execution {spec.execution!r} is not one of auto, loop, thread", field=f"{field}.execution"
+        )
+    if spec.execution == "loop" and spec.instances > 1:
+        raise InvalidArgument(
+            f"execution 'loop' runs one batch at a time on the event loop; instances must be 1, "
+            f"not {spec.instances}",
+            field=f"{field}.execution",
+        )
+
+
 def placed_versions(
     aliases: Mapping[str, int], pinned: Iterable[int], held: Iterable[int]
 ) -> tuple[int, ...]:
@@ -122,4 +155,6 @@ def live_deployment(state: RoutingState) -> Deployment:
         traffic_split=dict(spec.traffic_split),
         shadow_alias=spec.shadow_alias,
         shadow_fraction=spec.shadow_fraction,
+        preferred_batch_sizes=list(spec.preferred_batch_sizes),
+        execution=spec.execution or None,
     )

@@ -164,6 +164,8 @@ class DeploymentSpec:
     traffic_split: dict[str, int] = field(default_factory=dict)
     shadow_alias: str = ""
     shadow_fraction: float = 0.0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    execution: str = ""
 
     def to_json(self) -> str:
         """The form the database stores."""
@@ -180,6 +182,8 @@ class DeploymentSpec:
                 "traffic_split": dict(sorted(self.traffic_split.items())),
                 "shadow_alias": self.shadow_alias,
                 "shadow_fraction": self.shadow_fraction,
+                "preferred_batch_sizes": list(self.preferred_batch_sizes),
+                "execution": self.execution,
             },
             sort_keys=True,
         )
@@ -188,6 +192,8 @@ class DeploymentSpec:
     def from_json(cls, text: str) -> DeploymentSpec:
         data = json.loads(text)
         data["pinned_versions"] = tuple(data.get("pinned_versions", ()))
+        # Specs stored before these fields existed lack them: the defaults apply.
+        data["preferred_batch_sizes"] = tuple(data.get("preferred_batch_sizes", ()))
         return cls(**data)
 
 

@@ -23,7 +23,7 @@ from modelyard.rpc.errors import rpc_errors, status_code_for
 from modelyard.v1 import registry_pb2, registry_service_pb2_grpc
 from modelyard.v1 import registry_service_pb2 as pb
 from registry_service import convert
-from registry_service.records import AuditFilter, AuditRecord
+from registry_service.records import AuditFilter, AuditRecord, DeploymentSpec
 from registry_service.registry import Registry, resolve_page_size
 
 __all__ = ["RegistryServicer", "SERVICE_NAME", "USER_METADATA_KEY"]
@@ -228,7 +228,8 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             context, "SetDeployment", request.model, "deployment", request.request_id
         ) as audit:
             state = await self._registry.set_deployment(request.model, spec)
-            audit.message = f"placed versions {list(state.placed_versions)} (epoch {state.epoch})"
+            placed = f"placed versions {list(state.placed_versions)} (epoch {state.epoch})"
+            audit.message = placed + _batching_text(spec)
         return pb.SetDeploymentResponse(deployment=convert.deployment_to_proto(state))
 
     @rpc_errors
@@ -343,6 +344,16 @@ def _baseline_summary(baselines: tuple[registry_pb2.InputBaseline, ...]) -> str:
         for b in baselines
     )
     return f"; input baseline: {described}"
+
+
+def _batching_text(spec: DeploymentSpec) -> str:
+    """The deployment's batching choices for the audit message ("" when all are defaults)."""
+    parts = []
+    if spec.preferred_batch_sizes:
+        parts.append(f"preferred batch sizes {list(spec.preferred_batch_sizes)}")
+    if spec.execution:
+        parts.append(f"execution {spec.execution}")
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def _moved(previous: int, version: int, epoch: int, changed: bool) -> str:

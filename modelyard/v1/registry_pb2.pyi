@@ -142,7 +142,7 @@ class AliasHistoryEntry(_message.Message):
     def __init__(self, model: _Optional[str] = ..., alias: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., epoch: _Optional[int] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., request_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("pinned_versions", "replicas", "device", "precision", "max_batch_size", "max_queue_delay_ms", "max_queue_size", "instances", "traffic_split", "shadow_alias", "shadow_fraction", "placed_versions", "epoch")
+    __slots__ = ("pinned_versions", "replicas", "device", "precision", "max_batch_size", "max_queue_delay_ms", "max_queue_size", "instances", "traffic_split", "shadow_alias", "shadow_fraction", "placed_versions", "epoch", "preferred_batch_sizes", "execution")
     class TrafficSplitEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,8 @@ class Deployment(_message.Message):
     SHADOW_FRACTION_FIELD_NUMBER: _ClassVar[int]
     PLACED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PREFERRED_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_FIELD_NUMBER: _ClassVar[int]
     pinned_versions: _containers.RepeatedScalarFieldContainer[int]
     replicas: int
     device: str
@@ -176,7 +178,9 @@ class Deployment(_message.Message):
     shadow_fraction: float
     placed_versions: _containers.RepeatedScalarFieldContainer[int]
     epoch: int
-    def __init__(self, pinned_versions: _Optional[_Iterable[int]] = ..., replicas: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., instances: _Optional[int] = ..., traffic_split: _Optional[_Mapping[str, int]] = ..., shadow_alias: _Optional[str] = ..., shadow_fraction: _Optional[float] = ..., placed_versions: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    preferred_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    execution: str
+    def __init__(self, pinned_versions: _Optional[_Iterable[int]] = ..., replicas: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., instances: _Optional[int] = ..., traffic_split: _Optional[_Mapping[str, int]] = ..., shadow_alias: _Optional[str] = ..., shadow_fraction: _Optional[float] = ..., placed_versions: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., execution: _Optional[str] = ...) -> None: ...
 
 class AuditEntry(_message.Message):
     __slots__ = ("id", "time", "actor", "method", "model", "target", "request_id", "outcome", "error_reason", "message")
