@@ -18,6 +18,9 @@ This module is the model server's side of the monitor contract (docs/monitoring.
   is loaded (`register_input_bins`, from the registry's `ModelVersion.input_baselines`); the
   counting is one `searchsorted` and one `bincount` on the sampled tensor, and the counters
   are read only when /metrics is scraped.
+- The process's GPU memory, read only when /metrics is scraped:
+  `modelyard_model_server_device_memory_bytes{device="cuda:N",kind="allocated"|"reserved"}`
+  for every visible CUDA device (no series on a machine without CUDA).
 """
 
 from __future__ import annotations
@@ -27,12 +30,12 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import torch
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from modelyard.baseline import MAX_FEATURES as _BASELINE_FEATURES
@@ -50,9 +53,13 @@ __all__ = [
     "INPUT_SUM",
     "INPUT_SQUARES",
     "INPUT_BINS",
+    "DEVICE_MEMORY",
     "MAX_FEATURES",
+    "CudaMemory",
+    "DeviceMemory",
     "InputBinCounts",
     "RequestStats",
+    "read_device_memory",
     "register_input_bins",
 ]
 
@@ -176,6 +183,84 @@ def register_input_bins(model: str, version: int, baselines: Sequence[registry_p
     """Learn the bin edges of a version being loaded, so its sampled inputs are also counted
     per bin (the monitor's population stability index). A no-op without binned baselines."""
     INPUT_BINS.register(model, version, baselines)
+
+
+class CudaMemory(Protocol):
+    """The part of `torch.cuda` that `read_device_memory` uses (a seam for unit tests)."""
+
+    def is_available(self) -> bool: ...
+
+    def device_count(self) -> int: ...
+
+    def memory_allocated(self, device: int) -> int: ...
+
+    def memory_reserved(self, device: int) -> int: ...
+
+
+def read_device_memory(cuda: CudaMemory) -> list[tuple[str, int, int]]:
+    """(device, allocated bytes, reserved bytes) for every visible CUDA device.
+
+    Empty when CUDA is not available. None of these calls initialises CUDA: `is_available` and
+    `device_count` only ask the driver, and the memory figures are 0 in a process that has not
+    used its GPUs yet.
+
+    Args:
+        cuda: `torch.cuda`, or a stand-in with the same four functions.
+
+    Returns:
+        One `("cuda:N", allocated, reserved)` per device, in device order. Allocated is the
+        memory held by tensors; reserved is what the caching allocator holds from the driver
+        (allocated plus its cache), the figure closer to what `nvidia-smi` shows.
+    """
+    if not cuda.is_available():
+        return []
+    return [
+        (f"cuda:{index}", int(cuda.memory_allocated(index)), int(cuda.memory_reserved(index)))
+        for index in range(cuda.device_count())
+    ]
+
+
+class DeviceMemory(Collector):
+    """Exports the process's GPU memory per device, read when /metrics is scraped.
+
+    Args:
+        cuda: Where the figures come from; `torch.cuda` unless a test passes a stand-in.
+    """
+
+    NAME = "modelyard_model_server_device_memory_bytes"
+
+    def __init__(self, cuda: CudaMemory | None = None) -> None:
+        self._cuda: CudaMemory = torch.cuda if cuda is None else cuda
+
+    def describe(self) -> Iterator[Metric]:
+        # Registering calls describe() instead of collect(): no CUDA query at import time.
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        try:
+            devices = read_device_memory(self._cuda)
+        except Exception:  # a broken driver must not break the whole /metrics page
+            log.exception("reading GPU memory failed")
+            devices = []
+        for device, allocated, reserved in devices:
+            family.add_metric([device, "allocated"], allocated)
+            family.add_metric([device, "reserved"], reserved)
+        # The family is always yielded (without samples on a CPU-only machine) so that its
+        # HELP and TYPE lines document it.
+        yield family
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            self.NAME,
+            "GPU memory of this process per CUDA device: allocated by tensors, or reserved by "
+            "the caching allocator.",
+            labels=["device", "kind"],
+        )
+
+
+DEVICE_MEMORY = DeviceMemory()
+REGISTRY.register(DEVICE_MEMORY)
 
 
 class RequestStats:

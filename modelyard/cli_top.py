@@ -15,7 +15,7 @@ from typing import Annotated
 
 import grpc
 import typer
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -40,6 +40,27 @@ def _ms(duration: object) -> str:
     return f"{duration.ToNanoseconds() / 1e6:.1f}"  # type: ignore[attr-defined]  # a protobuf Duration
 
 
+def _bytes(n: float) -> str:
+    """A byte count in binary units, one decimal (e.g. "1.5 GiB")."""
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
+
+
+def _gpu_memory(process: pb.ProcessStats | None) -> str:
+    """Allocated (and reserved, when it differs) GPU memory of a service's process, or "-"."""
+    if process is None or not (process.gpu_memory_bytes or process.gpu_memory_reserved_bytes):
+        return "-"
+    allocated = _bytes(process.gpu_memory_bytes)
+    if process.gpu_memory_reserved_bytes == process.gpu_memory_bytes:
+        return allocated
+    return f"{allocated} ({_bytes(process.gpu_memory_reserved_bytes)} resv)"
+
+
 def _since(ts: object, now: float) -> str:
     seconds = max(now - ts.ToNanoseconds() / 1e9, 0)  # type: ignore[attr-defined]  # a protobuf Timestamp
     if seconds < 120:
@@ -56,16 +77,23 @@ def render(
     *,
     now: float | None = None,
 ) -> Group:
-    """One frame: services, model versions and firing alerts."""
+    """One frame: services, model versions and firing alerts.
+
+    The services table has a "gpu mem" column only when some process reports GPU memory.
+    """
     now = time.time() if now is None else now
+    process_of = {sid: p for p in stats.processes for sid in p.service_ids}
+    show_gpu = any(p.gpu_memory_bytes or p.gpu_memory_reserved_bytes for p in stats.processes)
     services = Table(title="services", expand=True, title_justify="left")
     for column in ("id", "kind", "address", "state", "up for", "versions", "version"):
         services.add_column(column)
+    if show_gpu:
+        services.add_column("gpu mem", justify="right")
     for s in status.services:
         label, style = _STATE_STYLE.get(s.state, ("?", "white"))
         held = ", ".join(f"{v.model}:v{v.version}" for v in s.loaded_versions)
         kind = pb.ServiceKind.Name(s.kind).removeprefix("SERVICE_KIND_").lower()
-        services.add_row(
+        cells: list[RenderableType] = [
             s.id,
             kind,
             s.address,
@@ -73,7 +101,10 @@ def render(
             _since(s.start_time, now),
             held or "-",
             s.software_version,
-        )
+        ]
+        if show_gpu:
+            cells.append(_gpu_memory(process_of.get(s.id)))
+        services.add_row(*cells)
 
     window = stats.window.ToNanoseconds() / 1e9 if stats.HasField("window") else 0
     models = Table(title=f"models (last {window:.0f}s)", expand=True, title_justify="left")
@@ -91,6 +122,7 @@ def render(
         "depth",
         "ready",
         "drift",
+        "psi",
     ):
         models.add_column(column, justify="left" if column in ("model", "aliases") else "right")
     for v in stats.versions:
@@ -109,6 +141,7 @@ def render(
             f"{v.queue_depth:.0f}",
             Text(str(v.replicas_ready), style="red" if v.aliases and not v.replicas_ready else ""),
             f"{v.input_drift:.2f}" if v.input_drift else "-",
+            Text(f"{v.input_psi:.2f}", style="red" if v.input_psi > 0.25 else "") if v.input_psi else "-",
         )
 
     firing = [a for a in alerts.alerts if a.state == pb.ALERT_STATE_FIRING]

@@ -31,6 +31,7 @@ from modelyard.coordination import CoordinationStore, ServiceRecord
 __all__ = [
     "Collector",
     "FeatureStats",
+    "ProcessFigures",
     "ProcessView",
     "Snapshot",
     "VersionStats",
@@ -45,7 +46,9 @@ Key = tuple[str, str, int, str]
 
 _PREFIX = "modelyard_model_server_"
 # Gauges: their latest value is the figure; everything else is a cumulative counter.
-_GAUGES = frozenset({"depth", "rss"})
+_GAUGES = frozenset({"depth", "rss", "gpu", "gpu_res"})
+_GPU_KINDS = {"allocated": "gpu", "reserved": "gpu_res"}
+"""`kind` label of modelyard_model_server_device_memory_bytes -> what (detail: the device)."""
 
 
 def parse_snapshot(text: str) -> dict[Key, float]:
@@ -66,6 +69,11 @@ def parse_snapshot(text: str) -> dict[Key, float]:
                 continue
             if name == "process_start_time_seconds":
                 out[("start", "", 0, "")] = value
+                continue
+            if name == "modelyard_model_server_device_memory_bytes":
+                what = _GPU_KINDS.get(labels.get("kind", ""))
+                if what is not None:
+                    out[(what, "", 0, labels.get("device", ""))] = value
                 continue
             if name == "modelyard_gateway_requests_total" and "model" in labels:
                 key = ("gw_req", labels["model"], _int(labels.get("version", "0")), labels.get("alias", ""))
@@ -192,6 +200,21 @@ class ProcessView:
             # on a restart, which `start_time` handles.
             out[key] = value - before if key[0] in ("in_s", "in_q") or value >= before else value
         return out
+
+
+@dataclass(frozen=True)
+class ProcessFigures:
+    """One scraped process's resources."""
+
+    service_ids: list[str]
+    cpu_usage: float
+    """CPU seconds used per second over the window."""
+    resident_memory_bytes: float
+    """Resident memory, now."""
+    gpu_memory_bytes: float = 0.0
+    """GPU memory allocated by tensors, now, summed over the process's CUDA devices."""
+    gpu_memory_reserved_bytes: float = 0.0
+    """GPU memory held by the caching allocator, now, summed over devices."""
 
 
 @dataclass
@@ -355,8 +378,8 @@ class Collector:
                 stats[(model, version)].aliases.append(alias)
         return stats
 
-    def process_stats(self) -> list[tuple[list[str], float, float]]:
-        """(service ids, CPU seconds per second, resident bytes) per process."""
+    def process_stats(self) -> list[ProcessFigures]:
+        """CPU use, resident memory and GPU memory per process."""
         out = []
         since = self._clock() - self.window_s
         for process in self.processes.values():
@@ -369,8 +392,21 @@ class Collector:
                 if elapsed > 0
                 else 0.0
             )
-            out.append((sorted(process.service_ids), cpu, newest.values.get(("rss", "", 0, ""), 0.0)))
+            out.append(
+                ProcessFigures(
+                    service_ids=sorted(process.service_ids),
+                    cpu_usage=cpu,
+                    resident_memory_bytes=newest.values.get(("rss", "", 0, ""), 0.0),
+                    gpu_memory_bytes=_sum_of(newest.values, "gpu"),
+                    gpu_memory_reserved_bytes=_sum_of(newest.values, "gpu_res"),
+                )
+            )
         return out
+
+
+def _sum_of(values: dict[Key, float], what: str) -> float:
+    """The sum of a process-level series over its details (e.g. GPU memory over devices)."""
+    return sum(v for (w, model, _version, _detail), v in values.items() if w == what and not model)
 
 
 def _version_stats(

@@ -17,7 +17,7 @@ from modelyard.v1 import monitor_service_pb2_grpc as pb_grpc
 from modelyard.v1 import tensor_pb2
 from monitor_service.alerting import Alert, AlertState
 from monitor_service.canary import CanaryAction, CanaryDecision, CanaryFigures
-from monitor_service.collector import VersionStats
+from monitor_service.collector import ProcessFigures, VersionStats
 
 if TYPE_CHECKING:
     from monitor_service.app import MonitorApp
@@ -91,6 +91,16 @@ def _version_stats(stats: VersionStats) -> pb.VersionStats:
         input_drift=stats.input_drift,
         input_psi=stats.input_psi,
         requests_per_second_by_alias=stats.requests_per_second_by_alias,
+    )
+
+
+def _process_stats(figures: ProcessFigures) -> pb.ProcessStats:
+    return pb.ProcessStats(
+        service_ids=figures.service_ids,
+        cpu_usage=figures.cpu_usage,
+        resident_memory_bytes=int(figures.resident_memory_bytes),
+        gpu_memory_bytes=int(figures.gpu_memory_bytes),
+        gpu_memory_reserved_bytes=int(figures.gpu_memory_reserved_bytes),
     )
 
 
@@ -178,10 +188,7 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
             for (model, _version), stats in sorted(app.stats.items())
             if not request.model or model == request.model
         ]
-        processes = [
-            pb.ProcessStats(service_ids=ids, cpu_usage=cpu, resident_memory_bytes=int(rss))
-            for ids, cpu, rss in app.collector.process_stats()
-        ]
+        processes = [_process_stats(p) for p in app.collector.process_stats()]
         return pb.GetModelStatsResponse(
             window=_duration(app.settings.window_s), versions=versions, processes=processes
         )

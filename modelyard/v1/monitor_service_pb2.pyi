@@ -171,14 +171,18 @@ class HistogramBucket(_message.Message):
     def __init__(self, upper_bound: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class ProcessStats(_message.Message):
-    __slots__ = ("service_ids", "cpu_usage", "resident_memory_bytes")
+    __slots__ = ("service_ids", "cpu_usage", "resident_memory_bytes", "gpu_memory_bytes", "gpu_memory_reserved_bytes")
     SERVICE_IDS_FIELD_NUMBER: _ClassVar[int]
     CPU_USAGE_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     service_ids: _containers.RepeatedScalarFieldContainer[str]
     cpu_usage: float
     resident_memory_bytes: int
-    def __init__(self, service_ids: _Optional[_Iterable[str]] = ..., cpu_usage: _Optional[float] = ..., resident_memory_bytes: _Optional[int] = ...) -> None: ...
+    gpu_memory_bytes: int
+    gpu_memory_reserved_bytes: int
+    def __init__(self, service_ids: _Optional[_Iterable[str]] = ..., cpu_usage: _Optional[float] = ..., resident_memory_bytes: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., gpu_memory_reserved_bytes: _Optional[int] = ...) -> None: ...
 
 class ListAlertsRequest(_message.Message):
     __slots__ = ("include_resolved",)

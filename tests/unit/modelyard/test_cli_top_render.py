@@ -1,0 +1,49 @@
+"""`modelyard top`'s frame: GPU memory per service when a process reports it, PSI next to drift."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from modelyard.cli_top import render
+from modelyard.v1 import monitor_service_pb2 as pb
+
+
+def text_of(stats: pb.GetModelStatsResponse) -> str:
+    status = pb.GetClusterStatusResponse(
+        services=[
+            pb.ServiceStatus(id="ms-gpu", kind=pb.SERVICE_KIND_MODEL_SERVER, state=pb.SERVICE_STATE_UP),
+            pb.ServiceStatus(id="gw-1", kind=pb.SERVICE_KIND_GATEWAY, state=pb.SERVICE_STATE_UP),
+        ]
+    )
+    console = Console(width=240, record=True, color_system=None)
+    console.print(render(status, stats, pb.ListAlertsResponse(), now=0.0))
+    return console.export_text()
+
+
+def test_gpu_memory_and_psi_are_shown() -> None:
+    stats = pb.GetModelStatsResponse(
+        versions=[pb.VersionStats(model="mlp", version=2, input_drift=1.25, input_psi=0.31)],
+        processes=[
+            pb.ProcessStats(
+                service_ids=["ms-gpu"], gpu_memory_bytes=3 * 2**30 // 2, gpu_memory_reserved_bytes=2 * 2**30
+            ),
+            pb.ProcessStats(service_ids=["gw-1"], resident_memory_bytes=10**8),
+        ],
+    )
+    text = text_of(stats)
+    assert "gpu mem" in text and "1.5 GiB (2.0 GiB resv)" in text
+    gateway_row = next(line for line in text.splitlines() if "gw-1" in line)
+    assert "GiB" not in gateway_row
+    header = next(line for line in text.splitlines() if "drift" in line)
+    assert header.index("drift") < header.index("psi")
+    mlp_row = next(line for line in text.splitlines() if line.lstrip("│ ").startswith("mlp"))
+    assert "1.25" in mlp_row and "0.31" in mlp_row
+
+
+def test_no_gpu_column_when_no_process_reports_gpu_memory() -> None:
+    stats = pb.GetModelStatsResponse(
+        versions=[pb.VersionStats(model="mlp", version=2)],
+        processes=[pb.ProcessStats(service_ids=["ms-gpu"], resident_memory_bytes=10**8)],
+    )
+    text = text_of(stats)
+    assert "gpu mem" not in text and "psi" in text
