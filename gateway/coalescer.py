@@ -93,7 +93,7 @@ class Coalescer:
         max_items: Most batch items in one joined call.
     """
 
-    def __init__(self, *, max_in_flight: int = 4, max_items: int = 64) -> None:
+    def __init__(self, *, max_in_flight: int = 1, max_items: int = 64) -> None:
         self._max_in_flight = max_in_flight
         self._max_items = max_items
         self._in_flight: dict[tuple[str, int], int] = {}

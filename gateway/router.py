@@ -96,7 +96,7 @@ class Router:
         access_log_enabled: bool = False,
         coalesce: bool = False,
         coalesce_max_items: int = 64,
-        coalesce_max_in_flight: int = 4,
+        coalesce_max_in_flight: int = 1,
     ) -> None:
         self.table = RoutingTable()
         self.on_miss: Callable[[], Awaitable[bool]] | None = None

@@ -46,7 +46,10 @@ class GatewaySettings(ServiceSettings):
     """Join calls waiting for the same version (same input names, dtypes and non-batch
     dimensions) into one model server call, split back by rows; only once
     `coalesce_max_in_flight` calls per replica are running, so it adds no waiting at low load."""
-    coalesce_max_in_flight: PositiveInt = 4
-    """Calls per version and replica that run at once before further calls are grouped."""
+    coalesce_max_in_flight: PositiveInt = 1
+    """Calls per version and replica that run at once before further calls are grouped. One
+    measured best (docs/performance.md, "Coalescing"): a model server computes one batch of a
+    version at a time anyway, so a second call in flight only waits there, and while one runs
+    the next group grows larger. Raise it for versions served with several instances."""
     coalesce_max_items: PositiveInt = 64
     """Most batch items in one joined call."""
