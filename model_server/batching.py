@@ -228,7 +228,9 @@ class BatcherStats:
 
 
 class _Request:
-    __slots__ = ("inputs", "items", "deadline", "future", "enqueued_at", "queue_s", "request_id")
+    __slots__ = (
+        "inputs", "items", "deadline", "future", "enqueued_at", "submitted", "queue_s", "request_id"
+    )
 
     def __init__(
         self,
@@ -244,6 +246,10 @@ class _Request:
         self.deadline = deadline
         self.future = future
         self.enqueued_at = enqueued_at
+        """`loop.time()` at submit: for the window and deadlines (the loop's clock)."""
+        self.submitted = time.perf_counter()
+        """For the queue time: a loop's clock may be coarse (uvloop's moves in whole
+        milliseconds, once per turn of the loop)."""
         self.queue_s = 0.0
         self.request_id = request_id
 
@@ -633,6 +639,7 @@ class Batcher:
     def _take(self, group: _Group) -> list[_Request]:
         """The next batch from a group, dropping abandoned and expired requests on the way."""
         now = self._loop.time()
+        started = time.perf_counter()
         requests = group.requests
         limit = self._limit(group)
         batch: list[_Request] = []
@@ -661,7 +668,7 @@ class Batcher:
                 break
             requests.popleft()
             self._forget(group, request)
-            request.queue_s = now - request.enqueued_at
+            request.queue_s = started - request.submitted
             batch.append(request)
             items += request.items
             if items >= limit:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -30,13 +31,39 @@ class ServiceApp(Protocol):
     async def aclose(self) -> None: ...
 
 
+EVENT_LOOPS = ("uvloop", "asyncio")
+"""Event loops a service can run on (MODELYARD_EVENT_LOOP); uvloop is the default."""
+
+
 def run_service(factory: Callable[[], ServiceApp]) -> None:
     """Build the app, start it, serve until SIGTERM or SIGINT, then drain and exit.
+
+    The event loop is uvloop unless MODELYARD_EVENT_LOOP=asyncio: measured 10-15 % more
+    calls per second and a lower latency at one caller than asyncio's own loop
+    (docs/performance.md), since every gRPC call goes through the loop several times.
 
     A settings error exits with status 2 and a message naming the variable at fault.
     """
     configure_logging()
-    asyncio.run(_serve(factory))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_serve(factory))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    name = os.environ.get("MODELYARD_EVENT_LOOP", "uvloop").strip().lower()
+    if name not in EVENT_LOOPS:
+        print(
+            f"MODELYARD_EVENT_LOOP={name!r} is not one of {', '.join(EVENT_LOOPS)}", file=sys.stderr
+        )
+        raise SystemExit(2)
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:  # a platform without uvloop wheels: asyncio's loop works the same
+        log.warning("uvloop is not installed; running on asyncio's event loop")
+        return None
+    return uvloop.new_event_loop
 
 
 async def _serve(factory: Callable[[], ServiceApp]) -> None:
