@@ -308,7 +308,9 @@ STEPS = CanarySettings(
     min_requests=20,
     max_error_rate_increase=0.05,
     max_latency_ratio=3.0,
-    latency_slack_s=0.05,
+    # These tests are about the steps and the error rate: a shared test machine's latency
+    # spikes (a 60 ms p99 against a 2 ms one was seen) must not roll a healthy canary back.
+    latency_slack_s=5.0,
     promote_steps=[0.25, 0.5, 1.0],
     step_after_s=0.5,
 )
