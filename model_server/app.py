@@ -21,6 +21,7 @@ from model_server.reconciler import Backoff, Reconciler
 from model_server.repository import ModelRepository, VersionState
 from model_server.servicer import SERVICE_NAME, ModelServerServicer
 from model_server.settings import ModelServerSettings, resolve_torch_threads
+from model_server.stats import RequestStats
 from modelyard import __version__
 from modelyard.coordination import CoordinationStore, ServiceRecord
 from modelyard.membership import Heartbeat, new_service_id
@@ -165,10 +166,12 @@ class ModelServerApp:
         """Listen, join the cluster, and start following the aliases."""
         if self._server is not None or self._closed:
             raise RuntimeError("Cannot start a ModelServerApp more than once.")
+        # One set of request figures for both protocols: the monitor sees every call.
+        stats = RequestStats()
         servicer = ModelServerServicer(
-            self.repository, server_id=self.service_id, draining=lambda: self._draining
+            self.repository, server_id=self.service_id, draining=lambda: self._draining, stats=stats
         )
-        oip_servicer = OipServicer(self.repository, draining=lambda: self._draining)
+        oip_servicer = OipServicer(self.repository, draining=lambda: self._draining, stats=stats)
 
         def register(server: grpc.aio.Server) -> None:
             model_server_service_pb2_grpc.add_ModelServerServiceServicer_to_server(servicer, server)

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from model_server.repository import LoadedVersion, ModelRepository, VersionState
+from model_server.stats import RequestStats
 from modelyard import __version__, oip_codec
 from modelyard.errors import InvalidArgument, ModelNotFound, VersionNotReady
 from modelyard.oip import grpc_service_pb2 as oip
@@ -56,11 +57,20 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     Args:
         repository: The versions this server holds.
         draining: Tells whether the server is draining (then it is live but not ready).
+        stats: Per-version request figures and input statistics (shared with
+            `ModelServerServicer`, so the monitor sees every call, whichever protocol).
     """
 
-    def __init__(self, repository: ModelRepository, *, draining: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        *,
+        draining: Callable[[], bool],
+        stats: RequestStats | None = None,
+    ) -> None:
         self._repository = repository
         self._draining = draining
+        self._stats = stats or RequestStats()
 
     # -- lookup ----------------------------------------------------------------------------
 
@@ -257,8 +267,13 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         inputs = oip_codec.decode_inputs(request)
         remaining_s = context.time_remaining()
         deadline = None if remaining_s is None else asyncio.get_running_loop().time() + remaining_s
-        outputs, _timing = await self._repository.infer_tensors(
-            loaded, inputs, deadline, request_id=request.id or current_request_id()
+        outputs, _timing = await self._stats.observe(
+            loaded.model,
+            loaded.version,
+            inputs,
+            lambda: self._repository.infer_tensors(
+                loaded, inputs, deadline, request_id=request.id or current_request_id()
+            ),
         )
         response = oip.ModelInferResponse(
             model_name=loaded.model, model_version=str(loaded.version), id=request.id

@@ -69,15 +69,21 @@ class ModelServerServicer(model_server_service_pb2_grpc.ModelServerServiceServic
         repository: The versions this server holds.
         server_id: This server's id in the cluster.
         draining: Tells whether the server is draining.
+        stats: Per-version request figures (shared with the OIP servicer).
     """
 
     def __init__(
-        self, repository: ModelRepository, *, server_id: str, draining: Callable[[], bool]
+        self,
+        repository: ModelRepository,
+        *,
+        server_id: str,
+        draining: Callable[[], bool],
+        stats: RequestStats | None = None,
     ) -> None:
         self._repository = repository
         self._server_id = server_id
         self._draining = draining
-        self._stats = RequestStats()
+        self._stats = stats or RequestStats()
 
     @rpc_errors
     async def Infer(

@@ -281,9 +281,18 @@ class RequestStats:
         self._counts: dict[tuple[str, int, str], Any] = {}
 
     async def observe(
-        self, model: str, version: int, inputs: Sequence[tensor_pb2.Tensor], call: Callable[[], Awaitable[T]]
+        self,
+        model: str,
+        version: int,
+        inputs: Sequence[tensor_pb2.Tensor | tuple[str, torch.Tensor]],
+        call: Callable[[], Awaitable[T]],
     ) -> T:
-        """Run `call` (the Infer work) and record its outcome under the model version."""
+        """Run `call` (the Infer work) and record its outcome under the model version.
+
+        Args:
+            inputs: The request's inputs, for the input statistics: wire tensors (decoded
+                only when sampled), or (name, tensor) pairs already decoded (the OIP path).
+        """
         start = time.perf_counter()
         code = "OK"
         try:
@@ -319,12 +328,18 @@ class RequestStats:
             counter = self._counts[(model, version, code)] = REQUESTS.labels(model, str(version), code)
         counter.inc()
 
-    def _sample(self, labels: tuple[str, str], inputs: Sequence[tensor_pb2.Tensor]) -> None:
-        for message in inputs:
-            try:
-                tensor = tensor_from_proto(message)
-            except ModelyardError:
-                continue
+    def _sample(
+        self, labels: tuple[str, str], inputs: Sequence[tensor_pb2.Tensor | tuple[str, torch.Tensor]]
+    ) -> None:
+        for item in inputs:
+            if isinstance(item, tuple):
+                name, tensor = item
+            else:
+                name = item.name
+                try:
+                    tensor = tensor_from_proto(item)
+                except ModelyardError:
+                    continue
             if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
                 continue
             if tensor.dim() == 0 or tensor.shape[0] == 0:
@@ -332,10 +347,10 @@ class RequestStats:
             rows = tensor.reshape(tensor.shape[0], -1)[:, :MAX_FEATURES].to(torch.float64)
             if rows.shape[1] == 0:
                 continue
-            INPUT_BINS.count(labels, message.name, rows)
+            INPUT_BINS.count(labels, name, rows)
             sums = rows.sum(dim=0).tolist()
             squares = (rows * rows).sum(dim=0).tolist()
-            INPUT_ITEMS.labels(*labels, message.name).inc(rows.shape[0])
+            INPUT_ITEMS.labels(*labels, name).inc(rows.shape[0])
             for feature, (s, q) in enumerate(zip(sums, squares, strict=True)):
-                INPUT_SUM.labels(*labels, message.name, str(feature)).inc(s)
-                INPUT_SQUARES.labels(*labels, message.name, str(feature)).inc(q)
+                INPUT_SUM.labels(*labels, name, str(feature)).inc(s)
+                INPUT_SQUARES.labels(*labels, name, str(feature)).inc(q)

@@ -13,6 +13,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from model_server.app import ModelServerApp, version_health_name
 from modelyard import oip_codec
@@ -108,6 +109,13 @@ async def test_oip_endpoints_describe_and_serve_the_model(
     assert [(o.name, list(o.dims)) for o in config.output] == [("output", [4])]
     assert config.HasField("dynamic_batching")
 
+    def served(code: str) -> float:
+        """Calls the monitor sees for this version (process-wide counter: read as deltas)."""
+        labels = {"model": MODEL, "version": str(version), "code": code}
+        return REGISTRY.get_sample_value("modelyard_model_server_requests_total", labels) or 0.0
+
+    ok_before, invalid_before = served("OK"), served("INVALID_ARGUMENT")
+
     # Raw contents, many callers at once, "" = the highest ready version.
     reference = mlp(1)
     inputs = [torch.randn(n, 16) for n in (1, 3, 2, 5, 1, 4)]
@@ -162,6 +170,10 @@ async def test_oip_endpoints_describe_and_serve_the_model(
     assert 1 <= stats.execution_count <= len(inputs) + 1
     assert stats.inference_stats.compute_infer.ns > 0 and stats.last_inference > 0
     assert sum(b.compute_infer.count for b in stats.batch_stats) == stats.execution_count
+    # Direct OIP calls count in the monitor's request figures, as the gateway's Infer calls do
+    # (the shape error too; calls refused before a version was chosen do not).
+    assert served("OK") - ok_before == len(inputs) + 1
+    assert served("INVALID_ARGUMENT") - invalid_before == 1
 
     health = health_pb2_grpc.HealthStub(channels(model_server.address))
     name = version_health_name(MODEL, version)
