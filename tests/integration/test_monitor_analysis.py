@@ -203,7 +203,14 @@ def webhook() -> Any:
     receiver.close()
 
 
-async def publish(registry_stub: Any, model: str, module: torch.nn.Module, *, create: bool) -> int:
+async def publish(
+    registry_stub: Any,
+    model: str,
+    module: torch.nn.Module,
+    *,
+    create: bool,
+    baselines: list[registry_pb2.InputBaseline] | None = None,
+) -> int:
     if create:
         await registry_stub.CreateModel(reg.CreateModelRequest(name=model))
     data = torchscript(module)
@@ -215,6 +222,7 @@ async def publish(registry_stub: Any, model: str, module: torch.nn.Module, *, cr
                 format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
                 sha256=hashlib.sha256(data).hexdigest(),
                 signature=SIGNATURE,
+                input_baselines=baselines or [],
             )
         )
         yield reg.UploadModelVersionRequest(chunk=data)

@@ -10,11 +10,7 @@ cluster (Redis, registry, model server, gateway, monitor, all on port 0) under r
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import io
 import random
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,204 +18,41 @@ import grpc
 import pytest
 import torch
 
-from gateway.app import GatewayApp
-from gateway.settings import GatewaySettings
-from model_server.app import ModelServerApp
-from model_server.settings import ModelServerSettings
 from modelyard.baseline import compute_baseline
-from modelyard.settings import RedisSettings, ServerSettings, load_settings
-from modelyard.tensor_codec import tensor_to_proto
-from modelyard.v1 import inference_service_pb2 as inf
-from modelyard.v1 import inference_service_pb2_grpc as inf_grpc
 from modelyard.v1 import monitor_service_pb2 as mon
 from modelyard.v1 import monitor_service_pb2_grpc as mon_grpc
-from modelyard.v1 import registry_pb2, tensor_pb2
 from modelyard.v1 import registry_service_pb2 as reg
-from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
 from monitor_service.app import MonitorApp
 from monitor_service.canary import CanaryAction, CanarySettings
-from monitor_service.settings import MonitorSettings
-from registry_service.app import RegistryApp
-from registry_service.settings import RegistrySettings
+from tests.integration import test_monitor_analysis as cluster
+from tests.integration.test_monitor_analysis import (
+    FEATURES,
+    POISON,
+    Flaky,
+    StartMonitor,
+    aliases_of,
+    predict,
+    publish,
+    set_alias,
+    until,
+    until_served,
+)
 
 pytestmark = pytest.mark.integration
 
-FEATURES = 4
-SIGNATURE = tensor_pb2.Signature(
-    inputs=[tensor_pb2.TensorSpec(name="input", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[-1, FEATURES])],
-    outputs=[tensor_pb2.TensorSpec(name="output", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[-1, 2])],
-)
-POISON = 99.0
-
-
-class Flaky(torch.nn.Module):
-    """A linear model; with `fail`, it raises on inputs whose first value is POISON."""
-
-    def __init__(self, fail: bool) -> None:
-        super().__init__()
-        self.fail = fail
-        self.linear = torch.nn.Linear(FEATURES, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fail and bool((x[:, 0] == 99.0).any()):
-            raise RuntimeError("poisoned input")
-        return self.linear(x)
-
-
-# -- the cluster ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def sample_every_request(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MODELYARD_MODEL_SERVER_INPUT_SAMPLE_EVERY", "1")
-
-
-@pytest.fixture
-async def registry(redis_settings: RedisSettings, tmp_path: Path) -> AsyncIterator[RegistryApp]:
-    app = RegistryApp(
-        load_settings(
-            RegistrySettings,
-            server=ServerSettings(port=0, drain_grace_s=1.0),
-            redis=redis_settings,
-            data_dir=tmp_path / "registry",
-        )
-    )
-    await app.start()
-    yield app
-    await app.aclose()
-
-
-@pytest.fixture
-async def registry_stub(registry: RegistryApp) -> AsyncIterator[Any]:
-    async with grpc.aio.insecure_channel(registry.address) as channel:
-        yield RegistryServiceStub(channel)
-
-
-@pytest.fixture
-async def gateway(redis_settings: RedisSettings, registry: RegistryApp) -> AsyncIterator[Any]:
-    server = ModelServerApp(
-        load_settings(
-            ModelServerSettings,
-            server=ServerSettings(port=0, drain_grace_s=1.0, heartbeat_interval_s=0.2),
-            redis=redis_settings,
-            registry_address=registry.address,
-            reconcile_interval_s=0.2,
-            max_batch_size=16,
-        )
-    )
-    await server.start()
-    app = GatewayApp(
-        load_settings(GatewaySettings, server=ServerSettings(port=0, metrics_port=0), redis=redis_settings)
-    )
-    await app.start()
-    async with grpc.aio.insecure_channel(app.address) as channel:
-        yield inf_grpc.InferenceServiceStub(channel)
-    await app.aclose()
-    await server.aclose()
-
-
-StartMonitor = Callable[..., Awaitable[MonitorApp]]
-
-
-@pytest.fixture
-async def start_monitor(redis_settings: RedisSettings) -> AsyncIterator[StartMonitor]:
-    apps: list[MonitorApp] = []
-
-    async def start(**overrides: Any) -> MonitorApp:
-        values: dict[str, Any] = {
-            "server": ServerSettings(port=0, metrics_port=0),
-            "redis": redis_settings,
-            "scrape_interval_s": 0.2,
-            "window_s": 30.0,
-            **overrides,
-        }
-        app = MonitorApp(load_settings(MonitorSettings, **values))
-        apps.append(app)
-        await app.start()
-        return app
-
-    yield start
-    for app in reversed(apps):
-        await app.aclose()
-
-
-async def publish(
-    registry_stub: Any,
-    model: str,
-    module: torch.nn.Module,
-    *,
-    create: bool,
-    baselines: list[registry_pb2.InputBaseline] | None = None,
-) -> int:
-    if create:
-        await registry_stub.CreateModel(reg.CreateModelRequest(name=model))
-    torch.manual_seed(0)
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(module.eval()), buffer)
-    data = buffer.getvalue()
-
-    async def requests() -> AsyncIterator[reg.UploadModelVersionRequest]:
-        yield reg.UploadModelVersionRequest(
-            metadata=reg.UploadModelVersionMetadata(
-                model=model,
-                format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
-                sha256=hashlib.sha256(data).hexdigest(),
-                signature=SIGNATURE,
-                input_baselines=baselines or [],
-            )
-        )
-        yield reg.UploadModelVersionRequest(chunk=data)
-
-    return int((await registry_stub.UploadModelVersion(requests())).model_version.version)
-
-
-async def set_alias(registry_stub: Any, model: str, alias: str, version: int) -> None:
-    await registry_stub.SetAlias(reg.SetAliasRequest(model=model, alias=alias, version=version))
-
-
-async def aliases_of(registry_stub: Any, model: str) -> dict[str, int]:
-    response = await registry_stub.GetModel(reg.GetModelRequest(name=model))
-    return {a.name: a.version for a in response.model.aliases}
+# The cluster of the monitor analysis tests (registry, model server, gateway, monitor), shared
+# by name.
+registry = cluster.registry
+registry_stub = cluster.registry_stub
+model_server = cluster.model_server
+gateway = cluster.gateway
+start_monitor = cluster.start_monitor
+sample_every_request = cluster.sample_every_request
 
 
 async def split_of(registry_stub: Any, model: str) -> dict[str, int]:
     response = await registry_stub.GetDeployment(reg.GetDeploymentRequest(model=model))
     return dict(response.deployment.traffic_split)
-
-
-async def predict(gateway: Any, model: str, alias: str, x: torch.Tensor) -> bool:
-    """True when the call succeeded, False when the model failed it (INTERNAL)."""
-    request = inf.PredictRequest(model=model, alias=alias, inputs=[tensor_to_proto("input", x)])
-    try:
-        await gateway.Predict(request, timeout=10)
-    except grpc.aio.AioRpcError as err:
-        assert err.code() is grpc.StatusCode.INTERNAL, err
-        return False
-    return True
-
-
-async def until_served(gateway: Any, model: str, aliases: list[str]) -> None:
-    end = time.monotonic() + 30
-    pending = set(aliases)
-    while pending:
-        alias = next(iter(pending))
-        request = inf.PredictRequest(
-            model=model, alias=alias, inputs=[tensor_to_proto("input", torch.zeros(1, FEATURES))]
-        )
-        try:
-            await gateway.Predict(request, timeout=5)
-            pending.discard(alias)
-        except grpc.aio.AioRpcError as err:
-            assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND), err
-            assert time.monotonic() < end, f"{model} {alias} never became servable"
-            await asyncio.sleep(0.05)
-
-
-async def until(monitor: MonitorApp, condition: Callable[[], bool], *, timeout_s: float, what: str) -> None:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, f"not within {timeout_s}s: {what}"
-        await asyncio.wait_for(monitor.wait_rounds(1), timeout=timeout_s)
 
 
 def normal(rng: random.Random, items: int, shift: float = 0.0) -> torch.Tensor:
