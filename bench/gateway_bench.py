@@ -5,7 +5,10 @@ run on this machine.
 Starts a local cluster (Redis, registry, one model server, gateway; free ports), registers the
 reference models (`make_models.py`: mlp [B,64] and cnn [B,3,32,32], TorchScript, tensors named
 INPUT__0 / OUTPUT__0 as the peers serve them), checks that both paths answer what in-process
-torch answers, then drives each point with the load generator:
+torch answers, then drives each point with the load generator. A third path, a bare grpc.aio
+proxy (`bench/bare_proxy.py`, no routing at all; `--no-floor` skips it), splits the gateway's
+added latency into grpc.aio's cost of one more Python hop and what Modelyard's routing adds.
+The load generators:
 
 - `pa`: perf_analyzer (C++, --async), the binary ../shared/bench/peers_env.sh installs
   (`$PEERS_PA`, default /tmp/peers/pa/perf_analyzer-2.51.0); the peers' numbers use it too.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import os
@@ -155,20 +159,50 @@ def run_py(python: Path, address: str, model: str, shape: list[int], concurrency
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+class BareProxy:
+    """`bench/bare_proxy.py` in a child process: the grpc.aio floor of one more hop."""
+
+    def __init__(self, upstream: str, log: Path) -> None:
+        self._log = open(log, "w")  # noqa: SIM115 - closed in kill()
+        self._process = subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "bare_proxy.py"), "--upstream", upstream],
+            stdout=subprocess.PIPE, stderr=self._log, text=True,
+        )
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line.startswith("listening "):
+            self.kill()
+            raise RuntimeError(f"bare_proxy.py did not start; see {log}")
+        self.address = line.split()[1]
+        self.pid = self._process.pid
+
+    def kill(self) -> None:
+        self._process.kill()
+        self._process.wait()
+        self._log.close()
+
+
 def table(points: list[dict[str, Any]]) -> str:
+    floor = any("proxy" in p for p in points)
     lines = [
         "| model | callers | direct infer/s | gateway infer/s | ratio | direct p50 ms | gateway p50 ms "
-        "| added p50 ms | direct p99 ms | gateway p99 ms | server CPU % (direct / gateway path) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| added p50 ms | direct p99 ms | gateway p99 ms | server CPU % (direct / gateway path) |"
+        + (" bare proxy infer/s | bare proxy added p50 ms |" if floor else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if floor else ""),
     ]
     for p in points:
         d, g = p["direct"], p["gateway"]
-        lines.append(
+        line = (
             f"| {p['model']} | {p['concurrency']} | {d['throughput']:.0f} | {g['throughput']:.0f} "
             f"| {p['throughput_ratio']:.2f} | {d['p50_us'] / 1000:.2f} | {g['p50_us'] / 1000:.2f} "
             f"| {p['added_p50_ms']:+.2f} | {d['p99_us'] / 1000:.2f} | {g['p99_us'] / 1000:.2f} "
             f"| {d['server_cpu_pct']:.0f} / {g['server_cpu_pct']:.0f} |"
         )
+        if "proxy" in p:
+            line += f" {p['proxy']['throughput']:.0f} | {p['proxy_added_p50_ms']:+.2f} |"
+        elif floor:
+            line += " | |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -186,6 +220,7 @@ async def main(args: argparse.Namespace) -> None:
         env.update(dict(item.split("=", 1) for item in args.env))
         cluster = LocalCluster(data_dir=tmp_path / "cluster", ports="free", env=env)
         await cluster.start()
+        stack = contextlib.ExitStack()
         try:
             gateway = next(c for c in cluster.children if c.kind == "gateway")
             server = next(c for c in cluster.children if c.kind == "model_server")
@@ -203,14 +238,22 @@ async def main(args: argparse.Namespace) -> None:
                     "direct_max_abs_diff": await wait_and_check(
                         server.address, model, module, spec["input_shape"]),
                 }
+            paths = [("direct", server.address, [server.process.pid]),
+                     ("gateway", cluster.gateway_address, [server.process.pid, gateway.process.pid])]
+            if args.floor:
+                proxy = BareProxy(server.address, tmp_path / "bare_proxy.log")
+                stack.callback(proxy.kill)
+                paths.append(("proxy", proxy.address, [server.process.pid, proxy.pid]))
+                for model in args.models.split(","):
+                    spec = specs[model]
+                    module = torch.jit.load(str(tmp_path / "models" / f"{model}.pt")).eval()
+                    checks[model]["proxy_max_abs_diff"] = await wait_and_check(
+                        proxy.address, model, module, spec["input_shape"])
             points = []
             for model in args.models.split(","):
                 for concurrency in concurrencies:
                     point: dict[str, Any] = {"model": model, "concurrency": concurrency}
-                    for path, address, pids in (
-                        ("direct", server.address, [server.process.pid]),
-                        ("gateway", cluster.gateway_address, [server.process.pid, gateway.process.pid]),
-                    ):
+                    for path, address, pids in paths:
                         before, started = sum(cpu_s(p) for p in pids), time.monotonic()
                         if pa is not None:
                             result = await asyncio.to_thread(
@@ -226,12 +269,21 @@ async def main(args: argparse.Namespace) -> None:
                     direct_rps = max(point["direct"]["throughput"], 1e-9)
                     point["throughput_ratio"] = point["gateway"]["throughput"] / direct_rps
                     point["added_p50_ms"] = (point["gateway"]["p50_us"] - point["direct"]["p50_us"]) / 1000
+                    if "proxy" in point:
+                        # The hop split in two: grpc.aio's own (a bare proxy) and Modelyard's.
+                        point["proxy_added_p50_ms"] = (
+                            point["proxy"]["p50_us"] - point["direct"]["p50_us"]) / 1000
+                        point["gateway_over_proxy_p50_ms"] = (
+                            point["gateway"]["p50_us"] - point["proxy"]["p50_us"]) / 1000
                     points.append(point)
+                    floor = (f"; bare proxy {point['proxy']['throughput']:.0f}/s "
+                             f"({point['proxy_added_p50_ms']:+.2f} ms p50)" if "proxy" in point else "")
                     print(f"{model} c{concurrency}: direct {point['direct']['throughput']:.0f}/s, "
                           f"gateway {point['gateway']['throughput']:.0f}/s "
-                          f"({point['throughput_ratio']:.2f}x, {point['added_p50_ms']:+.2f} ms p50)",
+                          f"({point['throughput_ratio']:.2f}x, {point['added_p50_ms']:+.2f} ms p50){floor}",
                           flush=True)
         finally:
+            stack.close()
             await cluster.stop()
     report = {
         "benchmark": "gateway_bench",
@@ -261,6 +313,8 @@ if __name__ == "__main__":
     parser.add_argument("--loader", choices=["auto", "pa", "py"], default="auto")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra cluster environment, e.g. MODELYARD_GATEWAY_COALESCE_ENABLED=false")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the bare grpc.aio proxy (bench/bare_proxy.py) path")
     parser.add_argument("--out", type=Path,
                         default=REPO / "bench" / "results" / "local" / "gateway_bench.json")
     asyncio.run(main(parser.parse_args()))
