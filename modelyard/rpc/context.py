@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextvars
-import uuid
+import os
 
 __all__ = ["REQUEST_ID_METADATA_KEY", "request_id_var", "current_request_id", "new_request_id"]
 
@@ -18,5 +18,9 @@ def current_request_id() -> str:
 
 
 def new_request_id() -> str:
-    """A fresh random request id."""
-    return uuid.uuid4().hex[:16]
+    """A fresh random request id: 64 random bits as 16 hex digits.
+
+    `os.urandom` directly: `uuid.uuid4().hex` costs about 7x more, and this runs for every
+    call that arrives without an id.
+    """
+    return os.urandom(8).hex()
