@@ -84,7 +84,8 @@ def peer_rows(results_dir: Path) -> list[dict[str, Any]]:
 def run_modelyard(
     out: Path, loader: str, args: argparse.Namespace, env: dict[str, str]
 ) -> list[dict[str, Any]]:
-    """One gateway_bench.py run with `loader`; its points as rows for the gateway and direct paths."""
+    """One gateway_bench.py run with `loader`; its points as rows for the gateway, direct and
+    bare-proxy paths."""
     report_path = out / f"modelyard_{loader}.json"
     command = [sys.executable, str(GATEWAY_BENCH), "--loader", loader, "--models", args.models,
                "--concurrency", args.concurrency, "--seconds", str(args.seconds),
@@ -100,8 +101,10 @@ def run_modelyard(
     report = json.loads(report_path.read_text())
     rows = []
     for point in report["points"]:
-        for path, server in (("gateway", "modelyard (gateway)"), ("direct", "modelyard (model server)")):
-            result = point[path]
+        for path, server in PATHS:
+            result = point.get(path)
+            if result is None:
+                continue
             rows.append({
                 "server": server, "workload": point["model"], "loader": LOADER_NAMES[loader],
                 "concurrency": point["concurrency"], "throughput": result["throughput"],
@@ -112,11 +115,16 @@ def run_modelyard(
     return rows
 
 
+PATHS = (("gateway", "modelyard (gateway)"), ("direct", "modelyard (model server)"),
+         ("proxy", "bare grpc.aio proxy → model server"))
+
+
 def _ms(us: float | None) -> str:
     return "-" if us is None else f"{us / 1000:.1f}"
 
 
-SERVER_ORDER = ["modelyard (gateway)", "modelyard (model server)", "pytriton", "pytriton-i2",
+SERVER_ORDER = ["modelyard (gateway)", "modelyard (model server)", "bare grpc.aio proxy → model server",
+                "pytriton", "pytriton-i2",
                 "mlserver-w0", "mlserver-w1", "echo-v2", "echo-raw"]
 
 
