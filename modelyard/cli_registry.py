@@ -538,6 +538,10 @@ def deploy_set(
     ] = None,
     shadow: Annotated[str, typer.Option(help="Alias that gets a copy of traffic.")] = "",
     shadow_fraction: Annotated[float, typer.Option(min=0, max=1)] = 0.0,
+    expected_epoch: Annotated[
+        int,
+        typer.Option(min=0, help="Only if the model's epoch (deploy get) is still this one; 0: always."),
+    ] = 0,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
     user: UserOpt = "",
@@ -569,7 +573,8 @@ def deploy_set(
         registry,
         user,
         lambda s, md: s.SetDeployment(
-            pb.SetDeploymentRequest(model=model, deployment=deployment), metadata=md
+            pb.SetDeploymentRequest(model=model, deployment=deployment, expected_epoch=expected_epoch),
+            metadata=md,
         ),
     )
     if as_json:

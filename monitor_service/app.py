@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "modelyard.v1.MonitorService"
 
+SPLIT_ATTEMPTS = 5
+"""Read-change-set rounds for a traffic split before a conflict is given up on (until the
+next scrape)."""
+
 
 def _channel_credentials(tls: TLSSettings) -> grpc.ChannelCredentials | None:
     """Credentials to dial the registry with, or None for plaintext."""
@@ -79,7 +83,11 @@ class MonitorApp:
         self.notifier = WebhookNotifier(settings.webhook_urls)
         self.alerts = AlertManager(self.notifier, on_change=self._alert_changed)
         self.canary = CanaryAnalyzer(
-            settings.canary, self._move_alias, self._canary_decided, set_split=self._set_traffic_split
+            settings.canary,
+            self._move_alias,
+            self._canary_decided,
+            set_split=self._set_traffic_split,
+            get_split=self._get_traffic_split,
         )
         self._baselines_fetched: set[tuple[str, int]] = set()
         self.stats: dict[tuple[str, int], VersionStats] = {}
@@ -260,12 +268,34 @@ class MonitorApp:
             timeout=10.0,
         )
 
-    async def _set_traffic_split(self, model: str, split: dict[str, int], request_id: str) -> None:
-        """Replace the traffic split of a model's deployment, keeping the rest of it."""
+    async def _get_traffic_split(self, model: str) -> dict[str, int]:
         stub = self._registry()
         current = (await stub.GetDeployment(reg.GetDeploymentRequest(model=model), timeout=10.0)).deployment
-        current.traffic_split.clear()
-        current.traffic_split.update(split)
-        await stub.SetDeployment(
-            reg.SetDeploymentRequest(model=model, deployment=current, request_id=request_id), timeout=10.0
-        )
+        return dict(current.traffic_split)
+
+    async def _set_traffic_split(self, model: str, split: dict[str, int], request_id: str) -> None:
+        """Replace the traffic split of a model's deployment, keeping the rest of it.
+
+        Read, change, then set with compare-and-set on the epoch: an operator's concurrent
+        change (replicas, batching...) is kept, never overwritten; on a conflict, again.
+        """
+        stub = self._registry()
+        for attempt in range(1, SPLIT_ATTEMPTS + 1):
+            current = (
+                await stub.GetDeployment(reg.GetDeploymentRequest(model=model), timeout=10.0)
+            ).deployment
+            current.traffic_split.clear()
+            current.traffic_split.update(split)
+            try:
+                await stub.SetDeployment(
+                    reg.SetDeploymentRequest(
+                        model=model, deployment=current, request_id=request_id,
+                        expected_epoch=current.epoch,
+                    ),
+                    timeout=10.0,
+                )
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.ABORTED or attempt == SPLIT_ATTEMPTS:
+                    raise
+                log.info("deployment of %s changed while setting its split; again (%d)", model, attempt)

@@ -139,6 +139,9 @@ SetSplit = Callable[[str, dict[str, int], str], Awaitable[None]]
 """(model, traffic_split, request_id): replaces the traffic split of the model's deployment
 through the registry; {} clears it."""
 
+GetSplit = Callable[[str], Awaitable[dict[str, int]]]
+"""(model): the traffic split of the model's deployment, read from the registry."""
+
 
 @dataclass
 class CanaryAnalyzer:
@@ -149,12 +152,15 @@ class CanaryAnalyzer:
         move_alias: Moves an alias through the registry (compare-and-set).
         on_decision: Told of every decision (the monitor publishes an event and an alert).
         set_split: Replaces a model's traffic split through the registry (stepwise promotion).
+        get_split: Reads a model's traffic split from the registry: a monitor that restarts
+            mid-walk resumes at the step the split shows instead of starting over.
     """
 
     settings: CanarySettings
     move_alias: MoveAlias
     on_decision: Callable[[CanaryDecision], Awaitable[None]]
     set_split: SetSplit | None = None
+    get_split: GetSplit | None = None
     keep: int = 500
     decisions: deque[CanaryDecision] = field(default_factory=deque)
     _healthy_since: dict[tuple[str, int], float] = field(default_factory=dict)
@@ -185,10 +191,13 @@ class CanaryAnalyzer:
             stable = stable or VersionStats(model=model, version=stable_version)
             if s.promote_steps and key not in self._steps:
                 # Through the split is how the canary gets traffic at all: the first step starts
-                # as soon as the canary appears, before there are figures to judge.
+                # as soon as the canary appears, before there are figures to judge, unless the
+                # split shows a walk already under way (this monitor restarted).
                 empty = canary or VersionStats(model=model, version=canary_version)
                 figures = (CanaryFigures.of(empty), CanaryFigures.of(stable))
-                await self._enter_step(model, canary_version, stable_version, 0, figures, now)
+                resumed = await self._resume_step(model, canary_version, figures, now)
+                if resumed is False:
+                    await self._enter_step(model, canary_version, stable_version, 0, figures, now)
                 continue
             if canary is None or canary.request_count < s.min_requests:
                 continue
@@ -222,6 +231,37 @@ class CanaryAnalyzer:
         """The canary's share of the split traffic now (0 without steps)."""
         at = self._steps.get(key)
         return self.settings.promote_steps[at[0]] if at is not None else 0.0
+
+    async def _resume_step(
+        self, model: str, canary_version: int, figures: tuple[CanaryFigures, CanaryFigures], now: float
+    ) -> bool | None:
+        """Take up the step the deployment's split already gives the canary (exactly one of
+        the steps before the last), as after a restart; its time at the step starts now.
+
+        Returns:
+            True when resumed, False when the walk starts at the first step, None when the
+            split could not be read (the next round asks again: a registry blip must not cut
+            a canary at 50 % back to the first step).
+        """
+        s = self.settings
+        if self.get_split is None:
+            return False
+        try:
+            split = await self.get_split(model)
+        except Exception:
+            log.exception("reading the traffic split of %s failed; trying again next round", model)
+            return None
+        if set(split) != {s.stable_alias, s.canary_alias} or sum(split.values()) != 100:
+            return False
+        for index, share in enumerate(s.promote_steps[:-1]):
+            if round(share * 100) == split[s.canary_alias]:
+                self._steps[(model, canary_version)] = (index, now)
+                reason = (f"resumed at step {index + 1} of {len(s.promote_steps)}: the traffic split "
+                          f"already gives canary v{canary_version} {split[s.canary_alias]}% of the "
+                          f"traffic that selects {s.stable_alias}")
+                await self._record(CanaryDecision(model, CanaryAction.STEP, reason, *figures, now, share))
+                return True
+        return False
 
     async def _enter_step(
         self, model: str, canary_version: int, stable_version: int, index: int,

@@ -478,17 +478,26 @@ class Registry:
 
     # -- deployments -----------------------------------------------------------------------
 
-    async def set_deployment(self, model: str, spec: DeploymentSpec) -> RoutingState:
-        """Replace a model's deployment and publish it.
+    async def set_deployment(
+        self, model: str, spec: DeploymentSpec, *, expected_epoch: int = 0
+    ) -> RoutingState:
+        """Replace a model's deployment and publish it; with `expected_epoch` (non-zero), only
+        while the model's routing epoch is still that one (compare-and-set).
 
         Raises:
             InvalidArgument: a field is out of range, or the split or shadow names an unknown
-                alias, or the weights do not sum to 100.
+                alias, or the weights do not sum to 100, or `expected_epoch` is negative.
             ModelNotFound: unknown model.
             FailedPrecondition: a pinned version is archived.
+            Conflict: the epoch is not `expected_epoch` any more.
         """
         check_name(model, field="model", what="model")
-        state = await self._store.set_deployment(model, spec)
+        if expected_epoch < 0:
+            raise InvalidArgument(
+                f"expected_epoch must be 0 (no check) or an epoch, got {expected_epoch}",
+                field="expected_epoch",
+            )
+        state = await self._store.set_deployment(model, spec, expected_epoch=expected_epoch)
         log.info("deployment of model %r set (epoch %d): %s", model, state.epoch, spec)
         await self._publish(state)
         return state

@@ -227,7 +227,9 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         async with self._audited(
             context, "SetDeployment", request.model, "deployment", request.request_id
         ) as audit:
-            state = await self._registry.set_deployment(request.model, spec)
+            state = await self._registry.set_deployment(
+                request.model, spec, expected_epoch=request.expected_epoch
+            )
             placed = f"placed versions {list(state.placed_versions)} (epoch {state.epoch})"
             audit.message = placed + _batching_text(spec)
         return pb.SetDeploymentResponse(deployment=convert.deployment_to_proto(state))

@@ -332,14 +332,17 @@ class RegistryStore:
         """Routing state of every model that was ever published (epoch > 0)."""
         return await self._run(self._all_routing_states)
 
-    async def set_deployment(self, model: str, spec: DeploymentSpec) -> RoutingState:
+    async def set_deployment(
+        self, model: str, spec: DeploymentSpec, *, expected_epoch: int = 0
+    ) -> RoutingState:
         """Replace a model's deployment (validated against its aliases and versions) and bump
-        its epoch.
+        its epoch; with `expected_epoch`, only while the model's epoch is still that one.
 
         Raises:
             ModelNotFound, InvalidArgument, FailedPrecondition: see `check_deployment`.
+            Conflict: `expected_epoch` is set and the epoch moved on.
         """
-        return await self._run(self._set_deployment, model, spec)
+        return await self._run(self._set_deployment, model, spec, expected_epoch)
 
     async def hold_version(self, model: str, version: int, *, until: float, why: str) -> RoutingState:
         """Place a version until `until` (unix s) whatever the aliases say; bumps the epoch.
@@ -797,9 +800,19 @@ class RegistryStore:
             names = [r["name"] for r in conn.execute("SELECT name FROM models WHERE epoch > 0")]
             return {name: self._state_in(conn, name) for name in names}
 
-    def _set_deployment(self, model: str, spec: DeploymentSpec) -> RoutingState:
+    def _set_deployment(self, model: str, spec: DeploymentSpec, expected_epoch: int) -> RoutingState:
         with self._transaction() as conn:
             self._require_model(conn, model)
+            if expected_epoch:
+                epoch = conn.execute("SELECT epoch FROM models WHERE name = ?", (model,)).fetchone()[0]
+                if epoch != expected_epoch:
+                    raise Conflict(
+                        f"the routing of model {model!r} changed since epoch {expected_epoch} (it is "
+                        f"at epoch {epoch} now); read the deployment again (GetDeployment), apply "
+                        "your change to it and set it with the new epoch",
+                        field="expected_epoch",
+                        metadata={"model": model, "epoch": str(epoch)},
+                    )
             versions = {
                 r["version"]: VersionState(r["state"])
                 for r in conn.execute("SELECT version, state FROM versions WHERE model = ?", (model,))

@@ -245,14 +245,16 @@ class PromoteVersionResponse(_message.Message):
     def __init__(self, alias: _Optional[_Union[_registry_pb2.Alias, _Mapping]] = ..., previous_version: _Optional[int] = ..., epoch: _Optional[int] = ..., ready_replicas: _Optional[int] = ...) -> None: ...
 
 class SetDeploymentRequest(_message.Message):
-    __slots__ = ("model", "deployment", "request_id")
+    __slots__ = ("model", "deployment", "request_id", "expected_epoch")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_EPOCH_FIELD_NUMBER: _ClassVar[int]
     model: str
     deployment: _registry_pb2.Deployment
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., deployment: _Optional[_Union[_registry_pb2.Deployment, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    expected_epoch: int
+    def __init__(self, model: _Optional[str] = ..., deployment: _Optional[_Union[_registry_pb2.Deployment, _Mapping]] = ..., request_id: _Optional[str] = ..., expected_epoch: _Optional[int] = ...) -> None: ...
 
 class SetDeploymentResponse(_message.Message):
     __slots__ = ("deployment",)

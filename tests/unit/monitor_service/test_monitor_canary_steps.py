@@ -18,9 +18,11 @@ ALIASES = {"m": {"production": 1, "canary": 2}}
 class Registry:
     """Records what the analyzer asks of the registry, in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, split: dict[str, int] | None = None) -> None:
         self.calls: list[tuple[Any, ...]] = []
         self.fail_splits = 0
+        self.current_split = split or {}
+        self.fail_reads = False
 
     async def move(self, model: str, alias: str, version: int, expected: int, reason: str) -> None:
         self.calls.append(("alias", alias, version, expected))
@@ -30,6 +32,12 @@ class Registry:
             self.fail_splits -= 1
             raise RuntimeError("registry unavailable")
         self.calls.append(("split", split))
+        self.current_split = split
+
+    async def read_split(self, model: str) -> dict[str, int]:
+        if self.fail_reads:
+            raise RuntimeError("registry unavailable")
+        return dict(self.current_split)
 
 
 def analyzer(registry: Registry, decisions: list[CanaryDecision], **settings: Any) -> CanaryAnalyzer:
@@ -38,7 +46,8 @@ def analyzer(registry: Registry, decisions: list[CanaryDecision], **settings: An
 
     values: dict[str, Any] = {"min_requests": 50, "promote_steps": [0.1, 0.5, 1.0], "step_after_s": 10.0}
     return CanaryAnalyzer(
-        CanarySettings(**{**values, **settings}), registry.move, record, set_split=registry.split
+        CanarySettings(**{**values, **settings}), registry.move, record, set_split=registry.split,
+        get_split=registry.read_split,
     )
 
 
@@ -97,6 +106,48 @@ async def test_a_step_that_the_registry_refuses_is_tried_again() -> None:
     assert registry.calls == [] and decisions == []
     await canary.evaluate({}, ALIASES, now=1.0)
     assert registry.calls == [("split", {"production": 90, "canary": 10})] and len(decisions) == 1
+
+
+async def test_a_restarted_analyzer_resumes_at_the_step_the_split_shows() -> None:
+    registry, decisions = Registry(split={"production": 50, "canary": 50}), []
+    canary = analyzer(registry, decisions)
+    await canary.evaluate({}, ALIASES, now=100.0)
+    assert registry.calls == []  # the canary keeps its 50 %
+    assert [(d.action.value, d.traffic_fraction) for d in decisions] == [("step", 0.5)]
+    assert "resumed at step 2 of 3" in decisions[0].reason
+    await canary.evaluate(figures(60), ALIASES, now=105.0)  # healthy, but 5 s at the step
+    assert registry.calls == []
+    await canary.evaluate(figures(120), ALIASES, now=111.0)
+    assert registry.calls == [("split", {}), ("alias", "production", 2, 1)]
+    assert decisions[-1].action.value == "promote"
+
+
+@pytest.mark.parametrize(
+    "split",
+    [
+        {},
+        {"production": 70, "canary": 30},  # not a step: an operator's split
+        {"production": 50, "shadow": 50},
+        {"production": 40, "canary": 50},  # not a whole split
+    ],
+)
+async def test_a_split_that_is_no_step_of_the_walk_starts_it_over(split: dict[str, int]) -> None:
+    registry, decisions = Registry(split=split), []
+    canary = analyzer(registry, decisions)
+    await canary.evaluate({}, ALIASES, now=0.0)
+    assert registry.calls == [("split", {"production": 90, "canary": 10})]
+    assert "resumed" not in decisions[0].reason
+
+
+async def test_an_unreadable_split_is_read_again_next_round_rather_than_reset() -> None:
+    registry, decisions = Registry(split={"production": 50, "canary": 50}), []
+    registry.fail_reads = True
+    canary = analyzer(registry, decisions)
+    await canary.evaluate({}, ALIASES, now=0.0)
+    assert registry.calls == [] and decisions == []
+    registry.fail_reads = False
+    await canary.evaluate({}, ALIASES, now=1.0)
+    assert registry.calls == [] and "resumed at step 2" in decisions[0].reason
 
 
 @pytest.mark.parametrize("steps", [[0.1, 0.5], [0.5, 0.1, 1.0], [0.001, 1.0], [0.995, 1.0]])
