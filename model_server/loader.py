@@ -19,6 +19,7 @@ from typing import Protocol
 
 import grpc
 import torch
+import torch.export.passes  # a submodule `import torch` does not load (move_to_device_pass)
 
 from modelyard.errors import ArtifactCorrupt, FailedPrecondition, Unavailable, VersionNotFound
 from modelyard.rpc.server import channel_options
@@ -112,10 +113,10 @@ class RegistryArtifactSource:
         self._credentials = credentials
         self._timeout_s = timeout_s
         self._channel: grpc.aio.Channel | None = None
-        self._stub: registry_service_pb2_grpc.RegistryServiceStub | None = None
+        self._stub: registry_service_pb2_grpc.RegistryServiceAsyncStub | None = None
         self._state = _State.UNOPENED
 
-    def _open(self) -> registry_service_pb2_grpc.RegistryServiceStub:
+    def _open(self) -> registry_service_pb2_grpc.RegistryServiceAsyncStub:
         if self._state is _State.CLOSED:
             raise RuntimeError("Cannot fetch from a RegistryArtifactSource after aclose().")
         if self._credentials is not None:
@@ -192,7 +193,10 @@ def verify_artifact(artifact: Artifact) -> None:
 
 
 def _load_torchscript(data: bytes, device: str) -> torch.nn.Module:
-    module: torch.nn.Module = torch.jit.load(io.BytesIO(data), map_location=device)
+    # torch.jit.load is unannotated in torch's own sources.
+    module: torch.nn.Module = torch.jit.load(  # type: ignore[no-untyped-call]
+        io.BytesIO(data), map_location=device
+    )
     return module.eval()
 
 

@@ -6,14 +6,15 @@ through the version's batcher (the same one `ModelServerService.Infer` uses). Se
 ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer (raw and typed
 contents), ModelConfig (Triton's extension) and ModelStatistics. A `model_version` of "" means
 the highest version ready here. The repository RPCs answer UNIMPLEMENTED: what a model server
-holds is decided by the deployments in Redis, not by its callers.
+holds is decided by the deployments in Redis, not by its callers. ModelStreamInfer answers
+UNIMPLEMENTED too: the gateway's GRPCInferenceService serves it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
 
 import grpc
 
@@ -26,6 +27,7 @@ from modelyard.oip import grpc_service_pb2_grpc, model_config_pb2
 from modelyard.rpc.context import current_request_id
 from modelyard.rpc.errors import rpc_errors
 from modelyard.tensor_codec import DTYPE_BY_DATA_TYPE
+from modelyard.v1 import tensor_pb2
 
 __all__ = ["OIP_SERVICE_NAME", "PLATFORM", "OipServicer"]
 
@@ -37,10 +39,11 @@ PLATFORM = "pytorch_libtorch"
 EXTENSIONS = ["model_configuration", "statistics"]
 
 
-def _config_data_type(data_type: int) -> int:
+def _config_data_type(data_type: tensor_pb2.DataType) -> model_config_pb2.DataType:
     """modelyard.v1.DataType -> Triton's model_config DataType (TYPE_FP32, ...)."""
     name = oip_codec.DATATYPE_BY_DTYPE[DTYPE_BY_DATA_TYPE[data_type]]
-    return model_config_pb2.DataType.Value("TYPE_" + name)
+    # cast: the enum wrapper's Value() is typed int; it returns a model_config DataType value.
+    return cast("model_config_pb2.DataType", model_config_pb2.DataType.Value("TYPE_" + name))
 
 
 def _duration(count: int, seconds: float) -> oip.StatisticDuration:
@@ -284,3 +287,47 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             requested=requested,
         )
         return response
+
+    @rpc_errors
+    async def ModelStreamInfer(
+        self,
+        requests: AsyncIterator[oip.ModelInferRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[oip.ModelStreamInferResponse]:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "a model server does not serve ModelStreamInfer: call ModelInfer, or stream through "
+            "the gateway's GRPCInferenceService",
+        )
+        # abort raises; the yield makes this an async generator, as a response stream handler is.
+        yield oip.ModelStreamInferResponse()
+
+    # -- repository (not offered) ----------------------------------------------------------
+
+    async def _unimplemented(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "a model server's versions are placed by the deployments in the registry "
+            "(modelyard.v1.RegistryService), not through the model repository RPCs",
+        )
+
+    @rpc_errors
+    async def RepositoryIndex(
+        self, request: oip.RepositoryIndexRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.RepositoryIndexResponse:
+        await self._unimplemented(context)
+        raise AssertionError("unreachable")  # abort raises
+
+    @rpc_errors
+    async def RepositoryModelLoad(
+        self, request: oip.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.RepositoryModelLoadResponse:
+        await self._unimplemented(context)
+        raise AssertionError("unreachable")
+
+    @rpc_errors
+    async def RepositoryModelUnload(
+        self, request: oip.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oip.RepositoryModelUnloadResponse:
+        await self._unimplemented(context)
+        raise AssertionError("unreachable")

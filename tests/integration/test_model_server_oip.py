@@ -243,3 +243,22 @@ async def test_versions_load_and_unload_under_traffic_without_a_failed_request(
             break
         await asyncio.sleep(0.01)
     assert got == expected
+
+
+async def test_the_repository_and_stream_rpcs_say_where_to_go_instead(oip_stub: Any) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await oip_stub.RepositoryIndex(oip.RepositoryIndexRequest())
+    assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert "deployments in the registry" in (caught.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await oip_stub.RepositoryModelLoad(oip.RepositoryModelLoadRequest(model_name=MODEL))
+    assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+
+    async def one() -> Any:
+        yield raw_request(torch.zeros(1, 16))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in oip_stub.ModelStreamInfer(one()):
+            pass
+    assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert "gateway" in (caught.value.details() or "")

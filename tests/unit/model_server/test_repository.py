@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import subprocess
+import sys
 import weakref
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +206,21 @@ async def test_records_report_state_signature_and_platform(
     (record,) = repository.records()
     assert (record.model, record.version, record.state, record.platform) == ("mlp", 1, "ready", "torchscript")
     assert record.signature["inputs"][0]["name"] == "input"
+
+
+def test_a_torch_export_archive_moves_to_a_device_other_than_cpu(tmp_path: Path) -> None:
+    # In a fresh interpreter, as a model server starts: `import torch` alone does not load
+    # torch.export.passes, which the move needs. "meta" stands in for a GPU on this machine.
+    archive = tmp_path / "mlp.pt2"
+    archive.write_bytes(export_bytes(mlp(), torch.zeros(2, 4)))
+    script = (
+        "import sys\n"
+        "from model_server.loader import _load_torch_export\n"
+        "module = _load_torch_export(open(sys.argv[1], 'rb').read(), 'meta')\n"
+        "print(sorted({p.device.type for p in module.parameters()}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(archive)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "['meta']"
