@@ -25,6 +25,7 @@ protos:
 lint: setup
 	.venv/bin/buf lint
 	.venv/bin/ruff check .
+	.venv/bin/mypy modelyard gateway model_server registry_service monitor_service load_tests
 
 clean:
-	rm -rf var .pytest_cache .ruff_cache
+	rm -rf var .pytest_cache .ruff_cache .mypy_cache

@@ -2,7 +2,7 @@
 # Modelyard's one entry point for a fresh checkout: sets up .venv, then runs what you ask.
 #
 #   ./dev.sh up      start the whole cluster locally (embedded Redis) with the demo model
-#   ./dev.sh test    lint the contracts, check generated code, run every test tier
+#   ./dev.sh test    lint the contracts, check generated code, type-check, run every test tier
 #   ./dev.sh setup   only create / refresh .venv
 #   ./dev.sh protos  regenerate the Python stubs from protos/
 set -euo pipefail
@@ -55,6 +55,7 @@ case "$cmd" in
         bash scripts/check_protos.sh
         bash scripts/check_deploy.sh
         "$VENV/bin/ruff" check .
+        "$VENV/bin/mypy" modelyard gateway model_server registry_service monitor_service load_tests
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;

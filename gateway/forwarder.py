@@ -124,7 +124,7 @@ class ChannelPool:
     ) -> bytes:
         """A unary call of any method on a model server, bytes in and bytes out (the rare
         calls beside Infer: OIP ModelConfig and ModelStatistics)."""
-        callable_ = self._channel(address).unary_unary(method)
+        callable_: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self._channel(address).unary_unary(method)
         response: bytes = await callable_(
             request, timeout=timeout_s, metadata=((REQUEST_ID_METADATA_KEY, request_id),)
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from gateway.forwarder import ChannelPool
 from gateway.metrics import ROUTING_AGE_SECONDS, ROUTING_DEGRADED
@@ -88,7 +88,7 @@ class RoutingSync:
     async def refresh(self) -> None:
         self._last_refresh = asyncio.get_running_loop().time()
         try:
-            aliases = await self._store.all_aliases()
+            aliases: Mapping[str, tuple[Mapping[str, int], int]] = await self._store.all_aliases()
             deployments = await self._store.all_deployments()
             services = await self._store.list_services()
         except CoordinationUnavailable as exc:

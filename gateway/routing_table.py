@@ -60,8 +60,8 @@ class RoutingTable:
         known: dict[str, Replica] = {}
         if previous is not None:
             for replicas in previous.replicas.values():
-                for replica in replicas:
-                    known[replica.server_id] = replica
+                for old_replica in replicas:
+                    known[old_replica.server_id] = old_replica
         table = cls(
             models={m: _ModelRoutes(dict(a), e) for m, (a, e) in aliases.items()},
             deployments=dict(deployments or {}),

@@ -104,7 +104,7 @@ class InferenceServicer:
         )
 
     def register(self, server: grpc.aio.Server) -> None:
-        handlers = {
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             "Predict": grpc.unary_unary_rpc_method_handler(self.Predict),
             "PredictStream": grpc.stream_stream_rpc_method_handler(
                 self.PredictStream,

@@ -40,7 +40,8 @@ __all__ = ["PredictUser", "OipInferUser", "StagesShape"]
 served_versions: Counter[int] = Counter()
 
 
-@events.init_command_line_parser.add_listener
+# locust leaves EventHook.add_listener unannotated.
+@events.init_command_line_parser.add_listener  # type: ignore[untyped-decorator]
 def _add_arguments(parser: Any) -> None:
     group = parser.add_argument_group("modelyard")
     group.add_argument("--model", default="demo", help="Model to call.")
@@ -54,7 +55,7 @@ def _add_arguments(parser: Any) -> None:
     group.add_argument("--started-file", default="", help="Create this file when the test starts.")
 
 
-@events.test_start.add_listener
+@events.test_start.add_listener  # type: ignore[untyped-decorator]
 def _mark_started(environment: Environment, **_: Any) -> None:
     # The runner times its actions (promote, kill) from this moment, not from process start:
     # importing locust and the stubs takes a second or two on a busy machine.
@@ -64,7 +65,7 @@ def _mark_started(environment: Environment, **_: Any) -> None:
             out.write("started\n")
 
 
-@events.test_stop.add_listener
+@events.test_stop.add_listener  # type: ignore[untyped-decorator]
 def _write_served_versions(environment: Environment, **_: Any) -> None:
     path = environment.parsed_options.served_versions_file if environment.parsed_options else ""
     if path:
@@ -148,7 +149,7 @@ class StagesShape(LoadTestShape):
 
     def tick(self) -> tuple[int, float] | None:
         stages = self._stages()
-        run_time = self.get_run_time()
+        run_time = self.get_run_time()  # type: ignore[no-untyped-call]  # unannotated in locust
         if not stages:
             options = self.runner.environment.parsed_options if self.runner else None
             if options is None or (options.run_time and run_time >= options.run_time):

@@ -173,7 +173,9 @@ class _CudaForward:
     def _stream(self) -> torch.cuda.Stream:
         stream = getattr(self._local, "stream", None)
         if stream is None:
-            stream = self._local.stream = torch.cuda.Stream(device=self._device)
+            # torch.cuda.Stream.__new__ is unannotated in torch's own sources.
+            stream = torch.cuda.Stream(device=self._device)  # type: ignore[no-untyped-call]
+            self._local.stream = stream
         return stream
 
     def __call__(self, *inputs: torch.Tensor) -> Any:

@@ -302,8 +302,8 @@ class ModelRepository:
             spec = specs[index]
             check_tensor(spec.name, tensor, spec.data_type, spec.shape)
             slots[index] = tensor
-        for spec, tensor in zip(specs, slots, strict=True):
-            if tensor is None:
+        for spec, slot in zip(specs, slots, strict=True):
+            if slot is None:
                 raise SignatureMismatch(
                     f"input {spec.name!r} ({data_type_name(spec.data_type)}) is missing",
                     field=f"inputs[{spec.name}]",

@@ -20,7 +20,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import grpc
 import typer
@@ -128,7 +128,8 @@ def parse_tensor_spec(text: str) -> tensor_pb2.TensorSpec:
     """
     try:
         name, dtype, shape = text.split(":")
-        data_type = tensor_pb2.DataType.Value("DATA_TYPE_" + dtype.upper())
+        # cast: the enum wrapper's Value() is typed int; it returns a DataType value.
+        data_type = cast("tensor_pb2.DataType", tensor_pb2.DataType.Value("DATA_TYPE_" + dtype.upper()))
         dims = [int(d) for d in shape.split(",")]
     except ValueError:
         raise typer.BadParameter(

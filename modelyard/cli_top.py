@@ -161,7 +161,7 @@ def render(
     return Group(services, models, alert_table)
 
 
-async def _frame(stub: pb_grpc.MonitorServiceStub) -> Group:
+async def _frame(stub: pb_grpc.MonitorServiceAsyncStub) -> Group:
     status, stats, alerts = await asyncio.gather(
         stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=5),
         stub.GetModelStats(pb.GetModelStatsRequest(), timeout=5),

@@ -18,7 +18,7 @@ import logging
 import time
 import warnings
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -172,7 +172,7 @@ def redis_client(settings: RedisSettings) -> tuple[aioredis.Redis, list[aioredis
     if not settings.url.startswith("redis+sentinel://"):
         return aioredis.Redis.from_url(settings.url, **options), []
     sentinels, service_name, db, password = parse_sentinel_url(settings.url)
-    sentinel = Sentinel(
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves Sentinel.__init__ unannotated
         sentinels,
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.socket_timeout_s,
@@ -350,7 +350,8 @@ return 1
     async def list_models(self) -> list[str]:
         """Every model name Redis knows, sorted."""
         try:
-            return sorted(await self.client.smembers(self.keys.models()))
+            # decode_responses=True: Redis replies are str, which redis-py's types don't track.
+            return sorted(cast("set[str]", await self.client.smembers(self.keys.models())))
         except RedisError as exc:
             raise CoordinationUnavailable(f"cannot list models in Redis: {exc}") from exc
 
@@ -425,7 +426,7 @@ return 1
                 this long ago (the monitor reports them as down instead of forgetting them).
         """
         try:
-            ids: list[str] = await self.client.zrange(self.keys.services(), 0, -1)
+            ids = cast("list[str]", await self.client.zrange(self.keys.services(), 0, -1))
             if not ids:
                 return []
             raw = await self.client.mget([self.keys.service(i) for i in ids])
@@ -459,4 +460,4 @@ return 1
                 if event is not None:
                     yield event
         finally:
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves PubSub.aclose unannotated

@@ -43,7 +43,8 @@ class DemoMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        out: torch.Tensor = self.net(x)
+        return out
 
 
 def build_demo_model(seed: int = 0) -> tuple[torch.jit.ScriptModule, bytes]:

@@ -13,7 +13,8 @@ def check(address: str, service: str = "", timeout_s: float = 3.0) -> bool:
     """Whether `address` reports `service` ("" = the whole server) as SERVING."""
     with grpc.insecure_channel(address) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
+            # types-grpcio-health-checking declares HealthStub without its methods.
+            reply = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
             )
         except grpc.RpcError:
@@ -25,7 +26,8 @@ def main(argv: list[str]) -> int:
     if not 1 <= len(argv) <= 2:
         print("usage: python -m modelyard.healthcheck HOST:PORT [SERVICE]", file=sys.stderr)
         return 2
-    return 0 if check(*argv) else 1
+    address, service = argv[0], argv[1] if len(argv) == 2 else ""
+    return 0 if check(address, service) else 1
 
 
 if __name__ == "__main__":

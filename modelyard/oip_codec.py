@@ -39,6 +39,7 @@ import math
 import struct
 import sys
 from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -89,11 +90,12 @@ DTYPE_BY_DATATYPE: dict[str, torch.dtype] = {
 DATATYPE_BY_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_BY_DATATYPE.items()}
 """torch dtype -> OIP datatype name."""
 
-DATA_TYPE_BY_DATATYPE: dict[str, int] = {
+# cast: the enum wrapper's items() is typed with plain ints; they are DataType values.
+DATA_TYPE_BY_DATATYPE = cast("dict[str, tensor_pb2.DataType]", {
     name.removeprefix("DATA_TYPE_"): value
     for name, value in tensor_pb2.DataType.items()
     if value != tensor_pb2.DATA_TYPE_UNSPECIFIED
-}
+})
 """OIP datatype name -> `modelyard.v1.DataType` (the names match; UINT16..64 and BYTES have no
 counterpart in our contract)."""
 
@@ -207,6 +209,7 @@ def decode_input(
             field=f"inputs[{name}].contents.{field}",
         )
     np_dtype = _NUMPY_BY_DATATYPE[tensor.datatype]
+    array: np.ndarray[Any, Any]
     if field in ("int_contents", "uint_contents"):
         # These fields are 32-bit on the wire: a value outside a narrower datatype's range
         # would wrap silently in a cast; refuse it instead.
@@ -334,13 +337,13 @@ def encode_outputs(
         return
     by_name = dict(outputs)
     for name in requested:
-        tensor = by_name.get(name)
-        if tensor is None:
+        found = by_name.get(name)
+        if found is None:
             raise SignatureMismatch(
                 f"output {name!r} is not an output of this model; it has {sorted(by_name)}",
                 field=f"outputs[{name}]",
             )
-        encode_output(response, name, tensor, raw=raw)
+        encode_output(response, name, found, raw=raw)
 
 
 def bytes_from_raw(raw: bytes) -> list[bytes]:

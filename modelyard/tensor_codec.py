@@ -28,7 +28,7 @@ __all__ = [
 
 DataType = tensor_pb2.DataType
 
-DTYPE_BY_DATA_TYPE: dict[int, torch.dtype] = {
+DTYPE_BY_DATA_TYPE: dict[DataType, torch.dtype] = {
     tensor_pb2.DATA_TYPE_BOOL: torch.bool,
     tensor_pb2.DATA_TYPE_UINT8: torch.uint8,
     tensor_pb2.DATA_TYPE_INT8: torch.int8,
@@ -40,7 +40,7 @@ DTYPE_BY_DATA_TYPE: dict[int, torch.dtype] = {
     tensor_pb2.DATA_TYPE_FP32: torch.float32,
     tensor_pb2.DATA_TYPE_FP64: torch.float64,
 }
-DATA_TYPE_BY_DTYPE: dict[torch.dtype, int] = {v: k for k, v in DTYPE_BY_DATA_TYPE.items()}
+DATA_TYPE_BY_DTYPE: dict[torch.dtype, DataType] = {v: k for k, v in DTYPE_BY_DATA_TYPE.items()}
 
 # The wire format is little-endian; so is every platform torch ships for. Refuse to run
 # silently wrong rather than byte-swap on the hot path.
@@ -50,7 +50,7 @@ assert sys.byteorder == "little", "Modelyard's tensor codec assumes a little-end
 def data_type_name(data_type: int) -> str:
     """The short name of a DataType value, such as "FP32"."""
     try:
-        return tensor_pb2.DataType.Name(data_type).removeprefix("DATA_TYPE_")  # type: ignore[arg-type]  # enum int
+        return tensor_pb2.DataType.Name(data_type).removeprefix("DATA_TYPE_")
     except ValueError:
         return f"<unknown {data_type}>"
 
@@ -103,7 +103,7 @@ def tensor_to_proto(name: str, tensor: torch.Tensor) -> tensor_pb2.Tensor:
 
 
 def check_tensor(
-    name: str, tensor: torch.Tensor, data_type: int, shape: Sequence[int]
+    name: str, tensor: torch.Tensor, data_type: DataType, shape: Sequence[int]
 ) -> None:
     """Check a decoded input against its TensorSpec (-1 matches any size).
 

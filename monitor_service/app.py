@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -35,6 +36,9 @@ from monitor_service.metrics import (
 from monitor_service.rules import RuleFile, load_rule_file
 from monitor_service.servicer import MonitorServicer
 from monitor_service.settings import MonitorSettings
+
+if TYPE_CHECKING:  # the async stub exists only in the typing stubs
+    from modelyard.v1.registry_service_pb2_grpc import RegistryServiceAsyncStub
 
 __all__ = ["MonitorApp"]
 
@@ -213,7 +217,7 @@ class MonitorApp:
                 self.settings.event_alert_hold_s,
             )
 
-    def _registry(self) -> RegistryServiceStub:
+    def _registry(self) -> RegistryServiceAsyncStub:
         """A stub on a registry that is up (found through membership), its channel kept."""
         registries = [s for s in self.collector.services if s.kind == "registry" and not s.draining]
         if not registries:

@@ -86,9 +86,9 @@ def parse_snapshot(text: str) -> dict[Key, float]:
             except ValueError:
                 continue
             model = labels["model"]
-            what = _series(name[len(_PREFIX):], labels)
-            if what is not None:
-                out[(what[0], model, version, what[1])] = value
+            series = _series(name[len(_PREFIX):], labels)
+            if series is not None:
+                out[(series[0], model, version, series[1])] = value
     return out
 
 

@@ -145,4 +145,4 @@ class EventBus:
                 log.debug("event watch lost Redis: %s", exc)
                 await asyncio.sleep(1.0)
             finally:
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves PubSub.aclose unannotated

@@ -46,7 +46,7 @@ STATUS_BY_ERROR: dict[type[errors.ModelyardError], grpc.StatusCode] = {
 def status_code_for(error: errors.ModelyardError) -> grpc.StatusCode:
     """The status of an error: its most specific class in the table wins."""
     for cls in type(error).__mro__:
-        code = STATUS_BY_ERROR.get(cls)  # type: ignore[call-overload]  # MRO holds non-error types too
+        code = STATUS_BY_ERROR.get(cls)  # the MRO holds non-error types too: they miss
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL

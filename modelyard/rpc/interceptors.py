@@ -10,7 +10,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -20,6 +20,9 @@ from modelyard.telemetry import RPC_HANDLED, RPC_SECONDS
 __all__ = ["ObservabilityInterceptor"]
 
 access_log = logging.getLogger("modelyard.access")
+
+# A string: grpc.RpcMethodHandler is generic only in the stubs, not at runtime.
+_Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 def _request_id_from(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -66,13 +69,13 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, *, access_log_enabled: bool = False) -> None:
         self._access_log_enabled = access_log_enabled
-        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._cache: dict[str, tuple[_Handler, _Handler]] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> _Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -85,7 +88,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     @staticmethod
-    def _wrap(handler: grpc.RpcMethodHandler, observer: _MethodObserver) -> grpc.RpcMethodHandler:
+    def _wrap(handler: _Handler, observer: _MethodObserver) -> _Handler:
+        # grpc.aio handlers hold coroutine (or async generator) functions, not the sync callables
+        # the stubs describe, so the behaviour is typed as Any.
+        behavior: Any
+        factory: Callable[..., _Handler]
         if handler.unary_unary is not None:
             behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
         elif handler.unary_stream is not None:
