@@ -27,6 +27,7 @@ This module is the model server's side of the monitor contract (docs/monitoring.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -44,7 +45,6 @@ from modelyard.baseline import MAX_FEATURES as _BASELINE_FEATURES
 from modelyard.errors import ModelyardError
 from modelyard.rpc.errors import status_code_for
 from modelyard.telemetry import FINE_LATENCY_BUCKETS_S
-from modelyard.tensor_codec import tensor_from_proto
 from modelyard.v1 import registry_pb2, tensor_pb2
 
 __all__ = [
@@ -86,28 +86,28 @@ REQUEST_SECONDS = Histogram(
     buckets=REQUEST_BUCKETS_S,
 )
 class _Bins:
-    """One input's bin edges (padded with +inf to a [features, edges] tensor) and counts."""
+    """One input's bin edges (padded with +inf to a [features, edges] array) and counts."""
 
     __slots__ = ("edges", "bins", "counts")
 
     def __init__(self, baseline: registry_pb2.InputBaseline) -> None:
         features = baseline.features[:MAX_FEATURES]
         width = max(len(f.bin_edges) for f in features)
-        edges = torch.full((len(features), width), float("inf"), dtype=torch.float64)
+        edges = np.full((len(features), width), np.inf)
         for i, feature in enumerate(features):
-            edges[i, : len(feature.bin_edges)] = torch.tensor(list(feature.bin_edges), dtype=torch.float64)
+            edges[i, : len(feature.bin_edges)] = list(feature.bin_edges)
         self.edges = edges
         # Bins per feature; 0 for a feature without edges (its counts are never exported).
         # Padding with +inf puts values above a feature's last real edge in its last real bin.
         self.bins = [len(f.bin_edges) + 1 if f.bin_edges else 0 for f in features]
-        self.counts = torch.zeros(len(features) * (width + 1), dtype=torch.float64)
+        self.counts = np.zeros(len(features) * (width + 1))
 
 
 class InputBinCounts(Collector):
     """Counts sampled items per baseline bin, and exports the counts when /metrics is read.
 
     A Prometheus custom collector: nothing is exported per sample, so the cost on the request
-    path is one vectorised `searchsorted` and one `bincount` per sampled input tensor.
+    path is one vectorised comparison against the edges and one `bincount` per sampled input.
     """
 
     def __init__(self, max_versions: int = 10_000) -> None:
@@ -126,17 +126,18 @@ class InputBinCounts(Collector):
                     self._bins.clear()
                 self._bins[key] = _Bins(baseline)
 
-    def count(self, labels: tuple[str, str], name: str, rows: np.ndarray | torch.Tensor) -> None:
+    def count(self, labels: tuple[str, str], name: str, rows: np.ndarray) -> None:
         """Add the items of `rows` ([items, features], float64) to the bins of one input."""
         bins = self._bins.get((labels[0], labels[1], name))
         if bins is None:
             return
-        rows = torch.as_tensor(rows)  # numpy rows are shared, not copied
         features = min(rows.shape[1], bins.edges.shape[0])
         width = bins.edges.shape[1] + 1
-        index = torch.searchsorted(bins.edges[:features], rows[:, :features].T.contiguous(), side="left")
-        index += torch.arange(features).unsqueeze(1) * width
-        added = torch.bincount(index.flatten(), minlength=features * width).to(torch.float64)
+        # A value's bin is the number of edges below it (searchsorted, side="left"), for every
+        # feature at once; +inf padding is never below a value.
+        index = (bins.edges[None, :features, :] < rows[:, :features, None]).sum(axis=2)
+        index += np.arange(features) * width
+        added = np.bincount(index.ravel(), minlength=features * width)
         with self._lock:
             bins.counts[: features * width] += added
 
@@ -174,9 +175,7 @@ class InputMoments(Collector):
       real values can go down; the monitor only uses their deltas.
 
     One `labels()` call per feature and sample, as Prometheus children would need, cost about
-    0.3 ms for 32 features: more than a batch-1 forward. numpy rather than torch: small torch
-    ops on the event loop measured about 10x their own cost in a serving model server (they
-    compete with the forward's intra-op threads).
+    0.3 ms for 32 features: more than a batch-1 forward.
     """
 
     def __init__(self, max_keys: int = 10_000) -> None:
@@ -324,6 +323,39 @@ DEVICE_MEMORY = DeviceMemory()
 REGISTRY.register(DEVICE_MEMORY)
 
 
+_NUMPY_BY_DATA_TYPE: dict[int, type[np.generic]] = {
+    tensor_pb2.DATA_TYPE_FP16: np.float16,
+    tensor_pb2.DATA_TYPE_FP32: np.float32,
+    tensor_pb2.DATA_TYPE_FP64: np.float64,
+    tensor_pb2.DATA_TYPE_INT32: np.int32,
+    tensor_pb2.DATA_TYPE_INT64: np.int64,
+}
+_SAMPLED_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.int32, torch.int64})
+
+
+def _sampled_array(item: tensor_pb2.Tensor | tuple[str, torch.Tensor]) -> tuple[str, np.ndarray] | None:
+    """An input as (name, numpy array) for the statistics, or None when it has none (other
+    dtypes, bfloat16, a malformed wire tensor).
+
+    numpy, not torch: torch's Python bindings release the GIL in every op, and on the event
+    loop each release lets a worker thread running a forward keep the GIL for up to the 5 ms
+    switch interval; numpy keeps it for arrays this small.
+    """
+    if isinstance(item, tuple):
+        name, tensor = item
+        if tensor.dtype not in _SAMPLED_DTYPES or tensor.requires_grad or tensor.device.type != "cpu":
+            return None
+        return name, tensor.numpy()
+    dtype = _NUMPY_BY_DATA_TYPE.get(item.data_type)
+    shape = tuple(item.shape)
+    if dtype is None or any(d < 0 for d in shape):
+        return None
+    array = np.frombuffer(item.raw, dtype=dtype)
+    if array.size != math.prod(shape):
+        return None
+    return item.name, array.reshape(shape)
+
+
 class RequestStats:
     """Wraps each Infer call: counts it by status, times it, and samples its inputs.
 
@@ -393,21 +425,12 @@ class RequestStats:
         self, labels: tuple[str, str], inputs: Sequence[tensor_pb2.Tensor | tuple[str, torch.Tensor]]
     ) -> None:
         for item in inputs:
-            if isinstance(item, tuple):
-                name, tensor = item
-            else:
-                name = item.name
-                try:
-                    tensor = tensor_from_proto(item)
-                except ModelyardError:
-                    continue
-            if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
+            sampled = _sampled_array(item)
+            if sampled is None:
                 continue
-            if tensor.dim() == 0 or tensor.shape[0] == 0:
+            name, array = sampled
+            if array.ndim == 0 or array.shape[0] == 0:
                 continue
-            if tensor.dtype is torch.bfloat16:  # numpy has no bfloat16
-                tensor = tensor.float()
-            array = tensor.detach().numpy(force=True)
             rows = array.reshape(array.shape[0], -1)[:, :MAX_FEATURES].astype(np.float64)
             if rows.shape[1] == 0:
                 continue

@@ -30,9 +30,9 @@ def test_sampled_items_are_counted_per_bin_and_parsed_by_the_monitor() -> None:
     counts.register("m", 2, BASELINES)
     counts.register("m", 2, BASELINES)  # a second load of the version: idempotent
     rows = SAMPLE[:1000].to(torch.float64)
-    counts.count(("m", "2"), "x", rows)
-    counts.count(("m", "2"), "other", rows)  # an input without a baseline is not counted
-    counts.count(("m", "3"), "x", rows)  # nor a version without one
+    counts.count(("m", "2"), "x", rows.numpy())
+    counts.count(("m", "2"), "other", rows.numpy())  # an input without a baseline is not counted
+    counts.count(("m", "3"), "x", rows.numpy())  # nor a version without one
 
     values = parse_snapshot(exported(counts))
     bins = {detail: v for (what, model, version, detail), v in values.items() if what == "in_b"}
@@ -57,7 +57,7 @@ def test_wide_inputs_count_only_the_described_columns_and_values_beyond_the_edge
     counts.register("m", 1, BASELINES)
     wide = torch.full((4, 40), 1e9, dtype=torch.float64)  # more columns than the baseline has
     wide[0, 0] = -1e9
-    counts.count(("m", "1"), "x", wide)
+    counts.count(("m", "1"), "x", wide.numpy())
     values = parse_snapshot(exported(counts))
     bins = {detail: v for (what, _m, _v, detail), v in values.items() if what == "in_b"}
     assert bins["x/0/0"] == 1 and bins["x/0/9"] == 3 and bins["x/2/9"] == 4
@@ -69,7 +69,7 @@ def psi_figures(shift: float, items: int = 2000) -> VersionStats:
     generator = torch.Generator().manual_seed(1)
     rows = torch.randn(items, 3, generator=generator, dtype=torch.float64)
     rows[:, 2] += shift
-    counts.count(("m", "1"), "x", rows)
+    counts.count(("m", "1"), "x", rows.numpy())
     values = parse_snapshot(exported(counts))
     grouped = {(what, detail): v for (what, model, version, detail), v in values.items() if model}
     figures = _version_stats(("m", 1), grouped, 60.0)
