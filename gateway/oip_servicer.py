@@ -30,6 +30,7 @@ from modelyard import __version__, oip_codec
 from modelyard.errors import InvalidArgument, ModelNotFound, ModelyardError, NoReadyReplica
 from modelyard.oip import grpc_service_pb2 as oip
 from modelyard.oip import grpc_service_pb2_grpc
+from modelyard.oip_service import OipServicerBase
 from modelyard.rpc.context import current_request_id, new_request_id
 from modelyard.rpc.errors import rpc_errors, status_code_for
 from modelyard.v1 import model_server_service_pb2, tensor_pb2
@@ -95,7 +96,7 @@ def _merge_statistics(into: oip.ModelStatistics, other: oip.ModelStatistics) -> 
             _add_duration(getattr(mine, field), getattr(batch, field))
 
 
-class OipGatewayServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+class OipGatewayServicer(OipServicerBase):
     """The Open Inference Protocol over the gateway's router.
 
     Args:
@@ -310,35 +311,6 @@ class OipGatewayServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(pending):
                 task.cancel()
-
-    # -- repository (not offered) ----------------------------------------------------------
-
-    async def _unimplemented(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "the model repository is managed through modelyard.v1.RegistryService",
-        )
-
-    @rpc_errors
-    async def RepositoryIndex(
-        self, request: oip.RepositoryIndexRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> oip.RepositoryIndexResponse:
-        await self._unimplemented(context)
-        raise AssertionError("unreachable")  # abort raises
-
-    @rpc_errors
-    async def RepositoryModelLoad(
-        self, request: oip.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> oip.RepositoryModelLoadResponse:
-        await self._unimplemented(context)
-        raise AssertionError("unreachable")
-
-    @rpc_errors
-    async def RepositoryModelUnload(
-        self, request: oip.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> oip.RepositoryModelUnloadResponse:
-        await self._unimplemented(context)
-        raise AssertionError("unreachable")
 
     def register(self, server: grpc.aio.Server) -> None:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self, server)

@@ -23,7 +23,8 @@ from model_server.stats import RequestStats
 from modelyard import __version__, oip_codec
 from modelyard.errors import InvalidArgument, ModelNotFound, VersionNotReady
 from modelyard.oip import grpc_service_pb2 as oip
-from modelyard.oip import grpc_service_pb2_grpc, model_config_pb2
+from modelyard.oip import model_config_pb2
+from modelyard.oip_service import OipServicerBase
 from modelyard.rpc.context import current_request_id
 from modelyard.rpc.errors import rpc_errors
 from modelyard.tensor_codec import DTYPE_BY_DATA_TYPE
@@ -54,7 +55,7 @@ def _is_batching(loaded: LoadedVersion) -> bool:
     return all(len(s.shape) > 0 and s.shape[0] == -1 for s in loaded.signature.inputs)
 
 
-class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+class OipServicer(OipServicerBase):
     """The Open Inference Protocol over a model server's repository.
 
     Args:
@@ -301,33 +302,3 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         )
         # abort raises; the yield makes this an async generator, as a response stream handler is.
         yield oip.ModelStreamInferResponse()
-
-    # -- repository (not offered) ----------------------------------------------------------
-
-    async def _unimplemented(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "a model server's versions are placed by the deployments in the registry "
-            "(modelyard.v1.RegistryService), not through the model repository RPCs",
-        )
-
-    @rpc_errors
-    async def RepositoryIndex(
-        self, request: oip.RepositoryIndexRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> oip.RepositoryIndexResponse:
-        await self._unimplemented(context)
-        raise AssertionError("unreachable")  # abort raises
-
-    @rpc_errors
-    async def RepositoryModelLoad(
-        self, request: oip.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> oip.RepositoryModelLoadResponse:
-        await self._unimplemented(context)
-        raise AssertionError("unreachable")
-
-    @rpc_errors
-    async def RepositoryModelUnload(
-        self, request: oip.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> oip.RepositoryModelUnloadResponse:
-        await self._unimplemented(context)
-        raise AssertionError("unreachable")
