@@ -199,7 +199,11 @@ class JoinedModelServer:
                             f"the deployment of {self._model} changed during the run; left as it is "
                             f"(replicas {now.replicas}; it was {original.replicas} before the run)")
                         return
-                    restored = await set_deployment(channel, self._model, original)
+                    # Compare-and-set on the epoch just read: an operator's change that lands
+                    # in between is kept (ABORTED), not overwritten.
+                    restored = await set_deployment(
+                        channel, self._model, original, expected_epoch=now.epoch
+                    )
                 self._note(f"SetDeployment {self._model}: replicas back to {original.replicas} "
                            f"(epoch {restored.epoch})")
             except grpc.aio.AioRpcError as exc:
@@ -229,7 +233,17 @@ class JoinedModelServer:
             # there from a server that keeps serving after the kill: every server holds it.
             ours = spec_of(current)
             ours.replicas = 0
-            changed = await set_deployment(channel, self._model, ours)
+            try:
+                changed = await set_deployment(
+                    channel, self._model, ours, expected_epoch=current.epoch
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.ABORTED:
+                    raise
+                raise JoinError(
+                    f"the deployment of {self._model} changed while this run was widening it "
+                    "to every model server; nothing was changed, run the scenario again"
+                ) from exc
         self._original, self._ours = spec_of(current), ours
         self._note(f"SetDeployment {self._model}: replicas {current.replicas} -> 0 (every model "
                    f"server) for the run, as {ACTOR} (epoch {changed.epoch}); put back afterwards")

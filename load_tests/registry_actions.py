@@ -93,15 +93,18 @@ async def get_deployment(channel: grpc.aio.Channel, model: str) -> reg_pb2.Deplo
 
 
 async def set_deployment(
-    channel: grpc.aio.Channel, model: str, deployment: reg_pb2.Deployment
+    channel: grpc.aio.Channel, model: str, deployment: reg_pb2.Deployment, *, expected_epoch: int = 0
 ) -> reg_pb2.Deployment:
-    """Replace a model's deployment; the output-only fields of `deployment` are ignored.
+    """Replace a model's deployment; the output-only fields of `deployment` are ignored. With
+    `expected_epoch`, only if the model's routing epoch is still that one (else ABORTED).
 
     Returns:
         The deployment as it is now, with the versions it places and its epoch.
     """
     reply = await reg_grpc.RegistryServiceStub(channel).SetDeployment(
-        reg.SetDeploymentRequest(model=model, deployment=spec_of(deployment)),
+        reg.SetDeploymentRequest(
+            model=model, deployment=spec_of(deployment), expected_epoch=expected_epoch
+        ),
         metadata=(("x-modelyard-user", ACTOR),),
         timeout=10,
     )
