@@ -9,7 +9,7 @@ This module is the model server's side of the monitor contract (docs/monitoring.
 - Input statistics of one request in `input_sample_every` (counted, not random: cheap and
   deterministic): per input and per feature (column of the input flattened to
   `[items, features]`, the first `MAX_FEATURES` only) the count of items, the sum and the sum
-  of squares, summed as tensors and turned into series only when /metrics is read
+  of squares, summed in numpy arrays and turned into series only when /metrics is read
   (`InputMoments`). The monitor turns window deltas of these into a mean and a variance per
   feature and compares them with the model's baseline.
 - For versions registered with an input baseline that has bins (`modelyard.baseline`), the
@@ -45,6 +45,7 @@ from modelyard.baseline import MAX_FEATURES as _BASELINE_FEATURES
 from modelyard.errors import ModelyardError
 from modelyard.rpc.errors import status_code_for
 from modelyard.telemetry import FINE_LATENCY_BUCKETS_S
+from modelyard.tensor_codec import DTYPE_BY_DATA_TYPE
 from modelyard.v1 import registry_pb2, tensor_pb2
 
 __all__ = [
@@ -164,6 +165,26 @@ INPUT_BINS = InputBinCounts()
 REGISTRY.register(INPUT_BINS)
 
 
+class _Moments:
+    """One input's sampled item count and per-feature sums and sums of squares."""
+
+    __slots__ = ("items", "sums", "squares")
+
+    def __init__(self, features: int) -> None:
+        self.items = 0
+        self.sums = np.zeros(features)
+        self.squares = np.zeros(features)
+
+    def add(self, items: int, sums: np.ndarray, squares: np.ndarray) -> None:
+        features = sums.shape[0]
+        if features > self.sums.shape[0]:  # a wider sample of a dynamic shape: keep what was summed
+            self.sums = np.pad(self.sums, (0, features - self.sums.shape[0]))
+            self.squares = np.pad(self.squares, (0, features - self.squares.shape[0]))
+        self.items += items
+        self.sums[:features] += sums
+        self.squares[:features] += squares
+
+
 class InputMoments(Collector):
     """Sampled items, and per feature the sum and the sum of squares, per model version and
     input: accumulated as float64 numpy arrays on the request path (two vector sums), exported
@@ -180,7 +201,7 @@ class InputMoments(Collector):
 
     def __init__(self, max_keys: int = 10_000) -> None:
         self._lock = threading.Lock()  # the sampler runs on the event loop, collect() in the HTTP thread
-        self._moments: dict[tuple[str, str, str], tuple[list[int], np.ndarray, np.ndarray]] = {}
+        self._moments: dict[tuple[str, str, str], _Moments] = {}
         self._max_keys = max_keys
 
     def add(self, labels: tuple[str, str], name: str, rows: np.ndarray) -> None:
@@ -190,22 +211,12 @@ class InputMoments(Collector):
         features = sums.shape[0]
         key = (labels[0], labels[1], name)
         with self._lock:
-            entry = self._moments.get(key)
-            if entry is None or entry[1].shape[0] < features:
-                if entry is None and len(self._moments) >= self._max_keys:
+            moments = self._moments.get(key)
+            if moments is None:
+                if len(self._moments) >= self._max_keys:
                     self._moments.clear()  # unbounded model names must not leak memory
-                grown = (
-                    [entry[0][0] if entry else 0],
-                    np.zeros(features),
-                    np.zeros(features),
-                )
-                if entry is not None:  # a wider sample of a dynamic shape: keep what was summed
-                    grown[1][: entry[1].shape[0]] += entry[1]
-                    grown[2][: entry[2].shape[0]] += entry[2]
-                entry = self._moments[key] = grown
-            entry[0][0] += rows.shape[0]
-            entry[1][:features] += sums
-            entry[2][:features] += squares
+                moments = self._moments[key] = _Moments(features)
+            moments.add(rows.shape[0], sums, squares)
 
     def collect(self) -> Iterator[Metric]:
         items = CounterMetricFamily(
@@ -224,7 +235,9 @@ class InputMoments(Collector):
             labels=["model", "version", "input", "feature"],
         )
         with self._lock:
-            snapshot = [(key, n[0], s.tolist(), q.tolist()) for key, (n, s, q) in self._moments.items()]
+            snapshot = [
+                (key, m.items, m.sums.tolist(), m.squares.tolist()) for key, m in self._moments.items()
+            ]
         for (model, version, name), count, feature_sums, feature_squares in snapshot:
             items.add_metric([model, version, name], count)
             for feature, (total, total_squares) in enumerate(zip(feature_sums, feature_squares, strict=True)):
@@ -323,14 +336,13 @@ DEVICE_MEMORY = DeviceMemory()
 REGISTRY.register(DEVICE_MEMORY)
 
 
-_NUMPY_BY_DATA_TYPE: dict[int, type[np.generic]] = {
-    tensor_pb2.DATA_TYPE_FP16: np.float16,
-    tensor_pb2.DATA_TYPE_FP32: np.float32,
-    tensor_pb2.DATA_TYPE_FP64: np.float64,
-    tensor_pb2.DATA_TYPE_INT32: np.int32,
-    tensor_pb2.DATA_TYPE_INT64: np.int64,
-}
 _SAMPLED_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.int32, torch.int64})
+# The wire dtypes that are sampled, as numpy dtypes (derived from the codec's table).
+_NUMPY_BY_DATA_TYPE: dict[int, np.dtype[Any]] = {
+    data_type: torch.empty(0, dtype=dtype).numpy().dtype
+    for data_type, dtype in DTYPE_BY_DATA_TYPE.items()
+    if dtype in _SAMPLED_DTYPES
+}
 
 
 def _sampled_array(item: tensor_pb2.Tensor | tuple[str, torch.Tensor]) -> tuple[str, np.ndarray] | None:
