@@ -25,6 +25,7 @@ protos:
 lint: setup
 	.venv/bin/buf lint
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	.venv/bin/mypy modelyard gateway model_server registry_service monitor_service load_tests
 
 clean:

@@ -55,6 +55,7 @@ case "$cmd" in
         bash scripts/check_protos.sh
         bash scripts/check_deploy.sh
         "$VENV/bin/ruff" check .
+        "$VENV/bin/ruff" format --check .
         "$VENV/bin/mypy" modelyard gateway model_server registry_service monitor_service load_tests
         exec "$VENV/bin/python" -m pytest "$@"
         ;;

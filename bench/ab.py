@@ -46,14 +46,21 @@ def start_base(child: Child, tree: Path, port: int, log: Path) -> subprocess.Pop
     """The same service as `child`, from the worktree at `tree`, joined to the same cluster."""
     prefix = PREFIX[child.kind]
     env = dict(child.env)
-    env.update({
-        f"{prefix}SERVICE_ID": f"{child.kind.replace('_', '-')}-ab-base",
-        f"{prefix}SERVER__PORT": str(port),
-        f"{prefix}SERVER__METRICS_PORT": str(port + 1000),
-        "PYTHONPATH": str(tree),
-    })
-    return subprocess.Popen([sys.executable, "-m", child.module], cwd=tree, env=env,
-                            stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    env.update(
+        {
+            f"{prefix}SERVICE_ID": f"{child.kind.replace('_', '-')}-ab-base",
+            f"{prefix}SERVER__PORT": str(port),
+            f"{prefix}SERVER__METRICS_PORT": str(port + 1000),
+            "PYTHONPATH": str(tree),
+        }
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", child.module],
+        cwd=tree,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+    )
 
 
 def free_port() -> int:
@@ -64,11 +71,16 @@ def free_port() -> int:
 
 
 def summary(points: list[dict[str, Any]]) -> list[str]:
-    lines = ["| model | callers | infer/s this / base | ratio | CPU ms/call this / base | ratio "
-             "| p99 ms this / base |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | callers | infer/s this / base | ratio | CPU ms/call this / base | ratio "
+        "| p99 ms this / base |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for model, concurrency in sorted({(p["model"], p["concurrency"]) for p in points}):
-        side = {s: [p for p in points if (p["model"], p["concurrency"], p["side"]) == (model, concurrency, s)]
-                for s in ("this", "base")}
+        side = {
+            s: [p for p in points if (p["model"], p["concurrency"], p["side"]) == (model, concurrency, s)]
+            for s in ("this", "base")
+        }
         rps = {s: statistics.mean(p["throughput"] for p in side[s]) for s in side}
         cpu = {s: statistics.mean(p["cpu_ms_per_call"] for p in side[s]) for s in side}
         p99 = {s: statistics.mean(p["p99_us"] for p in side[s]) / 1000 for s in side}
@@ -85,13 +97,15 @@ async def main(args: argparse.Namespace) -> None:
     pa = gb.perf_analyzer()
     if pa is None:
         raise SystemExit("perf_analyzer not found: run ../shared/bench/peers_env.sh or set PEERS_PA")
-    base_rev = subprocess.run(["git", "rev-parse", args.base], cwd=REPO, check=True,
-                              capture_output=True, text=True).stdout.strip()
+    base_rev = subprocess.run(
+        ["git", "rev-parse", args.base], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="ab-bench-") as tmp:
         tmp_path = Path(tmp)
         tree = tmp_path / "base"
-        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), base_rev],
-                       cwd=REPO, check=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", "-q", str(tree), base_rev], cwd=REPO, check=True
+        )
         specs = gb.make_models(tmp_path / "models")
         env = {"MODELYARD_LOG_LEVEL": "WARNING", **dict(item.split("=", 1) for item in args.env)}
         cluster = LocalCluster(data_dir=tmp_path / "cluster", ports="free", env=env)
@@ -108,8 +122,12 @@ async def main(args: argparse.Namespace) -> None:
             for model in models:
                 spec = specs[model]
                 artifact = tmp_path / "models" / f"{model}.pt"
-                await register_model(cluster.address_of("registry"), model, artifact.read_bytes(),
-                                     gb.signature(spec["input_shape"], spec["output_shape"]))
+                await register_model(
+                    cluster.address_of("registry"),
+                    model,
+                    artifact.read_bytes(),
+                    gb.signature(spec["input_shape"], spec["output_shape"]),
+                )
                 module = torch.jit.load(str(artifact)).eval()
                 for address, _ in targets.values():
                     await gb.wait_and_check(address, model, module, spec["input_shape"])
@@ -121,15 +139,24 @@ async def main(args: argparse.Namespace) -> None:
                             address, pid = targets[side]
                             before, started = gb.cpu_s(pid), time.monotonic()
                             result = await asyncio.to_thread(
-                                gb.run_pa, pa, address, model, concurrency, args.seconds, tmp_path)
+                                gb.run_pa, pa, address, model, concurrency, args.seconds, tmp_path
+                            )
                             elapsed = time.monotonic() - started
                             calls = max(result["throughput"] * elapsed, 1.0)
-                            result.update(side=side, round=round_, model=model, concurrency=concurrency,
-                                          cpu_ms_per_call=(gb.cpu_s(pid) - before) / calls * 1000)
+                            result.update(
+                                side=side,
+                                round=round_,
+                                model=model,
+                                concurrency=concurrency,
+                                cpu_ms_per_call=(gb.cpu_s(pid) - before) / calls * 1000,
+                            )
                             points.append(result)
-                            print(f"round {round_} {side:4s} {model} c{concurrency}: "
-                                  f"{result['throughput']:.0f}/s p99 {result['p99_us'] / 1000:.1f} ms "
-                                  f"CPU {result['cpu_ms_per_call']:.3f} ms/call", flush=True)
+                            print(
+                                f"round {round_} {side:4s} {model} c{concurrency}: "
+                                f"{result['throughput']:.0f}/s p99 {result['p99_us'] / 1000:.1f} ms "
+                                f"CPU {result['cpu_ms_per_call']:.3f} ms/call",
+                                flush=True,
+                            )
                 order.reverse()  # whoever went second goes first next round
         finally:
             if base is not None:
@@ -137,9 +164,15 @@ async def main(args: argparse.Namespace) -> None:
                 base.wait()
             await cluster.stop()
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
-    report = {"benchmark": "ab", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "service": args.service, "base": base_rev, "cpus": os.cpu_count(),
-              "env": args.env, "points": points}
+    report = {
+        "benchmark": "ab",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "service": args.service,
+        "base": base_rev,
+        "cpus": os.cpu_count(),
+        "env": args.env,
+        "points": points,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print("\n" + "\n".join(summary(points)))
@@ -154,7 +187,12 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", default="64")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0, help="measured window per point")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra environment for the cluster and the base service")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the cluster and the base service",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "local" / "ab.json")
     asyncio.run(main(parser.parse_args()))

@@ -62,8 +62,11 @@ def cpu_s(pid: int) -> float:
 
 
 def make_models(out: Path) -> dict[str, Any]:
-    subprocess.run([sys.executable, str(SHARED_BENCH / "make_models.py"), str(out)], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, str(SHARED_BENCH / "make_models.py"), str(out)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return json.loads((out / "models.json").read_text())
 
 
@@ -82,8 +85,9 @@ def infer_request(model: str, x: np.ndarray) -> oip.ModelInferRequest:
     return request
 
 
-async def wait_and_check(address: str, model: str, module: torch.jit.ScriptModule,
-                         input_shape: list[int], timeout_s: float = 120.0) -> float:
+async def wait_and_check(
+    address: str, model: str, module: torch.jit.ScriptModule, input_shape: list[int], timeout_s: float = 120.0
+) -> float:
     """Wait until `address` serves the model; return max |diff| against in-process torch."""
     x = np.random.default_rng(1).standard_normal([2, *input_shape], dtype=np.float32)
     with torch.inference_mode():
@@ -127,10 +131,30 @@ def run_pa(pa: Path, address: str, model: str, concurrency: int, seconds: float,
     cudart = os.environ.get("PEERS_CUDART", str(pa.parent / "cudart/nvidia/cuda_runtime/lib"))
     env["LD_LIBRARY_PATH"] = f"{cudart}:{env.get('LD_LIBRARY_PATH', '')}"
     done = subprocess.run(
-        [str(pa), "-m", model, "-i", "grpc", "-u", address, "--async",
-         "--concurrency-range", str(concurrency), "-p", str(int(seconds * 1000)), "-s", "1000",
-         "-r", "3", "-f", str(csv_path)],
-        capture_output=True, text=True, timeout=90 + 10 * seconds, env=env,
+        [
+            str(pa),
+            "-m",
+            model,
+            "-i",
+            "grpc",
+            "-u",
+            address,
+            "--async",
+            "--concurrency-range",
+            str(concurrency),
+            "-p",
+            str(int(seconds * 1000)),
+            "-s",
+            "1000",
+            "-r",
+            "3",
+            "-f",
+            str(csv_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90 + 10 * seconds,
+        env=env,
     )
     if done.returncode != 0 or not csv_path.exists():
         raise RuntimeError(
@@ -146,13 +170,29 @@ def run_pa(pa: Path, address: str, model: str, concurrency: int, seconds: float,
     }
 
 
-def run_py(python: Path, address: str, model: str, shape: list[int], concurrency: int,
-           seconds: float, warmup: float) -> dict[str, Any]:
+def run_py(
+    python: Path, address: str, model: str, shape: list[int], concurrency: int, seconds: float, warmup: float
+) -> dict[str, Any]:
     done = subprocess.run(
-        [str(python), str(SHARED_BENCH / "loadgen.py"), "--url", address, "--model", model,
-         "--shape", ",".join(map(str, shape)), "--concurrency", str(concurrency),
-         "--warmup", str(warmup), "--duration", str(seconds)],
-        capture_output=True, text=True, timeout=warmup + seconds + 60,
+        [
+            str(python),
+            str(SHARED_BENCH / "loadgen.py"),
+            "--url",
+            address,
+            "--model",
+            model,
+            "--shape",
+            ",".join(map(str, shape)),
+            "--concurrency",
+            str(concurrency),
+            "--warmup",
+            str(warmup),
+            "--duration",
+            str(seconds),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=warmup + seconds + 60,
     )
     if done.returncode != 0:
         raise RuntimeError(f"loadgen failed: {done.stderr[-1500:]}")
@@ -166,7 +206,9 @@ class BareProxy:
         self._log = open(log, "w")  # noqa: SIM115 - closed in kill()
         self._process = subprocess.Popen(
             [sys.executable, str(REPO / "bench" / "bare_proxy.py"), "--upstream", upstream],
-            stdout=subprocess.PIPE, stderr=self._log, text=True,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
         )
         assert self._process.stdout is not None
         line = self._process.stdout.readline()
@@ -229,17 +271,25 @@ async def main(args: argparse.Namespace) -> None:
             for model in args.models.split(","):
                 spec = specs[model]
                 artifact = (tmp_path / "models" / f"{model}.pt").read_bytes()
-                await register_model(cluster.address_of("registry"), model, artifact,
-                                     signature(spec["input_shape"], spec["output_shape"]))
+                await register_model(
+                    cluster.address_of("registry"),
+                    model,
+                    artifact,
+                    signature(spec["input_shape"], spec["output_shape"]),
+                )
                 module = torch.jit.load(str(tmp_path / "models" / f"{model}.pt")).eval()
                 checks[model] = {
                     "gateway_max_abs_diff": await wait_and_check(
-                        cluster.gateway_address, model, module, spec["input_shape"]),
+                        cluster.gateway_address, model, module, spec["input_shape"]
+                    ),
                     "direct_max_abs_diff": await wait_and_check(
-                        server.address, model, module, spec["input_shape"]),
+                        server.address, model, module, spec["input_shape"]
+                    ),
                 }
-            paths = [("direct", server.address, [server.process.pid]),
-                     ("gateway", cluster.gateway_address, [server.process.pid, gateway.process.pid])]
+            paths = [
+                ("direct", server.address, [server.process.pid]),
+                ("gateway", cluster.gateway_address, [server.process.pid, gateway.process.pid]),
+            ]
             if args.floor:
                 proxy = BareProxy(server.address, tmp_path / "bare_proxy.log")
                 stack.callback(proxy.kill)
@@ -248,7 +298,8 @@ async def main(args: argparse.Namespace) -> None:
                     spec = specs[model]
                     module = torch.jit.load(str(tmp_path / "models" / f"{model}.pt")).eval()
                     checks[model]["proxy_max_abs_diff"] = await wait_and_check(
-                        proxy.address, model, module, spec["input_shape"])
+                        proxy.address, model, module, spec["input_shape"]
+                    )
             points = []
             for model in args.models.split(","):
                 for concurrency in concurrencies:
@@ -257,12 +308,20 @@ async def main(args: argparse.Namespace) -> None:
                         before, started = sum(cpu_s(p) for p in pids), time.monotonic()
                         if pa is not None:
                             result = await asyncio.to_thread(
-                                run_pa, pa, address, model, concurrency, args.seconds, tmp_path)
+                                run_pa, pa, address, model, concurrency, args.seconds, tmp_path
+                            )
                         else:
                             assert python is not None
                             result = await asyncio.to_thread(
-                                run_py, python, address, model, specs[model]["input_shape"],
-                                concurrency, args.seconds, args.warmup)
+                                run_py,
+                                python,
+                                address,
+                                model,
+                                specs[model]["input_shape"],
+                                concurrency,
+                                args.seconds,
+                                args.warmup,
+                            )
                         elapsed = time.monotonic() - started
                         result["server_cpu_pct"] = 100 * (sum(cpu_s(p) for p in pids) - before) / elapsed
                         point[path] = result
@@ -272,24 +331,36 @@ async def main(args: argparse.Namespace) -> None:
                     if "proxy" in point:
                         # The hop split in two: grpc.aio's own (a bare proxy) and Modelyard's.
                         point["proxy_added_p50_ms"] = (
-                            point["proxy"]["p50_us"] - point["direct"]["p50_us"]) / 1000
+                            point["proxy"]["p50_us"] - point["direct"]["p50_us"]
+                        ) / 1000
                         point["gateway_over_proxy_p50_ms"] = (
-                            point["gateway"]["p50_us"] - point["proxy"]["p50_us"]) / 1000
+                            point["gateway"]["p50_us"] - point["proxy"]["p50_us"]
+                        ) / 1000
                     points.append(point)
-                    floor = (f"; bare proxy {point['proxy']['throughput']:.0f}/s "
-                             f"({point['proxy_added_p50_ms']:+.2f} ms p50)" if "proxy" in point else "")
-                    print(f"{model} c{concurrency}: direct {point['direct']['throughput']:.0f}/s, "
-                          f"gateway {point['gateway']['throughput']:.0f}/s "
-                          f"({point['throughput_ratio']:.2f}x, {point['added_p50_ms']:+.2f} ms p50){floor}",
-                          flush=True)
+                    floor = (
+                        f"; bare proxy {point['proxy']['throughput']:.0f}/s "
+                        f"({point['proxy_added_p50_ms']:+.2f} ms p50)"
+                        if "proxy" in point
+                        else ""
+                    )
+                    print(
+                        f"{model} c{concurrency}: direct {point['direct']['throughput']:.0f}/s, "
+                        f"gateway {point['gateway']['throughput']:.0f}/s "
+                        f"({point['throughput_ratio']:.2f}x, {point['added_p50_ms']:+.2f} ms p50){floor}",
+                        flush=True,
+                    )
         finally:
             stack.close()
             await cluster.stop()
     report = {
         "benchmark": "gateway_bench",
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "loader": loader,
         "perf_analyzer": str(pa) if pa else None,
         "seconds_per_point": args.seconds,
@@ -311,10 +382,20 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=6.0, help="measured window per point")
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up per point (py loader)")
     parser.add_argument("--loader", choices=["auto", "pa", "py"], default="auto")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra cluster environment, e.g. MODELYARD_GATEWAY_COALESCE_ENABLED=false")
-    parser.add_argument("--no-floor", dest="floor", action="store_false",
-                        help="skip the bare grpc.aio proxy (bench/bare_proxy.py) path")
-    parser.add_argument("--out", type=Path,
-                        default=REPO / "bench" / "results" / "local" / "gateway_bench.json")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra cluster environment, e.g. MODELYARD_GATEWAY_COALESCE_ENABLED=false",
+    )
+    parser.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="skip the bare grpc.aio proxy (bench/bare_proxy.py) path",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "bench" / "results" / "local" / "gateway_bench.json"
+    )
     asyncio.run(main(parser.parse_args()))

@@ -33,13 +33,19 @@ from modelyard.v1 import tensor_pb2
 
 OURS = ("/gateway/", "/modelyard/", "prometheus_client/", "logging/")
 
-SIGNATURE = {"inputs": [{"name": "INPUT__0", "dataType": "DATA_TYPE_FP32", "shape": ["-1", "64"]}],
-             "outputs": [{"name": "OUTPUT__0", "dataType": "DATA_TYPE_FP32", "shape": ["-1", "10"]}]}
+SIGNATURE = {
+    "inputs": [{"name": "INPUT__0", "dataType": "DATA_TYPE_FP32", "shape": ["-1", "64"]}],
+    "outputs": [{"name": "OUTPUT__0", "dataType": "DATA_TYPE_FP32", "shape": ["-1", "10"]}],
+}
 
 
 async def main(requests: int, top: int, concurrency: int, coalesce: bool) -> None:
-    output = tensor_pb2.Tensor(name="OUTPUT__0", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[1, 10],
-                               raw=np.zeros(10, np.float32).tobytes())
+    output = tensor_pb2.Tensor(
+        name="OUTPUT__0",
+        data_type=tensor_pb2.DATA_TYPE_FP32,
+        shape=[1, 10],
+        raw=np.zeros(10, np.float32).tobytes(),
+    )
 
     stand_in_calls = [0]
 
@@ -47,44 +53,73 @@ async def main(requests: int, top: int, concurrency: int, coalesce: bool) -> Non
         stand_in_calls[0] += 1
         parsed = ms.InferRequest.FromString(request)
         rows = parsed.inputs[0].shape[0]
-        out = tensor_pb2.Tensor(name="OUTPUT__0", data_type=tensor_pb2.DATA_TYPE_FP32,
-                                shape=[rows, 10], raw=output.raw * rows)
-        return ms.InferResponse(model=parsed.model, version=parsed.version, outputs=[out],
-                                request_id=parsed.request_id).SerializeToString()
+        out = tensor_pb2.Tensor(
+            name="OUTPUT__0", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[rows, 10], raw=output.raw * rows
+        )
+        return ms.InferResponse(
+            model=parsed.model, version=parsed.version, outputs=[out], request_id=parsed.request_id
+        ).SerializeToString()
 
     stand_in = grpc.aio.server()
-    stand_in.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "modelyard.v1.ModelServerService", {"Infer": grpc.unary_unary_rpc_method_handler(infer)}),))
+    stand_in.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "modelyard.v1.ModelServerService", {"Infer": grpc.unary_unary_rpc_method_handler(infer)}
+            ),
+        )
+    )
     port = stand_in.add_insecure_port("127.0.0.1:0")
     await stand_in.start()
     with RedisServer() as redis_server:
         redis = RedisSettings(url=redis_server.url)
         async with CoordinationStore(redis) as store:
             await store.apply_aliases("mlp", {"production": 1}, 1)
-            await store.heartbeat(ServiceRecord(
-                id="stand-in", kind="model_server", address=f"127.0.0.1:{port}",
-                versions=[VersionRecord(model="mlp", version=1, state="ready", signature=SIGNATURE)]),
-                ttl_s=600)
-        app = GatewayApp(load_settings(GatewaySettings, server=ServerSettings(port=0, metrics_port=0),
-                                       redis=redis, coalesce_enabled=coalesce))
+            await store.heartbeat(
+                ServiceRecord(
+                    id="stand-in",
+                    kind="model_server",
+                    address=f"127.0.0.1:{port}",
+                    versions=[VersionRecord(model="mlp", version=1, state="ready", signature=SIGNATURE)],
+                ),
+                ttl_s=600,
+            )
+        app = GatewayApp(
+            load_settings(
+                GatewaySettings,
+                server=ServerSettings(port=0, metrics_port=0),
+                redis=redis,
+                coalesce_enabled=coalesce,
+            )
+        )
         await app.start()
         x = np.zeros((1, 64), np.float32)
-        predict = inf.PredictRequest(model="mlp", inputs=[tensor_pb2.Tensor(
-            name="INPUT__0", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[1, 64], raw=x.tobytes())])
+        predict = inf.PredictRequest(
+            model="mlp",
+            inputs=[
+                tensor_pb2.Tensor(
+                    name="INPUT__0", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[1, 64], raw=x.tobytes()
+                )
+            ],
+        )
         model_infer = oip.ModelInferRequest(model_name="mlp", id="p")
         model_infer.inputs.add(name="INPUT__0", datatype="FP32", shape=[1, 64])
         model_infer.raw_input_contents.append(x.tobytes())
         try:
             async with grpc.aio.insecure_channel(app.address) as channel:
                 calls = {
-                    "Predict": (channel.unary_unary("/modelyard.v1.InferenceService/Predict"),
-                                predict.SerializeToString()),
-                    "ModelInfer": (channel.unary_unary("/inference.GRPCInferenceService/ModelInfer"),
-                                   model_infer.SerializeToString()),
+                    "Predict": (
+                        channel.unary_unary("/modelyard.v1.InferenceService/Predict"),
+                        predict.SerializeToString(),
+                    ),
+                    "ModelInfer": (
+                        channel.unary_unary("/inference.GRPCInferenceService/ModelInfer"),
+                        model_infer.SerializeToString(),
+                    ),
                 }
                 for name, (call, payload) in calls.items():
                     for _ in range(50):  # warm caches, channels, metric children
                         await call(payload, timeout=5)
+
                     async def caller(count: int, call: Any = call, payload: bytes = payload) -> None:
                         for _ in range(count):
                             await call(payload, timeout=5)
@@ -94,9 +129,11 @@ async def main(requests: int, top: int, concurrency: int, coalesce: bool) -> Non
                     profiler.enable()
                     await asyncio.gather(*(caller(requests // concurrency) for _ in range(concurrency)))
                     profiler.disable()
-                    print(f"\n{name}: {requests} requests from {concurrency} callers, coalescing "
-                          f"{'on' if coalesce else 'off'}: the stand-in model server got "
-                          f"{stand_in_calls[0] - before} calls")
+                    print(
+                        f"\n{name}: {requests} requests from {concurrency} callers, coalescing "
+                        f"{'on' if coalesce else 'off'}: the stand-in model server got "
+                        f"{stand_in_calls[0] - before} calls"
+                    )
                     stats = pstats.Stats(profiler)
                     rows = []
                     entries = stats.stats.items()  # type: ignore[attr-defined]  # not in typeshed
@@ -107,13 +144,17 @@ async def main(requests: int, top: int, concurrency: int, coalesce: bool) -> Non
                         rows.append((ncalls / requests, tottime / requests * 1e6, where))
                     rows.sort(reverse=True)
                     total_calls = sum(r[0] for r in rows)
-                    print(f"\n== {name}: {total_calls:.0f} Python-level calls per request "
-                          f"(client, stand-in and gateway together) ==")
+                    print(
+                        f"\n== {name}: {total_calls:.0f} Python-level calls per request "
+                        f"(client, stand-in and gateway together) =="
+                    )
                     for per_request, us, where in rows[:top]:
                         print(f"{per_request:8.2f}  {us:7.1f}us  {where}")
                     ours = [r for r in rows if any(k in r[2] for k in OURS)]
-                    print(f"-- of which the gateway's own code and its metrics: "
-                          f"{sum(r[0] for r in ours):.0f} calls, {sum(r[1] for r in ours):.1f}us own time --")
+                    print(
+                        f"-- of which the gateway's own code and its metrics: "
+                        f"{sum(r[0] for r in ours):.0f} calls, {sum(r[1] for r in ours):.1f}us own time --"
+                    )
                     for per_request, us, where in ours:
                         print(f"{per_request:8.2f}  {us:7.1f}us  {where}")
         finally:

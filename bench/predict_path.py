@@ -66,15 +66,18 @@ async def main(seconds: float, out: Path) -> None:
         await cluster.start()
         try:
             module, artifact = build_demo_model()
-            version = await register_model(cluster.address_of("registry"), "bench", artifact,
-                                           demo_signature())
+            version = await register_model(
+                cluster.address_of("registry"), "bench", artifact, demo_signature()
+            )
             await predict_until_served(cluster.gateway_address, "bench", [torch.zeros(1, 64)])
             tensor = tensor_to_proto("input", torch.randn(1, 64))
             predict = inf.PredictRequest(model="bench", inputs=[tensor]).SerializeToString()
             infer = ms.InferRequest(model="bench", version=version, inputs=[tensor]).SerializeToString()
             results: dict[str, object] = {"torch_in_process": torch_reference(module, seconds)}
-            async with grpc.aio.insecure_channel(cluster.gateway_address) as gw, \
-                    grpc.aio.insecure_channel(cluster.address_of("model-server-1")) as direct:
+            async with (
+                grpc.aio.insecure_channel(cluster.gateway_address) as gw,
+                grpc.aio.insecure_channel(cluster.address_of("model-server-1")) as direct,
+            ):
                 gw_call = gw.unary_unary("/modelyard.v1.InferenceService/Predict")
                 ms_call = direct.unary_unary("/modelyard.v1.ModelServerService/Infer")
                 for c in (1, 32):

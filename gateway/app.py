@@ -129,5 +129,3 @@ class GatewayApp:
         await self.router.aclose()
         await self.pool.aclose()
         await self.store.aclose()
-
-

@@ -143,7 +143,11 @@ class Coalescer:
             finally:
                 self._release(mv)
         member = _Member(
-            inputs, items, forwarded, request_id, asyncio.get_running_loop().create_future(),
+            inputs,
+            items,
+            forwarded,
+            request_id,
+            asyncio.get_running_loop().create_future(),
             echo_id or request_id,
         )
         if groups is None:
@@ -211,7 +215,9 @@ class Coalescer:
                 shape = list(first.shape)
                 shape[0] = total
                 joined.inputs.add(
-                    name=first.name, data_type=first.data_type, shape=shape,
+                    name=first.name,
+                    data_type=first.data_type,
+                    shape=shape,
                     raw=b"".join(m.inputs[index].raw for m in members),
                 )
             raw = await group.send(
@@ -241,8 +247,9 @@ def _split(raw: bytes, members: Sequence[_Member]) -> list[bytes]:
     answer = ms.InferResponse.FromString(raw)
     total = sum(m.items for m in members)
     per_member: list[ms.InferResponse] = [
-        ms.InferResponse(model=answer.model, version=answer.version, request_id=m.echo_id,
-                         timing=answer.timing)
+        ms.InferResponse(
+            model=answer.model, version=answer.version, request_id=m.echo_id, timing=answer.timing
+        )
         for m in members
     ]
     for output in answer.outputs:
@@ -257,7 +264,8 @@ def _split(raw: bytes, members: Sequence[_Member]) -> list[bytes]:
             shape = list(output.shape)
             shape[0] = member.items
             end = offset + member.items * row
-            response.outputs.add(name=output.name, data_type=output.data_type, shape=shape,
-                                 raw=output.raw[offset:end])
+            response.outputs.add(
+                name=output.name, data_type=output.data_type, shape=shape, raw=output.raw[offset:end]
+            )
             offset = end
     return [r.SerializeToString() for r in per_member]

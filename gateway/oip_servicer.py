@@ -69,8 +69,11 @@ def _tensor_metadata(specs: Sequence[Any]) -> list[oip.ModelMetadataResponse.Ten
     out = []
     for spec in specs:
         datatype = oip_codec.DATATYPE_BY_DATA_TYPE.get(spec.data_type)
-        out.append(oip.ModelMetadataResponse.TensorMetadata(
-            name=spec.name, datatype=datatype or "", shape=list(spec.shape)))
+        out.append(
+            oip.ModelMetadataResponse.TensorMetadata(
+                name=spec.name, datatype=datatype or "", shape=list(spec.shape)
+            )
+        )
     return out
 
 
@@ -83,8 +86,16 @@ def _merge_statistics(into: oip.ModelStatistics, other: oip.ModelStatistics) -> 
     into.last_inference = max(into.last_inference, other.last_inference)
     into.inference_count += other.inference_count
     into.execution_count += other.execution_count
-    for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
-                  "cache_hit", "cache_miss"):
+    for field in (
+        "success",
+        "fail",
+        "queue",
+        "compute_input",
+        "compute_infer",
+        "compute_output",
+        "cache_hit",
+        "cache_miss",
+    ):
         _add_duration(getattr(into.inference_stats, field), getattr(other.inference_stats, field))
     sizes = {b.batch_size: b for b in into.batch_stats}
     for batch in other.batch_stats:
@@ -189,8 +200,11 @@ class OipGatewayServicer(OipServicerBase):
         replica = self._router.table.ready_replicas(request.name, version)[0]
         asked = oip.ModelConfigRequest(name=request.name, version=str(version))
         raw = await self._pool.call(
-            replica.address, _OIP_METHOD + "ModelConfig", asked.SerializeToString(),
-            self._timeout(context), current_request_id(),
+            replica.address,
+            _OIP_METHOD + "ModelConfig",
+            asked.SerializeToString(),
+            self._timeout(context),
+            current_request_id(),
         )
         return oip.ModelConfigResponse.FromString(raw)
 
@@ -213,10 +227,15 @@ class OipGatewayServicer(OipServicerBase):
         for model, version in keys:
             asked = oip.ModelStatisticsRequest(name=model, version=str(version)).SerializeToString()
             for replica in table.replicas.get((model, version), []):
-                calls.append(self._pool.call(
-                    replica.address, _OIP_METHOD + "ModelStatistics", asked,
-                    self._timeout(context), current_request_id(),
-                ))
+                calls.append(
+                    self._pool.call(
+                        replica.address,
+                        _OIP_METHOD + "ModelStatistics",
+                        asked,
+                        self._timeout(context),
+                        current_request_id(),
+                    )
+                )
         merged: dict[tuple[str, str], oip.ModelStatistics] = {}
         for raw in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(raw, BaseException):
@@ -243,9 +262,15 @@ class OipGatewayServicer(OipServicerBase):
             request_id=request_id,
         )
         raw = await self._router.forward(
-            request.model_name, version, alias, _routing_key(request.parameters),
-            message.SerializeToString(), timeout_s, request_id,
-            inputs=message.inputs, output_names=message.output_names,
+            request.model_name,
+            version,
+            alias,
+            _routing_key(request.parameters),
+            message.SerializeToString(),
+            timeout_s,
+            request_id,
+            inputs=message.inputs,
+            output_names=message.output_names,
         )
         answer = model_server_service_pb2.InferResponse.FromString(raw)
         response = oip.ModelInferResponse(
@@ -273,23 +298,27 @@ class OipGatewayServicer(OipServicerBase):
 
         async def run(item: oip.ModelInferRequest) -> None:
             try:
-                response = await self._infer(
-                    item, self._timeout(context), item.id or new_request_id()
-                )
+                response = await self._infer(item, self._timeout(context), item.id or new_request_id())
                 await done.put(oip.ModelStreamInferResponse(infer_response=response))
             except ModelyardError as exc:
                 code = status_code_for(exc).name
-                await done.put(oip.ModelStreamInferResponse(
-                    error_message=f"{code}: {exc.message}",
-                    infer_response=oip.ModelInferResponse(
-                        model_name=item.model_name, model_version=item.model_version, id=item.id),
-                ))
+                await done.put(
+                    oip.ModelStreamInferResponse(
+                        error_message=f"{code}: {exc.message}",
+                        infer_response=oip.ModelInferResponse(
+                            model_name=item.model_name, model_version=item.model_version, id=item.id
+                        ),
+                    )
+                )
             except grpc.aio.AioRpcError as exc:
-                await done.put(oip.ModelStreamInferResponse(
-                    error_message=f"{exc.code().name}: {exc.details() or ''}",
-                    infer_response=oip.ModelInferResponse(
-                        model_name=item.model_name, model_version=item.model_version, id=item.id),
-                ))
+                await done.put(
+                    oip.ModelStreamInferResponse(
+                        error_message=f"{exc.code().name}: {exc.details() or ''}",
+                        infer_response=oip.ModelInferResponse(
+                            model_name=item.model_name, model_version=item.model_version, id=item.id
+                        ),
+                    )
+                )
 
         async def read_all() -> None:
             try:

@@ -64,7 +64,10 @@ class PassiveHealth:
             if replica.ejected_until <= now:
                 log.warning(
                     "ejecting replica %s (%s) for %.1fs after %d consecutive failures",
-                    replica.server_id, replica.address, self.eject_s, replica.failures,
+                    replica.server_id,
+                    replica.address,
+                    self.eject_s,
+                    replica.failures,
                 )
                 if self._on_eject is not None:
                     self._on_eject(replica)

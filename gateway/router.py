@@ -45,9 +45,7 @@ access_log = logging.getLogger("modelyard.gateway.access")
 
 # A failure of these codes counts against the replica's passive health; the others (bad
 # input, deadline, queue full...) say nothing about whether the replica works.
-_REPLICA_FAULTS = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-)
+_REPLICA_FAULTS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,14 +230,21 @@ class Router:
             if shadow_version is not None:
                 primary = asyncio.get_running_loop().create_future()
                 if not self.shadow.mirror(
-                    route.model, route.version, shadow_version,
-                    append_version(raw_request, shadow_version), primary, timeout_s, request_id,
+                    route.model,
+                    route.version,
+                    shadow_version,
+                    append_version(raw_request, shadow_version),
+                    primary,
+                    timeout_s,
+                    request_id,
                 ):
                     primary = None
             forwarded = append_version(raw_request, route.version)
             keyed = (
                 coalesce_key(route.model, route.version, inputs, output_names)
-                if self.coalescer is not None and inputs and not routing_key
+                if self.coalescer is not None
+                and inputs
+                and not routing_key
                 and (route.model, route.version) in self.table.batchable
                 else None
             )
@@ -252,14 +257,21 @@ class Router:
                     return await self._forward(chosen, current, request, timeout, rid, "", callers)
 
                 result = await self.coalescer.submit(
-                    keyed[0], keyed[1], model=route.model, version=route.version, inputs=inputs,
-                    output_names=output_names, forwarded=forwarded, timeout_s=timeout_s,
-                    request_id=request_id, send=send, replicas=len(replicas), echo_id=echo_id,
+                    keyed[0],
+                    keyed[1],
+                    model=route.model,
+                    version=route.version,
+                    inputs=inputs,
+                    output_names=output_names,
+                    forwarded=forwarded,
+                    timeout_s=timeout_s,
+                    request_id=request_id,
+                    send=send,
+                    replicas=len(replicas),
+                    echo_id=echo_id,
                 )
             else:
-                result = await self._forward(
-                    route, replicas, forwarded, timeout_s, request_id, routing_key
-                )
+                result = await self._forward(route, replicas, forwarded, timeout_s, request_id, routing_key)
             return result
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
@@ -282,8 +294,13 @@ class Router:
             if self._access_log_enabled:
                 access_log.info(
                     "model=%s version=%s alias=%s key=%s code=%s %.3fms request_id=%s",
-                    model, route.version if route else version, route.alias if route else alias,
-                    "yes" if routing_key else "no", code, elapsed * 1000, request_id,
+                    model,
+                    route.version if route else version,
+                    route.alias if route else alias,
+                    "yes" if routing_key else "no",
+                    code,
+                    elapsed * 1000,
+                    request_id,
                 )
 
     async def _send_version(

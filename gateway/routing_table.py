@@ -91,9 +91,7 @@ class RoutingTable:
                 raise ModelNotFound(f"model {model!r} does not exist", field="model")
             return version
         if routes is None:
-            raise ModelNotFound(
-                f"model {model!r} does not exist or has no alias yet", field="model"
-            )
+            raise ModelNotFound(f"model {model!r} does not exist or has no alias yet", field="model")
         target = routes.aliases.get(alias)
         if target is None:
             known = ", ".join(sorted(routes.aliases)) or "none"
@@ -127,9 +125,7 @@ class RoutingTable:
 def _batchable(signature: Mapping[str, Any]) -> bool:
     """Whether a signature (protobuf JSON) has a batch dimension on every tensor."""
     specs = [*signature.get("inputs", ()), *signature.get("outputs", ())]
-    return bool(specs) and all(
-        spec.get("shape") and int(spec["shape"][0]) == -1 for spec in specs
-    )
+    return bool(specs) and all(spec.get("shape") and int(spec["shape"][0]) == -1 for spec in specs)
 
 
 def keep_newer_routes(

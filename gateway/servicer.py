@@ -53,19 +53,29 @@ class InferenceServicer:
         async def run(item: pb.PredictRequest) -> None:
             request_id = item.request_id or new_request_id()
             try:
-                raw = await self._router.predict(
-                    item.SerializeToString(), self._timeout(context), request_id
-                )
+                raw = await self._router.predict(item.SerializeToString(), self._timeout(context), request_id)
                 response = pb.PredictResponse.FromString(raw)
                 response.request_id = request_id
                 await done.put(pb.PredictStreamResponse(response=response))
             except ModelyardError as exc:
-                await done.put(pb.PredictStreamResponse(error=pb.StreamError(
-                    request_id=request_id, code=status_code_for(exc).value[0],
-                    message=exc.message, reason=exc.reason)))
+                await done.put(
+                    pb.PredictStreamResponse(
+                        error=pb.StreamError(
+                            request_id=request_id,
+                            code=status_code_for(exc).value[0],
+                            message=exc.message,
+                            reason=exc.reason,
+                        )
+                    )
+                )
             except grpc.aio.AioRpcError as exc:
-                await done.put(pb.PredictStreamResponse(error=pb.StreamError(
-                    request_id=request_id, code=exc.code().value[0], message=exc.details() or "")))
+                await done.put(
+                    pb.PredictStreamResponse(
+                        error=pb.StreamError(
+                            request_id=request_id, code=exc.code().value[0], message=exc.details() or ""
+                        )
+                    )
+                )
 
         async def read_all() -> None:
             try:
@@ -117,6 +127,4 @@ class InferenceServicer:
                 response_serializer=pb.GetModelMetadataResponse.SerializeToString,
             ),
         }
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
-        )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

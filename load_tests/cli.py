@@ -52,8 +52,9 @@ def list_scenarios(
         table.add_row(
             scenario.name,
             format_stages(scenario.stages(scenario.users, scenario.duration_s)),
-            "-" if slo is None else (
-                f"p99 ≤ {slo.p99_ms} ms, errors ≤ {slo.max_error_rate}, ≥ {slo.min_rps} req/s"),
+            "-"
+            if slo is None
+            else (f"p99 ≤ {slo.p99_ms} ms, errors ≤ {slo.max_error_rate}, ≥ {slo.min_rps} req/s"),
             scenario.description,
         )
     console.print(table)
@@ -63,23 +64,36 @@ def list_scenarios(
 def run(
     scenario: Annotated[str, typer.Argument(help=f"One of: {', '.join(SCENARIOS)}.")],
     host: Annotated[
-        str | None, typer.Option(help="The gateway, HOST:PORT (default: from the cluster file, else "
-                                 f"{DEFAULT_HOST}).", show_default=False)
+        str | None,
+        typer.Option(
+            help=f"The gateway, HOST:PORT (default: from the cluster file, else {DEFAULT_HOST}).",
+            show_default=False,
+        ),
     ] = None,
     registry: Annotated[
-        str | None, typer.Option(help="The registry, HOST:PORT, which promote_rollback and server_lost "
-                                 f"drive (default: from the cluster file, else {DEFAULT_REGISTRY}).",
-                                 show_default=False)
+        str | None,
+        typer.Option(
+            help="The registry, HOST:PORT, which promote_rollback and server_lost "
+            f"drive (default: from the cluster file, else {DEFAULT_REGISTRY}).",
+            show_default=False,
+        ),
     ] = None,
     redis_url: Annotated[
-        str | None, typer.Option(help="The cluster's Redis: server_lost joins a model server of its own "
-                                 "through it (default: from the cluster file).", show_default=False)
+        str | None,
+        typer.Option(
+            help="The cluster's Redis: server_lost joins a model server of its own "
+            "through it (default: from the cluster file).",
+            show_default=False,
+        ),
     ] = None,
     cluster_file: Annotated[
-        Path | None, typer.Option(help="What a running `modelyard up` wrote (DATA_DIR/cluster.json): "
-                                  f"its gateway, registry and Redis (default without --host: "
-                                  f"{DEFAULT_CLUSTER_FILE} if its `modelyard up` is running).",
-                                  show_default=False)
+        Path | None,
+        typer.Option(
+            help="What a running `modelyard up` wrote (DATA_DIR/cluster.json): "
+            f"its gateway, registry and Redis (default without --host: "
+            f"{DEFAULT_CLUSTER_FILE} if its `modelyard up` is running).",
+            show_default=False,
+        ),
     ] = None,
     start_cluster: Annotated[
         bool, typer.Option(help="Start a local cluster on free ports for the run (the demo model).")
@@ -128,8 +142,10 @@ def run(
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_CANNOT_RUN) from None
     except (KeyboardInterrupt, asyncio.CancelledError):
-        console.print("[red]interrupted[/]: the run stopped; what it started was stopped and undone "
-                      f"(see {options.results_dir})")
+        console.print(
+            "[red]interrupted[/]: the run stopped; what it started was stopped and undone "
+            f"(see {options.results_dir})"
+        )
         raise typer.Exit(EXIT_INTERRUPTED) from None
     _print_report(report)
     raise typer.Exit(0 if report.passed else EXIT_SLO_MISSED)
@@ -180,12 +196,19 @@ def _print_report(report: RunReport) -> None:
     table = Table(title=f"{report.scenario}: results in {report.results_dir}")
     for column in ("requests", "failed", "req/s", "p50 ms", "p99 ms", "max ms"):
         table.add_column(column, justify="right")
-    table.add_row(str(stats.requests), str(stats.failures), f"{stats.rps:.1f}",
-                  f"{stats.p50_ms:g}", f"{stats.p99_ms:g}", f"{stats.max_ms:.0f}")
+    table.add_row(
+        str(stats.requests),
+        str(stats.failures),
+        f"{stats.rps:.1f}",
+        f"{stats.p50_ms:g}",
+        f"{stats.p99_ms:g}",
+        f"{stats.max_ms:.0f}",
+    )
     console.print(table)
     if report.served_versions:
-        console.print("answers per version: " + ", ".join(
-            f"v{v}: {n}" for v, n in report.served_versions.items()))
+        console.print(
+            "answers per version: " + ", ".join(f"v{v}: {n}" for v, n in report.served_versions.items())
+        )
     if report.passed:
         console.print(f"[green]PASS[/]: scenario {report.scenario} met its SLO")
     else:

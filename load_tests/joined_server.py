@@ -117,10 +117,13 @@ class JoinedModelServer:
                 live = [r.id for r in services if r.kind == "model_server" and not r.draining]
                 await self._place_on_every_server()
                 self.service_id = pick_service_id(
-                    self._model, await store.all_aliases(), await store.all_deployments(), live)
+                    self._model, await store.all_aliases(), await store.all_deployments(), live
+                )
                 self._spawn()
-                self._note(f"started model server {self.service_id} (pid {self.pid}) to join the "
-                           f"cluster's {len(live)} model server(s); it is the one that will be killed")
+                self._note(
+                    f"started model server {self.service_id} (pid {self.pid}) to join the "
+                    f"cluster's {len(live)} model server(s); it is the one that will be killed"
+                )
                 await self._wait_ready(store, version, timeout_s)
         except (CoordinationUnavailable, ValueError) as exc:
             raise JoinError(f"the cluster's Redis ({_redacted(self._redis.url)}): {exc}") from exc
@@ -150,8 +153,11 @@ class JoinedModelServer:
             if family.name != REQUESTS_METRIC:
                 continue
             for sample in family.samples:
-                if (sample.name == f"{REQUESTS_METRIC}_total" and sample.labels.get("model") == self._model
-                        and sample.labels.get("code") == "OK"):
+                if (
+                    sample.name == f"{REQUESTS_METRIC}_total"
+                    and sample.labels.get("model") == self._model
+                    and sample.labels.get("code") == "OK"
+                ):
                     total += sample.value
         return int(total)
 
@@ -185,8 +191,10 @@ class JoinedModelServer:
                     await store.deregister(self.service_id)
                 self._note(f"removed {self.service_id}'s membership record")
             except CoordinationUnavailable as exc:
-                self._problem(f"could not remove {self.service_id}'s membership record ({exc}); "
-                              "it expires by itself within the heartbeat TTL")
+                self._problem(
+                    f"could not remove {self.service_id}'s membership record ({exc}); "
+                    "it expires by itself within the heartbeat TTL"
+                )
             self.service_id = ""
         if self._original is not None and self._ours is not None:
             original, ours = self._original, self._ours
@@ -197,18 +205,21 @@ class JoinedModelServer:
                     if spec_of(now) != ours:
                         self._problem(
                             f"the deployment of {self._model} changed during the run; left as it is "
-                            f"(replicas {now.replicas}; it was {original.replicas} before the run)")
+                            f"(replicas {now.replicas}; it was {original.replicas} before the run)"
+                        )
                         return
                     # Compare-and-set on the epoch just read: an operator's change that lands
                     # in between is kept (ABORTED), not overwritten.
-                    restored = await set_deployment(
-                        channel, self._model, original, expected_epoch=now.epoch
-                    )
-                self._note(f"SetDeployment {self._model}: replicas back to {original.replicas} "
-                           f"(epoch {restored.epoch})")
+                    restored = await set_deployment(channel, self._model, original, expected_epoch=now.epoch)
+                self._note(
+                    f"SetDeployment {self._model}: replicas back to {original.replicas} "
+                    f"(epoch {restored.epoch})"
+                )
             except grpc.aio.AioRpcError as exc:
-                self._problem(f"could not put the deployment of {self._model} back to replicas "
-                              f"{original.replicas}: {exc.code().name}: {exc.details()}")
+                self._problem(
+                    f"could not put the deployment of {self._model} back to replicas "
+                    f"{original.replicas}: {exc.code().name}: {exc.details()}"
+                )
 
     def _problem(self, message: str) -> None:
         log.warning("%s", message)
@@ -234,9 +245,7 @@ class JoinedModelServer:
             ours = spec_of(current)
             ours.replicas = 0
             try:
-                changed = await set_deployment(
-                    channel, self._model, ours, expected_epoch=current.epoch
-                )
+                changed = await set_deployment(channel, self._model, ours, expected_epoch=current.epoch)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() is not grpc.StatusCode.ABORTED:
                     raise
@@ -245,23 +254,29 @@ class JoinedModelServer:
                     "to every model server; nothing was changed, run the scenario again"
                 ) from exc
         self._original, self._ours = spec_of(current), ours
-        self._note(f"SetDeployment {self._model}: replicas {current.replicas} -> 0 (every model "
-                   f"server) for the run, as {ACTOR} (epoch {changed.epoch}); put back afterwards")
+        self._note(
+            f"SetDeployment {self._model}: replicas {current.replicas} -> 0 (every model "
+            f"server) for the run, as {ACTOR} (epoch {changed.epoch}); put back afterwards"
+        )
 
     def _spawn(self) -> None:
         prefix = "MODELYARD_MODEL_SERVER_"
         env = dict(os.environ)
         env.setdefault("MODELYARD_LOG_LEVEL", "WARNING")
         env.update(self._env)
-        env.update({
-            f"{prefix}SERVICE_ID": self.service_id,
-            f"{prefix}REDIS__URL": self._redis.url,
-            f"{prefix}REDIS__KEY_PREFIX": self._redis.key_prefix,
-            f"{prefix}SERVER__PORT": "0",
-            f"{prefix}SERVER__METRICS_PORT": "0",
-            f"{prefix}REGISTRY_ADDRESS": self._registry,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
-        })
+        env.update(
+            {
+                f"{prefix}SERVICE_ID": self.service_id,
+                f"{prefix}REDIS__URL": self._redis.url,
+                f"{prefix}REDIS__KEY_PREFIX": self._redis.key_prefix,
+                f"{prefix}SERVER__PORT": "0",
+                f"{prefix}SERVER__METRICS_PORT": "0",
+                f"{prefix}REGISTRY_ADDRESS": self._registry,
+                "PYTHONPATH": os.pathsep.join(
+                    filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
+                ),
+            }
+        )
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self._log_path, "ab")  # noqa: SIM115 - closed in aclose()
         self.process = spawn_child([sys.executable, "-m", "model_server"], self._log, REPO_ROOT, env)
@@ -272,8 +287,10 @@ class JoinedModelServer:
         deadline = loop.time() + timeout_s
         while True:
             if self.process.poll() is not None:
-                raise JoinError(f"model server {self.service_id} exited with status "
-                                f"{self.process.returncode}; its log ({self._log_path}):\n{self._log_tail()}")
+                raise JoinError(
+                    f"model server {self.service_id} exited with status "
+                    f"{self.process.returncode}; its log ({self._log_path}):\n{self._log_tail()}"
+                )
             record = next((r for r in await store.list_services() if r.id == self.service_id), None)
             if record is not None:
                 self.address, self.metrics_address = record.address, record.metrics_address
@@ -282,12 +299,15 @@ class JoinedModelServer:
                     return
                 failed = [v.error for v in held if v.state == "failed"]
                 if failed:
-                    raise JoinError(f"model server {self.service_id} failed to load {self._model} "
-                                    f"v{version}: {failed[0]}")
+                    raise JoinError(
+                        f"model server {self.service_id} failed to load {self._model} v{version}: {failed[0]}"
+                    )
             if loop.time() > deadline:
-                raise JoinError(f"{self._model} v{version} was not ready on model server "
-                                f"{self.service_id} after {timeout_s:g}s; its log ({self._log_path}):\n"
-                                f"{self._log_tail()}")
+                raise JoinError(
+                    f"{self._model} v{version} was not ready on model server "
+                    f"{self.service_id} after {timeout_s:g}s; its log ({self._log_path}):\n"
+                    f"{self._log_tail()}"
+                )
             await asyncio.sleep(0.2)
 
     def _log_tail(self, lines: int = 20) -> str:

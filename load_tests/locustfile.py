@@ -94,12 +94,14 @@ class PredictUser(GrpcUser):
         self.request = inf.PredictRequest(
             model=options.model,
             alias=options.alias,
-            inputs=[tensor_pb2.Tensor(
-                name=options.input_name,
-                data_type=tensor_pb2.DATA_TYPE_FP32,
-                shape=[options.rows, options.features],
-                raw=_input_bytes(options.rows, options.features, seed=id(self)),
-            )],
+            inputs=[
+                tensor_pb2.Tensor(
+                    name=options.input_name,
+                    data_type=tensor_pb2.DATA_TYPE_FP32,
+                    shape=[options.rows, options.features],
+                    raw=_input_bytes(options.rows, options.features, seed=id(self)),
+                )
+            ],
         )
 
     @task
@@ -122,9 +124,13 @@ class OipInferUser(GrpcUser):
         self.request = oip.ModelInferRequest(
             model_name=options.model,
             model_version=options.alias,
-            inputs=[oip.ModelInferRequest.InferInputTensor(
-                name=options.input_name, datatype="FP32", shape=[options.rows, options.features],
-            )],
+            inputs=[
+                oip.ModelInferRequest.InferInputTensor(
+                    name=options.input_name,
+                    datatype="FP32",
+                    shape=[options.rows, options.features],
+                )
+            ],
             raw_input_contents=[_input_bytes(options.rows, options.features, seed=id(self))],
         )
 

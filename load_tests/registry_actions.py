@@ -31,8 +31,9 @@ async def copy_version(channel: grpc.aio.Channel, model: str, version: int) -> i
         The new version's number.
     """
     stub = reg_grpc.RegistryServiceStub(channel)
-    source = (await stub.GetModelVersion(
-        reg.GetModelVersionRequest(model=model, version=version))).model_version
+    source = (
+        await stub.GetModelVersion(reg.GetModelVersionRequest(model=model, version=version))
+    ).model_version
     artifact = bytearray()
     async for part in stub.DownloadModelVersion(
         reg.DownloadModelVersionRequest(model=model, version=version)
@@ -40,16 +41,18 @@ async def copy_version(channel: grpc.aio.Channel, model: str, version: int) -> i
         artifact += part.chunk
 
     async def upload() -> AsyncIterator[reg.UploadModelVersionRequest]:
-        yield reg.UploadModelVersionRequest(metadata=reg.UploadModelVersionMetadata(
-            model=model,
-            format=source.format,
-            sha256=hashlib.sha256(artifact).hexdigest(),
-            signature=source.signature,
-            description=f"copy of v{version} for the promote_rollback load test",
-            labels={"created-by": "load-tests", "copy-of": str(version)},
-        ))
+        yield reg.UploadModelVersionRequest(
+            metadata=reg.UploadModelVersionMetadata(
+                model=model,
+                format=source.format,
+                sha256=hashlib.sha256(artifact).hexdigest(),
+                signature=source.signature,
+                description=f"copy of v{version} for the promote_rollback load test",
+                labels={"created-by": "load-tests", "copy-of": str(version)},
+            )
+        )
         for start in range(0, len(artifact), CHUNK_BYTES):
-            yield reg.UploadModelVersionRequest(chunk=bytes(artifact[start:start + CHUNK_BYTES]))
+            yield reg.UploadModelVersionRequest(chunk=bytes(artifact[start : start + CHUNK_BYTES]))
 
     uploaded = await stub.UploadModelVersion(upload())
     return int(uploaded.model_version.version)
@@ -63,8 +66,12 @@ async def promote(
     timeout.FromMilliseconds(int(ready_timeout_s * 1000))
     reply: reg.PromoteVersionResponse = await reg_grpc.RegistryServiceStub(channel).PromoteVersion(
         reg.PromoteVersionRequest(
-            model=model, alias=alias, version=version, expected_version=expected,
-            ready_timeout=timeout, reason="load test: promote under load",
+            model=model,
+            alias=alias,
+            version=version,
+            expected_version=expected,
+            ready_timeout=timeout,
+            reason="load test: promote under load",
         ),
         timeout=ready_timeout_s + 10,
     )
@@ -77,7 +84,10 @@ async def rollback(
     """Move the alias back to where it pointed before."""
     reply: reg.RollbackAliasResponse = await reg_grpc.RegistryServiceStub(channel).RollbackAlias(
         reg.RollbackAliasRequest(
-            model=model, alias=alias, expected_version=expected, reason="load test: rollback under load",
+            model=model,
+            alias=alias,
+            expected_version=expected,
+            reason="load test: rollback under load",
         ),
         timeout=30,
     )
@@ -87,7 +97,8 @@ async def rollback(
 async def get_deployment(channel: grpc.aio.Channel, model: str) -> reg_pb2.Deployment:
     """A model's deployment as the registry has it now (with its output-only fields)."""
     reply = await reg_grpc.RegistryServiceStub(channel).GetDeployment(
-        reg.GetDeploymentRequest(model=model), timeout=10)
+        reg.GetDeploymentRequest(model=model), timeout=10
+    )
     deployment: reg_pb2.Deployment = reply.deployment
     return deployment
 
@@ -102,9 +113,7 @@ async def set_deployment(
         The deployment as it is now, with the versions it places and its epoch.
     """
     reply = await reg_grpc.RegistryServiceStub(channel).SetDeployment(
-        reg.SetDeploymentRequest(
-            model=model, deployment=spec_of(deployment), expected_epoch=expected_epoch
-        ),
+        reg.SetDeploymentRequest(model=model, deployment=spec_of(deployment), expected_epoch=expected_epoch),
         metadata=(("x-modelyard-user", ACTOR),),
         timeout=10,
     )

@@ -189,8 +189,14 @@ async def _register_demo(registry: str, model: str) -> None:
 
 
 def _probe_request(model: str) -> inf.PredictRequest:
-    return inf.PredictRequest(model=model, inputs=[tensor_pb2.Tensor(
-        name="input", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[1, 64], raw=bytes(4 * 64))])
+    return inf.PredictRequest(
+        model=model,
+        inputs=[
+            tensor_pb2.Tensor(
+                name="input", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[1, 64], raw=bytes(4 * 64)
+            )
+        ],
+    )
 
 
 async def _serving_version(host: str, model: str, *, just_registered: bool, timeout_s: float = 60.0) -> int:
@@ -233,8 +239,9 @@ async def _wait_routed(host: str, model: str, server: JoinedModelServer, timeout
         stub = inf_grpc.InferenceServiceStub(channel)
         while True:
             # Failures are the load's business, not the probe's: only the count matters here.
-            await asyncio.gather(*(stub.Predict(request, timeout=10) for _ in range(8)),
-                                 return_exceptions=True)
+            await asyncio.gather(
+                *(stub.Predict(request, timeout=10) for _ in range(8)), return_exceptions=True
+            )
             try:
                 answered = await server.answered()
             except JoinError as exc:
@@ -262,8 +269,11 @@ async def _run(options: RunOptions, *, just_registered: bool) -> RunReport:
             assert options.redis_url is not None
             victim = JoinedModelServer(
                 redis=RedisSettings(url=options.redis_url, key_prefix=options.key_prefix),
-                registry=options.registry, gateway=options.host, model=options.model,
-                log_path=options.results_dir / "joined-model-server.log", note=clock.note,
+                registry=options.registry,
+                gateway=options.host,
+                model=options.model,
+                log_path=options.results_dir / "joined-model-server.log",
+                note=clock.note,
             )
             try:
                 await victim.join(old_version)
@@ -284,21 +294,50 @@ async def _run(options: RunOptions, *, just_registered: bool) -> RunReport:
         for stale in (started, served):
             stale.unlink(missing_ok=True)
         args = [
-            sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-            "--host", options.host, "--csv", str(prefix), "--html", f"{prefix}_report.html",
-            "--stages", format_stages(stages), "--model", options.model,
-            "--alias", "" if options.alias == "production" else options.alias,
-            "--served-versions-file", str(served), "--started-file", str(started),
-            "--json-file", str(prefix), "--only-summary", "--loglevel", "INFO", "--exit-code-on-error", "0",
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(LOCUSTFILE),
+            "--headless",
+            "--host",
+            options.host,
+            "--csv",
+            str(prefix),
+            "--html",
+            f"{prefix}_report.html",
+            "--stages",
+            format_stages(stages),
+            "--model",
+            options.model,
+            "--alias",
+            "" if options.alias == "production" else options.alias,
+            "--served-versions-file",
+            str(served),
+            "--started-file",
+            str(started),
+            "--json-file",
+            str(prefix),
+            "--only-summary",
+            "--loglevel",
+            "INFO",
+            "--exit-code-on-error",
+            "0",
             scenario.user_class,
         ]
         total_s = sum(s.duration_s for s in stages)
         action_error: BaseException | None = None
         with (options.results_dir / "locust.log").open("wb") as locust_log:
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-                filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])))
+            env = dict(
+                os.environ,
+                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
+            )
             process = await asyncio.create_subprocess_exec(
-                *args, cwd=REPO_ROOT, env=env, stdout=locust_log, stderr=asyncio.subprocess.STDOUT,
+                *args,
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=locust_log,
+                stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
             )
             try:
@@ -343,22 +382,26 @@ async def _run(options: RunOptions, *, just_registered: bool) -> RunReport:
     misses = check_slo(options.slo, stats)
     served_versions: dict[str, int] = json.loads(served.read_text()) if served.exists() else {}
     if action_error is not None:
-        message = (action_error.details() if isinstance(action_error, grpc.aio.AioRpcError)
-                   else str(action_error))
+        message = (
+            action_error.details() if isinstance(action_error, grpc.aio.AioRpcError) else str(action_error)
+        )
         misses.append(SloMiss("action", f"scenario action {scenario.action.value} failed: {message}"))
     if scenario.action is Action.PROMOTE_ROLLBACK and action_error is None:
         # The versions that actually answered prove the flip reached the callers both ways.
         missing = [v for v in (old_version, new_version) if not served_versions.get(str(v))]
         if missing:
-            misses.append(SloMiss(
-                "versions_served",
-                f"SLO versions_served missed: no request was answered by v{missing[0]} "
-                f"(answers per version: {served_versions})",
-            ))
+            misses.append(
+                SloMiss(
+                    "versions_served",
+                    f"SLO versions_served missed: no request was answered by v{missing[0]} "
+                    f"(answers per version: {served_versions})",
+                )
+            )
     if victim is not None:
         misses.extend(SloMiss("cleanup", f"cleanup incomplete: {p}") for p in victim.cleanup_problems)
-    report = RunReport(scenario.name, options.results_dir, stats, options.slo, misses,
-                       clock.timeline, served_versions)
+    report = RunReport(
+        scenario.name, options.results_dir, stats, options.slo, misses, clock.timeline, served_versions
+    )
     (options.results_dir / "summary.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
     return report
 
@@ -390,10 +433,18 @@ async def _act(
     if action is Action.PROMOTE_ROLLBACK:
         await clock.sleep_until(duration * 0.2)
         clock.note(f"PromoteVersion {options.alias} -> v{new_version}")
-        promoted = await promote(channel, options.model, options.alias, new_version,
-                                 expected=old_version, ready_timeout_s=duration * 0.5)
-        clock.note(f"promoted: {options.alias} = v{promoted.alias.version} "
-                   f"(ready on {promoted.ready_replicas} model server(s))")
+        promoted = await promote(
+            channel,
+            options.model,
+            options.alias,
+            new_version,
+            expected=old_version,
+            ready_timeout_s=duration * 0.5,
+        )
+        clock.note(
+            f"promoted: {options.alias} = v{promoted.alias.version} "
+            f"(ready on {promoted.ready_replicas} model server(s))"
+        )
         await clock.sleep_until(duration * 0.6)
         clock.note(f"RollbackAlias {options.alias}")
         rolled = await rollback(channel, options.model, options.alias, expected=new_version)
@@ -406,5 +457,7 @@ async def _act(
         except JoinError:
             answered = "an unknown number of"  # its metrics are not the point: kill it anyway
         victim.kill()
-        clock.note(f"killed {victim.service_id} (pid {victim.pid}, {victim.address}) with SIGKILL; "
-                   f"it had answered {answered} calls")
+        clock.note(
+            f"killed {victim.service_id} (pid {victim.pid}, {victim.address}) with SIGKILL; "
+            f"it had answered {answered} calls"
+        )

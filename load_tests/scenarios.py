@@ -57,23 +57,31 @@ class Scenario:
         ]
 
 
-SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
-    Scenario("steady", "Predict at a constant number of closed-loop users.", "PredictUser"),
-    Scenario(
-        "spike", "Predict with a sudden 4x burst of users for the middle fifth of the run.",
-        "PredictUser", users=8, spike_factor=4,
-    ),
-    Scenario(
-        "promote_rollback",
-        "Predict while the registry promotes a new version (loaded first, then the alias "
-        "flips) and then rolls it back.",
-        "PredictUser", action=Action.PROMOTE_ROLLBACK,
-    ),
-    Scenario(
-        "server_lost",
-        "Predict while a model server that the runner joined to the cluster for the run is "
-        "killed (SIGKILL).",
-        "PredictUser", action=Action.KILL_MODEL_SERVER,
-    ),
-    Scenario("oip", "ModelInfer on the Open Inference Protocol (KServe v2) endpoint.", "OipInferUser"),
-)}
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("steady", "Predict at a constant number of closed-loop users.", "PredictUser"),
+        Scenario(
+            "spike",
+            "Predict with a sudden 4x burst of users for the middle fifth of the run.",
+            "PredictUser",
+            users=8,
+            spike_factor=4,
+        ),
+        Scenario(
+            "promote_rollback",
+            "Predict while the registry promotes a new version (loaded first, then the alias "
+            "flips) and then rolls it back.",
+            "PredictUser",
+            action=Action.PROMOTE_ROLLBACK,
+        ),
+        Scenario(
+            "server_lost",
+            "Predict while a model server that the runner joined to the cluster for the run is "
+            "killed (SIGKILL).",
+            "PredictUser",
+            action=Action.KILL_MODEL_SERVER,
+        ),
+        Scenario("oip", "ModelInfer on the Open Inference Protocol (KServe v2) endpoint.", "OipInferUser"),
+    )
+}

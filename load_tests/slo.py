@@ -135,18 +135,23 @@ def check_slo(slo: Slo, stats: RunStats) -> list[SloMiss]:
     """Every objective of `slo` that `stats` misses; empty when the run passes."""
     misses = []
     if stats.requests < slo.min_requests:
-        misses.append(SloMiss(
-            "min_requests", f"SLO min_requests missed: {stats.requests} requests < {slo.min_requests}"))
+        misses.append(
+            SloMiss(
+                "min_requests", f"SLO min_requests missed: {stats.requests} requests < {slo.min_requests}"
+            )
+        )
     if slo.p99_ms is not None and not stats.p99_ms <= slo.p99_ms:
-        misses.append(SloMiss(
-            "p99_ms", f"SLO p99_ms missed: p99 latency {stats.p99_ms:g} ms > {slo.p99_ms:g} ms"))
+        misses.append(
+            SloMiss("p99_ms", f"SLO p99_ms missed: p99 latency {stats.p99_ms:g} ms > {slo.p99_ms:g} ms")
+        )
     if slo.max_error_rate is not None and stats.error_rate > slo.max_error_rate:
-        misses.append(SloMiss(
-            "max_error_rate",
-            f"SLO max_error_rate missed: {stats.failures} of {stats.requests} requests failed "
-            f"({stats.error_rate:.4%} > {slo.max_error_rate:.4%})",
-        ))
+        misses.append(
+            SloMiss(
+                "max_error_rate",
+                f"SLO max_error_rate missed: {stats.failures} of {stats.requests} requests failed "
+                f"({stats.error_rate:.4%} > {slo.max_error_rate:.4%})",
+            )
+        )
     if slo.min_rps is not None and not stats.rps >= slo.min_rps:
-        misses.append(SloMiss(
-            "min_rps", f"SLO min_rps missed: {stats.rps:.1f} requests/s < {slo.min_rps:g}"))
+        misses.append(SloMiss("min_rps", f"SLO min_rps missed: {stats.rps:.1f} requests/s < {slo.min_rps:g}"))
     return misses

@@ -228,9 +228,7 @@ class BatcherStats:
 
 
 class _Request:
-    __slots__ = (
-        "inputs", "items", "deadline", "future", "enqueued_at", "submitted", "queue_s", "request_id"
-    )
+    __slots__ = ("inputs", "items", "deadline", "future", "enqueued_at", "submitted", "queue_s", "request_id")
 
     def __init__(
         self,
@@ -782,12 +780,20 @@ class Batcher:
         if isinstance(exc, _BadOutput):
             log.error(
                 "model %s v%d returned unusable outputs for a batch of %d items (request ids %s): %s",
-                self._name, self._version, total, request_ids, exc,
+                self._name,
+                self._version,
+                total,
+                request_ids,
+                exc,
             )
         else:
             log.error(
                 "model %s v%d failed on a batch of %d items (request ids %s)",
-                self._name, self._version, total, request_ids, exc_info=exc,
+                self._name,
+                self._version,
+                total,
+                request_ids,
+                exc_info=exc,
             )
         self.stats.fail_count += len(batch)
         self.stats.fail_s += sum(r.queue_s for r in batch)

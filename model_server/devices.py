@@ -189,9 +189,7 @@ class _CudaForward:
                     pinned_in.copy_(tensor)
                     tensor = pinned_in
                 staged.append(tensor)
-            on_device = [
-                _cast_in(t.to(self._device, non_blocking=True), self._compute_dtype) for t in staged
-            ]
+            on_device = [_cast_in(t.to(self._device, non_blocking=True), self._compute_dtype) for t in staged]
             result = self._module(*on_device)
             single = isinstance(result, torch.Tensor)
             outputs = [result] if single else list(result)

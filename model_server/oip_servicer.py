@@ -145,9 +145,7 @@ class OipServicer(OipServicerBase):
         self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> oip.ModelMetadataResponse:
         loaded = self._version(request.name, request.version)
-        ready = [
-            str(v.version) for v in self._held(request.name) if v.state is VersionState.READY
-        ]
+        ready = [str(v.version) for v in self._held(request.name) if v.state is VersionState.READY]
 
         def metadata(specs: Any) -> list[oip.ModelMetadataResponse.TensorMetadata]:
             return [

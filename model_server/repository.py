@@ -103,9 +103,7 @@ def _synthetic_inputs(signature: tensor_pb2.Signature, batch_size: int) -> list[
     """Zeros shaped by the signature, `batch_size` on dim 0 and 1 for any other dynamic dim."""
     inputs = []
     for spec in signature.inputs:
-        shape = [
-            (batch_size if i == 0 else 1) if d == -1 else d for i, d in enumerate(spec.shape)
-        ]
+        shape = [(batch_size if i == 0 else 1) if d == -1 else d for i, d in enumerate(spec.shape)]
         inputs.append(torch.zeros(shape, dtype=DTYPE_BY_DATA_TYPE[spec.data_type]))
     return inputs
 
@@ -195,8 +193,9 @@ class ModelRepository:
         return best
 
     def _ready_here(self) -> str:
-        ready = [f"{m} v{v}" for (m, v), lv in sorted(self._versions.items())
-                 if lv.state is VersionState.READY]
+        ready = [
+            f"{m} v{v}" for (m, v), lv in sorted(self._versions.items()) if lv.state is VersionState.READY
+        ]
         return ", ".join(ready) or "none"
 
     # -- the Predict path ------------------------------------------------------------------
@@ -360,9 +359,7 @@ class ModelRepository:
             await cancel_task(task)
             task = None
         if task is None:
-            task = asyncio.create_task(
-                self._load(model, version, serving), name=f"load {model} v{version}"
-            )
+            task = asyncio.create_task(self._load(model, version, serving), name=f"load {model} v{version}")
             self._loads[key] = task
             self._load_targets[key] = serving
             task.add_done_callback(lambda t, k=key: self._load_done(k, t))  # type: ignore[misc]
@@ -401,8 +398,13 @@ class ModelRepository:
             await self._discard(loaded)
             loaded.state = VersionState.FAILED
             loaded.error = exc.message if isinstance(exc, ModelyardError) else f"{type(exc).__name__}: {exc}"
-            log.warning("loading %s v%d failed: %s", model, version, loaded.error,
-                        exc_info=not isinstance(exc, ModelyardError))
+            log.warning(
+                "loading %s v%d failed: %s",
+                model,
+                version,
+                loaded.error,
+                exc_info=not isinstance(exc, ModelyardError),
+            )
             if replacing:
                 assert previous is not None
                 previous.error = f"reconfiguration failed: {loaded.error}"
@@ -411,8 +413,15 @@ class ModelRepository:
         loaded.state = VersionState.READY
         loaded.ready_time = time.time()
         self._versions[key] = loaded
-        log.info("loaded %s v%d (%s on %s, %s) in %.2fs", model, version, loaded.platform,
-                 loaded.device, serving.precision, time.monotonic() - started)
+        log.info(
+            "loaded %s v%d (%s on %s, %s) in %.2fs",
+            model,
+            version,
+            loaded.platform,
+            loaded.device,
+            serving.precision,
+            time.monotonic() - started,
+        )
         self._on_change()
         if replacing and previous is not None and previous is not loaded:
             # Requests already in the old batcher finish there; new ones see the new copy.
@@ -450,16 +459,19 @@ class ModelRepository:
         )
         sweep, settle = warm_up_sizes(serving.batch) if batching else ([], [1])
         for size, repeats in [*((size, 1) for size in sweep), *((size, 3) for size in settle)]:
-            outputs = await loaded.batcher.warm_up(
-                _synthetic_inputs(loaded.signature, size), repeats=repeats
-            )
+            outputs = await loaded.batcher.warm_up(_synthetic_inputs(loaded.signature, size), repeats=repeats)
             self._check_outputs(loaded, outputs)
         execution = loaded.batcher.settle_execution()
         timings = ", ".join(
             f"batch {size}: {loaded.batcher.warm_up_s[size] * 1000:.2f} ms" for size in settle
         )
-        log.info("%s v%d runs its batches on the %s (warm-up forward: %s)", model, version,
-                 "event loop" if execution == "loop" else "worker thread", timings)
+        log.info(
+            "%s v%d runs its batches on the %s (warm-up forward: %s)",
+            model,
+            version,
+            "event loop" if execution == "loop" else "worker thread",
+            timings,
+        )
 
     @staticmethod
     def _check_signature(loaded: LoadedVersion) -> None:

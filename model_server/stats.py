@@ -86,6 +86,8 @@ REQUEST_SECONDS = Histogram(
     ["model", "version"],
     buckets=REQUEST_BUCKETS_S,
 )
+
+
 class _Bins:
     """One input's bin edges (padded with +inf to a [features, edges] array) and counts."""
 

@@ -62,8 +62,10 @@ def feature_matrix(tensor: torch.Tensor) -> torch.Tensor | None:
     None for a tensor that has no features to describe (scalar, empty, not numeric)."""
     import torch
 
-    if not (tensor.is_floating_point() or tensor.dtype in (torch.int8, torch.int16, torch.int32,
-                                                           torch.int64, torch.uint8)):
+    if not (
+        tensor.is_floating_point()
+        or tensor.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+    ):
         return None
     if tensor.dim() == 0 or tensor.shape[0] == 0:
         return None

@@ -45,9 +45,7 @@ def up(
     ] = None,
     model_servers: Annotated[int, typer.Option(min=1, help="How many model servers to start.")] = 1,
     data_dir: Annotated[Path, typer.Option(help="Registry store, Redis files and logs.")] = Path("var"),
-    free_ports: Annotated[
-        bool, typer.Option(help="Bind free ports instead of 50051, 50061, ...")
-    ] = False,
+    free_ports: Annotated[bool, typer.Option(help="Bind free ports instead of 50051, 50061, ...")] = False,
     exit_after_demo: Annotated[
         bool, typer.Option(help="Stop the cluster once the demo has run (for scripts).")
     ] = False,
@@ -118,7 +116,10 @@ async def _run_demo(cluster: LocalCluster) -> None:
 
     module, artifact = build_demo_model()
     version = await register_model(
-        cluster.address_of("registry"), "demo", artifact, demo_signature(),
+        cluster.address_of("registry"),
+        "demo",
+        artifact,
+        demo_signature(),
         description="demo MLP 64-256-256-10",
     )
     console.print(f"\nregistered [bold]demo[/] v{version} and pointed [bold]production[/] at it")
@@ -132,8 +133,12 @@ async def _run_demo(cluster: LocalCluster) -> None:
     table.add_column("max |Δ| vs in-process torch")
     for x, answer in zip(inputs, answers, strict=True):
         delta = (answer.output - answer.expected).abs().max().item()
-        table.add_row(str(x.shape[0]), f"demo v{answer.version}",
-                      str(answer.output.argmax(dim=1).tolist()), f"{delta:.2e}")
+        table.add_row(
+            str(x.shape[0]),
+            f"demo v{answer.version}",
+            str(answer.output.argmax(dim=1).tolist()),
+            f"{delta:.2e}",
+        )
     console.print(table)
 
 

@@ -267,9 +267,7 @@ return 1
 
     def __del__(self) -> None:
         if getattr(self, "_state", None) is _State.OPENED:
-            warnings.warn(
-                "Unclosed CoordinationStore; call aclose()", ResourceWarning, stacklevel=1
-            )
+            warnings.warn("Unclosed CoordinationStore; call aclose()", ResourceWarning, stacklevel=1)
 
     @property
     def client(self) -> aioredis.Redis:

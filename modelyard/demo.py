@@ -105,21 +105,24 @@ async def register_model(
                 raise
 
         async def upload() -> AsyncIterator[reg.UploadModelVersionRequest]:
-            yield reg.UploadModelVersionRequest(metadata=reg.UploadModelVersionMetadata(
-                model=model,
-                format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
-                sha256=hashlib.sha256(artifact).hexdigest(),
-                signature=signature,
-                description=description,
-                input_baselines=baselines,
-            ))
+            yield reg.UploadModelVersionRequest(
+                metadata=reg.UploadModelVersionMetadata(
+                    model=model,
+                    format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
+                    sha256=hashlib.sha256(artifact).hexdigest(),
+                    signature=signature,
+                    description=description,
+                    input_baselines=baselines,
+                )
+            )
             for start in range(0, len(artifact), CHUNK_BYTES):
-                yield reg.UploadModelVersionRequest(chunk=artifact[start:start + CHUNK_BYTES])
+                yield reg.UploadModelVersionRequest(chunk=artifact[start : start + CHUNK_BYTES])
 
         uploaded = await stub.UploadModelVersion(upload())
         version = uploaded.model_version.version
-        await stub.SetAlias(reg.SetAliasRequest(
-            model=model, alias=alias, version=version, reason="modelyard up --demo"))
+        await stub.SetAlias(
+            reg.SetAliasRequest(model=model, alias=alias, version=version, reason="modelyard up --demo")
+        )
         return int(version)
 
 

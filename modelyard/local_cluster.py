@@ -107,8 +107,13 @@ class ClusterFile:
         return True
 
     def to_json(self) -> dict[str, object]:
-        return {"v": 1, "pid": self.pid, "redis_url": self.redis_url, "key_prefix": self.key_prefix,
-                "services": self.services}
+        return {
+            "v": 1,
+            "pid": self.pid,
+            "redis_url": self.redis_url,
+            "key_prefix": self.key_prefix,
+            "services": self.services,
+        }
 
     @classmethod
     def read(cls, path: Path) -> ClusterFile:
@@ -120,9 +125,12 @@ class ClusterFile:
         """
         try:
             data = json.loads(path.read_text())
-            info = cls(pid=int(data["pid"]), redis_url=str(data["redis_url"]),
-                       key_prefix=str(data["key_prefix"]),
-                       services={str(k): str(v) for k, v in data["services"].items()})
+            info = cls(
+                pid=int(data["pid"]),
+                redis_url=str(data["redis_url"]),
+                key_prefix=str(data["key_prefix"]),
+                services={str(k): str(v) for k, v in data["services"].items()},
+            )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"{path}: not a modelyard cluster file ({exc})") from None
         for name in ("gateway", "registry"):
@@ -189,13 +197,15 @@ class LocalCluster:
         env = dict(os.environ)
         env.update(self._extra_env)
         service_id = new_service_id(name)
-        env.update({
-            f"{prefix}SERVICE_ID": service_id,
-            f"{prefix}REDIS__URL": self.redis_url,
-            f"{prefix}REDIS__KEY_PREFIX": self.key_prefix,
-            f"{prefix}SERVER__PORT": str(port),
-            f"{prefix}SERVER__METRICS_PORT": str(port + 1000 if port else 0),
-        })
+        env.update(
+            {
+                f"{prefix}SERVICE_ID": service_id,
+                f"{prefix}REDIS__URL": self.redis_url,
+                f"{prefix}REDIS__KEY_PREFIX": self.key_prefix,
+                f"{prefix}SERVER__PORT": str(port),
+                f"{prefix}SERVER__METRICS_PORT": str(port + 1000 if port else 0),
+            }
+        )
         env.update({f"{prefix}{k.upper()}": v for k, v in extra.items()})
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -216,33 +226,46 @@ class LocalCluster:
             )
             await asyncio.to_thread(self.redis.start)
         deadline = time.monotonic() + timeout_s
-        async with CoordinationStore(
-            RedisSettings(url=self.redis_url, key_prefix=self.key_prefix)
-        ) as store:
+        async with CoordinationStore(RedisSettings(url=self.redis_url, key_prefix=self.key_prefix)) as store:
             registry = self._child(
-                "registry", "registry", "registry_service", "MODELYARD_REGISTRY_",
-                self._port("registry"), data_dir=str(self.data_dir / "registry"),
+                "registry",
+                "registry",
+                "registry_service",
+                "MODELYARD_REGISTRY_",
+                self._port("registry"),
+                data_dir=str(self.data_dir / "registry"),
             )
             await self._launch([registry], store, deadline)
             batch = [
-                self._child("monitor", "monitor", "monitor_service", "MODELYARD_MONITOR_",
-                            self._port("monitor"))
+                self._child(
+                    "monitor", "monitor", "monitor_service", "MODELYARD_MONITOR_", self._port("monitor")
+                )
             ]
             for i in range(self._model_servers):
-                batch.append(self._child(
-                    f"model-server-{i + 1}", "model_server", "model_server",
-                    "MODELYARD_MODEL_SERVER_", self._port("model_server", i),
-                    registry_address=registry.address,
-                ))
+                batch.append(
+                    self._child(
+                        f"model-server-{i + 1}",
+                        "model_server",
+                        "model_server",
+                        "MODELYARD_MODEL_SERVER_",
+                        self._port("model_server", i),
+                        registry_address=registry.address,
+                    )
+                )
             await self._launch(batch, store, deadline)
-            gateway = self._child("gateway", "gateway", "gateway", "MODELYARD_GATEWAY_",
-                                  self._port("gateway"))
+            gateway = self._child(
+                "gateway", "gateway", "gateway", "MODELYARD_GATEWAY_", self._port("gateway")
+            )
             await self._launch([gateway], store, deadline)
         self._write_cluster_file()
 
     def _write_cluster_file(self) -> None:
-        info = ClusterFile(pid=os.getpid(), redis_url=self.redis_url, key_prefix=self.key_prefix,
-                           services={c.name: c.address for c in self.children})
+        info = ClusterFile(
+            pid=os.getpid(),
+            redis_url=self.redis_url,
+            key_prefix=self.key_prefix,
+            services={c.name: c.address for c in self.children},
+        )
         # Owner-only: a Redis URL given with --redis-url may carry a password. Written then
         # renamed, so a reader never sees half a file.
         partial = self.cluster_file.with_suffix(".json.partial")
@@ -278,8 +301,7 @@ class LocalCluster:
                 )
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"{child.name} was not ready in time; its log ({child.log_path}):\n"
-                    f"{child.log_tail()}"
+                    f"{child.name} was not ready in time; its log ({child.log_path}):\n{child.log_tail()}"
                 )
             if not child.address:
                 for record in await store.list_services():

@@ -91,11 +91,14 @@ DATATYPE_BY_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_BY_DATATYPE.
 """torch dtype -> OIP datatype name."""
 
 # cast: the enum wrapper's items() is typed with plain ints; they are DataType values.
-DATA_TYPE_BY_DATATYPE = cast("dict[str, tensor_pb2.DataType]", {
-    name.removeprefix("DATA_TYPE_"): value
-    for name, value in tensor_pb2.DataType.items()
-    if value != tensor_pb2.DATA_TYPE_UNSPECIFIED
-})
+DATA_TYPE_BY_DATATYPE = cast(
+    "dict[str, tensor_pb2.DataType]",
+    {
+        name.removeprefix("DATA_TYPE_"): value
+        for name, value in tensor_pb2.DataType.items()
+        if value != tensor_pb2.DATA_TYPE_UNSPECIFIED
+    },
+)
 """OIP datatype name -> `modelyard.v1.DataType` (the names match; UINT16..64 and BYTES have no
 counterpart in our contract)."""
 
@@ -260,8 +263,16 @@ def requested_outputs(request: oip.ModelInferRequest) -> list[str] | None:
 
 
 _NUMPY_DTYPES = frozenset(
-    {torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64,
-     torch.uint8}
+    {
+        torch.float16,
+        torch.float32,
+        torch.float64,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint8,
+    }
 )
 """Dtypes whose tensors `.numpy()` takes as they are (not bfloat16, nor bool: uint8 views)."""
 

@@ -80,4 +80,3 @@ def spawn_child(
     if threading.current_thread() is threading.main_thread() or not sys.platform.startswith("linux"):
         return _popen(argv, out, cwd, env)
     return _spawner_executor().submit(_popen, argv, out, cwd, env).result()
-

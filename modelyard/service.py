@@ -52,9 +52,7 @@ def run_service(factory: Callable[[], ServiceApp]) -> None:
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     name = os.environ.get("MODELYARD_EVENT_LOOP", "uvloop").strip().lower()
     if name not in EVENT_LOOPS:
-        print(
-            f"MODELYARD_EVENT_LOOP={name!r} is not one of {', '.join(EVENT_LOOPS)}", file=sys.stderr
-        )
+        print(f"MODELYARD_EVENT_LOOP={name!r} is not one of {', '.join(EVENT_LOOPS)}", file=sys.stderr)
         raise SystemExit(2)
     if name == "asyncio":
         return None

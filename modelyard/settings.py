@@ -86,9 +86,7 @@ class ServerSettings(BaseModel):
 class ServiceSettings(BaseSettings):
     """What every service has: its listener, Redis and TLS."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="MODELYARD_", env_nested_delimiter="__", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="MODELYARD_", env_nested_delimiter="__", extra="ignore")
     default_port: ClassVar[int] = 0
     """The service's well-known port, kept when only some SERVER__* variables are set."""
 

@@ -54,8 +54,9 @@ class BackgroundTasks:
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    log.exception("background task %s crashed; restarting in %.1fs",
-                                  name, self._restart_delay_s)
+                    log.exception(
+                        "background task %s crashed; restarting in %.1fs", name, self._restart_delay_s
+                    )
                     await asyncio.sleep(self._restart_delay_s)
 
         self._tasks[name] = asyncio.create_task(supervised(), name=name)

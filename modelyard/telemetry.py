@@ -23,8 +23,22 @@ __all__ = [
 
 # From 0.25 ms to 10 s: the Predict path lives in the first half of this range.
 LATENCY_BUCKETS_S = (
-    0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512,
-    1.0, 2.5, 5.0, 10.0,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.004,
+    0.008,
+    0.016,
+    0.032,
+    0.064,
+    0.128,
+    0.256,
+    0.512,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 
 # Geometric, factor 1.125 from 0.25 ms to ~15 s: percentiles interpolated from bucket deltas

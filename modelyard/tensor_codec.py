@@ -102,9 +102,7 @@ def tensor_to_proto(name: str, tensor: torch.Tensor) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(name=name, data_type=data_type, shape=t.shape, raw=raw)
 
 
-def check_tensor(
-    name: str, tensor: torch.Tensor, data_type: DataType, shape: Sequence[int]
-) -> None:
+def check_tensor(name: str, tensor: torch.Tensor, data_type: DataType, shape: Sequence[int]) -> None:
     """Check a decoded input against its TensorSpec (-1 matches any size).
 
     Raises:

@@ -253,14 +253,27 @@ class AlertManager:
             await self._deliver(alert)
 
     async def fire_once(
-        self, name: str, labels: dict[str, str], annotations: dict[str, str], value: float,
-        threshold: float, now: float, hold_s: float,
+        self,
+        name: str,
+        labels: dict[str, str],
+        annotations: dict[str, str],
+        value: float,
+        threshold: float,
+        now: float,
+        hold_s: float,
     ) -> Alert:
         """Fire an alert at once that resolves by itself after `hold_s` (an event, such as a
         canary rollback, rather than a condition)."""
         alert = Alert(
-            name, {"alertname": name, **labels}, annotations, value, threshold,
-            AlertState.FIRING, now, fired_at=now, ends_at=now + hold_s,
+            name,
+            {"alertname": name, **labels},
+            annotations,
+            value,
+            threshold,
+            AlertState.FIRING,
+            now,
+            fired_at=now,
+            ends_at=now + hold_s,
         )
         self._active[(name, labels.get("model", ""), int(labels.get("version", "0") or 0))] = alert
         await self._deliver(alert)
@@ -278,8 +291,15 @@ class AlertManager:
 
     async def _deliver(self, alert: Alert) -> None:
         level = logging.WARNING if alert.state is AlertState.FIRING else logging.INFO
-        log.log(level, "alert %s %s: %s (value %.6g, threshold %g)", alert.name, alert.state.value,
-                ", ".join(f"{k}={v}" for k, v in sorted(alert.labels.items())), alert.value, alert.threshold)
+        log.log(
+            level,
+            "alert %s %s: %s (value %.6g, threshold %g)",
+            alert.name,
+            alert.state.value,
+            ", ".join(f"{k}={v}" for k, v in sorted(alert.labels.items())),
+            alert.value,
+            alert.threshold,
+        )
         self.notifier.notify([alert])
         if self.on_change is not None:
             await self.on_change(alert)

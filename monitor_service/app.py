@@ -187,16 +187,18 @@ class MonitorApp:
             self._round_done.notify_all()
 
     async def _alert_changed(self, alert: Alert) -> None:
-        await self.events.publish({
-            "type": "alert",
-            "model": alert.labels.get("model", ""),
-            "name": alert.name,
-            "state": alert.state.value,
-            "labels": alert.labels,
-            "summary": alert.annotations.get("summary", ""),
-            "value": alert.value,
-            "threshold": alert.threshold,
-        })
+        await self.events.publish(
+            {
+                "type": "alert",
+                "model": alert.labels.get("model", ""),
+                "name": alert.name,
+                "state": alert.state.value,
+                "labels": alert.labels,
+                "summary": alert.annotations.get("summary", ""),
+                "value": alert.value,
+                "threshold": alert.threshold,
+            }
+        )
 
     async def _canary_decided(self, decision: CanaryDecision) -> None:
         CANARY_DECISIONS.labels(decision.action.value).inc()
@@ -207,9 +209,9 @@ class MonitorApp:
                 {"severity": "critical", "model": decision.model, "version": str(decision.canary.version)},
                 {
                     "summary": f"canary v{decision.canary.version} of {decision.model} rolled back "
-                               f"to v{decision.stable.version}",
+                    f"to v{decision.stable.version}",
                     "description": f"{decision.reason} [canary {decision.canary.describe()} | "
-                                   f"stable {decision.stable.describe()}]",
+                    f"stable {decision.stable.describe()}]",
                 },
                 decision.canary.error_rate,
                 self.settings.canary.max_error_rate_increase,
@@ -266,7 +268,11 @@ class MonitorApp:
     async def _move_alias(self, model: str, alias: str, version: int, expected: int, reason: str) -> None:
         await self._registry().SetAlias(
             reg.SetAliasRequest(
-                model=model, alias=alias, version=version, expected_version=expected, reason=reason,
+                model=model,
+                alias=alias,
+                version=version,
+                expected_version=expected,
+                reason=reason,
                 request_id=f"monitor-canary-{model}-{alias}-{expected}-{version}",
             ),
             timeout=10.0,
@@ -293,7 +299,9 @@ class MonitorApp:
             try:
                 await stub.SetDeployment(
                     reg.SetDeploymentRequest(
-                        model=model, deployment=current, request_id=request_id,
+                        model=model,
+                        deployment=current,
+                        request_id=request_id,
                         expected_epoch=current.epoch,
                     ),
                     timeout=10.0,

@@ -209,11 +209,13 @@ class CanaryAnalyzer:
                 continue
             if key not in self._healthy_since:
                 self._healthy_since[key] = now
-                reason = (f"within margins: error rate {canary.error_rate:.3f} <= "
-                          f"{stable.error_rate:.3f} + {s.max_error_rate_increase:g}")
-                await self._record(CanaryDecision(
-                    model, CanaryAction.HEALTHY, reason, *figures, now, self._fraction(key)
-                ))
+                reason = (
+                    f"within margins: error rate {canary.error_rate:.3f} <= "
+                    f"{stable.error_rate:.3f} + {s.max_error_rate_increase:g}"
+                )
+                await self._record(
+                    CanaryDecision(model, CanaryAction.HEALTHY, reason, *figures, now, self._fraction(key))
+                )
             if s.promote_steps:
                 index, since = self._steps[key]
                 if now - since >= s.step_after_s:
@@ -256,16 +258,23 @@ class CanaryAnalyzer:
         for index, share in enumerate(s.promote_steps[:-1]):
             if round(share * 100) == split[s.canary_alias]:
                 self._steps[(model, canary_version)] = (index, now)
-                reason = (f"resumed at step {index + 1} of {len(s.promote_steps)}: the traffic split "
-                          f"already gives canary v{canary_version} {split[s.canary_alias]}% of the "
-                          f"traffic that selects {s.stable_alias}")
+                reason = (
+                    f"resumed at step {index + 1} of {len(s.promote_steps)}: the traffic split "
+                    f"already gives canary v{canary_version} {split[s.canary_alias]}% of the "
+                    f"traffic that selects {s.stable_alias}"
+                )
                 await self._record(CanaryDecision(model, CanaryAction.STEP, reason, *figures, now, share))
                 return True
         return False
 
     async def _enter_step(
-        self, model: str, canary_version: int, stable_version: int, index: int,
-        figures: tuple[CanaryFigures, CanaryFigures], now: float,
+        self,
+        model: str,
+        canary_version: int,
+        stable_version: int,
+        index: int,
+        figures: tuple[CanaryFigures, CanaryFigures],
+        now: float,
     ) -> None:
         """Give the canary step `index`'s share; the last step is the promotion."""
         s = self.settings
@@ -279,8 +288,10 @@ class CanaryAnalyzer:
                 # Split first, alias second: if the move fails, every request goes to the
                 # stable version meanwhile, and the next round tries both again.
                 await self.set_split(model, {}, request_id)
-                reason = (f"healthy at {previous:.0%} of the traffic for {s.step_after_s:g}s; "
-                          f"{s.stable_alias} moves to v{canary_version}, traffic split cleared")
+                reason = (
+                    f"healthy at {previous:.0%} of the traffic for {s.step_after_s:g}s; "
+                    f"{s.stable_alias} moves to v{canary_version}, traffic split cleared"
+                )
                 await self.move_alias(
                     model, s.stable_alias, canary_version, stable_version, f"canary analysis: {reason}"
                 )
@@ -289,8 +300,10 @@ class CanaryAnalyzer:
                 percent = round(share * 100)
                 split = {s.stable_alias: 100 - percent, s.canary_alias: percent}
                 await self.set_split(model, split, request_id)
-                reason = (f"step {index + 1} of {len(s.promote_steps)}: canary v{canary_version} gets "
-                          f"{percent}% of the traffic that selects {s.stable_alias}")
+                reason = (
+                    f"step {index + 1} of {len(s.promote_steps)}: canary v{canary_version} gets "
+                    f"{percent}% of the traffic that selects {s.stable_alias}"
+                )
                 if index:
                     reason += f" (healthy at {previous:.0%} for {s.step_after_s:g}s)"
                 action = CanaryAction.STEP
@@ -322,8 +335,13 @@ class CanaryAnalyzer:
         return problems
 
     async def _roll_back(
-        self, model: str, canary_version: int, stable_version: int, reason: str,
-        figures: tuple[CanaryFigures, CanaryFigures], now: float,
+        self,
+        model: str,
+        canary_version: int,
+        stable_version: int,
+        reason: str,
+        figures: tuple[CanaryFigures, CanaryFigures],
+        now: float,
     ) -> None:
         s = self.settings
         try:
@@ -346,8 +364,14 @@ class CanaryAnalyzer:
         await self._record(CanaryDecision(model, CanaryAction.ROLLBACK, reason, *figures, now))
 
     async def _record(self, decision: CanaryDecision) -> None:
-        log.warning("canary %s %s: %s [canary %s | stable %s]", decision.model, decision.action.value,
-                    decision.reason, decision.canary.describe(), decision.stable.describe())
+        log.warning(
+            "canary %s %s: %s [canary %s | stable %s]",
+            decision.model,
+            decision.action.value,
+            decision.reason,
+            decision.canary.describe(),
+            decision.stable.describe(),
+        )
         self.decisions.appendleft(decision)
         while len(self.decisions) > self.keep:
             self.decisions.pop()

@@ -86,7 +86,7 @@ def parse_snapshot(text: str) -> dict[Key, float]:
             except ValueError:
                 continue
             model = labels["model"]
-            series = _series(name[len(_PREFIX):], labels)
+            series = _series(name[len(_PREFIX) :], labels)
             if series is not None:
                 out[(series[0], model, version, series[1])] = value
     return out

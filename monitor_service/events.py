@@ -78,8 +78,12 @@ class EventBus:
         data = json.dumps(payload)
         try:
             async with self._store.client.pipeline(transaction=True) as pipe:
-                pipe.xadd(self._store.keys.events_log(), {"event": data},
-                          maxlen=_EVENTS_LOG_MAXLEN, approximate=True)
+                pipe.xadd(
+                    self._store.keys.events_log(),
+                    {"event": data},
+                    maxlen=_EVENTS_LOG_MAXLEN,
+                    approximate=True,
+                )
                 pipe.publish(self._store.keys.events_channel(), data)
                 await pipe.execute()
         except RedisError as exc:
@@ -93,9 +97,7 @@ class EventBus:
 
     def observe_membership(self, services: list[ServiceRecord]) -> None:
         """Emit load/unload events for versions that became ready or went away."""
-        held = {
-            r.id: {(v.model, v.version) for v in r.versions if v.state == "ready"} for r in services
-        }
+        held = {r.id: {(v.model, v.version) for v in r.versions if v.state == "ready"} for r in services}
         if self._held is not None:
             for service_id in held.keys() | self._held.keys():
                 now, before = held.get(service_id, set()), self._held.get(service_id, set())

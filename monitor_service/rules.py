@@ -49,8 +49,17 @@ METRICS = {
 
 _OPS = (">", ">=", "<", "<=")
 _FIELDS = {
-    "name", "metric", "op", "threshold", "for", "model", "alias", "min_requests", "severity",
-    "labels", "annotations",
+    "name",
+    "metric",
+    "op",
+    "threshold",
+    "for",
+    "model",
+    "alias",
+    "min_requests",
+    "severity",
+    "labels",
+    "annotations",
 }
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -258,8 +267,10 @@ def _parse_baselines(node: yaml.Node, fail: Any) -> dict[str, dict[str, Baseline
                 or not all(isinstance(x, int | float) for x in mean + std)
                 or any(s <= 0 for s in std)
             ):
-                raise fail(spec_node, "a baseline needs 'mean' and 'std' lists of numbers of the "
-                           "same length, every std > 0")
+                raise fail(
+                    spec_node,
+                    "a baseline needs 'mean' and 'std' lists of numbers of the same length, every std > 0",
+                )
             out.setdefault(model_key.value, {})[input_key.value] = Baseline(
                 [float(x) for x in mean], [float(x) for x in std]
             )

@@ -750,9 +750,7 @@ def _check_baselines(
         for j, feature in enumerate(baseline.features):
             where = f"{at}.features[{j}]"
             if not (math.isfinite(feature.mean) and math.isfinite(feature.std) and feature.std >= 0):
-                raise InvalidArgument(
-                    f"{where}: mean must be finite and std finite and >= 0", field=where
-                )
+                raise InvalidArgument(f"{where}: mean must be finite and std finite and >= 0", field=where)
             edges, fractions = list(feature.bin_edges), list(feature.bin_fractions)
             if not edges and not fractions:
                 continue

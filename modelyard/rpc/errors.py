@@ -65,13 +65,9 @@ def to_rpc_status(error: errors.ModelyardError) -> grpc.Status:
     request_id = current_request_id()
     if request_id:
         metadata.setdefault("request_id", request_id)
-    details = [
-        _pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata))
-    ]
+    details = [_pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata))]
     if error.field is not None:
-        violation = error_details_pb2.BadRequest.FieldViolation(
-            field=error.field, description=error.message
-        )
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
     if error.retry_after_s is not None:
         delay = duration_pb2.Duration()
@@ -137,9 +133,7 @@ def rpc_errors(method: F) -> F:
         return cast(F, stream_wrapper)
 
     @functools.wraps(method)
-    async def unary_wrapper(
-        self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> Any:
+    async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await cast(Callable[..., Awaitable[Any]], method)(self, request, context)
         except grpc.aio.AbortError:

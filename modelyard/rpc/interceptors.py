@@ -60,7 +60,11 @@ class _MethodObserver:
         if self.access_log_enabled:
             access_log.info(
                 "%s %s %.3fms request_id=%s peer=%s",
-                self.full, name, elapsed * 1000, request_id_var.get(), context.peer(),
+                self.full,
+                name,
+                elapsed * 1000,
+                request_id_var.get(),
+                context.peer(),
             )
 
 

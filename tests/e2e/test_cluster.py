@@ -61,8 +61,12 @@ async def test_register_promote_predict_with_32_concurrent_callers(cluster: Loca
 
         async def call(i: int) -> inf.PredictResponse:
             reply: inf.PredictResponse = await stub.Predict(
-                inf.PredictRequest(model="e2e", alias="production", request_id=f"call-{i}",
-                                   inputs=[tensor_to_proto("input", inputs[i])]),
+                inf.PredictRequest(
+                    model="e2e",
+                    alias="production",
+                    request_id=f"call-{i}",
+                    inputs=[tensor_to_proto("input", inputs[i])],
+                ),
                 timeout=30,
             )
             return reply
@@ -75,8 +79,9 @@ async def test_register_promote_predict_with_32_concurrent_callers(cluster: Loca
                 assert reply.request_id == f"call-{i}"
                 with torch.inference_mode():
                     expected = module(inputs[i])
-                torch.testing.assert_close(tensor_from_proto(reply.outputs[0]), expected,
-                                           rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(
+                    tensor_from_proto(reply.outputs[0]), expected, rtol=1e-5, atol=1e-6
+                )
 
         # Bad input: precise statuses that say what to fix, and the cluster keeps serving.
         def request(**kw: object) -> inf.PredictRequest:
@@ -88,13 +93,17 @@ async def test_register_promote_predict_with_32_concurrent_callers(cluster: Loca
         cases = {
             "unknown model": (inf.PredictRequest(model="nope"), grpc.StatusCode.NOT_FOUND),
             "unknown alias": (inf.PredictRequest(model="e2e", alias="canary"), grpc.StatusCode.NOT_FOUND),
-            "wrong dtype": (request(data_type=tensor_pb2.DATA_TYPE_FP64, raw=bytes(2 * 64 * 8)),
-                            grpc.StatusCode.INVALID_ARGUMENT),
+            "wrong dtype": (
+                request(data_type=tensor_pb2.DATA_TYPE_FP64, raw=bytes(2 * 64 * 8)),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
             "wrong name": (request(name="x"), grpc.StatusCode.INVALID_ARGUMENT),
         }
         wrong_shape = tensor_to_proto("input", torch.zeros(2, 63))
-        cases["wrong shape"] = (inf.PredictRequest(model="e2e", inputs=[wrong_shape]),
-                                grpc.StatusCode.INVALID_ARGUMENT)
+        cases["wrong shape"] = (
+            inf.PredictRequest(model="e2e", inputs=[wrong_shape]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
         for name, (bad, code) in cases.items():
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.Predict(bad, timeout=10)
@@ -111,11 +120,13 @@ async def test_register_promote_predict_with_32_concurrent_callers(cluster: Loca
 
     # The monitor reports every service up and the model server holding e2e.
     async with grpc.aio.insecure_channel(cluster.address_of("monitor")) as channel:
-        status = await mon_grpc.MonitorServiceStub(channel).GetClusterStatus(
-            mon.GetClusterStatusRequest())
+        status = await mon_grpc.MonitorServiceStub(channel).GetClusterStatus(mon.GetClusterStatusRequest())
     assert {s.kind for s in status.services} == {
-        mon.SERVICE_KIND_GATEWAY, mon.SERVICE_KIND_MODEL_SERVER, mon.SERVICE_KIND_REGISTRY,
-        mon.SERVICE_KIND_MONITOR}
+        mon.SERVICE_KIND_GATEWAY,
+        mon.SERVICE_KIND_MODEL_SERVER,
+        mon.SERVICE_KIND_REGISTRY,
+        mon.SERVICE_KIND_MONITOR,
+    }
     assert all(s.state == mon.SERVICE_STATE_UP for s in status.services)
     servers = [s for s in status.services if s.kind == mon.SERVICE_KIND_MODEL_SERVER]
     assert any(v.model == "e2e" and v.version == version for v in servers[0].loaded_versions)
@@ -128,9 +139,14 @@ async def test_corrupt_upload_is_refused_and_nothing_is_stored(cluster: LocalClu
         await stub.CreateModel(reg.CreateModelRequest(name="corrupt"))
 
         async def upload() -> AsyncIterator[reg.UploadModelVersionRequest]:
-            yield reg.UploadModelVersionRequest(metadata=reg.UploadModelVersionMetadata(
-                model="corrupt", format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
-                sha256=hashlib.sha256(artifact).hexdigest(), signature=demo_signature()))
+            yield reg.UploadModelVersionRequest(
+                metadata=reg.UploadModelVersionMetadata(
+                    model="corrupt",
+                    format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
+                    sha256=hashlib.sha256(artifact).hexdigest(),
+                    signature=demo_signature(),
+                )
+            )
             damaged = bytearray(artifact)
             damaged[len(damaged) // 2] ^= 0xFF  # one flipped byte in transit
             yield reg.UploadModelVersionRequest(chunk=bytes(damaged))

@@ -40,7 +40,9 @@ async def test_alias_changes_are_published(store: CoordinationStore) -> None:
 
 async def test_membership_expires_and_deregisters(store: CoordinationStore) -> None:
     record = ServiceRecord(
-        id="model-server-1", kind="model_server", address="127.0.0.1:1",
+        id="model-server-1",
+        kind="model_server",
+        address="127.0.0.1:1",
         versions=[VersionRecord(model="demo", version=1, state="ready")],
     )
     await store.heartbeat(record, ttl_s=0.3)

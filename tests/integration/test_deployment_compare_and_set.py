@@ -54,9 +54,11 @@ async def test_a_set_deployment_with_a_stale_epoch_is_aborted_and_changes_nothin
     await two_versions(registry_stub, "cas")
     read = await deployment_of(registry_stub, "cas")
     read.replicas = 1
-    written = (await registry_stub.SetDeployment(
-        reg.SetDeploymentRequest(model="cas", deployment=read, expected_epoch=read.epoch)
-    )).deployment
+    written = (
+        await registry_stub.SetDeployment(
+            reg.SetDeploymentRequest(model="cas", deployment=read, expected_epoch=read.epoch)
+        )
+    ).deployment
     assert written.replicas == 1 and written.epoch > read.epoch
 
     stale = reg.SetDeploymentRequest(model="cas", deployment=read, expected_epoch=read.epoch)
@@ -108,8 +110,12 @@ async def test_the_monitors_split_writer_keeps_an_operators_change_made_between_
 ) -> None:
     await two_versions(registry_stub, "race")
     monitor = await start_monitor(canary=CanarySettings(enabled=False))
-    await until(monitor, lambda: any(s.kind == "registry" for s in monitor.collector.services),
-                timeout_s=10, what="the monitor to see the registry")
+    await until(
+        monitor,
+        lambda: any(s.kind == "registry" for s in monitor.collector.services),
+        timeout_s=10,
+        what="the monitor to see the registry",
+    )
     race = OperatorFirst(registry_stub, "race")
     channel = grpc.aio.insecure_channel(registry.address, interceptors=[race])
     monitor._registry_channels[registry.address] = channel  # closed by the monitor
@@ -163,5 +169,6 @@ async def test_a_split_that_matches_no_step_starts_the_walk_at_the_first_step(
     assert decision.action is CanaryAction.STEP and decision.traffic_fraction == 0.25
     assert "resumed" not in decision.reason
     assert dict((await deployment_of(registry_stub, "restart")).traffic_split) == {
-        "production": 75, "canary": 25,
+        "production": 75,
+        "canary": 25,
     }

@@ -30,8 +30,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def gateway(redis_settings: RedisSettings) -> AsyncIterator[GatewayApp]:
-    app = GatewayApp(load_settings(
-        GatewaySettings, server=ServerSettings(port=0, metrics_port=0), redis=redis_settings))
+    app = GatewayApp(
+        load_settings(GatewaySettings, server=ServerSettings(port=0, metrics_port=0), redis=redis_settings)
+    )
     await app.start()
     yield app
     await app.aclose()
@@ -39,8 +40,9 @@ async def gateway(redis_settings: RedisSettings) -> AsyncIterator[GatewayApp]:
 
 @pytest.fixture
 async def monitor(redis_settings: RedisSettings) -> AsyncIterator[MonitorApp]:
-    app = MonitorApp(load_settings(
-        MonitorSettings, server=ServerSettings(port=0, metrics_port=0), redis=redis_settings))
+    app = MonitorApp(
+        load_settings(MonitorSettings, server=ServerSettings(port=0, metrics_port=0), redis=redis_settings)
+    )
     await app.start()
     yield app
     await app.aclose()
@@ -107,9 +109,7 @@ async def test_unknown_model_and_alias_are_not_found(gateway: GatewayApp, store:
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_monitor_reports_services_up_then_down(
-    gateway: GatewayApp, monitor: MonitorApp
-) -> None:
+async def test_monitor_reports_services_up_then_down(gateway: GatewayApp, monitor: MonitorApp) -> None:
     async with grpc.aio.insecure_channel(monitor.address) as channel:
         stub = mon_grpc.MonitorServiceStub(channel)
         status = await stub.GetClusterStatus(mon.GetClusterStatusRequest())

@@ -80,14 +80,23 @@ def triton_python() -> Path:
     if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
         return python
     try:
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(TRITON_VENV)],
-                       check=True, capture_output=True, timeout=120)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *TRITON_REQUIREMENTS],
-                       check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--clear", str(TRITON_VENV)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", *TRITON_REQUIREMENTS],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         output = getattr(exc, "stderr", b"") or b""
-        pytest.skip(f"cannot install {' '.join(TRITON_REQUIREMENTS)}: {exc}: "
-                    f"{output.decode(errors='replace')[-500:]}")
+        pytest.skip(
+            f"cannot install {' '.join(TRITON_REQUIREMENTS)}: {exc}: {output.decode(errors='replace')[-500:]}"
+        )
     return python
 
 
@@ -101,8 +110,9 @@ async def oip_stub(gateway: GatewayApp) -> AsyncIterator[oip_grpc.GRPCInferenceS
 async def cluster(
     gateway: GatewayApp, start_model_server: StartModelServer, store: CoordinationStore
 ) -> GatewayApp:
-    await store.apply_aliases(MODEL, {"production": 1, "canary": 2}, 1,
-                              deployment=Deployment(placed_versions=[1, 2]))
+    await store.apply_aliases(
+        MODEL, {"production": 1, "canary": 2}, 1, deployment=Deployment(placed_versions=[1, 2])
+    )
     await start_model_server()
     await serving(gateway, {1: 1, 2: 1})
     return gateway
@@ -122,7 +132,8 @@ def _input(x: torch.Tensor, *, raw: bool) -> oip.ModelInferRequest:
 def _output(response: oip.ModelInferResponse) -> torch.Tensor:
     shape = list(response.outputs[0].shape)
     return torch.from_numpy(
-        np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(shape).copy())
+        np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(shape).copy()
+    )
 
 
 async def test_oip_rpcs_on_the_gateway_port(
@@ -196,9 +207,18 @@ async def test_tritonclient_gets_the_numbers_of_in_process_torch(
     for version, expected in (("", 1), ("canary", 2)):
         done = await asyncio.to_thread(
             subprocess.run,
-            [str(triton_python), "-c", TRITON_SCRIPT, cluster.address, MODEL, version,
-             json.dumps(x.tolist())],
-            capture_output=True, text=True, timeout=120,
+            [
+                str(triton_python),
+                "-c",
+                TRITON_SCRIPT,
+                cluster.address,
+                MODEL,
+                version,
+                json.dumps(x.tolist()),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
             env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")},
         )
         assert done.returncode == 0, done.stderr[-3000:]

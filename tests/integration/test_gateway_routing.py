@@ -64,8 +64,12 @@ class MemorySource:
         data = buffer.getvalue()
         self.modules[version] = module
         self._artifacts[version] = Artifact(
-            model=self._model, version=version, format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
-            sha256=hashlib.sha256(data).hexdigest(), signature=self._signature, data=data,
+            model=self._model,
+            version=version,
+            format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
+            sha256=hashlib.sha256(data).hexdigest(),
+            signature=self._signature,
+            data=data,
         )
 
     def run(self, version: int, x: torch.Tensor) -> torch.Tensor:
@@ -107,8 +111,7 @@ async def start_model_server(
 
     async def start(**overrides: Any) -> ModelServerApp:
         values: dict[str, Any] = {
-            "server": ServerSettings(port=0, metrics_port=0, drain_grace_s=1.0,
-                                     heartbeat_interval_s=0.2),
+            "server": ServerSettings(port=0, metrics_port=0, drain_grace_s=1.0, heartbeat_interval_s=0.2),
             "redis": redis_settings,
             "reconcile_interval_s": 0.2,
             "max_batch_size": 16,
@@ -126,9 +129,14 @@ async def start_model_server(
 
 @pytest.fixture
 async def gateway(redis_settings: RedisSettings) -> AsyncIterator[GatewayApp]:
-    app = GatewayApp(load_settings(
-        GatewaySettings, server=ServerSettings(port=0, metrics_port=0, drain_grace_s=1.0),
-        redis=redis_settings, resync_interval_s=0.2))
+    app = GatewayApp(
+        load_settings(
+            GatewaySettings,
+            server=ServerSettings(port=0, metrics_port=0, drain_grace_s=1.0),
+            redis=redis_settings,
+            resync_interval_s=0.2,
+        )
+    )
     await app.start()
     yield app
     await app.aclose()
@@ -142,9 +150,9 @@ async def stub(gateway: GatewayApp) -> AsyncIterator[inf_grpc.InferenceServiceSt
 
 async def serving(gateway: GatewayApp, versions: dict[int, int]) -> None:
     """Wait until the gateway routes each version to the given number of replicas."""
-    await eventually(lambda: all(
-        len(gateway.router.table.replicas.get((MODEL, v), [])) == n for v, n in versions.items()
-    ))
+    await eventually(
+        lambda: all(len(gateway.router.table.replicas.get((MODEL, v), [])) == n for v, n in versions.items())
+    )
 
 
 def predict(x: torch.Tensor, **fields: Any) -> inf.PredictRequest:
@@ -165,11 +173,18 @@ def metrics_text(app: GatewayApp) -> str:
 
 
 async def test_split_sends_the_configured_share_and_keys_stay_put(
-    gateway: GatewayApp, start_model_server: StartModelServer, store: CoordinationStore,
-    stub: inf_grpc.InferenceServiceStub, source: MemorySource,
+    gateway: GatewayApp,
+    start_model_server: StartModelServer,
+    store: CoordinationStore,
+    stub: inf_grpc.InferenceServiceStub,
+    source: MemorySource,
 ) -> None:
-    await store.apply_aliases(MODEL, {"production": 1, "canary": 2}, 1, deployment=Deployment(
-        placed_versions=[1, 2], traffic_split={"production": 75, "canary": 25}))
+    await store.apply_aliases(
+        MODEL,
+        {"production": 1, "canary": 2},
+        1,
+        deployment=Deployment(placed_versions=[1, 2], traffic_split={"production": 75, "canary": 25}),
+    )
     await start_model_server()
     await start_model_server()
     await serving(gateway, {1: 2, 2: 2})
@@ -199,11 +214,18 @@ async def test_split_sends_the_configured_share_and_keys_stay_put(
 
 
 async def test_shadow_answers_are_recorded_never_returned(
-    gateway: GatewayApp, start_model_server: StartModelServer, store: CoordinationStore,
-    stub: inf_grpc.InferenceServiceStub, source: MemorySource,
+    gateway: GatewayApp,
+    start_model_server: StartModelServer,
+    store: CoordinationStore,
+    stub: inf_grpc.InferenceServiceStub,
+    source: MemorySource,
 ) -> None:
-    await store.apply_aliases(MODEL, {"production": 1, "shadow": 2}, 1, deployment=Deployment(
-        placed_versions=[1, 2], shadow_alias="shadow", shadow_fraction=0.5))
+    await store.apply_aliases(
+        MODEL,
+        {"production": 1, "shadow": 2},
+        1,
+        deployment=Deployment(placed_versions=[1, 2], shadow_alias="shadow", shadow_fraction=0.5),
+    )
     await start_model_server()
     await serving(gateway, {1: 1, 2: 1})
 
@@ -220,15 +242,19 @@ async def test_shadow_answers_are_recorded_never_returned(
         assert (record.version, record.shadow_version, record.outcome) == (1, 2, "mismatch")
         assert record.max_abs_diff == pytest.approx(expected_diff, rel=1e-5)
     body = await asyncio.to_thread(metrics_text, gateway)
-    assert (f'modelyard_gateway_shadow_comparisons_total{{model="{MODEL}",outcome="mismatch",'
-            'shadow_version="2",version="1"} 10.0') in body
+    assert (
+        f'modelyard_gateway_shadow_comparisons_total{{model="{MODEL}",outcome="mismatch",'
+        'shadow_version="2",version="1"} 10.0'
+    ) in body
 
 
 # -- failure handling -----------------------------------------------------------------------
 
 
 async def test_deadline_reaches_the_model_server(
-    gateway: GatewayApp, store: CoordinationStore, stub: inf_grpc.InferenceServiceStub,
+    gateway: GatewayApp,
+    store: CoordinationStore,
+    stub: inf_grpc.InferenceServiceStub,
 ) -> None:
     # A stand-in model server (a real grpc server) that records the deadline it was given.
     seen: list[float | None] = []
@@ -239,15 +265,26 @@ async def test_deadline_reaches_the_model_server(
         return ms.InferResponse(model=parsed.model, version=parsed.version).SerializeToString()
 
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "modelyard.v1.ModelServerService", {"Infer": grpc.unary_unary_rpc_method_handler(infer)}),))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "modelyard.v1.ModelServerService", {"Infer": grpc.unary_unary_rpc_method_handler(infer)}
+            ),
+        )
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         await store.apply_aliases(MODEL, {"production": 1}, 1)
-        await store.heartbeat(ServiceRecord(
-            id="stand-in", kind="model_server", address=f"127.0.0.1:{port}",
-            versions=[VersionRecord(model=MODEL, version=1, state="ready")]), ttl_s=30)
+        await store.heartbeat(
+            ServiceRecord(
+                id="stand-in",
+                kind="model_server",
+                address=f"127.0.0.1:{port}",
+                versions=[VersionRecord(model=MODEL, version=1, state="ready")],
+            ),
+            ttl_s=30,
+        )
         await serving(gateway, {1: 1})
         await stub.Predict(predict(torch.zeros(1, 8)), timeout=3.0)
         await stub.Predict(predict(torch.zeros(1, 8)), timeout=0.75)
@@ -260,7 +297,9 @@ async def test_deadline_reaches_the_model_server(
 
 
 async def test_a_replica_killed_under_load_fails_no_call_that_had_not_reached_it(
-    gateway: GatewayApp, start_model_server: StartModelServer, store: CoordinationStore,
+    gateway: GatewayApp,
+    start_model_server: StartModelServer,
+    store: CoordinationStore,
     stub: inf_grpc.InferenceServiceStub,
 ) -> None:
     await store.apply_aliases(MODEL, {"production": 1}, 1)
@@ -300,13 +339,17 @@ async def test_a_replica_killed_under_load_fails_no_call_that_had_not_reached_it
     assert len(failures) <= reached, [f.details() for f in failures]
     assert all(f.code() is grpc.StatusCode.UNAVAILABLE for f in failures)
     assert replica_of[victim.service_id].ejected_until > 0 or victim.service_id not in {
-        r.server_id for r in gateway.router.table.replicas.get((MODEL, 1), [])}
+        r.server_id for r in gateway.router.table.replicas.get((MODEL, 1), [])
+    }
     assert survivor.service_id in {r.server_id for r in gateway.router.table.replicas[(MODEL, 1)]}
 
 
 async def test_predict_stream_matches_answers_to_requests(
-    gateway: GatewayApp, start_model_server: StartModelServer, store: CoordinationStore,
-    stub: inf_grpc.InferenceServiceStub, source: MemorySource,
+    gateway: GatewayApp,
+    start_model_server: StartModelServer,
+    store: CoordinationStore,
+    stub: inf_grpc.InferenceServiceStub,
+    source: MemorySource,
 ) -> None:
     await store.apply_aliases(MODEL, {"production": 1}, 1)
     await start_model_server()
@@ -316,8 +359,7 @@ async def test_predict_stream_matches_answers_to_requests(
     async def requests() -> AsyncIterator[inf.PredictStreamRequest]:
         for rid, x in inputs.items():
             yield inf.PredictStreamRequest(request=predict(x, request_id=rid))
-        yield inf.PredictStreamRequest(request=predict(torch.zeros(1, 8), alias="nope",
-                                                        request_id="bad"))
+        yield inf.PredictStreamRequest(request=predict(torch.zeros(1, 8), alias="nope", request_id="bad"))
 
     answers: dict[str, torch.Tensor] = {}
     errors = {}
@@ -338,9 +380,14 @@ async def test_degraded_routing_is_reported_and_the_last_table_kept() -> None:
         settings = RedisSettings(url=redis_server.url, socket_timeout_s=0.5, retries=0)
         async with CoordinationStore(settings) as writer:
             await writer.apply_aliases(MODEL, {"production": 1}, 1)
-        app = GatewayApp(load_settings(
-            GatewaySettings, server=ServerSettings(port=0, metrics_port=0, drain_grace_s=0.5),
-            redis=settings, resync_interval_s=60))
+        app = GatewayApp(
+            load_settings(
+                GatewaySettings,
+                server=ServerSettings(port=0, metrics_port=0, drain_grace_s=0.5),
+                redis=settings,
+                resync_interval_s=60,
+            )
+        )
         await app.start()
         try:
             async with grpc.aio.insecure_channel(app.address) as channel:

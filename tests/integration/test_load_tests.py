@@ -45,8 +45,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     Started with asyncio.run: LocalCluster keeps no loop-bound state between start and stop,
     and the runs themselves are child processes.
     """
-    local = LocalCluster(data_dir=tmp_path_factory.mktemp("load-cluster"), ports="free",
-                         env={"MODELYARD_LOG_LEVEL": "WARNING"})
+    local = LocalCluster(
+        data_dir=tmp_path_factory.mktemp("load-cluster"), ports="free", env={"MODELYARD_LOG_LEVEL": "WARNING"}
+    )
     try:
         asyncio.run(local.start())
         _module, artifact = build_demo_model()
@@ -59,7 +60,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "load_tests", "run", *args],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
         env=dict(os.environ, COLUMNS="200"),  # rich wraps lines at the terminal width
     )
 
@@ -75,8 +79,17 @@ def test_scenario_passes_and_writes_locust_reports(
     cluster: LocalCluster, tmp_path: Path, scenario: str
 ) -> None:
     results = tmp_path / scenario
-    done = _run(scenario, "--host", cluster.gateway_address, "--users", "2", "--duration", "3s",
-                "--results-dir", str(results))
+    done = _run(
+        scenario,
+        "--host",
+        cluster.gateway_address,
+        "--users",
+        "2",
+        "--duration",
+        "3s",
+        "--results-dir",
+        str(results),
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"PASS: scenario {scenario} met its SLO" in done.stdout
     summary = _summary(results)
@@ -94,8 +107,19 @@ def test_impossible_slo_fails_with_a_message_naming_it(cluster: LocalCluster, tm
     slo_file = tmp_path / "slo.yaml"
     slo_file.write_text("steady:\n  p99_ms: 0.001\n  max_error_rate: 0\n  min_rps: 1\n")
     results = tmp_path / "tight"
-    done = _run("steady", "--host", cluster.gateway_address, "--users", "2", "--duration", "2s",
-                "--slo-file", str(slo_file), "--results-dir", str(results))
+    done = _run(
+        "steady",
+        "--host",
+        cluster.gateway_address,
+        "--users",
+        "2",
+        "--duration",
+        "2s",
+        "--slo-file",
+        str(slo_file),
+        "--results-dir",
+        str(results),
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "FAIL: SLO p99_ms missed: p99 latency" in done.stdout
     assert "> 0.001 ms" in done.stdout
@@ -107,9 +131,19 @@ def test_impossible_slo_fails_with_a_message_naming_it(cluster: LocalCluster, tm
 @pytest.mark.integration
 def test_promote_and_rollback_under_load_lose_no_request(cluster: LocalCluster, tmp_path: Path) -> None:
     results = tmp_path / "promote"
-    done = _run("promote_rollback", "--host", cluster.gateway_address,
-                "--registry", cluster.address_of("registry"), "--users", "2", "--duration", "5s",
-                "--results-dir", str(results))
+    done = _run(
+        "promote_rollback",
+        "--host",
+        cluster.gateway_address,
+        "--registry",
+        cluster.address_of("registry"),
+        "--users",
+        "2",
+        "--duration",
+        "5s",
+        "--results-dir",
+        str(results),
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     summary = _summary(results)
     stats = summary["stats"]
@@ -124,8 +158,9 @@ def test_promote_and_rollback_under_load_lose_no_request(cluster: LocalCluster, 
 
 @pytest.mark.integration
 def test_server_lost_needs_the_clusters_redis(tmp_path: Path) -> None:
-    done = _run("server_lost", "--host", "127.0.0.1:1", "--duration", "2s",
-                "--results-dir", str(tmp_path / "lost"))
+    done = _run(
+        "server_lost", "--host", "127.0.0.1:1", "--duration", "2s", "--results-dir", str(tmp_path / "lost")
+    )
     assert done.returncode == 2
     assert "needs the cluster's Redis: pass --redis-url, or --cluster-file" in done.stdout
 
@@ -135,9 +170,19 @@ def test_server_lost_refuses_a_redis_of_another_cluster(
     cluster: LocalCluster, redis_url: str, tmp_path: Path
 ) -> None:
     # The session's Redis holds no gateway: nothing may join it, nothing is started.
-    done = _run("server_lost", "--host", cluster.gateway_address,
-                "--registry", cluster.address_of("registry"), "--redis-url", redis_url,
-                "--duration", "2s", "--results-dir", str(tmp_path / "lost"))
+    done = _run(
+        "server_lost",
+        "--host",
+        cluster.gateway_address,
+        "--registry",
+        cluster.address_of("registry"),
+        "--redis-url",
+        redis_url,
+        "--duration",
+        "2s",
+        "--results-dir",
+        str(tmp_path / "lost"),
+    )
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"is not the cluster of the gateway {cluster.gateway_address}" in done.stdout
     assert not (tmp_path / "lost" / "joined-model-server.log").exists()
@@ -181,8 +226,17 @@ async def test_server_lost_joins_a_model_server_of_its_own_and_kills_it(
         # 10 s: the kill is at a third, so the killed server's membership record expires
         # (heartbeat TTL 5 s) while the load still runs, and the cluster must ride that out too.
         done = await asyncio.to_thread(
-            _run, "server_lost", "--cluster-file", str(cluster.cluster_file), "--users", "2",
-            "--duration", "10s", "--results-dir", str(results))
+            _run,
+            "server_lost",
+            "--cluster-file",
+            str(cluster.cluster_file),
+            "--users",
+            "2",
+            "--duration",
+            "10s",
+            "--results-dir",
+            str(results),
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         assert "PASS: scenario server_lost met its SLO" in done.stdout
         summary = _summary(results)
@@ -217,10 +271,29 @@ async def test_server_lost_joins_a_model_server_of_its_own_and_kills_it(
 async def test_server_lost_interrupted_leaves_nothing_behind(cluster: LocalCluster, tmp_path: Path) -> None:
     own_servers = await _model_servers(cluster)
     process = subprocess.Popen(
-        [sys.executable, "-m", "load_tests", "run", "server_lost", "--host", cluster.gateway_address,
-         "--registry", cluster.address_of("registry"), "--redis-url", cluster.redis_url,
-         "--users", "2", "--duration", "30s", "--results-dir", str(tmp_path / "lost")],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "load_tests",
+            "run",
+            "server_lost",
+            "--host",
+            cluster.gateway_address,
+            "--registry",
+            cluster.address_of("registry"),
+            "--redis-url",
+            cluster.redis_url,
+            "--users",
+            "2",
+            "--duration",
+            "30s",
+            "--results-dir",
+            str(tmp_path / "lost"),
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env=dict(os.environ, COLUMNS="200"),
     )
     try:
@@ -248,8 +321,12 @@ async def test_server_lost_interrupted_leaves_nothing_behind(cluster: LocalClust
 
 def test_cluster_file_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "cluster.json"
-    info = ClusterFile(pid=os.getpid(), redis_url="redis://127.0.0.1:1/0", key_prefix="my",
-                       services={"gateway": "127.0.0.1:2", "registry": "127.0.0.1:3"})
+    info = ClusterFile(
+        pid=os.getpid(),
+        redis_url="redis://127.0.0.1:1/0",
+        key_prefix="my",
+        services={"gateway": "127.0.0.1:2", "registry": "127.0.0.1:3"},
+    )
     path.write_text(json.dumps(info.to_json()))
     assert ClusterFile.read(path) == info
     assert info.running()
@@ -269,17 +346,20 @@ def test_check_slo_names_every_missed_objective() -> None:
     stats = RunStats(requests=200, failures=3, rps=40.0, p50_ms=8.0, p99_ms=120.0, max_ms=300.0)
     misses = check_slo(Slo(p99_ms=100, max_error_rate=0.01, min_rps=50), stats)
     assert [m.slo for m in misses] == ["p99_ms", "max_error_rate", "min_rps"]
-    assert misses[1].message == (
-        "SLO max_error_rate missed: 3 of 200 requests failed (1.5000% > 1.0000%)")
+    assert misses[1].message == ("SLO max_error_rate missed: 3 of 200 requests failed (1.5000% > 1.0000%)")
     assert check_slo(Slo(p99_ms=120, max_error_rate=0.015, min_rps=40), stats) == []
     assert [m.slo for m in check_slo(Slo(), RunStats(0, 0, 0.0, 0.0, 0.0, 0.0))] == ["min_requests"]
 
 
 def test_read_stats_aggregates_locust_final_statistics(tmp_path: Path) -> None:
     entry = {
-        "name": "/modelyard.v1.InferenceService/Predict", "method": "grpc",
-        "num_requests": 100, "num_failures": 1, "max_response_time": 250.5,
-        "start_time": 1000.0, "last_request_timestamp": 1010.0,
+        "name": "/modelyard.v1.InferenceService/Predict",
+        "method": "grpc",
+        "num_requests": 100,
+        "num_failures": 1,
+        "max_response_time": 250.5,
+        "start_time": 1000.0,
+        "last_request_timestamp": 1010.0,
         "response_times": {"5": 90, "20": 9, "250": 1},
     }
     path = tmp_path / "stats.json"

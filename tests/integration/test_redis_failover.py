@@ -106,7 +106,11 @@ def redis_ha(tmp_path: Path) -> Iterator[RedisHA]:
 
 def test_sentinel_urls_parse() -> None:
     assert parse_sentinel_url("redis+sentinel://:s3cret@h1:26379,h2:26380/mymaster/2") == (
-        [("h1", 26379), ("h2", 26380)], "mymaster", 2, "s3cret")
+        [("h1", 26379), ("h2", 26380)],
+        "mymaster",
+        2,
+        "s3cret",
+    )
     with pytest.raises(ValueError, match="names no Sentinel service"):
         parse_sentinel_url("redis+sentinel://h1:26379")
 
@@ -115,17 +119,34 @@ def test_sentinel_urls_parse() -> None:
 async def cluster(redis_ha: RedisHA, tmp_path: Path) -> AsyncIterator[tuple[RegistryApp, GatewayApp]]:
     redis_settings = RedisSettings(url=redis_ha.url, socket_timeout_s=1.0)
     fast = {"heartbeat_interval_s": 0.2, "heartbeat_ttl_s": 10.0, "drain_grace_s": 1.0}
-    registry = RegistryApp(load_settings(
-        RegistrySettings, server=ServerSettings(port=0, **fast), redis=redis_settings,
-        data_dir=tmp_path / "registry", redis_resync_interval_s=0.5))
+    registry = RegistryApp(
+        load_settings(
+            RegistrySettings,
+            server=ServerSettings(port=0, **fast),
+            redis=redis_settings,
+            data_dir=tmp_path / "registry",
+            redis_resync_interval_s=0.5,
+        )
+    )
     await registry.start()
-    model_server = ModelServerApp(load_settings(
-        ModelServerSettings, server=ServerSettings(port=0, **fast), redis=redis_settings,
-        registry_address=registry.address, reconcile_interval_s=0.3))
+    model_server = ModelServerApp(
+        load_settings(
+            ModelServerSettings,
+            server=ServerSettings(port=0, **fast),
+            redis=redis_settings,
+            registry_address=registry.address,
+            reconcile_interval_s=0.3,
+        )
+    )
     await model_server.start()
-    gateway = GatewayApp(load_settings(
-        GatewaySettings, server=ServerSettings(port=0, **fast), redis=redis_settings,
-        resync_interval_s=0.3))
+    gateway = GatewayApp(
+        load_settings(
+            GatewaySettings,
+            server=ServerSettings(port=0, **fast),
+            redis=redis_settings,
+            resync_interval_s=0.3,
+        )
+    )
     await gateway.start()
     try:
         yield registry, gateway

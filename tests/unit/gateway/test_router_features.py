@@ -27,15 +27,21 @@ MODEL = "demo"
 
 def _server(sid: str, *versions: int) -> ServiceRecord:
     return ServiceRecord(
-        id=sid, kind="model_server", address=f"{sid}:1",
+        id=sid,
+        kind="model_server",
+        address=f"{sid}:1",
         versions=[VersionRecord(model=MODEL, version=v, state="ready") for v in versions],
     )
 
 
 class _Refused(grpc.aio.AioRpcError):
     def __init__(self) -> None:
-        super().__init__(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                         details="failed to connect to all addresses")
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            details="failed to connect to all addresses",
+        )
 
 
 class RecordingPool:
@@ -62,7 +68,9 @@ class RecordingPool:
         if out is None:  # by default a version answers its input times its number
             out = tensor_from_proto(parsed.inputs[0]) * parsed.version
         return ms.InferResponse(
-            model=parsed.model, version=parsed.version, request_id=request_id,
+            model=parsed.model,
+            version=parsed.version,
+            request_id=request_id,
             outputs=[tensor_to_proto("output", out)],
         ).SerializeToString()
 
@@ -137,7 +145,8 @@ async def test_explicit_selectors_bypass_the_split() -> None:
 
 def test_a_split_naming_a_missing_alias_falls_back_to_the_default() -> None:
     table = RoutingTable.build(
-        {MODEL: ({"production": 1}, 1)}, [_server("a", 1)],
+        {MODEL: ({"production": 1}, 1)},
+        [_server("a", 1)],
         deployments={MODEL: Deployment(traffic_split={"production": 50, "canary": 50})},
     )
     router = _router(RecordingPool(), table)
@@ -145,8 +154,7 @@ def test_a_split_naming_a_missing_alias_falls_back_to_the_default() -> None:
 
 
 def test_sticky_replica_moves_only_when_its_own_replica_leaves() -> None:
-    table = RoutingTable.build({MODEL: ({"production": 1}, 1)},
-                               [_server(s, 1) for s in "abcd"])
+    table = RoutingTable.build({MODEL: ({"production": 1}, 1)}, [_server(s, 1) for s in "abcd"])
     router = _router(RecordingPool(), table)
     replicas = table.ready_replicas(MODEL, 1)
     before = {f"k{i}": router._sticky.choose(replicas, key=f"k{i}") for i in range(400)}
@@ -171,7 +179,8 @@ async def test_shadow_answers_are_compared_recorded_and_never_returned() -> None
     pool = RecordingPool()
     pool.outputs = {1: torch.zeros(1, 2), 2: torch.tensor([[0.0, 0.5]])}
     table = RoutingTable.build(
-        {MODEL: ({"production": 1, "shadow": 2}, 1)}, [_server("a", 1), _server("b", 2)],
+        {MODEL: ({"production": 1, "shadow": 2}, 1)},
+        [_server("a", 1), _server("b", 2)],
         deployments={MODEL: Deployment(shadow_alias="shadow", shadow_fraction=0.5)},
     )
     router = _router(pool, table)
@@ -196,7 +205,8 @@ async def test_a_slow_shadow_never_delays_the_primary_answer() -> None:
     pool = RecordingPool()
     pool.gate, pool.gated_version = asyncio.Event(), 2  # the shadow version hangs
     table = RoutingTable.build(
-        {MODEL: ({"production": 1, "shadow": 2}, 1)}, [_server("a", 1), _server("b", 2)],
+        {MODEL: ({"production": 1, "shadow": 2}, 1)},
+        [_server("a", 1), _server("b", 2)],
         deployments={MODEL: Deployment(shadow_alias="shadow", shadow_fraction=1.0)},
     )
     router = _router(pool, table)
@@ -233,8 +243,9 @@ async def test_work_that_may_have_run_is_not_retried() -> None:
     class Broken(RecordingPool):
         async def infer(self, address: str, request: bytes, timeout_s: float, request_id: str) -> bytes:
             self.calls.append((address, 1, request_id))
-            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
-                                       grpc.aio.Metadata(), details="Socket closed")
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details="Socket closed"
+            )
 
     pool = Broken()
     table = RoutingTable.build({MODEL: ({"production": 1}, 1)}, [_server("a", 1), _server("b", 1)])
@@ -244,13 +255,19 @@ async def test_work_that_may_have_run_is_not_retried() -> None:
     assert len(pool.calls) == 1
 
 
-BATCHED = {"inputs": [{"name": "input", "dataType": "DATA_TYPE_FP32", "shape": ["-1", "2"]}],
-           "outputs": [{"name": "output", "dataType": "DATA_TYPE_FP32", "shape": ["-1", "2"]}]}
+BATCHED = {
+    "inputs": [{"name": "input", "dataType": "DATA_TYPE_FP32", "shape": ["-1", "2"]}],
+    "outputs": [{"name": "output", "dataType": "DATA_TYPE_FP32", "shape": ["-1", "2"]}],
+}
 
 
 def _batched_table() -> RoutingTable:
-    record = ServiceRecord(id="a", kind="model_server", address="a:1", versions=[
-        VersionRecord(model=MODEL, version=3, state="ready", signature=BATCHED)])
+    record = ServiceRecord(
+        id="a",
+        kind="model_server",
+        address="a:1",
+        versions=[VersionRecord(model=MODEL, version=3, state="ready", signature=BATCHED)],
+    )
     return RoutingTable.build({MODEL: ({"production": 3}, 1)}, [record])
 
 

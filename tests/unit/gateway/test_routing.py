@@ -16,7 +16,10 @@ from modelyard.v1 import inference_service_pb2, model_server_service_pb2, tensor
 
 def _server(sid: str, *versions: tuple[str, int, str], draining: bool = False) -> ServiceRecord:
     return ServiceRecord(
-        id=sid, kind="model_server", address=f"{sid}:1", draining=draining,
+        id=sid,
+        kind="model_server",
+        address=f"{sid}:1",
+        draining=draining,
         versions=[VersionRecord(model=m, version=v, state=s) for m, v, s in versions],
     )
 
@@ -66,9 +69,15 @@ def test_least_outstanding_prefers_the_idle_replica_and_honours_exclude() -> Non
 @pytest.mark.parametrize("version", [1, 127, 128, 300, 2**40])
 def test_append_version_makes_a_valid_infer_request(version: int) -> None:
     request = inference_service_pb2.PredictRequest(
-        model="demo", alias="canary", routing_key="user-7", request_id="r1",
-        inputs=[tensor_pb2.Tensor(name="input", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[1],
-                                  raw=b"\x00\x00\x80?")],
+        model="demo",
+        alias="canary",
+        routing_key="user-7",
+        request_id="r1",
+        inputs=[
+            tensor_pb2.Tensor(
+                name="input", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[1], raw=b"\x00\x00\x80?"
+            )
+        ],
     )
     infer = model_server_service_pb2.InferRequest.FromString(
         append_version(request.SerializeToString(), version)
@@ -81,7 +90,8 @@ def test_append_version_makes_a_valid_infer_request(version: int) -> None:
 
 def test_an_older_epoch_in_redis_never_moves_routes_back() -> None:
     current = RoutingTable.build(
-        {"demo": ({"production": 3}, 7), "other": ({"production": 1}, 2)}, [],
+        {"demo": ({"production": 3}, 7), "other": ({"production": 1}, 2)},
+        [],
         deployments={"demo": Deployment(traffic_split={"production": 100})},
     )
     stale = {"demo": ({"production": 2}, 6), "other": ({"production": 5}, 3)}

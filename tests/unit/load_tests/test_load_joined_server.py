@@ -13,8 +13,10 @@ LIVE = ["model-server-1-aaaaaa"]
 
 
 def test_any_id_when_no_other_model_has_a_fixed_replica_count() -> None:
-    deployments = {"demo": Deployment(replicas=1, placed_versions=[1]),
-                   "other": Deployment(replicas=0, placed_versions=[1, 2])}
+    deployments = {
+        "demo": Deployment(replicas=1, placed_versions=[1]),
+        "other": Deployment(replicas=0, placed_versions=[1, 2]),
+    }
     chosen = pick_service_id("demo", {}, deployments, LIVE)
     assert chosen.startswith("model-server-load-test-")
 
@@ -22,8 +24,10 @@ def test_any_id_when_no_other_model_has_a_fixed_replica_count() -> None:
 def test_the_id_takes_no_version_of_a_fixed_replica_model() -> None:
     # Four live servers, one replica each: a random id wins a given version about 1 time in 5.
     live = [f"model-server-{i}-aaaaaa" for i in range(4)]
-    deployments = {"other": Deployment(replicas=1, placed_versions=[1, 2]),
-                   "aliased": Deployment(replicas=1)}  # places its aliased versions
+    deployments = {
+        "other": Deployment(replicas=1, placed_versions=[1, 2]),
+        "aliased": Deployment(replicas=1),
+    }  # places its aliased versions
     aliases = {"aliased": ({"production": 7}, 1)}
     for _ in range(20):
         chosen = pick_service_id("demo", aliases, deployments, live)

@@ -206,7 +206,12 @@ async def test_auto_keeps_a_slow_forward_off_the_loop(closing: Any) -> None:
 async def test_a_group_that_fills_a_preferred_size_leaves_without_waiting(closing: Any) -> None:
     model = GatedModel()
     batcher = make(
-        model, closing, execution="thread", max_batch_size=8, max_queue_delay_s=3600, instances=2,
+        model,
+        closing,
+        execution="thread",
+        max_batch_size=8,
+        max_queue_delay_s=3600,
+        instances=2,
         preferred_batch_sizes=(2, 4),
     )
     first = await occupy(batcher, model)
@@ -222,7 +227,11 @@ async def test_a_group_that_fills_a_preferred_size_leaves_without_waiting(closin
 async def test_batches_take_the_largest_preferred_size_they_can_fill(closing: Any) -> None:
     model = GatedModel()
     batcher = make(
-        model, closing, execution="thread", max_batch_size=8, max_queue_delay_s=3600,
+        model,
+        closing,
+        execution="thread",
+        max_batch_size=8,
+        max_queue_delay_s=3600,
         preferred_batch_sizes=(4,),
     )
     first = await occupy(batcher, model)

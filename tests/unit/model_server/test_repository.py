@@ -102,8 +102,9 @@ async def test_outputs_are_named_and_filtered(source: MemorySource, repository: 
         pytest.param([wire("inptu", torch.zeros(1, 4))], "inputs[inptu]", id="unknown-name"),
         pytest.param([], "inputs[input]", id="missing"),
         pytest.param([wire("input", torch.zeros(1, 4))] * 2, "inputs[input]", id="repeated"),
-        pytest.param([wire("input", torch.zeros(1, 4, dtype=torch.float64))], "inputs[input].data_type",
-                     id="dtype"),
+        pytest.param(
+            [wire("input", torch.zeros(1, 4, dtype=torch.float64))], "inputs[input].data_type", id="dtype"
+        ),
         pytest.param([wire("input", torch.zeros(1, 5))], "inputs[input].shape", id="shape"),
         pytest.param([wire("input", torch.zeros(4))], "inputs[input].shape", id="rank"),
     ],
@@ -152,8 +153,11 @@ async def test_a_model_that_contradicts_its_signature_never_becomes_ready(
     with pytest.raises(FailedPrecondition, match="returns 1 outputs"):
         await repository.load("mlp", 1)
 
-    source.add(make_artifact(torchscript_bytes(mlp()), version=2,
-                             signature=make_signature(outputs=(("y", FP32, (-1, 5)),))))
+    source.add(
+        make_artifact(
+            torchscript_bytes(mlp()), version=2, signature=make_signature(outputs=(("y", FP32, (-1, 5)),))
+        )
+    )
     with pytest.raises(FailedPrecondition, match="shape"):
         await repository.load("mlp", 2)
 

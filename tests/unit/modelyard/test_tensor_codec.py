@@ -49,15 +49,15 @@ def test_encoding_is_little_endian_row_major() -> None:
 def test_decoding_shares_the_message_bytes() -> None:
     message = tensor_to_proto("x", torch.arange(6, dtype=torch.float32))
     raw = message.raw
-    decoded = tensor_from_proto(tensor_pb2.Tensor(name="x", data_type=message.data_type,
-                                                  shape=[2, 3], raw=raw))
+    decoded = tensor_from_proto(
+        tensor_pb2.Tensor(name="x", data_type=message.data_type, shape=[2, 3], raw=raw)
+    )
     assert decoded.shape == (2, 3)
     assert decoded.untyped_storage().nbytes() == len(raw)
 
 
 def test_wrong_byte_count_names_the_field() -> None:
-    bad = tensor_pb2.Tensor(name="input", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[2, 3],
-                            raw=bytes(20))
+    bad = tensor_pb2.Tensor(name="input", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[2, 3], raw=bytes(20))
     with pytest.raises(SignatureMismatch, match="needs 24") as info:
         tensor_from_proto(bad)
     assert info.value.field == "inputs[input].raw"

@@ -46,7 +46,10 @@ def analyzer(registry: Registry, decisions: list[CanaryDecision], **settings: An
 
     values: dict[str, Any] = {"min_requests": 50, "promote_steps": [0.1, 0.5, 1.0], "step_after_s": 10.0}
     return CanaryAnalyzer(
-        CanarySettings(**{**values, **settings}), registry.move, record, set_split=registry.split,
+        CanarySettings(**{**values, **settings}),
+        registry.move,
+        record,
+        set_split=registry.split,
         get_split=registry.read_split,
     )
 
