@@ -7,7 +7,8 @@
     │   └── AliasNotFound               ALIAS_NOT_FOUND
     ├── InvalidArgument                 INVALID_ARGUMENT
     │   ├── SignatureMismatch           SIGNATURE_MISMATCH
-    │   ├── ChecksumMismatch            CHECKSUM_MISMATCH
+    │   ├── ModelFailedOnInput          MODEL_FAILED_ON_INPUT (the forward raised on this input)
+│   ├── ChecksumMismatch            CHECKSUM_MISMATCH
     │   └── TooLarge                    TOO_LARGE
     ├── AlreadyExists                   ALREADY_EXISTS
     ├── Conflict                        CONFLICT            (a compare-and-set lost)
@@ -38,6 +39,7 @@ __all__ = [
     "AliasNotFound",
     "InvalidArgument",
     "SignatureMismatch",
+    "ModelFailedOnInput",
     "ChecksumMismatch",
     "TooLarge",
     "AlreadyExists",
@@ -104,6 +106,13 @@ class InvalidArgument(ModelyardError):
 
 class SignatureMismatch(InvalidArgument):
     reason = "SIGNATURE_MISMATCH"
+
+
+class ModelFailedOnInput(InvalidArgument):
+    """The model's forward raised on this request's own input (for example a token id past
+    an embedding's vocabulary), alone or isolated from the other requests of its batch."""
+
+    reason = "MODEL_FAILED_ON_INPUT"
 
 
 class ChecksumMismatch(InvalidArgument):

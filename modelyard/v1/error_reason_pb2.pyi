@@ -26,6 +26,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_MODEL_ERROR: _ClassVar[ErrorReason]
     ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
     ERROR_REASON_TOO_LARGE: _ClassVar[ErrorReason]
+    ERROR_REASON_MODEL_FAILED_ON_INPUT: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_MODEL_NOT_FOUND: ErrorReason
 ERROR_REASON_VERSION_NOT_FOUND: ErrorReason
@@ -46,3 +47,4 @@ ERROR_REASON_COORDINATION_UNAVAILABLE: ErrorReason
 ERROR_REASON_MODEL_ERROR: ErrorReason
 ERROR_REASON_INTERNAL: ErrorReason
 ERROR_REASON_TOO_LARGE: ErrorReason
+ERROR_REASON_MODEL_FAILED_ON_INPUT: ErrorReason
