@@ -1,4 +1,4 @@
-"""Keeps the router's table in step with Redis: a rebuild on every change event and on a
+"""Keeps the gateway's routing table in step with Redis: a rebuild on every change event and on a
 timer, and the last known table kept (reported degraded) while Redis is unreachable."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from gateway.forwarder import ChannelPool
 from gateway.metrics import ROUTING_AGE_SECONDS, ROUTING_DEGRADED
-from gateway.router import Router
 from gateway.routing_table import RoutingTable, keep_newer_routes
 from modelyard.coordination import CoordinationStore
 from modelyard.errors import CoordinationUnavailable
@@ -22,11 +21,11 @@ log = logging.getLogger(__name__)
 
 
 class RoutingSync:
-    """Owner of the loops that refresh `router.table`.
+    """Owner of the routing table (`table`, replaced whole on every refresh) and of the loops
+    that refresh it; the data plane's `RoutingSource`.
 
     Args:
         store: Redis access.
-        router: Whose `table` is replaced on every refresh.
         pool: Channels to forget when their server leaves.
         resync_interval_s: Refresh period on top of change events.
         name: This gateway's id, the label of its routing metrics.
@@ -36,7 +35,6 @@ class RoutingSync:
     def __init__(
         self,
         store: CoordinationStore,
-        router: Router,
         pool: ChannelPool,
         *,
         resync_interval_s: float,
@@ -44,8 +42,9 @@ class RoutingSync:
         on_degraded: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
-        self._router = router
         self._pool = pool
+        self.table = RoutingTable()
+        """The current table: read by the data plane, replaced whole (never edited) here."""
         self._resync_interval_s = resync_interval_s
         self._wake = asyncio.Event()
         self._tasks = BackgroundTasks()
@@ -96,7 +95,7 @@ class RoutingSync:
                 log.warning("serving from the last known routing table: %s", exc)
                 await self._set_degraded(True)
             return
-        old = self._router.table
+        old = self.table
         if not aliases and old.models:
             # Redis answers but knows no model at all while this gateway routes some: it was
             # flushed or replaced (a failover to an empty replica). Keep routing from the last
@@ -111,7 +110,7 @@ class RoutingSync:
         self._refreshed_gauge.set(time.time())
         aliases, deployments = keep_newer_routes(old, aliases, deployments)
         new = RoutingTable.build(aliases, services, previous=old, deployments=deployments)
-        self._router.table = new
+        self.table = new
         gone = {r.address for rs in old.replicas.values() for r in rs} - {
             r.address for rs in new.replicas.values() for r in rs
         }
