@@ -48,13 +48,14 @@ _OIP_METHOD = f"/{OIP_SERVICE_NAME}/"
 
 
 def _selector(model_version: str) -> tuple[int, str]:
-    """(version, alias) of an OIP `model_version`: digits are a version (1 to 2^63-1), any
-    other text an alias, "" the default alias."""
+    """(version, alias) of an OIP `model_version`: "" is the default alias, a name starting
+    with a lower-case letter an alias (the registry's rule for alias names), anything else must
+    be a version number (1 to 2^63-1; "²", "-1" or 20 digits are INVALID_ARGUMENT)."""
     if not model_version:
         return 0, ""
-    if model_version[0].isdigit():  # digits of any script: a version, or refused as one
-        return parse_version(model_version) or 0, ""
-    return 0, model_version
+    if "a" <= model_version[0] <= "z":  # alias names start with a lower-case letter
+        return 0, model_version
+    return parse_version(model_version) or 0, ""  # a version number, or refused as one
 
 
 def _routing_key(parameters: Any) -> str:
