@@ -96,17 +96,25 @@ class Dispatcher:
     async def _send(
         self, replica: Replica, request: bytes, timeout_s: float, request_id: str, callers: int
     ) -> bytes:
+        health = self.health
         replica.outstanding += callers
+        token = health.started(replica)
+        ok = False
         try:
             response = await self.pool.infer(replica.address, request, timeout_s, request_id)
+            ok = True
         except ReplicaUnavailable:
-            self.health.failed(replica)
+            health.failed(replica)
             raise
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in _REPLICA_FAULTS:
-                self.health.failed(replica)
+            if exc.code() in _REPLICA_FAULTS or (
+                # It ran past its deadline on the replica: slow, whatever the caller allowed.
+                exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED and timeout_s >= health.stall_s
+            ):
+                health.failed(replica)
             raise
         finally:
             replica.outstanding -= callers
-        self.health.succeeded(replica)
+            health.ended(replica, token, ok=ok)
+        health.succeeded(replica)
         return response

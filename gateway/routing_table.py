@@ -27,6 +27,12 @@ class Replica:
     """Consecutive failed calls."""
     ejected_until: float = 0.0
     """Monotonic time until which the replica gets no work (0: not ejected)."""
+    started: dict[int, float] = field(default_factory=dict)
+    """Start times of this gateway's calls in flight to it, oldest first (stall detection)."""
+    latency_s: float | None = None
+    """Its typical latency as this gateway saw it (a moving average of answered calls)."""
+    answered_at: float = 0.0
+    """Monotonic time the last of this gateway's calls to it ended."""
 
 
 @dataclass(frozen=True)
