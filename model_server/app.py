@@ -15,6 +15,7 @@ import grpc
 import torch
 
 from model_server.batching import BatchConfig
+from model_server.dataplane import ModelServerDataPlane
 from model_server.loader import ArtifactSource, RegistryArtifactSource
 from model_server.oip_servicer import OIP_SERVICE_NAME, OipServicer
 from model_server.reconciler import Backoff, Reconciler
@@ -168,10 +169,11 @@ class ModelServerApp:
             raise RuntimeError("Cannot start a ModelServerApp more than once.")
         # One set of request figures for both protocols: the monitor sees every call.
         stats = RequestStats()
+        self.dataplane = ModelServerDataPlane(self.repository, stats)
         servicer = ModelServerServicer(
-            self.repository, server_id=self.service_id, draining=lambda: self._draining, stats=stats
+            self.dataplane, server_id=self.service_id, draining=lambda: self._draining
         )
-        oip_servicer = OipServicer(self.repository, draining=lambda: self._draining, stats=stats)
+        oip_servicer = OipServicer(self.dataplane, draining=lambda: self._draining)
 
         def register(server: grpc.aio.Server) -> None:
             model_server_service_pb2_grpc.add_ModelServerServiceServicer_to_server(servicer, server)

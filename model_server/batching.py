@@ -49,8 +49,11 @@ dropped when their batch is formed, before compute. The waiting queue is bounded
 beyond `max_queue_size`, `submit` raises QueueFull at once (never blocks).
 
 The forward runs inside `torch.inference_mode()`. Outputs are checked to have the batch's
-item count on dim 0 and split back with `torch.split`. A failing batch fails only its own
-requests (ModelExecutionError, the trace in the log) and the batcher goes on.
+item count on dim 0 and split back with `torch.split`. A batch is an isolation boundary: when
+its forward raises, halves of it are run again (down to single requests, at most 2n - 2 extra
+forwards for n requests) so that only the requests whose own inputs make the model fail get
+an error (ModelFailedOnInput, INVALID_ARGUMENT, with the model's one-line message), and every
+other request in the batch gets its answer. The batcher goes on either way.
 
 Usage::
 
@@ -76,13 +79,15 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from modelyard.errors import (
     DeadlineExceeded,
     Draining,
     InvalidArgument,
     ModelExecutionError,
+    ModelFailedOnInput,
+    ModelyardError,
     QueueFull,
 )
 from modelyard.telemetry import LATENCY_BUCKETS_S
@@ -97,6 +102,8 @@ __all__ = [
     "COMPUTE_SECONDS",
     "BATCH_SIZE",
     "QUEUE_DEPTH",
+    "ISOLATIONS",
+    "INPUT_FAILURES",
     "EXECUTIONS",
     "LOOP_MAX_FORWARD_S",
 ]
@@ -124,6 +131,17 @@ BATCH_SIZE = Histogram(
     "Items per batched forward pass.",
     ["model", "version"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+ISOLATIONS = Counter(
+    "modelyard_model_server_batch_isolations",
+    "Batches whose forward failed with more than one request in them, rerun in halves to "
+    "find the requests at fault (the others were answered).",
+    ["model", "version"],
+)
+INPUT_FAILURES = Counter(
+    "modelyard_model_server_input_failures",
+    "Requests whose own forward failed (MODEL_FAILED_ON_INPUT), alone or isolated from a batch.",
+    ["model", "version"],
 )
 QUEUE_DEPTH = Gauge(
     "modelyard_model_server_queue_depth",
@@ -286,6 +304,20 @@ def _set_exception_if_not_done(future: asyncio.Future[Any], exc: BaseException) 
         future.set_exception(exc)
 
 
+MAX_ERROR_CHARS = 300
+"""Most characters of a model's own error message passed on to the caller."""
+
+
+def _last_line(exc: BaseException) -> str:
+    """`Type: message` of a model's exception, its last non-empty line only (TorchScript's
+    messages carry the interpreter's traceback before it), cut to `MAX_ERROR_CHARS`."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    if not text.startswith(type(exc).__name__):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text[:MAX_ERROR_CHARS]
+
+
 def _as_tensor_list(result: Any) -> list[torch.Tensor]:
     if isinstance(result, torch.Tensor):
         return [result]
@@ -352,6 +384,8 @@ class Batcher:
         self._queue_seconds = QUEUE_SECONDS.labels(*labels)
         self._compute_seconds = COMPUTE_SECONDS.labels(*labels)
         self._batch_size = BATCH_SIZE.labels(*labels)
+        self._isolations = ISOLATIONS.labels(*labels)
+        self._input_failures = INPUT_FAILURES.labels(*labels)
         # Read at scrape time instead of written on every enqueue and dispatch: a gauge
         # write takes a lock, and the hot path would pay it twice per request.
         # A weak reference: the metrics registry must not keep an unloaded model alive.
@@ -456,17 +490,20 @@ class Batcher:
                 self._loop.run_in_executor(self._executor, self._compute, [inputs], [items])
                 for _ in range(self._config.instances)
             ]
-            try:
-                results = await asyncio.gather(*runs)
-            except _BadOutput as exc:
-                raise ModelExecutionError(f"warm-up at batch size {items}: {exc}") from None
-            except Exception as exc:
-                raise ModelExecutionError(
-                    f"warm-up at batch size {items} failed: {type(exc).__name__}: {exc}"
-                ) from exc
+            results = await asyncio.gather(*runs)
+            for per_request, _ in results:
+                (outcome,) = per_request
+                if isinstance(outcome, _BadOutput):
+                    raise ModelExecutionError(f"warm-up at batch size {items}: {outcome}") from None
+                if isinstance(outcome, BaseException):
+                    raise ModelExecutionError(
+                        f"warm-up at batch size {items} failed: {type(outcome).__name__}: {outcome}"
+                    ) from outcome
             fastest = min(seconds for _, seconds in results)
             self.warm_up_s[items] = min(fastest, self.warm_up_s.get(items, math.inf))
-        return results[-1][0][0]
+        outputs = results[-1][0][0]
+        assert not isinstance(outputs, BaseException)
+        return outputs
 
     def settle_execution(self) -> str:
         """Decide where `auto` runs batches, from the warm-up timings; call after warm-up.
@@ -505,7 +542,8 @@ class Batcher:
         # closes: the series then belong to the new one and stay.
         if _METRIC_OWNERS.get(self._labels) is self:
             del _METRIC_OWNERS[self._labels]
-            for metric in (QUEUE_SECONDS, COMPUTE_SECONDS, BATCH_SIZE, QUEUE_DEPTH):
+            metrics = (QUEUE_SECONDS, COMPUTE_SECONDS, BATCH_SIZE, QUEUE_DEPTH, ISOLATIONS, INPUT_FAILURES)
+            for metric in metrics:
                 try:
                     metric.remove(*self._labels)
                 except KeyError:
@@ -702,30 +740,64 @@ class Batcher:
 
     def _compute(
         self, inputs: list[Sequence[torch.Tensor]], counts: list[int]
-    ) -> tuple[list[list[torch.Tensor]], float]:
-        """Concatenate, forward, check and split one batch."""
+    ) -> tuple[list[list[torch.Tensor] | BaseException], float]:
+        """Concatenate, forward, check and split one batch.
+
+        When the batch's forward fails and it holds more than one request, the requests at
+        fault are found by running halves of the batch (recursively, down to single
+        requests): only a request whose own forward fails gets an exception in its place;
+        every other request gets its outputs. At most 2n - 2 extra forwards for n requests.
+        """
         start = time.perf_counter()
         with torch.inference_mode():
-            if len(inputs) == 1:
-                batched = inputs[0]
-            else:
-                batched = [torch.cat(column) for column in zip(*inputs, strict=True)]
-            outputs = _as_tensor_list(self._model(*batched))
-            if not self._batching:
-                return [outputs], time.perf_counter() - start
-            total = sum(counts)
-            for index, output in enumerate(outputs):
-                if output.dim() == 0 or output.shape[0] != total:
-                    raise _BadOutput(
-                        f"output {index} has shape {list(output.shape)}; a batch of {total} items "
-                        f"needs {total} rows on dim 0"
-                    )
-            if len(counts) == 1:
-                per_request = [outputs]
-            else:
-                columns = [torch.split(output, counts) for output in outputs]
-                per_request = [list(row) for row in zip(*columns, strict=True)]
+            try:
+                per_request: list[list[torch.Tensor] | BaseException] = list(self._forward(inputs, counts))
+            except Exception as exc:  # noqa: BLE001 - isolated below, reported per request
+                if len(inputs) == 1:
+                    per_request = [exc]
+                else:
+                    per_request = self._isolate(inputs, counts)
+                    self._isolations.inc()
         return per_request, time.perf_counter() - start
+
+    def _forward(
+        self, inputs: Sequence[Sequence[torch.Tensor]], counts: Sequence[int]
+    ) -> list[list[torch.Tensor]]:
+        """One forward of the requests `inputs` (their item `counts`), split back per request."""
+        if len(inputs) == 1:
+            batched = inputs[0]
+        else:
+            batched = [torch.cat(column) for column in zip(*inputs, strict=True)]
+        outputs = _as_tensor_list(self._model(*batched))
+        if not self._batching:
+            return [outputs]
+        total = sum(counts)
+        for index, output in enumerate(outputs):
+            if output.dim() == 0 or output.shape[0] != total:
+                raise _BadOutput(
+                    f"output {index} has shape {list(output.shape)}; a batch of {total} items "
+                    f"needs {total} rows on dim 0"
+                )
+        if len(counts) == 1:
+            return [outputs]
+        columns = [torch.split(output, list(counts)) for output in outputs]
+        return [list(row) for row in zip(*columns, strict=True)]
+
+    def _isolate(
+        self, inputs: Sequence[Sequence[torch.Tensor]], counts: Sequence[int]
+    ) -> list[list[torch.Tensor] | BaseException]:
+        """The outputs of each half of a failed batch, halving again where a half fails."""
+        middle = len(inputs) // 2
+        results: list[list[torch.Tensor] | BaseException] = []
+        for part, part_counts in ((inputs[:middle], counts[:middle]), (inputs[middle:], counts[middle:])):
+            try:
+                results.extend(self._forward(part, part_counts))
+            except Exception as exc:  # noqa: BLE001 - the culprit is a single request
+                if len(part) == 1:
+                    results.append(exc)
+                else:
+                    results.extend(self._isolate(part, part_counts))
+        return results
 
     # -- completion (event loop) -----------------------------------------------------------
 
@@ -733,7 +805,7 @@ class Batcher:
         self,
         batch: list[_Request],
         total: int,
-        future: asyncio.Future[tuple[list[list[torch.Tensor]], float]],
+        future: asyncio.Future[tuple[list[list[torch.Tensor] | BaseException], float]],
     ) -> None:
         self._in_flight -= 1
         self._in_flight_requests -= len(batch)
@@ -748,9 +820,12 @@ class Batcher:
             self._dispatch()
 
     def _complete_batch(
-        self, batch: list[_Request], total: int, result: tuple[list[list[torch.Tensor]], float]
+        self,
+        batch: list[_Request],
+        total: int,
+        result: tuple[list[list[torch.Tensor] | BaseException], float],
     ) -> None:
-        """Record a computed batch and hand every request its outputs."""
+        """Record a computed batch and hand every request its outputs, or its own failure."""
         try:
             per_request, compute_s = result
             self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * compute_s
@@ -762,18 +837,48 @@ class Batcher:
             stats.last_inference_ms = int(time.time() * 1000)
             count, seconds = stats.batches.get(total, (0, 0.0))
             stats.batches[total] = (count + 1, seconds + compute_s)
-            for request in batch:
+            for request, outcome in zip(batch, per_request, strict=True):
+                if isinstance(outcome, BaseException):
+                    self._fail_request(request, outcome, alone=len(batch) == 1)
+                    continue
                 stats.success_count += 1
                 stats.queue_s += request.queue_s
                 stats.compute_s += compute_s
                 stats.success_s += request.queue_s + compute_s
-            for request, outputs in zip(batch, per_request, strict=True):
                 _set_result_if_not_done(
-                    request.future, (outputs, BatchTiming(request.queue_s, compute_s, total))
+                    request.future, (outcome, BatchTiming(request.queue_s, compute_s, total))
                 )
         except Exception as exc:  # noqa: BLE001 - a bug here must not strand the waiters
             log.exception("completing a batch of %s v%d failed", self._name, self._version)
             self._fail_batch(batch, total, exc)
+
+    def _fail_request(self, request: _Request, exc: BaseException, *, alone: bool) -> None:
+        """One request whose own forward failed: the others in its batch were answered."""
+        self.stats.fail_count += 1
+        self.stats.fail_s += request.queue_s
+        self._input_failures.inc()
+        where = f"model {self._name!r} version {self._version}"
+        if isinstance(exc, _BadOutput):
+            log.error(
+                "%s returned unusable outputs (request id %s): %s", where, request.request_id or "-", exc
+            )
+            error: ModelyardError = ModelExecutionError(
+                f"{where} returned outputs that do not match its signature for this request"
+            )
+        else:
+            # One line, not the trace: a caller can send such inputs at any rate.
+            log.warning(
+                "%s failed on the input of request %s%s: %s",
+                where,
+                request.request_id or "-",
+                "" if alone else " (isolated from its batch)",
+                _last_line(exc),
+            )
+            error = ModelFailedOnInput(
+                f"{where} failed on this request's input: {_last_line(exc)}",
+                metadata={"model": self._name, "version": str(self._version)},
+            )
+        _set_exception_if_not_done(request.future, error)
 
     def _fail_batch(self, batch: list[_Request], total: int, exc: BaseException | None) -> None:
         request_ids = ",".join(r.request_id for r in batch if r.request_id) or "-"

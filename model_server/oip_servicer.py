@@ -1,8 +1,8 @@
 """Open Inference Protocol v2 (`inference.GRPCInferenceService`) on the model server's own
 port, so one model server can be used alone, like Triton, and `perf_analyzer` can drive it.
 
-A thin adapter over `ModelRepository`: tensors go through `modelyard.oip_codec`, inference
-through the version's batcher (the same one `ModelServerService.Infer` uses). Served:
+A thin adapter over `ModelServerDataPlane` (the one `ModelServerService.Infer` uses): tensors
+go through `modelyard.oip_codec`, inference through the data plane. Served:
 ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer (raw and typed
 contents), ModelConfig (Triton's extension) and ModelStatistics. A `model_version` of "" means
 the highest version ready here. The repository RPCs answer UNIMPLEMENTED: what a model server
@@ -18,10 +18,10 @@ from typing import Any, cast
 
 import grpc
 
-from model_server.repository import LoadedVersion, ModelRepository, VersionState
-from model_server.stats import RequestStats
+from model_server.dataplane import ModelServerDataPlane
+from model_server.repository import LoadedVersion, VersionState
 from modelyard import __version__, oip_codec
-from modelyard.errors import InvalidArgument, ModelNotFound, VersionNotReady
+from modelyard.errors import ModelNotFound, VersionNotReady
 from modelyard.oip import grpc_service_pb2 as oip
 from modelyard.oip import model_config_pb2
 from modelyard.oip_service import OipServicerBase
@@ -29,13 +29,17 @@ from modelyard.rpc.context import current_request_id
 from modelyard.rpc.errors import rpc_errors
 from modelyard.tensor_codec import DTYPE_BY_DATA_TYPE
 from modelyard.v1 import tensor_pb2
+from modelyard.validation import parse_version
 
-__all__ = ["OIP_SERVICE_NAME", "PLATFORM", "OipServicer"]
+__all__ = ["OIP_SERVICE_NAME", "TRITON_PLATFORM", "OipServicer"]
 
 OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
-PLATFORM = "pytorch_libtorch"
-"""What ModelMetadata and ModelConfig report (Triton's name for a TorchScript model)."""
+
+TRITON_PLATFORM = "pytorch_libtorch"
+"""The platform ModelConfig (Triton's extension) reports: Triton's name for its PyTorch
+backend, which Triton's tools expect there. ModelMetadata reports the OIP spec's names
+(`oip_codec.oip_platform`)."""
 
 EXTENSIONS = ["model_configuration", "statistics"]
 
@@ -51,30 +55,18 @@ def _duration(count: int, seconds: float) -> oip.StatisticDuration:
     return oip.StatisticDuration(count=count, ns=int(seconds * 1e9))
 
 
-def _is_batching(loaded: LoadedVersion) -> bool:
-    return all(len(s.shape) > 0 and s.shape[0] == -1 for s in loaded.signature.inputs)
-
-
 class OipServicer(OipServicerBase):
     """The Open Inference Protocol over a model server's repository.
 
     Args:
-        repository: The versions this server holds.
+        dataplane: Inference on the versions this server holds.
         draining: Tells whether the server is draining (then it is live but not ready).
-        stats: Per-version request figures and input statistics (shared with
-            `ModelServerServicer`, so the monitor sees every call, whichever protocol).
     """
 
-    def __init__(
-        self,
-        repository: ModelRepository,
-        *,
-        draining: Callable[[], bool],
-        stats: RequestStats | None = None,
-    ) -> None:
-        self._repository = repository
+    def __init__(self, dataplane: ModelServerDataPlane, *, draining: Callable[[], bool]) -> None:
+        self._dataplane = dataplane
+        self._repository = dataplane.repository
         self._draining = draining
-        self._stats = stats or RequestStats()
 
     # -- lookup ----------------------------------------------------------------------------
 
@@ -83,30 +75,7 @@ class OipServicer(OipServicerBase):
 
     def _version(self, model: str, version: str) -> LoadedVersion:
         """A ready version by OIP name and version string ("" = the highest ready)."""
-        if not model:
-            raise InvalidArgument("name the model", field="model_name")
-        if version == "":
-            loaded = self._repository.highest_ready(model)
-            if loaded is not None:
-                return loaded
-            if not self._held(model):
-                raise ModelNotFound(f"model {model!r} is not held by this server")
-            raise VersionNotReady(
-                f"model {model!r} has no ready version on this server yet",
-                metadata={"model": model},
-            )
-        try:
-            number = int(version)
-        except ValueError:
-            raise InvalidArgument(
-                f"model version {version!r} is not a version number", field="model_version"
-            ) from None
-        try:
-            return self._repository.ready(model, number)
-        except VersionNotReady:
-            if not self._held(model):
-                raise ModelNotFound(f"model {model!r} is not held by this server") from None
-            raise
+        return self._dataplane.resolve(model, parse_version(version))
 
     # -- health ----------------------------------------------------------------------------
 
@@ -160,7 +129,7 @@ class OipServicer(OipServicerBase):
         return oip.ModelMetadataResponse(
             name=loaded.model,
             versions=ready,
-            platform=PLATFORM,
+            platform=oip_codec.oip_platform(loaded.platform),
             inputs=metadata(loaded.signature.inputs),
             outputs=metadata(loaded.signature.outputs),
         )
@@ -170,13 +139,13 @@ class OipServicer(OipServicerBase):
         self, request: oip.ModelConfigRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> oip.ModelConfigResponse:
         loaded = self._version(request.name, request.version)
-        batching = _is_batching(loaded)
+        batching = loaded.check.batching
         batch = loaded.serving.batch
         # Triton's dims exclude the batch dimension when max_batch_size > 0.
         skip = 1 if batching else 0
         config = model_config_pb2.ModelConfig(
             name=loaded.model,
-            platform=PLATFORM,
+            platform=TRITON_PLATFORM,
             backend="pytorch",
             max_batch_size=batch.max_batch_size if batching else 0,
             input=[
@@ -257,34 +226,21 @@ class OipServicer(OipServicerBase):
     async def ModelInfer(
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> oip.ModelInferResponse:
-        loaded = self._version(request.model_name, request.model_version)
-        requested = oip_codec.requested_outputs(request)
-        for name in requested or ():
-            if name not in loaded.output_names:
-                raise InvalidArgument(
-                    f"output {name!r} is not an output of model {loaded.model!r}; it has "
-                    f"{', '.join(repr(n) for n in loaded.output_names)}",
-                    field=f"outputs[{name}]",
-                )
-        inputs = oip_codec.decode_inputs(request)
         remaining_s = context.time_remaining()
         deadline = None if remaining_s is None else asyncio.get_running_loop().time() + remaining_s
-        outputs, _timing = await self._stats.observe(
-            loaded.model,
-            loaded.version,
-            inputs,
-            lambda: self._repository.infer_tensors(
-                loaded, inputs, deadline, request_id=request.id or current_request_id()
-            ),
+        answer = await self._dataplane.infer(
+            request.model_name,
+            parse_version(request.model_version),
+            oip_codec.wire_inputs(request),
+            [o.name for o in request.outputs],
+            deadline,
+            request_id=request.id or current_request_id(),
+            output_field="outputs[{name}]",
         )
         response = oip.ModelInferResponse(
-            model_name=loaded.model, model_version=str(loaded.version), id=request.id
+            model_name=answer.loaded.model, model_version=str(answer.loaded.version), id=request.id
         )
-        oip_codec.encode_outputs(
-            response,
-            zip(loaded.output_names, outputs, strict=True),
-            requested=requested,
-        )
+        oip_codec.encode_outputs(response, answer.outputs)
         return response
 
     @rpc_errors

@@ -1,8 +1,7 @@
-"""The model versions a model server holds, and inference on them. No gRPC here.
-
-`ModelRepository.infer` is the Predict path's core: find the ready version, decode and check
-the inputs against its signature, submit them to the version's batcher, name and filter the
-outputs. `load` and `unload` are driven by the reconciler.
+"""The model versions a model server holds: their lifecycle (load, warm up, reconfigure,
+unload) and their state. No gRPC here, and no inference: `model_server.dataplane` answers
+requests on the versions this repository holds ready. `load` and `unload` are driven by the
+reconciler.
 """
 
 from __future__ import annotations
@@ -12,34 +11,23 @@ import enum
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from google.protobuf import json_format
 
-from model_server.batching import BatchConfig, Batcher, BatchTiming
+from model_server.batching import BatchConfig, Batcher
 from model_server.devices import ServingConfig, cast_module, check_precision, forward_fn, resolve_device
 from model_server.loader import ArtifactSource, load_module
 from model_server.stats import register_input_bins
 from modelyard.coordination import VersionRecord
-from modelyard.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    ModelyardError,
-    SignatureMismatch,
-    VersionNotReady,
-)
+from modelyard.errors import FailedPrecondition, ModelyardError, VersionNotReady
 from modelyard.tasks import cancel_task
-from modelyard.tensor_codec import (
-    DTYPE_BY_DATA_TYPE,
-    check_tensor,
-    data_type_name,
-    tensor_from_proto,
-    tensor_to_proto,
-)
+from modelyard.tensor_codec import DTYPE_BY_DATA_TYPE, data_type_name
 from modelyard.v1 import tensor_pb2
+from modelyard.validation import SHOWN_CHARS, InputCheck, shown
 
 __all__ = ["VersionState", "LoadedVersion", "ModelRepository"]
 
@@ -76,9 +64,13 @@ class LoadedVersion:
     """Why the last load failed (for operators; FAILED only)."""
     ready_time: float | None = None
     """Wall-clock time it became ready."""
-    # Built once at load, for the hot path.
-    input_index: dict[str, int] = field(default_factory=dict)
-    output_names: list[str] = field(default_factory=list)
+    check: InputCheck = field(default_factory=lambda: InputCheck("", (), ()))
+    """Its signature compiled for checking requests (built once at load, for the hot path)."""
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """Its outputs' names, in signature order."""
+        return self.check.outputs
 
     @property
     def outstanding(self) -> int:
@@ -130,10 +122,6 @@ def warm_up_sizes(config: BatchConfig) -> tuple[list[int], list[int]]:
         power *= 2
     settle = sorted({1, *config.preferred_batch_sizes, top})
     return [size for size in sweep if size not in settle], settle
-
-
-def _is_batching(signature: tensor_pb2.Signature) -> bool:
-    return all(len(spec.shape) > 0 and spec.shape[0] == -1 for spec in signature.inputs)
 
 
 class ModelRepository:
@@ -198,48 +186,9 @@ class ModelRepository:
         ]
         return ", ".join(ready) or "none"
 
-    # -- the Predict path ------------------------------------------------------------------
-
-    async def infer(
-        self,
-        model: str,
-        version: int,
-        inputs: Sequence[tensor_pb2.Tensor],
-        output_names: Sequence[str],
-        deadline: float | None,
-        *,
-        request_id: str = "",
-    ) -> tuple[list[tensor_pb2.Tensor], BatchTiming]:
-        """Run one request through the version's batcher.
-
-        Args:
-            model: The model's name.
-            version: The exact version.
-            inputs: Wire tensors, named as in the signature (any order).
-            output_names: Outputs to return; empty means all, in signature order.
-            deadline: `loop.time()` after which the request is dropped before compute.
-            request_id: For the log if the batch fails.
-
-        Returns:
-            The output wire tensors and the request's timing.
-
-        Raises:
-            VersionNotReady: the version is not ready here (the message lists what is).
-            SignatureMismatch: an input is missing, unknown, repeated, or of the wrong
-                dtype or shape (the field names the input).
-            InvalidArgument: an unknown output name, or inputs disagreeing on dim 0.
-            QueueFull, DeadlineExceeded, ModelExecutionError, Draining: from the batcher.
-        """
-        loaded = self.ready(model, version)
-        tensors = self._order(loaded, [(m.name, tensor_from_proto(m)) for m in inputs])
-        selected = self._select_outputs(loaded, output_names)
-        batcher = loaded.batcher
-        assert batcher is not None  # ready() checked it
-        outputs, timing = await batcher.submit(tensors, deadline, request_id=request_id)
-        names = loaded.output_names
-        if selected is None:
-            return [tensor_to_proto(name, t) for name, t in zip(names, outputs, strict=True)], timing
-        return [tensor_to_proto(names[i], outputs[i]) for i in selected], timing
+    def holds(self, model: str) -> bool:
+        """Whether this server holds any version of the model, in whatever state."""
+        return any(name == model for name, _ in self._versions)
 
     def ready(self, model: str, version: int) -> LoadedVersion:
         """The version if it is ready here.
@@ -251,80 +200,11 @@ class ModelRepository:
         if loaded is None or loaded.state is not VersionState.READY or loaded.batcher is None:
             state = "not held" if loaded is None else loaded.state.value
             raise VersionNotReady(
-                f"model {model!r} version {version} is {state} on this server; ready here: "
+                f"model {shown(model)} version {version} is {state} on this server; ready here: "
                 f"{self._ready_here()}",
-                metadata={"model": model, "version": str(version)},
+                metadata={"model": model[:SHOWN_CHARS], "version": str(version)},
             )
         return loaded
-
-    async def infer_tensors(
-        self,
-        loaded: LoadedVersion,
-        inputs: Sequence[tuple[str, torch.Tensor]],
-        deadline: float | None,
-        *,
-        request_id: str = "",
-    ) -> tuple[list[torch.Tensor], BatchTiming]:
-        """Run decoded, named inputs through a ready version's batcher (the OIP path).
-
-        Returns:
-            Every output, in signature order (`loaded.output_names`), and the timing.
-
-        Raises:
-            VersionNotReady: the version stopped being ready (unloaded meanwhile).
-            SignatureMismatch, InvalidArgument, QueueFull, DeadlineExceeded,
-            ModelExecutionError, Draining: as `infer`.
-        """
-        batcher = loaded.batcher
-        if batcher is None or loaded.state is not VersionState.READY:
-            loaded = self.ready(loaded.model, loaded.version)
-            batcher = loaded.batcher
-            assert batcher is not None
-        tensors = self._order(loaded, inputs)
-        return await batcher.submit(tensors, deadline, request_id=request_id)
-
-    @staticmethod
-    def _order(loaded: LoadedVersion, inputs: Sequence[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
-        """Check named inputs against the signature; return them in signature order."""
-        specs = loaded.signature.inputs
-        slots: list[torch.Tensor | None] = [None] * len(specs)
-        for name, tensor in inputs:
-            index = loaded.input_index.get(name)
-            if index is None:
-                raise SignatureMismatch(
-                    f"unknown input {name!r}; model {loaded.model!r} takes "
-                    f"{', '.join(repr(n) for n in loaded.input_index)}",
-                    field=f"inputs[{name}]",
-                )
-            if slots[index] is not None:
-                raise SignatureMismatch(f"input {name!r} is given twice", field=f"inputs[{name}]")
-            spec = specs[index]
-            check_tensor(spec.name, tensor, spec.data_type, spec.shape)
-            slots[index] = tensor
-        for spec, slot in zip(specs, slots, strict=True):
-            if slot is None:
-                raise SignatureMismatch(
-                    f"input {spec.name!r} ({data_type_name(spec.data_type)}) is missing",
-                    field=f"inputs[{spec.name}]",
-                )
-        return slots  # type: ignore[return-value]  # every slot was checked to be filled
-
-    @staticmethod
-    def _select_outputs(loaded: LoadedVersion, output_names: Sequence[str]) -> list[int] | None:
-        if not output_names:
-            return None
-        names = loaded.output_names
-        selected = []
-        for name in output_names:
-            try:
-                selected.append(names.index(name))
-            except ValueError:
-                raise InvalidArgument(
-                    f"unknown output {name!r}; model {loaded.model!r} returns "
-                    f"{', '.join(repr(n) for n in names)}",
-                    field="output_names",
-                ) from None
-        return selected
 
     # -- load / unload ---------------------------------------------------------------------
 
@@ -440,14 +320,13 @@ class ModelRepository:
         loaded.signature = artifact.signature
         loaded.platform = artifact.platform
         self._check_signature(loaded)
-        loaded.input_index = {spec.name: i for i, spec in enumerate(artifact.signature.inputs)}
-        loaded.output_names = [spec.name for spec in artifact.signature.outputs]
+        loaded.check = InputCheck.from_proto(model, artifact.signature)
         register_input_bins(model, version, artifact.input_baselines)
         module = await asyncio.to_thread(load_module, artifact, device)
         del artifact  # its bytes are no longer needed
         loaded.module = cast_module(module, compute_dtype)
         del module
-        batching = _is_batching(loaded.signature)
+        batching = loaded.check.batching
         output_dtypes = [DTYPE_BY_DATA_TYPE[spec.data_type] for spec in loaded.signature.outputs]
         loaded.batcher = Batcher(
             forward_fn(loaded.module, device, compute_dtype, output_dtypes),

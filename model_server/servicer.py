@@ -1,4 +1,4 @@
-"""`modelyard.v1.ModelServerService`: a thin adapter over `ModelRepository`."""
+"""`modelyard.v1.ModelServerService`: decode, one call into the data plane, encode."""
 
 from __future__ import annotations
 
@@ -10,15 +10,17 @@ import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from model_server.batching import BatchTiming
-from model_server.repository import LoadedVersion, ModelRepository, VersionState
-from model_server.stats import RequestStats
+from model_server.dataplane import ModelServerDataPlane
+from model_server.repository import LoadedVersion, VersionState
 from modelyard.rpc.context import current_request_id
 from modelyard.rpc.errors import rpc_errors
+from modelyard.tensor_codec import tensor_to_proto
 from modelyard.v1 import (
     inference_service_pb2,
     model_server_service_pb2,
     model_server_service_pb2_grpc,
 )
+from modelyard.validation import WireTensor
 
 __all__ = ["ModelServerServicer", "SERVICE_NAME"]
 
@@ -66,24 +68,21 @@ class ModelServerServicer(model_server_service_pb2_grpc.ModelServerServiceServic
     """Infer and GetServerStatus.
 
     Args:
-        repository: The versions this server holds.
+        dataplane: Inference on the versions this server holds.
         server_id: This server's id in the cluster.
         draining: Tells whether the server is draining.
-        stats: Per-version request figures (shared with the OIP servicer).
     """
 
     def __init__(
         self,
-        repository: ModelRepository,
+        dataplane: ModelServerDataPlane,
         *,
         server_id: str,
         draining: Callable[[], bool],
-        stats: RequestStats | None = None,
     ) -> None:
-        self._repository = repository
+        self._dataplane = dataplane
         self._server_id = server_id
         self._draining = draining
-        self._stats = stats or RequestStats()
 
     @rpc_errors
     async def Infer(
@@ -94,25 +93,20 @@ class ModelServerServicer(model_server_service_pb2_grpc.ModelServerServiceServic
         remaining_s = context.time_remaining()
         deadline = None if remaining_s is None else asyncio.get_running_loop().time() + remaining_s
         request_id = request.request_id or current_request_id()
-        outputs, timing = await self._stats.observe(
+        answer = await self._dataplane.infer(
             request.model,
             request.version,
-            request.inputs,
-            lambda: self._repository.infer(
-                request.model,
-                request.version,
-                request.inputs,
-                request.output_names,
-                deadline,
-                request_id=request_id,
-            ),
+            [WireTensor.of(t) for t in request.inputs],
+            request.output_names,
+            deadline,
+            request_id=request_id,
         )
         return model_server_service_pb2.InferResponse(
             model=request.model,
             version=request.version,
-            outputs=outputs,
+            outputs=[tensor_to_proto(name, t) for name, t in answer.outputs],
             request_id=request_id,
-            timing=_timing(timing),
+            timing=_timing(answer.timing),
         )
 
     @rpc_errors
@@ -123,6 +117,6 @@ class ModelServerServicer(model_server_service_pb2_grpc.ModelServerServiceServic
     ) -> model_server_service_pb2.GetServerStatusResponse:
         return model_server_service_pb2.GetServerStatusResponse(
             server_id=self._server_id,
-            loaded_versions=[_loaded_version(v) for v in self._repository.versions()],
+            loaded_versions=[_loaded_version(v) for v in self._dataplane.repository.versions()],
             draining=self._draining(),
         )

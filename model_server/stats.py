@@ -47,6 +47,7 @@ from modelyard.rpc.errors import status_code_for
 from modelyard.telemetry import FINE_LATENCY_BUCKETS_S
 from modelyard.tensor_codec import DTYPE_BY_DATA_TYPE
 from modelyard.v1 import registry_pb2, tensor_pb2
+from modelyard.validation import WireTensor
 
 __all__ = [
     "REQUESTS",
@@ -338,6 +339,9 @@ DEVICE_MEMORY = DeviceMemory()
 REGISTRY.register(DEVICE_MEMORY)
 
 
+SampledInput = tensor_pb2.Tensor | WireTensor | tuple[str, torch.Tensor]
+"""An input as the statistics take it: on the wire (decoded only when sampled) or decoded."""
+
 _SAMPLED_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.int32, torch.int64})
 # The wire dtypes that are sampled, as numpy dtypes (derived from the codec's table).
 _NUMPY_BY_DATA_TYPE: dict[int, np.dtype[Any]] = {
@@ -347,7 +351,7 @@ _NUMPY_BY_DATA_TYPE: dict[int, np.dtype[Any]] = {
 }
 
 
-def _sampled_array(item: tensor_pb2.Tensor | tuple[str, torch.Tensor]) -> tuple[str, np.ndarray] | None:
+def _sampled_array(item: SampledInput) -> tuple[str, np.ndarray] | None:
     """An input as (name, numpy array) for the statistics, or None when it has none (other
     dtypes, bfloat16, a malformed wire tensor).
 
@@ -355,7 +359,7 @@ def _sampled_array(item: tensor_pb2.Tensor | tuple[str, torch.Tensor]) -> tuple[
     loop each release lets a worker thread running a forward keep the GIL for up to the 5 ms
     switch interval; numpy keeps it for arrays this small.
     """
-    if isinstance(item, tuple):
+    if isinstance(item, tuple) and not isinstance(item, WireTensor):
         name, tensor = item
         if tensor.dtype not in _SAMPLED_DTYPES or tensor.requires_grad or tensor.device.type != "cpu":
             return None
@@ -391,14 +395,14 @@ class RequestStats:
         self,
         model: str,
         version: int,
-        inputs: Sequence[tensor_pb2.Tensor | tuple[str, torch.Tensor]],
+        inputs: Sequence[SampledInput],
         call: Callable[[], Awaitable[T]],
     ) -> T:
         """Run `call` (the Infer work) and record its outcome under the model version.
 
         Args:
             inputs: The request's inputs, for the input statistics: wire tensors (decoded
-                only when sampled), or (name, tensor) pairs already decoded (the OIP path).
+                only when sampled, with numpy), or (name, tensor) pairs already decoded.
         """
         start = time.perf_counter()
         code = "OK"
@@ -435,9 +439,7 @@ class RequestStats:
             counter = self._counts[(model, version, code)] = REQUESTS.labels(model, str(version), code)
         counter.inc()
 
-    def _sample(
-        self, labels: tuple[str, str], inputs: Sequence[tensor_pb2.Tensor | tuple[str, torch.Tensor]]
-    ) -> None:
+    def _sample(self, labels: tuple[str, str], inputs: Sequence[SampledInput]) -> None:
         for item in inputs:
             sampled = _sampled_array(item)
             if sampled is None:

@@ -7,6 +7,7 @@
     │   └── AliasNotFound               ALIAS_NOT_FOUND
     ├── InvalidArgument                 INVALID_ARGUMENT
     │   ├── SignatureMismatch           SIGNATURE_MISMATCH
+    │   ├── ModelFailedOnInput          MODEL_FAILED_ON_INPUT (the forward raised on this input)
     │   ├── ChecksumMismatch            CHECKSUM_MISMATCH
     │   ├── TooLarge                    TOO_LARGE
     │   ├── UnsafeArtifact              UNSAFE_ARTIFACT     (an archive part that could run code)
@@ -40,6 +41,7 @@ __all__ = [
     "AliasNotFound",
     "InvalidArgument",
     "SignatureMismatch",
+    "ModelFailedOnInput",
     "ChecksumMismatch",
     "TooLarge",
     "UnsafeArtifact",
@@ -108,6 +110,13 @@ class InvalidArgument(ModelyardError):
 
 class SignatureMismatch(InvalidArgument):
     reason = "SIGNATURE_MISMATCH"
+
+
+class ModelFailedOnInput(InvalidArgument):
+    """The model's forward raised on this request's own input (for example a token id past
+    an embedding's vocabulary), alone or isolated from the other requests of its batch."""
+
+    reason = "MODEL_FAILED_ON_INPUT"
 
 
 class ChecksumMismatch(InvalidArgument):

@@ -48,6 +48,7 @@ from modelyard import tensor_codec
 from modelyard.errors import SignatureMismatch
 from modelyard.oip import grpc_service_pb2 as oip
 from modelyard.v1 import tensor_pb2
+from modelyard.validation import MAX_DIM, SHOWN_CHARS, WireTensor, shown
 
 __all__ = [
     "DTYPE_BY_DATATYPE",
@@ -58,6 +59,8 @@ __all__ = [
     "datatype_size",
     "decode_input",
     "decode_inputs",
+    "wire_inputs",
+    "oip_platform",
     "requested_outputs",
     "encode_output",
     "encode_outputs",
@@ -70,26 +73,6 @@ __all__ = [
 
 assert sys.byteorder == "little", "the OIP codec assumes a little-endian host"
 
-DTYPE_BY_DATATYPE: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "UINT8": torch.uint8,
-    "UINT16": torch.uint16,
-    "UINT32": torch.uint32,
-    "UINT64": torch.uint64,
-    "INT8": torch.int8,
-    "INT16": torch.int16,
-    "INT32": torch.int32,
-    "INT64": torch.int64,
-    "FP16": torch.float16,
-    "BF16": torch.bfloat16,
-    "FP32": torch.float32,
-    "FP64": torch.float64,
-}
-"""OIP datatype name -> torch dtype, for every numeric datatype (BYTES has none)."""
-
-DATATYPE_BY_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_BY_DATATYPE.items()}
-"""torch dtype -> OIP datatype name."""
-
 # cast: the enum wrapper's items() is typed with plain ints; they are DataType values.
 DATA_TYPE_BY_DATATYPE = cast(
     "dict[str, tensor_pb2.DataType]",
@@ -99,36 +82,50 @@ DATA_TYPE_BY_DATATYPE = cast(
         if value != tensor_pb2.DATA_TYPE_UNSPECIFIED
     },
 )
-"""OIP datatype name -> `modelyard.v1.DataType` (the names match; UINT16..64 and BYTES have no
-counterpart in our contract)."""
+"""OIP datatype name -> `modelyard.v1.DataType`: the datatypes a Modelyard cluster accepts,
+on the gateway and on every model server alike (the names match; OIP's UINT16/32/64 and BYTES
+have no counterpart in our contract and are refused everywhere)."""
 
 DATATYPE_BY_DATA_TYPE: dict[int, str] = {v: k for k, v in DATA_TYPE_BY_DATATYPE.items()}
 """`modelyard.v1.DataType` -> OIP datatype name."""
 
+DTYPE_BY_DATATYPE: dict[str, torch.dtype] = {
+    name: tensor_codec.DTYPE_BY_DATA_TYPE[data_type] for name, data_type in DATA_TYPE_BY_DATATYPE.items()
+}
+"""OIP datatype name -> torch dtype, for every accepted datatype (derived: one table)."""
+
+DATATYPE_BY_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_BY_DATATYPE.items()}
+"""torch dtype -> OIP datatype name."""
+
+PLATFORM_BY_FORMAT_NAME: dict[str, str] = {
+    "torchscript": "pytorch_torchscript",
+    "torch_export": "pytorch_torch_export",
+}
+"""Our artifact format -> the platform ModelMetadata reports: the OIP spec's name for
+TorchScript; the spec names no platform for torch.export, so ours follows its pattern."""
+
+
+def oip_platform(platform: str) -> str:
+    """The OIP ModelMetadata platform of a version served as `platform` ("torchscript", ...)."""
+    return PLATFORM_BY_FORMAT_NAME.get(platform, f"pytorch_{platform}")
+
+
 CONTENTS_FIELD_BY_DATATYPE: dict[str, str] = {
     "BOOL": "bool_contents",
     "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
     "INT8": "int_contents",
     "INT16": "int_contents",
     "INT32": "int_contents",
     "INT64": "int64_contents",
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
 }
 """OIP datatype name -> the `InferTensorContents` field that carries it typed (FP16/BF16: none)."""
 
-# numpy twins for building tensors from typed contents (torch.tensor on a Python list of
-# uint64 above 2**63 fails; numpy takes them).
+# numpy twins for building tensors from typed contents.
 _NUMPY_BY_DATATYPE: dict[str, type] = {
     "BOOL": np.bool_,
     "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
     "INT8": np.int8,
     "INT16": np.int16,
     "INT32": np.int32,
@@ -148,10 +145,10 @@ def datatype_size(datatype: str) -> int | None:
 
 def _shape_of(name: str, shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(shape)
-    if any(d < 0 for d in shape):
+    if any(d < 0 or d > MAX_DIM for d in shape):
         raise SignatureMismatch(
-            f"input {name!r}: shape {list(shape)} has a negative dimension",
-            field=f"inputs[{name}].shape",
+            f"input {shown(name)}: every dimension must lie between 0 and {MAX_DIM}, got {list(shape)[:8]}",
+            field=f"inputs[{name[:SHOWN_CHARS]}].shape",
         )
     return shape
 
@@ -160,10 +157,9 @@ def _dtype_of(name: str, datatype: str) -> torch.dtype:
     dtype = DTYPE_BY_DATATYPE.get(datatype)
     if dtype is None:
         known = ", ".join(DTYPE_BY_DATATYPE)
-        what = "BYTES cannot become a torch tensor" if datatype == "BYTES" else "unknown"
         raise SignatureMismatch(
-            f"input {name!r}: datatype {datatype!r} is not supported ({what}); use one of {known}",
-            field=f"inputs[{name}].datatype",
+            f"input {shown(name)}: datatype {shown(datatype)} is not supported; use one of {known}",
+            field=f"inputs[{name[:SHOWN_CHARS]}].datatype",
         )
     return dtype
 
@@ -230,30 +226,19 @@ def decode_input(
 
 
 def decode_inputs(request: oip.ModelInferRequest) -> list[tuple[str, torch.Tensor]]:
-    """Decode every input of a ModelInferRequest, in request order.
-
-    Raw contents are used when `raw_input_contents` is not empty (then it must have one entry
-    per input); otherwise each input's typed contents.
+    """Decode every input of a ModelInferRequest into torch, in request order (a convenience
+    for tools and tests; the services check `wire_inputs` against the signature first).
 
     Raises:
-        SignatureMismatch: see `decode_input`; also a raw_input_contents count that does not
-            match the inputs, or a duplicated input name.
+        SignatureMismatch: see `wire_inputs`; also a duplicated input name.
     """
-    inputs = request.inputs
-    raws = request.raw_input_contents
-    if raws and len(raws) != len(inputs):
-        raise SignatureMismatch(
-            f"raw_input_contents has {len(raws)} entries for {len(inputs)} inputs; send one "
-            "per input, in the same order",
-            field="raw_input_contents",
-        )
     decoded: list[tuple[str, torch.Tensor]] = []
     seen: set[str] = set()
-    for i, tensor in enumerate(inputs):
+    for tensor in wire_inputs(request):
         if tensor.name in seen:
             raise SignatureMismatch(f"input {tensor.name!r} appears twice", field=f"inputs[{tensor.name}]")
         seen.add(tensor.name)
-        decoded.append((tensor.name, decode_input(tensor, raws[i] if raws else None, index=i)))
+        decoded.append((tensor.name, tensor_codec.tensor_from_wire(tensor)))
     return decoded
 
 
@@ -387,47 +372,65 @@ def bytes_to_raw(items: Iterable[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def inputs_to_protos(request: oip.ModelInferRequest) -> list[tensor_pb2.Tensor]:
-    """Translate OIP inputs into `modelyard.v1.Tensor`s without decoding them into torch.
+def wire_inputs(request: oip.ModelInferRequest) -> list[WireTensor]:
+    """The inputs of a ModelInferRequest as wire tensors, in request order, for
+    `modelyard.validation.InputCheck`. The gateway and the model servers both translate OIP
+    requests here, so they accept and refuse the same requests.
 
-    Raw contents pass through as they are (protobuf `bytes` are shared, not copied); typed
-    contents are packed once into raw bytes. Sizes are checked here so that a bad request
-    fails at the edge with the OIP field name.
+    Raw contents pass through as they are; typed contents are packed once into raw bytes.
 
     Raises:
-        SignatureMismatch: a datatype our contract cannot carry (UINT16/32/64, BYTES), a raw
-            count or size mismatch, or typed contents of the wrong length.
+        SignatureMismatch: a raw_input_contents count that does not match the inputs, typed
+            `contents` set beside raw_input_contents (the spec forbids both), a datatype our
+            contract cannot carry (UINT16/32/64, BYTES), a dimension below 0 or above
+            `MAX_DIM`, raw bytes that do not match the shape, or typed contents of the wrong
+            length or range.
     """
+    inputs = request.inputs
     raws = request.raw_input_contents
-    if raws and len(raws) != len(request.inputs):
-        raise SignatureMismatch(
-            f"raw_input_contents has {len(raws)} entries for {len(request.inputs)} inputs; "
-            "send one per input, in the same order",
-            field="raw_input_contents",
-        )
-    tensors: list[tensor_pb2.Tensor] = []
-    for i, tensor in enumerate(request.inputs):
+    if raws:
+        if len(raws) != len(inputs):
+            raise SignatureMismatch(
+                f"raw_input_contents has {len(raws)} entries for {len(inputs)} inputs; send one "
+                "per input, in the same order",
+                field="raw_input_contents",
+            )
+        for tensor in inputs:
+            if tensor.HasField("contents"):
+                raise SignatureMismatch(
+                    f"input {shown(tensor.name)}: contents must not be set when "
+                    "raw_input_contents is used; send each input one way",
+                    field=f"inputs[{tensor.name[:SHOWN_CHARS]}].contents",
+                )
+    tensors: list[WireTensor] = []
+    for i, tensor in enumerate(inputs):
         data_type = DATA_TYPE_BY_DATATYPE.get(tensor.datatype)
         if data_type is None:
-            raise SignatureMismatch(
-                f"input {tensor.name!r}: datatype {tensor.datatype!r} is not supported; use "
-                f"one of {', '.join(DATA_TYPE_BY_DATATYPE)}",
-                field=f"inputs[{tensor.name}].datatype",
-            )
+            _dtype_of(tensor.name, tensor.datatype)  # raises, naming the accepted datatypes
+            raise AssertionError("unreachable")
         shape = _shape_of(tensor.name, tensor.shape)
         if raws:
             raw = raws[i]
             need = math.prod(shape) * DTYPE_BY_DATATYPE[tensor.datatype].itemsize
             if len(raw) != need:
                 raise SignatureMismatch(
-                    f"input {tensor.name!r}: raw_input_contents[{i}] holds {len(raw)} bytes "
+                    f"input {shown(tensor.name)}: raw_input_contents[{i}] holds {len(raw)} bytes "
                     f"but shape {list(shape)} of {tensor.datatype} needs {need}",
                     field=f"raw_input_contents[{i}]",
                 )
         else:
             raw = tensor_to_raw(decode_input(tensor, None, index=i))
-        tensors.append(tensor_pb2.Tensor(name=tensor.name, data_type=data_type, shape=shape, raw=raw))
+        tensors.append(WireTensor(tensor.name, data_type, shape, raw))
     return tensors
+
+
+def inputs_to_protos(request: oip.ModelInferRequest) -> list[tensor_pb2.Tensor]:
+    """The inputs of a ModelInferRequest as `modelyard.v1.Tensor`s, never decoded into torch
+    (the gateway's translation; see `wire_inputs`)."""
+    return [
+        tensor_pb2.Tensor(name=t.name, data_type=t.data_type, shape=t.shape, raw=t.raw)  # type: ignore[arg-type]  # a DataType value
+        for t in wire_inputs(request)
+    ]
 
 
 def append_output_proto(response: oip.ModelInferResponse, tensor: tensor_pb2.Tensor) -> None:

@@ -16,12 +16,14 @@ import torch
 
 from modelyard.errors import SignatureMismatch
 from modelyard.v1 import tensor_pb2
+from modelyard.validation import ITEMSIZE_BY_DATA_TYPE, WireTensor, data_type_name
 
 __all__ = [
     "DTYPE_BY_DATA_TYPE",
     "DATA_TYPE_BY_DTYPE",
     "data_type_name",
     "tensor_from_proto",
+    "tensor_from_wire",
     "tensor_to_proto",
     "check_tensor",
 ]
@@ -41,18 +43,11 @@ DTYPE_BY_DATA_TYPE: dict[DataType, torch.dtype] = {
     tensor_pb2.DATA_TYPE_FP64: torch.float64,
 }
 DATA_TYPE_BY_DTYPE: dict[torch.dtype, DataType] = {v: k for k, v in DTYPE_BY_DATA_TYPE.items()}
+assert {k: v.itemsize for k, v in DTYPE_BY_DATA_TYPE.items()} == ITEMSIZE_BY_DATA_TYPE, "one table"
 
 # The wire format is little-endian; so is every platform torch ships for. Refuse to run
 # silently wrong rather than byte-swap on the hot path.
 assert sys.byteorder == "little", "Modelyard's tensor codec assumes a little-endian host"
-
-
-def data_type_name(data_type: int) -> str:
-    """The short name of a DataType value, such as "FP32"."""
-    try:
-        return tensor_pb2.DataType.Name(data_type).removeprefix("DATA_TYPE_")
-    except ValueError:
-        return f"<unknown {data_type}>"
 
 
 def tensor_from_proto(message: tensor_pb2.Tensor) -> torch.Tensor:
@@ -86,6 +81,16 @@ def tensor_from_proto(message: tensor_pb2.Tensor) -> torch.Tensor:
     if count == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(raw, dtype=dtype).view(shape)
+
+
+def tensor_from_wire(tensor: WireTensor) -> torch.Tensor:
+    """A wire tensor already checked (`modelyard.validation.InputCheck`, or its raw size
+    checked against its shape) as a torch tensor sharing its bytes."""
+    dtype = DTYPE_BY_DATA_TYPE[tensor.data_type]  # type: ignore[index]  # checked: a known value
+    shape = tuple(tensor.shape)
+    if not tensor.raw:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(tensor.raw, dtype=dtype).view(shape)
 
 
 def tensor_to_proto(name: str, tensor: torch.Tensor) -> tensor_pb2.Tensor:

@@ -1,6 +1,7 @@
 """One table from domain errors to gRPC status, and the `@rpc_errors` decorator every RPC wears.
 
-Errors leave a server as a `google.rpc.Status` with `ErrorInfo(reason, domain)`, plus
+Errors leave a server as a `google.rpc.Status` (message and details bounded in length, so
+no caller-chosen name is ever echoed whole) with `ErrorInfo(reason, domain)`, plus
 `BadRequest` naming the field at fault or `RetryInfo` for overload. An unexpected exception
 becomes INTERNAL with a generic message and the request id to quote; its trace goes only to
 the log. A failure relayed from an upstream server (the gateway calling a model server) keeps
@@ -52,6 +53,17 @@ def status_code_for(error: errors.ModelyardError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+MAX_MESSAGE_CHARS = 1024
+"""Most characters of a status message (it travels in metadata, which clients bound)."""
+
+MAX_DETAIL_CHARS = 256
+"""Most characters of a field path or an ErrorInfo metadata value."""
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _pack(message: Any) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
@@ -61,7 +73,11 @@ def _pack(message: Any) -> any_pb2.Any:
 def to_rpc_status(error: errors.ModelyardError) -> grpc.Status:
     """Build the rich status (with ErrorInfo, BadRequest, RetryInfo) for a domain error."""
     code = status_code_for(error)
-    metadata = dict(error.metadata)
+    message = _bounded(error.message, MAX_MESSAGE_CHARS)
+    metadata = {
+        _bounded(key, MAX_DETAIL_CHARS): _bounded(value, MAX_DETAIL_CHARS)
+        for key, value in error.metadata.items()
+    }
     request_id = current_request_id()
     if request_id:
         metadata.setdefault("request_id", request_id)
@@ -73,7 +89,7 @@ def to_rpc_status(error: errors.ModelyardError) -> grpc.Status:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_s * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
+    status = status_pb2.Status(code=code.value[0], message=message, details=details)
     return rpc_status.to_status(status)
 
 

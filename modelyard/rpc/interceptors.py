@@ -2,6 +2,10 @@
 
 One interceptor instead of three, and the wrapped handler is cached per method: building
 method handlers per call would cost more than everything else here on the Predict path.
+
+It also owns the parsing of request messages for every RPC of every service: bytes that do
+not parse as the method's request type are answered INVALID_ARGUMENT naming that type, in
+place of grpc's UNKNOWN "Unexpected DecodeError", before any servicer code runs.
 """
 
 from __future__ import annotations
@@ -106,6 +110,13 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         else:
             behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
 
+        deserializer = handler.request_deserializer
+        if deserializer is not None:
+            behavior = _refusing_undecodable(
+                behavior, inspect.isasyncgenfunction(behavior), handler.request_streaming
+            )
+            deserializer = _tolerant(deserializer)
+
         if inspect.isasyncgenfunction(behavior):
 
             async def observed_stream(request: Any, context: Any) -> Any:
@@ -139,6 +150,80 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
         return factory(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+class _Undecodable:
+    """What a request deserializer yields for bytes that do not parse (instead of raising)."""
+
+    __slots__ = ("message_type", "error")
+
+    def __init__(self, message_type: str, error: Exception) -> None:
+        self.message_type = message_type
+        self.error = error
+
+    def status_message(self) -> str:
+        detail = str(self.error).splitlines()[0][:200] if str(self.error) else type(self.error).__name__
+        return f"the request bytes do not parse as {self.message_type}: {detail}"
+
+
+def _message_type(deserializer: Callable[[bytes], Any]) -> str:
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", "the method's request message"))
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    message_type = _message_type(deserializer)
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError, and others on odd bytes
+            return _Undecodable(message_type, exc)
+
+    return deserialize
+
+
+def _refusing_undecodable(behavior: Any, is_stream: bool, request_streaming: bool) -> Any:
+    """Wrap a behaviour so that an undecodable request is refused with INVALID_ARGUMENT."""
+    if request_streaming:
+        # A stream of requests: the servicer reads them one by one; an undecodable one ends
+        # the call with INVALID_ARGUMENT when it is reached.
+        async def checked_requests(requests: Any, context: Any) -> Any:
+            async for item in requests:
+                if isinstance(item, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, item.status_message())
+                yield item
+
+        if is_stream:
+
+            async def stream_in_stream_out(requests: Any, context: Any) -> Any:
+                async for item in behavior(checked_requests(requests, context), context):
+                    yield item
+
+            return stream_in_stream_out
+
+        async def stream_in(requests: Any, context: Any) -> Any:
+            return await behavior(checked_requests(requests, context), context)
+
+        return stream_in
+
+    if is_stream:
+
+        async def unary_in_stream_out(request: Any, context: Any) -> Any:
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.status_message())
+            async for item in behavior(request, context):
+                yield item
+
+        return unary_in_stream_out
+
+    async def unary_in(request: Any, context: Any) -> Any:
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.status_message())
+        return await behavior(request, context)
+
+    return unary_in

@@ -96,7 +96,7 @@ async def test_oip_endpoints_describe_and_serve_the_model(
     assert (metadata.name, list(metadata.versions), metadata.platform) == (
         MODEL,
         [str(version)],
-        "pytorch_libtorch",
+        "pytorch_torchscript",
     )
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("input", "FP32", [-1, 16])]
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [("output", "FP32", [-1, 4])]

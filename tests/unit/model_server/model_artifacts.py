@@ -10,9 +10,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from model_server.batching import BatchTiming
+from model_server.dataplane import ModelServerDataPlane
 from model_server.loader import Artifact
+from model_server.repository import ModelRepository
+from model_server.stats import RequestStats
 from modelyard.errors import VersionNotFound
+from modelyard.tensor_codec import tensor_from_proto, tensor_to_proto
 from modelyard.v1 import registry_pb2, tensor_pb2
+from modelyard.validation import WireTensor
 
 FP32 = tensor_pb2.DATA_TYPE_FP32
 
@@ -106,3 +112,27 @@ async def until(condition: Callable[[], object], *, turns: int = 1000) -> None:
             return
         await asyncio.sleep(0)
     raise AssertionError("condition never held")
+
+
+async def infer_wire(
+    repository: ModelRepository,
+    model: str,
+    version: int,
+    inputs: Sequence[tensor_pb2.Tensor],
+    output_names: Sequence[str],
+    deadline: float | None,
+) -> tuple[list[tensor_pb2.Tensor], BatchTiming]:
+    """One request through the model server's data plane, wire tensors in and out."""
+    answer = await ModelServerDataPlane(repository, RequestStats(input_sample_every=0)).infer(
+        model, version, [WireTensor.of(t) for t in inputs], output_names, deadline
+    )
+    return [tensor_to_proto(name, t) for name, t in answer.outputs], answer.timing
+
+
+async def infer_torch(
+    repository: ModelRepository, model: str, version: int, inputs: Sequence[tuple[str, torch.Tensor]]
+) -> tuple[list[torch.Tensor], BatchTiming]:
+    """One request through the data plane, torch tensors in and out."""
+    wire = [tensor_to_proto(name, t) for name, t in inputs]
+    outputs, timing = await infer_wire(repository, model, version, wire, [], None)
+    return [tensor_from_proto(t) for t in outputs], timing

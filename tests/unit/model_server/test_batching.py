@@ -11,9 +11,17 @@ from typing import Any
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
-from model_server.batching import BATCH_SIZE, QUEUE_DEPTH, BatchConfig, Batcher
-from modelyard.errors import DeadlineExceeded, Draining, InvalidArgument, ModelExecutionError, QueueFull
+from model_server.batching import BATCH_SIZE, ISOLATIONS, QUEUE_DEPTH, BatchConfig, Batcher
+from modelyard.errors import (
+    DeadlineExceeded,
+    Draining,
+    InvalidArgument,
+    ModelExecutionError,
+    ModelFailedOnInput,
+    QueueFull,
+)
 from tests.unit.model_server.model_artifacts import until
 
 BLOCK = -1.0
@@ -213,31 +221,71 @@ async def test_a_cancelled_caller_is_dropped_before_compute(closing: Any) -> Non
     assert model.calls == [[(1, 4)], [(1, 4)]]
 
 
-async def test_a_failing_batch_fails_only_its_requests_and_the_next_batch_succeeds(
+def _isolations() -> float:
+    labels = {"model": "unit", "version": "1"}
+    return REGISTRY.get_sample_value(f"{ISOLATIONS._name}_total", labels) or 0.0
+
+
+async def test_a_failing_batch_fails_only_the_request_at_fault_and_the_next_batch_succeeds(
     closing: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     def fn(x: torch.Tensor) -> torch.Tensor:
         if bool((x == 666).any()):
-            raise RuntimeError("secret internal detail")
+            raise RuntimeError("index 666 is out of range")
         return x * 2
 
     model = GatedModel(fn)
     batcher = make(model, closing, max_batch_size=64)
     first = await occupy(batcher, model)
-    bad = asyncio.create_task(batcher.submit([rows(666, 1)], request_id="req-bad"))
+    before = _isolations()
     neighbour = asyncio.create_task(batcher.submit([rows(1, 2)], request_id="req-neighbour"))
-    await until(lambda: batcher.queued_items == 3)
+    bad = asyncio.create_task(batcher.submit([rows(666, 1)], request_id="req-bad"))
+    after = asyncio.create_task(batcher.submit([rows(3, 4)], request_id="req-after"))
+    await until(lambda: batcher.queued_items == 7)
     model.release()
 
     await first  # an earlier batch is untouched
-    for task in (bad, neighbour):
-        with pytest.raises(ModelExecutionError) as caught:
-            await task
-        assert "secret" not in caught.value.message
-    assert "secret internal detail" in caplog.text and "req-bad" in caplog.text
+    with pytest.raises(ModelFailedOnInput) as caught:
+        await bad
+    assert "index 666 is out of range" in caught.value.message  # the model's own words
+    (got,), timing = await neighbour
+    assert torch.equal(got, rows(1, 2) * 2) and timing.batch_size == 7
+    (got,), _ = await after
+    assert torch.equal(got, rows(3, 4) * 2)
+    assert "req-bad" in caplog.text and "req-neighbour" not in caplog.text
+    assert _isolations() == before + 1
+    assert batcher.stats.fail_count == 1
 
     outputs, _ = await batcher.submit([rows(7, 3)])
     assert torch.equal(outputs[0], rows(7, 3) * 2)
+
+
+async def test_isolation_finds_every_request_at_fault_in_a_large_batch(closing: Any) -> None:
+    calls: list[int] = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        if bool((x == -5).any()):
+            raise IndexError("index out of range in self")
+        return x + 1
+
+    model = GatedModel(fn)
+    batcher = make(model, closing, max_batch_size=64)
+    first = await occupy(batcher, model)
+    values = [-5.0 if i in (3, 17, 18) else float(i) for i in range(32)]
+    tasks = [asyncio.create_task(batcher.submit([rows(v, 1)])) for v in values]
+    await until(lambda: batcher.queued_items == 32)
+    calls.clear()
+    model.release()
+    await first
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for value, result in zip(values, results, strict=True):
+        if value < 0:
+            assert isinstance(result, ModelFailedOnInput)
+        else:
+            assert not isinstance(result, BaseException)
+            assert torch.equal(result[0][0], rows(value + 1, 1))
+    assert len(calls) <= 1 + 2 * 32 - 2  # the batch, then at most 2n - 2 halves
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import torch
 from model_server import batching
 from model_server.batching import LOOP_MAX_FORWARD_S, BatchConfig, Batcher
 from model_server.repository import warm_up_sizes
-from modelyard.errors import DeadlineExceeded, Draining, ModelExecutionError
+from modelyard.errors import DeadlineExceeded, Draining, ModelFailedOnInput
 from tests.unit.model_server.model_artifacts import until
 from tests.unit.model_server.test_batching import GatedModel, occupy, rows
 
@@ -101,7 +101,7 @@ async def test_a_lone_request_on_the_loop_does_not_wait_out_the_window(closing: 
     assert timing.batch_size == 1
 
 
-async def test_loop_execution_failing_batch_fails_only_its_requests(closing: Any) -> None:
+async def test_loop_execution_failing_batch_fails_only_the_request_at_fault(closing: Any) -> None:
     model = Recorder()
     batcher = make(model, closing, execution="loop")
     bad, neighbour, other_shape = await asyncio.gather(
@@ -110,7 +110,8 @@ async def test_loop_execution_failing_batch_fails_only_its_requests(closing: Any
         batcher.submit([rows(1, 2, width=8)]),
         return_exceptions=True,
     )
-    assert isinstance(bad, ModelExecutionError) and isinstance(neighbour, ModelExecutionError)
+    assert isinstance(bad, ModelFailedOnInput)
+    assert torch.equal(neighbour[0][0], rows(1, 2) * 2)  # type: ignore[index]
     assert torch.equal(other_shape[0][0], rows(1, 2, width=8) * 2)  # type: ignore[index]
     outputs, _ = await batcher.submit([rows(7, 3)])
     assert torch.equal(outputs[0], rows(7, 3) * 2)

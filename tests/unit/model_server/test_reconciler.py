@@ -15,7 +15,13 @@ from model_server.reconciler import Backoff, Reconciler
 from model_server.repository import ModelRepository, VersionState
 from modelyard.coordination import AliasesEvent, Deployment, Event, ServiceRecord, VersionRecord
 from modelyard.errors import CoordinationUnavailable
-from tests.unit.model_server.model_artifacts import MemorySource, make_artifact, mlp, torchscript_bytes
+from tests.unit.model_server.model_artifacts import (
+    MemorySource,
+    infer_torch,
+    make_artifact,
+    mlp,
+    torchscript_bytes,
+)
 
 
 class MemoryAliases:
@@ -252,8 +258,7 @@ async def test_a_settings_change_reloads_the_version_and_fails_no_request(
     async def caller() -> None:
         nonlocal served
         while not stop.is_set():
-            loaded = repository.ready("mlp", 1)
-            await repository.infer_tensors(loaded, [("input", torch.randn(2, 4))], None)
+            await infer_torch(repository, "mlp", 1, [("input", torch.randn(2, 4))])
             served += 1
 
     callers = [asyncio.create_task(caller()) for _ in range(4)]
@@ -292,9 +297,8 @@ async def test_bf16_on_cpu_serves_close_to_fp32(source: MemorySource, setup: Set
     aliases.deployments = {"mlp": Deployment(precision="bf16")}
     await reconciler.reconcile_once()
     await eventually(lambda: state(repository, "mlp", 1) is VersionState.READY)
-    loaded = repository.ready("mlp", 1)
     x = torch.randn(3, 4)
-    (output,), _ = await repository.infer_tensors(loaded, [("input", x)], None)
+    (output,), _ = await infer_torch(repository, "mlp", 1, [("input", x)])
     assert output.dtype == torch.float32
     with torch.inference_mode():
         expected = mlp(1)(x)

@@ -29,6 +29,7 @@ from tests.unit.model_server.model_artifacts import (
     MemorySource,
     TwoHeads,
     export_bytes,
+    infer_wire,
     make_artifact,
     make_signature,
     mlp,
@@ -57,7 +58,7 @@ async def test_a_loaded_version_answers_like_in_process_torch(
     assert loaded.state is VersionState.READY and loaded.platform == "torchscript"
 
     x = torch.randn(5, 4)
-    outputs, timing = await repository.infer("mlp", 1, [wire("input", x)], [], None)
+    outputs, timing = await infer_wire(repository, "mlp", 1, [wire("input", x)], [], None)
     assert [o.name for o in outputs] == ["output"]
     with torch.inference_mode():
         expected = mlp()(x)
@@ -73,7 +74,7 @@ async def test_a_torch_export_archive_loads_and_answers(
     loaded = await repository.load("mlp", 1)
     assert loaded.platform == "torch_export"
     x = torch.randn(3, 4)
-    outputs, _ = await repository.infer("mlp", 1, [wire("input", x)], [], None)
+    outputs, _ = await infer_wire(repository, "mlp", 1, [wire("input", x)], [], None)
     with torch.inference_mode():
         torch.testing.assert_close(tensor_from_proto(outputs[0]), mlp()(x), rtol=1e-5, atol=1e-6)
 
@@ -86,13 +87,13 @@ async def test_outputs_are_named_and_filtered(source: MemorySource, repository: 
     await repository.load("mlp", 1)
     x = [wire("input", torch.randn(2, 4))]
 
-    everything, _ = await repository.infer("mlp", 1, x, [], None)
+    everything, _ = await infer_wire(repository, "mlp", 1, x, [], None)
     assert [o.name for o in everything] == ["scores", "label"]
-    only_label, _ = await repository.infer("mlp", 1, x, ["label"], None)
+    only_label, _ = await infer_wire(repository, "mlp", 1, x, ["label"], None)
     assert [o.name for o in only_label] == ["label"]
     assert tensor_from_proto(only_label[0]).dtype == torch.int64
     with pytest.raises(InvalidArgument) as caught:
-        await repository.infer("mlp", 1, x, ["logits"], None)
+        await infer_wire(repository, "mlp", 1, x, ["logits"], None)
     assert caught.value.field == "output_names"
 
 
@@ -115,7 +116,7 @@ async def test_inputs_are_checked_against_the_signature(
     source.add(make_artifact(torchscript_bytes(mlp())))
     await repository.load("mlp", 1)
     with pytest.raises(SignatureMismatch) as caught:
-        await repository.infer("mlp", 1, inputs, [], None)
+        await infer_wire(repository, "mlp", 1, inputs, [], None)
     assert caught.value.field == field
 
 
@@ -125,7 +126,7 @@ async def test_a_version_not_held_is_not_ready_and_the_message_says_what_is(
     source.add(make_artifact(torchscript_bytes(mlp())))
     await repository.load("mlp", 1)
     with pytest.raises(VersionNotReady, match="ready here: mlp v1"):
-        await repository.infer("mlp", 2, [wire("input", torch.zeros(1, 4))], [], None)
+        await infer_wire(repository, "mlp", 2, [wire("input", torch.zeros(1, 4))], [], None)
 
 
 async def test_a_corrupt_artifact_is_refused_before_loading_and_stays_failed(
@@ -139,7 +140,7 @@ async def test_a_corrupt_artifact_is_refused_before_loading_and_stays_failed(
     assert failed is not None and failed.state is VersionState.FAILED
     assert "sha256" in failed.error and failed.record().state == "failed"
     with pytest.raises(VersionNotReady, match="failed"):
-        await repository.infer("mlp", 1, [wire("input", torch.zeros(1, 4))], [], None)
+        await infer_wire(repository, "mlp", 1, [wire("input", torch.zeros(1, 4))], [], None)
 
     source.add(make_artifact(good))  # the registry's copy is repaired: a retry succeeds
     assert (await repository.load("mlp", 1)).state is VersionState.READY
@@ -180,7 +181,7 @@ async def test_unload_drops_every_reference_to_the_module(
 ) -> None:
     source.add(make_artifact(torchscript_bytes(mlp())))
     loaded = await repository.load("mlp", 1)
-    await repository.infer("mlp", 1, [wire("input", torch.zeros(2, 4))], [], None)
+    await infer_wire(repository, "mlp", 1, [wire("input", torch.zeros(2, 4))], [], None)
     module_ref = weakref.ref(loaded.module)
     del loaded
 
