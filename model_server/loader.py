@@ -36,10 +36,12 @@ from modelyard.artifact_check import ArchiveKind, inspect_archive
 from modelyard.errors import (
     ArtifactCorrupt,
     FailedPrecondition,
+    ModelSignatureInvalid,
     Unavailable,
     UnsafeArtifact,
     VersionNotFound,
 )
+from modelyard.model_signatures import SignaturePolicy
 from modelyard.rpc.server import channel_options
 from modelyard.v1 import (
     registry_pb2,
@@ -85,6 +87,10 @@ class Artifact:
     data: bytes
     input_baselines: tuple[registry_pb2.InputBaseline, ...] = ()
     """The input statistics recorded at registration (bin edges for drift counting)."""
+    model_signature: bytes = b""
+    """The OpenSSF model signing bundle uploaded with the version; empty when unsigned."""
+    signature_required: bool = False
+    """The version's model requires a signature."""
 
     @property
     def platform(self) -> str:
@@ -111,8 +117,9 @@ class _State(enum.Enum):
 
 
 class RegistryArtifactSource:
-    """Fetches artifacts from the registry: `GetModelVersion` for what it recorded (sha256,
-    format, signature), then `DownloadModelVersion` for the bytes.
+    """Fetches artifacts from the registry: `GetModel` (whether it requires signed versions)
+    and `GetModelVersion` for what it recorded (sha256, format, signature, model signature),
+    then `DownloadModelVersion` for the bytes.
 
     The channel is dialled on the first fetch (on the running event loop) and closed by
     `aclose()`.
@@ -165,6 +172,9 @@ class RegistryArtifactSource:
     async def fetch(self, model: str, version: int) -> Artifact:
         stub = self._stub or self._open()
         try:
+            model_record = await stub.GetModel(
+                registry_service_pb2.GetModelRequest(name=model), timeout=self._timeout_s
+            )
             response = await stub.GetModelVersion(
                 registry_service_pb2.GetModelVersionRequest(model=model, version=version),
                 timeout=self._timeout_s,
@@ -199,6 +209,8 @@ class RegistryArtifactSource:
             signature=record.signature,
             data=b"".join(chunks),
             input_baselines=tuple(record.input_baselines),
+            model_signature=record.model_signature,
+            signature_required=model_record.model.require_signature,
         )
 
 
@@ -296,17 +308,40 @@ _LOADERS: dict[int, Callable[[bytes, str], torch.nn.Module]] = {
 }
 
 
-def load_module(artifact: Artifact, device: str) -> torch.nn.Module:
+def load_module(
+    artifact: Artifact, device: str, *, signatures: SignaturePolicy | None = None
+) -> torch.nn.Module:
     """Verify and inspect an artifact, then deserialise it onto `device`. Blocking: run it in
     a thread.
+
+    In order, before any torch loader runs: the bytes against the recorded sha256; the model
+    signature (with `signatures`: a signed version must verify, and an unsigned one is
+    refused if its model or the cluster requires signatures); the static inspection.
 
     Raises:
         ArtifactCorrupt: the sha256 differs from the registry's, or the bytes are not a
             readable archive of the declared format.
+        ModelSignatureInvalid: the model signature does not verify or is missing.
         UnsafeArtifact: the static inspection refused a member (nothing was deserialised).
         FailedPrecondition: the format is not one this server loads.
     """
     verify_artifact(artifact)
+    if signatures is not None:
+        try:
+            signer = signatures.check(
+                artifact.model_signature,
+                sha256=artifact.sha256,
+                required=artifact.signature_required,
+                field="model_signature",
+            )
+        except ModelSignatureInvalid as exc:
+            log.error("refusing to load %s v%d: %s", artifact.model, artifact.version, exc.message)
+            raise ModelSignatureInvalid(
+                f"model {artifact.model!r} version {artifact.version}: refusing to load it: {exc.message}",
+                metadata=exc.metadata,
+            ) from None
+        if signer:
+            log.info("%s v%d is signed by %s", artifact.model, artifact.version, signer)
     loader = _LOADERS.get(artifact.format)
     if loader is None:
         raise FailedPrecondition(
