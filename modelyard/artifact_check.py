@@ -9,11 +9,12 @@ or may contain, in the form PyTorch itself writes it:
   no duplicate names; each member's local header agrees with the central directory; stored or
   deflated, not encrypted; member count, total uncompressed size and compression ratio under
   `ArchiveLimits` (zip bombs).
-- **Pickles** (TorchScript's `data.pkl`, `constants.pkl`, `*.debug_pkl`; a torch.export
+- **Pickles** (TorchScript's `data.pkl`, `constants.pkl`, `traced_inputs.pkl`, `*.debug_pkl`; a torch.export
   archive's sample inputs): the opcode stream is read with `pickletools.genops`, and every
   global it names must be one PyTorch's own formats use (tensor rebuilding, storages,
   `collections.OrderedDict`, TorchScript's `__torch__` classes). Torchbind classes
-  (`__torch__.torch.classes.*`) are opaque C++ objects and are refused.
+  (`__torch__.torch.classes.*`) are opaque C++ objects and are refused, except the packed
+  weights of torch's own quantized modules (`__torch__.torch.classes.quantized.*PackedParamsBase`).
 - **torch.export (`.pt2`)**: the weights and constants configs must declare raw tensor
   payloads only (`use_pickle` false, `weight_N` / `tensor_N` files that exist); custom (torchbind)
   and opaque (pickled Python) constants, legacy pickled weights (`data/weights/<model>.pt`),
@@ -89,6 +90,8 @@ _TENSOR_GLOBALS = frozenset(
         "torch._utils _rebuild_parameter",
         "torch._utils _rebuild_qtensor",
         "collections OrderedDict",
+        "torch device",
+        "torch Size",
         "torch.jit._pickle build_intlist",
         "torch.jit._pickle build_doublelist",
         "torch.jit._pickle build_boollist",
@@ -98,9 +101,17 @@ _TENSOR_GLOBALS = frozenset(
     }
 )
 _STORAGE_GLOBAL = re.compile(r"torch [A-Z][A-Za-z0-9]*Storage")
+# Constants a quantized tensor's rebuild names: its quantization scheme and dtypes.
+_TORCH_CONSTANT_GLOBAL = re.compile(
+    r"torch (per_tensor_affine|per_channel_affine|per_tensor_symmetric|per_channel_symmetric"
+    r"|per_channel_affine_float_qparams|q?u?int[0-9]+|quint4x2|quint2x4|float[0-9]*|bfloat16|bool)"
+)
 # TorchScript module and class types; the script's own classes live under `__torch__`.
 _TORCHSCRIPT_CLASS = re.compile(r"__torch__(\.[A-Za-z_][A-Za-z0-9_]*)* [A-Za-z_][A-Za-z0-9_]*")
 _TORCHBIND_PREFIX = "__torch__.torch.classes"
+# The torchbind classes torch itself registers for quantized modules (their state is packed
+# weights, rebuilt by torch's own C++); any other torchbind class is opaque and refused.
+_TORCH_QUANTIZED_CLASS = re.compile(r"__torch__\.torch\.classes\.quantized [A-Za-z0-9]*PackedParamsBase")
 # Opcodes that build objects from classes without going through a checked GLOBAL.
 _REFUSED_OPCODES = frozenset({"INST", "OBJ", "EXT1", "EXT2", "EXT4"})
 _STRING_OPCODES = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"})
@@ -379,6 +390,7 @@ _TORCHSCRIPT_FILES = frozenset(
     {
         "data.pkl",
         "constants.pkl",
+        "traced_inputs.pkl",
         "version",
         "byteorder",
         ".data/version",
@@ -390,11 +402,12 @@ _TORCHSCRIPT_FILES = frozenset(
 _TORCHSCRIPT_PATTERNS = (
     re.compile(r"data/[0-9]+"),
     re.compile(r"constants/[0-9]+"),
+    re.compile(r"traced_inputs/[0-9]+"),
     re.compile(r"code/[A-Za-z0-9_./-]+\.py"),
     re.compile(r"code/[A-Za-z0-9_./-]+\.py\.debug_pkl"),
     re.compile(r"extra/[^/].*"),
 )
-_TORCHSCRIPT_PICKLES = ("data.pkl", "constants.pkl")
+_TORCHSCRIPT_PICKLES = ("data.pkl", "constants.pkl", "traced_inputs.pkl")
 
 
 def _check_torchscript(
@@ -616,12 +629,15 @@ def _check_pickle(member: str, data: bytes, *, torchscript: bool) -> None:
 def _check_global(member: str, qualified: str, torchscript: bool) -> None:
     if qualified in _TENSOR_GLOBALS or _STORAGE_GLOBAL.fullmatch(qualified):
         return
-    if (
-        torchscript
-        and _TORCHSCRIPT_CLASS.fullmatch(qualified)
-        and not qualified.startswith(_TORCHBIND_PREFIX)
-    ):
+    if _TORCH_CONSTANT_GLOBAL.fullmatch(qualified):
         return
+    torchbind = qualified.startswith(_TORCHBIND_PREFIX)
+    if torchscript and _TORCHSCRIPT_CLASS.fullmatch(qualified) and not torchbind:
+        return
+    if torchscript and _TORCH_QUANTIZED_CLASS.fullmatch(qualified):
+        return
+    if torchbind:
+        raise _refuse(member, f"is a pickle that builds {qualified[:80]!r}, an opaque torchbind (C++) object")
     raise _refuse(
         member,
         f"is a pickle that names {qualified[:80]!r}, which is not a tensor or a TorchScript class; "

@@ -5,6 +5,7 @@ the model server uses never run a payload even when handed one directly."""
 from __future__ import annotations
 
 import io
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -45,6 +46,19 @@ def test_a_program_with_symbolic_arithmetic_passes() -> None:
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     inspect_archive(buffer.getvalue(), ArchiveKind.TORCH_EXPORT)
+
+
+def test_traced_and_quantized_torchscript_pass() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.trace(model, torch.randn(2, 4)), buffer)  # traced_inputs.pkl
+    inspect_archive(buffer.getvalue(), ArchiveKind.TORCHSCRIPT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        buffer = io.BytesIO()
+        torch.jit.save(torch.jit.script(quantized), buffer)  # torch's own torchbind packed params
+    inspect_archive(buffer.getvalue(), ArchiveKind.TORCHSCRIPT)
 
 
 def test_the_wrong_format_is_refused_naming_metadata_format() -> None:
