@@ -125,6 +125,7 @@ _EXPORT_TARGET = re.compile(
     r"|math\.[a-z_]+"
     r"|torch\.sym_[a-z_]+|torch\._sym_sqrt"
 )
+_EXPORT_FILE_OPS = re.compile(r"torch\.ops\.aten\.(save|from_file)\.")
 _HIGHER_ORDER_OPS = frozenset(
     {
         "cond",
@@ -408,6 +409,14 @@ _TORCHSCRIPT_PATTERNS = (
     re.compile(r"extra/[^/].*"),
 )
 _TORCHSCRIPT_PICKLES = ("data.pkl", "constants.pkl", "traced_inputs.pkl")
+# TorchScript code is not Python, but some of what it can call touches the host: `torch.save`
+# (aten::save) writes a file and `torch.from_file` reads one, at the first forward (the
+# model server's warm-up). Operator namespaces other than these, and torchbind classes other
+# than torch's quantized packed weights, are refused.
+_TS_FILE_OPS = re.compile(r"\b(?:torch|aten)\s*\.\s*(save|from_file)\b")
+_TS_OPS_NAMESPACE = re.compile(r"\bops\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)\s*\.")
+_TS_ALLOWED_NAMESPACES = frozenset({"aten", "prim", "prims", "quantized", "_quantized"})
+_TS_TORCHBIND = re.compile(r"\btorch\s*\.\s*classes\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
 
 
 def _check_torchscript(
@@ -425,6 +434,27 @@ def _check_torchscript(
             raise _refuse(info.filename, "is not a part of a TorchScript archive")
         if path in _TORCHSCRIPT_PICKLES or path.endswith(".debug_pkl"):
             _check_pickle(info.filename, _read(archive, info, limits), torchscript=True)
+        elif path.startswith("code/"):
+            _check_torchscript_code(info.filename, _read(archive, info, limits))
+
+
+def _check_torchscript_code(member: str, data: bytes) -> None:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _refuse(member, "is TorchScript code that is not UTF-8") from None
+    if match := _TS_FILE_OPS.search(text):
+        raise _refuse(
+            member, f"is TorchScript code that calls {match.group(1)}, which touches the host's files"
+        )
+    for match in _TS_OPS_NAMESPACE.finditer(text):
+        if match.group(1) not in _TS_ALLOWED_NAMESPACES:
+            raise _refuse(member, f"is TorchScript code that calls operators of {match.group(1)[:40]!r}")
+    for match in _TS_TORCHBIND.finditer(text):
+        if match.group(1) != "quantized":
+            raise _refuse(
+                member, f"is TorchScript code that uses torchbind classes of {match.group(1)[:40]!r}"
+            )
 
 
 # -- torch.export -------------------------------------------------------------------------------
@@ -549,6 +579,8 @@ def _check_exported_program(member: str, document: Any) -> None:
 
 
 def _allowed_target(target: str) -> bool:
+    if _EXPORT_FILE_OPS.match(target):
+        return False  # aten::save writes a file, aten::from_file reads one
     if _EXPORT_TARGET.fullmatch(target):
         return True
     prefix = "torch.ops.higher_order."

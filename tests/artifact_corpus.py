@@ -211,6 +211,34 @@ def _torchscript_torchbind(marker: Path) -> bytes:
     return replace_members(torchscript_archive(), {"constants.pkl": evil})
 
 
+def _torchscript_code(call: str) -> Callable[[Path], bytes]:
+    """TorchScript whose forward calls `call` (with the marker's path) first: it would run at the
+    model server's warm-up."""
+
+    def build(marker: Path) -> bytes:
+        data = torchscript_archive()
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        member = next(
+            n for n in archive.namelist() if n.endswith(".py") and b"class TinyNet" in archive.read(n)
+        )
+        text = archive.read(member).decode()
+        head, sep, body = text.partition("    x: Tensor) -> Tensor:\n")
+        assert sep, text
+        injected = f"{head}{sep}    {call.format(marker=marker)}\n{body}"
+        return replace_members(data, {member.split("/", 1)[1]: injected.encode()})
+
+    return build
+
+
+def _export_save_node(marker: Path) -> bytes:
+    data = export_archive()
+
+    def edit(doc: dict) -> None:  # type: ignore[type-arg]
+        doc["graph_module"]["graph"]["nodes"][0]["target"] = "torch.ops.aten.save.default"
+
+    return edit_json(data, "models/model.json", edit)
+
+
 def _torch_save(marker: Path) -> bytes:
     """A plain torch.save pickle (declared as either format)."""
     return evil_torch_save(marker)
@@ -278,6 +306,16 @@ CORPUS: dict[str, Attack] = {
     "export: torchbind object": Attack(_export_torchbind, TORCH_EXPORT, "model.json", pickles=False),
     "export: call of a non-operator": Attack(_export_foreign_op, TORCH_EXPORT, "model.json", pickles=False),
     "export: AOTInductor code": Attack(_export_aoti, TORCH_EXPORT, "aotinductor", pickles=False),
+    "export: aten.save node": Attack(_export_save_node, TORCH_EXPORT, "model.json", pickles=False),
+    "torchscript: torch.save in code": Attack(
+        _torchscript_code('torch.save(x, "{marker}")'), TORCHSCRIPT, "code/__torch__"
+    ),
+    "torchscript: from_file in code": Attack(
+        _torchscript_code('_f = torch.from_file("{marker}")'), TORCHSCRIPT, "code/__torch__", pickles=False
+    ),
+    "torchscript: foreign operator namespace": Attack(
+        _torchscript_code("_c = ops.c10d.barrier()"), TORCHSCRIPT, "code/__torch__", pickles=False
+    ),
     "torchscript: data.pkl": Attack(_torchscript_data_pkl, TORCHSCRIPT, "data.pkl"),
     "torchscript: constants.pkl": Attack(_torchscript_constants_pkl, TORCHSCRIPT, "constants.pkl"),
     "torchscript: debug pickle": Attack(_torchscript_debug_pkl, TORCHSCRIPT, "debug_pkl"),

@@ -181,3 +181,15 @@ def test_the_corpus_payloads_are_live(tmp_path: Path) -> None:
         subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
         assert marker.exists(), name
     assert zipfile.is_zipfile(path)
+
+
+def test_torchscript_code_that_writes_a_file_is_live_and_refused(tmp_path: Path) -> None:
+    # TorchScript is not Python, yet torch.save in its code writes a file at the first forward
+    # (a model server's warm-up); so its code is inspected too.
+    marker = tmp_path / "marker"
+    data = CORPUS["torchscript: torch.save in code"].build(marker)
+    with pytest.raises(UnsafeArtifact, match="calls save"):
+        inspect_archive(data, ArchiveKind.TORCHSCRIPT)
+    assert not marker.exists()
+    torch.jit.load(io.BytesIO(data))(torch.randn(1, 4))  # type: ignore[no-untyped-call]
+    assert marker.exists()
