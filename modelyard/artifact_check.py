@@ -231,6 +231,9 @@ _SYMPY_NODES = (
     ast.BitOr,
 )
 _IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+# The symbols torch's shape environment creates (s0, u3, zuf1, ...), and sympy's constants.
+_SYMBOL_NAME = re.compile(r"[a-z]{1,4}[0-9]+")
+_SYMPY_CONSTANTS = frozenset({"oo", "zoo", "nan", "int_oo", "pi", "E", "I"})
 _MAX_EXPRESSION_CHARS = 4096
 _MAX_EXPONENT = 64
 _MAX_INT_DIGITS = 40
@@ -288,8 +291,9 @@ def check_sympy_expression(text: str) -> None:
             if not isinstance(node.func, ast.Name) or node.func.id not in _SYMPY_CALLS:
                 raise ValueError("calls only sympy's arithmetic functions")
         elif isinstance(node, ast.Name):
-            if _IDENTIFIER.fullmatch(node.id) is None:
-                raise ValueError(f"name {node.id[:40]!r} is not allowed")
+            called = node.id in _SYMPY_CALLS
+            if not (called or _SYMBOL_NAME.fullmatch(node.id) or node.id in _SYMPY_CONSTANTS):
+                raise ValueError(f"name {node.id[:40]!r} is not a shape symbol")
         elif isinstance(node, ast.keyword):
             if node.arg is None or _IDENTIFIER.fullmatch(node.arg) is None:
                 raise ValueError("keyword arguments must be plain names")
