@@ -200,9 +200,11 @@ def _torchscript_constants_pkl(marker: Path) -> bytes:
 
 
 def _torchscript_debug_pkl(marker: Path) -> bytes:
-    return replace_members(
-        torchscript_archive(), {"code/__torch__/torch/nn/modules/linear.py.debug_pkl": evil_pickle(marker)}
-    )
+    data = torchscript_archive()
+    # Any debug pickle: their paths follow the scripted classes' (possibly mangled) names.
+    names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    member = next(n for n in names if n.endswith(".py.debug_pkl")).split("/", 1)[1]
+    return replace_members(data, {member: evil_pickle(marker)})
 
 
 def _torchscript_torchbind(marker: Path) -> bytes:
