@@ -26,6 +26,7 @@ from model_server.stats import RequestStats
 from modelyard import __version__
 from modelyard.coordination import CoordinationStore, ServiceRecord
 from modelyard.membership import Heartbeat, new_service_id
+from modelyard.model_signatures import SignaturePolicy
 from modelyard.oip import grpc_service_pb2_grpc
 from modelyard.rpc.server import NOT_SERVING, SERVING, ServiceServer, create_server
 from modelyard.settings import TLSSettings
@@ -92,6 +93,7 @@ class ModelServerApp:
             device=settings.device,
             precision=settings.precision,
             on_change=self._held_changed,
+            signatures=SignaturePolicy.from_settings(settings.signing),
         )
         self.reconciler = Reconciler(
             self.store,

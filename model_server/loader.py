@@ -1,9 +1,15 @@
 """Fetching a model version's artifact and turning its bytes into a runnable module.
 
 `ArtifactSource` is the seam: the real one (`RegistryArtifactSource`) asks the registry over
-gRPC; tests pass their own. Whatever the source, `load_module` verifies the bytes against the
-sha256 the registry recorded *before* deserialising anything, and only formats that do not
-unpickle arbitrary code are read (TorchScript and torch.export); never `torch.load`.
+gRPC; tests pass their own. Whatever the source, `load_module`, before any torch loader sees a
+byte: verifies the bytes against the sha256 the registry recorded, and repeats the registry's
+static inspection (`modelyard.artifact_check`), so an artifact planted in a store or stored
+before the inspection existed is refused too. Then only loaders that cannot unpickle Python
+objects are used: `torch.jit.load` (TorchScript's own unpickler resolves only tensor and
+TorchScript types) and, for torch.export, `load_exported_program` below, which builds the
+weights and constants from raw tensor payloads and never reads the pickled sample inputs;
+`torch.export.load` is not used because its pt2 loader calls `torch.load(weights_only=False)`
+and `pickle.loads` for parts an archive marks as pickled. Never `torch.load`.
 """
 
 from __future__ import annotations
@@ -20,8 +26,22 @@ from typing import Protocol
 import grpc
 import torch
 import torch.export.passes  # a submodule `import torch` does not load (move_to_device_pass)
+from torch._export.serde import schema as _schema
+from torch._export.serde import serialize as _serialize
+from torch.export.pt2_archive import _package
+from torch.export.pt2_archive import constants as _constants
+from torch.export.pt2_archive._package import PT2ArchiveReader
 
-from modelyard.errors import ArtifactCorrupt, FailedPrecondition, Unavailable, VersionNotFound
+from modelyard.artifact_check import ArchiveKind, inspect_archive
+from modelyard.errors import (
+    ArtifactCorrupt,
+    FailedPrecondition,
+    ModelSignatureInvalid,
+    Unavailable,
+    UnsafeArtifact,
+    VersionNotFound,
+)
+from modelyard.model_signatures import SignaturePolicy
 from modelyard.rpc.server import channel_options
 from modelyard.v1 import (
     registry_pb2,
@@ -36,6 +56,7 @@ __all__ = [
     "RegistryArtifactSource",
     "PLATFORM_BY_FORMAT",
     "verify_artifact",
+    "load_exported_program",
     "load_module",
 ]
 
@@ -44,6 +65,11 @@ log = logging.getLogger(__name__)
 PLATFORM_BY_FORMAT: dict[int, str] = {
     registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT: "torchscript",
     registry_pb2.ARTIFACT_FORMAT_TORCH_EXPORT: "torch_export",
+}
+
+_ARCHIVE_KIND: dict[int, ArchiveKind] = {
+    registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT: ArchiveKind.TORCHSCRIPT,
+    registry_pb2.ARTIFACT_FORMAT_TORCH_EXPORT: ArchiveKind.TORCH_EXPORT,
 }
 
 
@@ -61,6 +87,10 @@ class Artifact:
     data: bytes
     input_baselines: tuple[registry_pb2.InputBaseline, ...] = ()
     """The input statistics recorded at registration (bin edges for drift counting)."""
+    model_signature: bytes = b""
+    """The OpenSSF model signing bundle uploaded with the version; empty when unsigned."""
+    signature_required: bool = False
+    """The version's model requires a signature."""
 
     @property
     def platform(self) -> str:
@@ -87,8 +117,9 @@ class _State(enum.Enum):
 
 
 class RegistryArtifactSource:
-    """Fetches artifacts from the registry: `GetModelVersion` for what it recorded (sha256,
-    format, signature), then `DownloadModelVersion` for the bytes.
+    """Fetches artifacts from the registry: `GetModel` (whether it requires signed versions)
+    and `GetModelVersion` for what it recorded (sha256, format, signature, model signature),
+    then `DownloadModelVersion` for the bytes.
 
     The channel is dialled on the first fetch (on the running event loop) and closed by
     `aclose()`.
@@ -141,6 +172,9 @@ class RegistryArtifactSource:
     async def fetch(self, model: str, version: int) -> Artifact:
         stub = self._stub or self._open()
         try:
+            model_record = await stub.GetModel(
+                registry_service_pb2.GetModelRequest(name=model), timeout=self._timeout_s
+            )
             response = await stub.GetModelVersion(
                 registry_service_pb2.GetModelVersionRequest(model=model, version=version),
                 timeout=self._timeout_s,
@@ -175,6 +209,8 @@ class RegistryArtifactSource:
             signature=record.signature,
             data=b"".join(chunks),
             input_baselines=tuple(record.input_baselines),
+            model_signature=record.model_signature,
+            signature_required=model_record.model.require_signature,
         )
 
 
@@ -200,8 +236,66 @@ def _load_torchscript(data: bytes, device: str) -> torch.nn.Module:
     return module.eval()
 
 
+def _raw_tensors(
+    reader: PT2ArchiveReader, config_file: str, directory: str, *, params: bool
+) -> dict[str, torch.Tensor]:
+    """The tensors a weights or constants config describes, from their raw payloads; the
+    pickled forms (`use_pickle`, custom and opaque objects) are refused, never read."""
+    config = _package._load_payload_config(reader, config_file)
+    for fqn, meta in config.config.items():
+        if meta.use_pickle or meta.tensor_meta is None:
+            raise UnsafeArtifact(
+                f"{config_file} marks {fqn[:80]!r} as pickled", metadata={"member": config_file}
+            )
+    by_file = _package._build_file_map(reader, config, directory)
+    tensors: dict[str, torch.Tensor] = {}
+    for fqn, meta in config.config.items():
+        assert meta.tensor_meta is not None
+        tensor = torch.as_strided(
+            by_file[meta.path_name],
+            size=_serialize.deserialize_size(meta.tensor_meta.sizes),
+            stride=_serialize.deserialize_stride(meta.tensor_meta.strides),
+            storage_offset=_serialize.deserialize_storage_offset(meta.tensor_meta.storage_offset),
+        )
+        if params and meta.is_param:
+            tensor = torch.nn.Parameter(tensor, requires_grad=meta.tensor_meta.requires_grad)
+        tensors[fqn] = tensor
+    return tensors
+
+
+def load_exported_program(data: bytes, model_name: str = "model") -> torch.export.ExportedProgram:
+    """Deserialise a torch.export archive without unpickling anything.
+
+    The same steps as `torch.export.load` for one model, except that weights and constants come
+    only from raw tensor payloads and the sample inputs (a pickle) are not read at all: the
+    program does not need them to run. Call it on an archive `inspect_archive` passed.
+    """
+    with PT2ArchiveReader(io.BytesIO(data)) as reader:
+        version = reader.read_string(_constants.ARCHIVE_VERSION_PATH)
+        if version != _constants.ARCHIVE_VERSION_VALUE:
+            raise ValueError(f"pt2 archive version {version!r} is not {_constants.ARCHIVE_VERSION_VALUE!r}")
+        serialized = _serialize._bytes_to_dataclass(
+            _schema.ExportedProgram, reader.read_bytes(_constants.MODELS_FILENAME_FORMAT.format(model_name))
+        )
+        state_dict = _raw_tensors(
+            reader,
+            _constants.WEIGHTS_CONFIG_FILENAME_FORMAT.format(model_name),
+            _constants.WEIGHTS_DIR,
+            params=True,
+        )
+        constants = _raw_tensors(
+            reader,
+            _constants.CONSTANTS_CONFIG_FILENAME_FORMAT.format(model_name),
+            _constants.CONSTANTS_DIR,
+            params=False,
+        )
+    deserializer = _serialize.ExportedProgramDeserializer(None)
+    program: torch.export.ExportedProgram = deserializer.deserialize(serialized, state_dict, constants, b"")
+    return program
+
+
 def _load_torch_export(data: bytes, device: str) -> torch.nn.Module:
-    program = torch.export.load(io.BytesIO(data))
+    program = load_exported_program(data)
     if device != "cpu":
         program = torch.export.passes.move_to_device_pass(program, device)
     # An exported program is already a pure inference graph; its module refuses .eval().
@@ -214,21 +308,54 @@ _LOADERS: dict[int, Callable[[bytes, str], torch.nn.Module]] = {
 }
 
 
-def load_module(artifact: Artifact, device: str) -> torch.nn.Module:
-    """Verify an artifact, then deserialise it onto `device`. Blocking: run it in a thread.
+def load_module(
+    artifact: Artifact, device: str, *, signatures: SignaturePolicy | None = None
+) -> torch.nn.Module:
+    """Verify and inspect an artifact, then deserialise it onto `device`. Blocking: run it in
+    a thread.
+
+    In order, before any torch loader runs: the bytes against the recorded sha256; the model
+    signature (with `signatures`: a signed version must verify, and an unsigned one is
+    refused if its model or the cluster requires signatures); the static inspection.
 
     Raises:
         ArtifactCorrupt: the sha256 differs from the registry's, or the bytes are not a
             readable archive of the declared format.
+        ModelSignatureInvalid: the model signature does not verify or is missing.
+        UnsafeArtifact: the static inspection refused a member (nothing was deserialised).
         FailedPrecondition: the format is not one this server loads.
     """
     verify_artifact(artifact)
+    if signatures is not None:
+        try:
+            signer = signatures.check(
+                artifact.model_signature,
+                sha256=artifact.sha256,
+                required=artifact.signature_required,
+                field="model_signature",
+            )
+        except ModelSignatureInvalid as exc:
+            log.error("refusing to load %s v%d: %s", artifact.model, artifact.version, exc.message)
+            raise ModelSignatureInvalid(
+                f"model {artifact.model!r} version {artifact.version}: refusing to load it: {exc.message}",
+                metadata=exc.metadata,
+            ) from None
+        if signer:
+            log.info("%s v%d is signed by %s", artifact.model, artifact.version, signer)
     loader = _LOADERS.get(artifact.format)
     if loader is None:
         raise FailedPrecondition(
             f"model {artifact.model!r} version {artifact.version}: artifact format "
             f"{artifact.format} is not supported; use TorchScript or torch.export"
         )
+    try:
+        inspect_archive(artifact.data, _ARCHIVE_KIND[artifact.format])
+    except UnsafeArtifact as exc:
+        log.error("refusing to load %s v%d: %s", artifact.model, artifact.version, exc.message)
+        raise UnsafeArtifact(
+            f"model {artifact.model!r} version {artifact.version}: refusing to load it: {exc.message}",
+            metadata=exc.metadata,
+        ) from None
     try:
         return loader(artifact.data, device)
     except Exception as exc:

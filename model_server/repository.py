@@ -24,6 +24,7 @@ from model_server.loader import ArtifactSource, load_module
 from model_server.stats import register_input_bins
 from modelyard.coordination import VersionRecord
 from modelyard.errors import FailedPrecondition, ModelyardError, VersionNotReady
+from modelyard.model_signatures import SignaturePolicy
 from modelyard.tasks import cancel_task
 from modelyard.tensor_codec import DTYPE_BY_DATA_TYPE, data_type_name
 from modelyard.v1 import tensor_pb2
@@ -133,6 +134,8 @@ class ModelRepository:
         device: Where such a version runs ("cpu", "cuda", "cuda:N", "auto").
         precision: Its compute precision ("fp32", "fp16" on GPU, "bf16").
         on_change: Called after every state change (the app pokes its heartbeat).
+        signatures: Checks each version's model signature before it is loaded; unset checks
+            none (tests that build their own artifacts).
     """
 
     def __init__(
@@ -143,8 +146,10 @@ class ModelRepository:
         device: str = "cpu",
         precision: str = "fp32",
         on_change: Callable[[], None] | None = None,
+        signatures: SignaturePolicy | None = None,
     ) -> None:
         self._source = source
+        self._signatures = signatures
         self.default_serving = ServingConfig(device=device, precision=precision, batch=config)
         """What a version is served with when its deployment sets nothing."""
         self._on_change = on_change or (lambda: None)
@@ -322,7 +327,7 @@ class ModelRepository:
         self._check_signature(loaded)
         loaded.check = InputCheck.from_proto(model, artifact.signature)
         register_input_bins(model, version, artifact.input_baselines)
-        module = await asyncio.to_thread(load_module, artifact, device)
+        module = await asyncio.to_thread(load_module, artifact, device, signatures=self._signatures)
         del artifact  # its bytes are no longer needed
         loaded.module = cast_module(module, compute_dtype)
         del module

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from typing import ClassVar, Literal
 
-from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt, ValidationInfo, field_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from modelyard.settings import ServiceSettings
+from modelyard.settings import ServiceSettings, SigningSettings
 
 __all__ = ["ModelServerSettings", "resolve_torch_threads"]
 
@@ -60,6 +60,10 @@ class ModelServerSettings(ServiceSettings):
     """On shutdown, time between leaving the cluster (health NOT_SERVING, membership record
     deleted) and stopping the listener, so that calls routed here just before still land on
     a handler instead of being cancelled by the stop."""
+    signing: SigningSettings = Field(default_factory=SigningSettings)
+    """Trusted model signers, checked before every load (the same files as the registry's):
+    a signed version must verify, an unsigned one is refused if its model requires a
+    signature or `require_signatures` is set."""
     load_retry_max_s: PositiveFloat = 60.0
     """Longest wait before retrying a version whose load failed (the wait doubles per failure)."""
 

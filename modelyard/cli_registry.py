@@ -147,16 +147,20 @@ def parse_tensor_spec(text: str) -> tensor_pb2.TensorSpec:
 def models_create(
     name: str,
     description: Annotated[str, typer.Option(help="What the model does.")] = "",
+    require_signature: Annotated[
+        bool,
+        typer.Option(
+            "--require-signature",
+            help="Refuse every version without a model signature by a signer the cluster trusts.",
+        ),
+    ] = False,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
     user: UserOpt = "",
 ) -> None:
     """Create an empty model."""
-    response = _call(
-        registry,
-        user,
-        lambda s, md: s.CreateModel(pb.CreateModelRequest(name=name, description=description), metadata=md),
-    )
+    request = pb.CreateModelRequest(name=name, description=description, require_signature=require_signature)
+    response = _call(registry, user, lambda s, md: s.CreateModel(request, metadata=md))
     if as_json:
         _print_json(response)
     else:
@@ -186,6 +190,16 @@ def models_upload(
         ),
     ] = None,
     bins: Annotated[int, typer.Option(help="Quantile bins per feature of the baseline.")] = DEFAULT_BINS,
+    model_signature: Annotated[
+        Path | None,
+        typer.Option(
+            "--model-signature",
+            exists=True,
+            dir_okay=False,
+            help="The OpenSSF model signature of FILE (`model_signing sign key|certificate FILE "
+            "--signature FILE.sig`), verified by the registry and by every model server.",
+        ),
+    ] = None,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
     user: UserOpt = "",
@@ -221,6 +235,7 @@ def models_upload(
         description=description,
         labels=labels,
         input_baselines=baselines,
+        model_signature=model_signature.read_bytes() if model_signature is not None else b"",
     )
 
     async def requests() -> AsyncIterator[pb.UploadModelVersionRequest]:
@@ -236,7 +251,9 @@ def models_upload(
         v = response.model_version
         console.print(
             f"uploaded [bold]{v.model}[/bold] version [bold]{v.version}[/bold] "
-            f"({v.size_bytes} bytes, sha256 {v.sha256[:12]}…)"
+            f"({v.size_bytes} bytes, sha256 {v.sha256[:12]}…"
+            + (f", signed by {v.signer}" if v.signer else "")
+            + ")"
             + "".join(
                 f"; baseline of {b.input}: {len(b.features)} features over {b.item_count} items"
                 for b in v.input_baselines

@@ -8,8 +8,10 @@
     ├── InvalidArgument                 INVALID_ARGUMENT
     │   ├── SignatureMismatch           SIGNATURE_MISMATCH
     │   ├── ModelFailedOnInput          MODEL_FAILED_ON_INPUT (the forward raised on this input)
-│   ├── ChecksumMismatch            CHECKSUM_MISMATCH
-    │   └── TooLarge                    TOO_LARGE
+    │   ├── ChecksumMismatch            CHECKSUM_MISMATCH
+    │   ├── TooLarge                    TOO_LARGE
+    │   ├── UnsafeArtifact              UNSAFE_ARTIFACT     (an archive part that could run code)
+    │   └── ModelSignatureInvalid       MODEL_SIGNATURE_INVALID
     ├── AlreadyExists                   ALREADY_EXISTS
     ├── Conflict                        CONFLICT            (a compare-and-set lost)
     ├── FailedPrecondition              FAILED_PRECONDITION
@@ -42,6 +44,8 @@ __all__ = [
     "ModelFailedOnInput",
     "ChecksumMismatch",
     "TooLarge",
+    "UnsafeArtifact",
+    "ModelSignatureInvalid",
     "AlreadyExists",
     "Conflict",
     "FailedPrecondition",
@@ -121,6 +125,20 @@ class ChecksumMismatch(InvalidArgument):
 
 class TooLarge(InvalidArgument):
     reason = "TOO_LARGE"
+
+
+class UnsafeArtifact(InvalidArgument):
+    """An artifact holds a part that is not allowed: something loading it could unpickle or
+    execute, a path outside the archive, or more than the archive limits."""
+
+    reason = "UNSAFE_ARTIFACT"
+
+
+class ModelSignatureInvalid(InvalidArgument):
+    """A model signature (OpenSSF model signing) is missing where one is required, malformed,
+    made by a signer the cluster does not trust, or over other bytes."""
+
+    reason = "MODEL_SIGNATURE_INVALID"
 
 
 class AlreadyExists(ModelyardError):

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = [
     "RedisSettings",
     "TLSSettings",
+    "SigningSettings",
     "ServerSettings",
     "ServiceSettings",
     "SettingsError",
@@ -58,6 +59,22 @@ class TLSSettings(BaseModel):
         if self.client_auth_required and self.ca_file is None:
             raise ValueError("tls.client_auth_required needs tls.ca_file")
         return self
+
+
+class SigningSettings(BaseModel):
+    """Whom the cluster trusts to sign models (OpenSSF model signing, verified offline). The
+    registry verifies a version's signature at upload, and every model server again at every
+    load; give both the same files."""
+
+    trusted_public_keys: tuple[Path, ...] = ()
+    """PEM files of elliptic-curve public keys whose key-based signatures are trusted
+    (`model_signing sign key --private_key ...`)."""
+    trusted_ca_certificates: tuple[Path, ...] = ()
+    """PEM files of CA certificates; a certificate-based signature is trusted when its signing
+    certificate chains to one of them (`model_signing sign certificate ...`)."""
+    require_signatures: bool = False
+    """Refuse every unsigned version, whatever its model says (otherwise only the models
+    created with `require_signature` refuse them)."""
 
 
 class ServerSettings(BaseModel):

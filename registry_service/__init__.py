@@ -4,7 +4,7 @@ SQLite holds the metadata and a content-addressed directory the artifacts; Redis
 copy of every model's aliases, rebuilt from SQLite on start and whenever it drifts.
 
 Modules: `settings` (configuration), `records` (the core's value types), `store` (SQLite),
-`artifacts` (the artifact directory), `formats` (what an archive of each format looks like),
+`artifacts` (the artifact directory), `formats` (the upload-time inspection of an archive),
 `registry` (the core, no gRPC), `convert` (records <-> protobuf), `servicer` (the thin gRPC
 adapter) and `app` (the composition root).
 """

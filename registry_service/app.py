@@ -10,6 +10,7 @@ from modelyard import __version__
 from modelyard.coordination import CoordinationStore, ServiceRecord
 from modelyard.errors import CoordinationUnavailable
 from modelyard.membership import Heartbeat, new_service_id
+from modelyard.model_signatures import SignaturePolicy
 from modelyard.rpc.server import ServiceServer, create_server
 from modelyard.tasks import BackgroundTasks
 from modelyard.v1 import registry_service_pb2_grpc
@@ -98,6 +99,7 @@ class RegistryApp:
             download_chunk_bytes=settings.download_chunk_bytes,
             retention_s=settings.retention_s,
             promote_timeout_s=settings.promote_timeout_s,
+            signatures=SignaturePolicy.from_settings(settings.signing),
         )
         servicer = RegistryServicer(registry)
         self._server = create_server(

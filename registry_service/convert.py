@@ -71,6 +71,7 @@ def model_to_proto(model: ModelRecord) -> registry_pb2.Model:
         create_time=timestamp(model.create_time),
         latest_version=model.latest_version,
         aliases=[alias_to_proto(a) for a in model.aliases],
+        require_signature=model.require_signature,
     )
 
 
@@ -89,6 +90,8 @@ def version_to_proto(version: VersionRecord) -> registry_pb2.ModelVersion:
         create_time=timestamp(version.create_time),
         state=STATE_TO_PROTO[version.state],
         input_baselines=version.input_baselines,
+        signer=version.signer,
+        model_signature=version.model_signature,
     )
 
 
@@ -104,6 +107,7 @@ def upload_metadata_from_proto(message: registry_service_pb2.UploadModelVersionM
         metrics=dict(message.metrics),
         request_id=message.request_id,
         input_baselines=tuple(message.input_baselines),
+        model_signature=message.model_signature,
     )
 
 

@@ -88,6 +88,8 @@ class ModelRecord:
     epoch: int
     """Grows with every alias change; Redis keeps a write only if its epoch is newer."""
     aliases: tuple[AliasRecord, ...] = ()
+    require_signature: bool = False
+    """Every version must carry a model signature by a trusted signer (set at creation)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +110,10 @@ class VersionRecord:
     state: VersionState
     input_baselines: tuple[registry_pb2.InputBaseline, ...] = ()
     """Input statistics recorded at registration (the drift reference); empty if none."""
+    signer: str = ""
+    """Who signed the artifact, as verified at upload; empty when unsigned."""
+    model_signature: bytes = b""
+    """The OpenSSF model signing bundle uploaded with the version; empty when unsigned."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +131,8 @@ class UploadMetadata:
     request_id: str = ""
     input_baselines: tuple[registry_pb2.InputBaseline, ...] = ()
     """Optional input statistics to record with the version (checked by the registry)."""
+    model_signature: bytes = b""
+    """Optional OpenSSF model signing bundle of the artifact (verified by the registry)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from modelyard.errors import (
     InvalidArgument,
     ModelyardError,
 )
+from modelyard.model_signatures import SignaturePolicy, SignatureVerifier
 from modelyard.v1 import registry_pb2, tensor_pb2
 from registry_service.artifacts import SHA256_PATTERN, ArtifactStore
 from registry_service.deployments import live_deployment
@@ -97,6 +98,9 @@ class Registry:
         aliases: Where alias maps go live (Redis).
         max_artifact_bytes: Largest artifact an upload may carry.
         download_chunk_bytes: Size of the chunks `download` yields.
+        signatures: Whom to trust for model signatures, and whether every version needs one;
+            unset trusts no one (a signed upload is refused, an unsigned one accepted unless
+            its model requires a signature).
 
     Usage::
 
@@ -119,7 +123,9 @@ class Registry:
         promote_timeout_s: float = 120.0,
         ready_poll_interval_s: float = 0.1,
         clock: Callable[[], float] = time.time,
+        signatures: SignaturePolicy | None = None,
     ) -> None:
+        self._signatures = signatures or SignaturePolicy(SignatureVerifier())
         self._store = store
         self._artifacts = artifacts
         self._aliases = aliases
@@ -136,15 +142,20 @@ class Registry:
 
     # -- models ----------------------------------------------------------------------------
 
-    async def create_model(self, name: str, description: str = "", *, request_id: str = "") -> ModelRecord:
-        """Create an empty model.
+    async def create_model(
+        self, name: str, description: str = "", *, request_id: str = "", require_signature: bool = False
+    ) -> ModelRecord:
+        """Create an empty model; with `require_signature`, every version of it must carry a
+        model signature by a trusted signer.
 
         Raises:
             InvalidArgument: the name breaks the naming rule.
             AlreadyExists: the name is taken (a retry with the same request id returns the model).
         """
         check_name(name, field="name", what="model")
-        return await self._store.create_model(name, description, request_id=request_id)
+        return await self._store.create_model(
+            name, description, request_id=request_id, require_signature=require_signature
+        )
 
     async def get_model(self, name: str) -> ModelRecord:
         """A model with its aliases. Raises InvalidArgument or ModelNotFound."""
@@ -160,11 +171,13 @@ class Registry:
     async def upload_version(
         self, metadata: UploadMetadata, chunks: AsyncIterator[bytes], *, actor: str = ""
     ) -> VersionRecord:
-        """Store a new version: check the metadata, store the artifact, then record the version.
+        """Store a new version: check the metadata and the model signature, store the artifact
+        (hashed and statically inspected on the way), then record the version.
 
         The artifact goes first and the row second, so a crash in between leaves at worst an
         unreferenced file, never a version without its bytes. Nothing of `chunks` is read if
-        the metadata is refused.
+        the metadata or the signature is refused: the signature signs the declared sha256,
+        which the bytes are then held to.
 
         Args:
             metadata: What the uploader says about the artifact.
@@ -174,6 +187,10 @@ class Registry:
         Raises:
             InvalidArgument: bad name, format, sha256, signature or input baseline, no bytes,
                 or an archive that is not of the stated format (the field at fault is named).
+            UnsafeArtifact: the archive holds a part loading could unpickle or execute, a path
+                outside it, or more than its limits (the member is named).
+            ModelSignatureInvalid: the model signature does not verify, or is missing where
+                the model (or the cluster) requires one.
             ModelNotFound: the model does not exist.
             ChecksumMismatch: the bytes do not hash to `metadata.sha256`.
             TooLarge: the artifact is over the limit.
@@ -195,8 +212,15 @@ class Registry:
         _check_signature(metadata.signature)
         _check_metrics(metadata.metrics)
         _check_baselines(metadata.input_baselines, metadata.signature)
-        # Refuse an unknown model before any byte is read.
-        await self._store.get_model(metadata.model)
+        # Refuse an unknown model, and a missing or bad signature, before any byte is read.
+        model = await self._store.get_model(metadata.model)
+        signer = await asyncio.to_thread(
+            self._signatures.check,
+            metadata.model_signature,
+            sha256=sha256,
+            required=model.require_signature,
+            field="metadata.model_signature",
+        )
         async with self._content_lock(sha256):
             stored_sha256, size = await self._artifacts.write(
                 chunks,
@@ -209,6 +233,7 @@ class Registry:
                 sha256=stored_sha256,
                 size_bytes=size,
                 created_by=actor,
+                signer=signer,
             )
         log.info(
             "stored version %d of model %r (%d bytes, sha256 %s)",

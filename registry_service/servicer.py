@@ -58,7 +58,10 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
     async def CreateModel(self, request: pb.CreateModelRequest, context: _Context) -> pb.CreateModelResponse:
         async with self._audited(context, "CreateModel", request.name, "model", request.request_id):
             model = await self._registry.create_model(
-                request.name, request.description, request_id=request.request_id
+                request.name,
+                request.description,
+                request_id=request.request_id,
+                require_signature=request.require_signature,
             )
         return pb.CreateModelResponse(model=convert.model_to_proto(model))
 
@@ -90,8 +93,10 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
                 convert.upload_metadata_from_proto(metadata), _chunks(request_iterator), actor=audit.actor
             )
             audit.target = f"version {version.version}"
-            audit.message = f"sha256 {version.sha256}, {version.size_bytes} bytes" + _baseline_summary(
-                version.input_baselines
+            audit.message = (
+                f"sha256 {version.sha256}, {version.size_bytes} bytes; "
+                + (f"signed by {version.signer}" if version.signer else "unsigned")
+                + _baseline_summary(version.input_baselines)
             )
         return pb.UploadModelVersionResponse(model_version=convert.version_to_proto(version))
 

@@ -12,7 +12,7 @@ from typing import ClassVar
 from pydantic import Field, NonNegativeFloat, PositiveFloat
 from pydantic_settings import SettingsConfigDict
 
-from modelyard.settings import ServerSettings, ServiceSettings
+from modelyard.settings import ServerSettings, ServiceSettings, SigningSettings
 
 __all__ = ["RegistrySettings", "DEFAULT_PORT"]
 
@@ -53,6 +53,9 @@ class RegistrySettings(ServiceSettings):
     retention_s: NonNegativeFloat = 600.0
     """How long a version stays placed (loaded and warm on the model servers) after an alias
     moved away from it, so that a rollback within this window is instant."""
+    signing: SigningSettings = Field(default_factory=SigningSettings)
+    """Trusted model signers (OpenSSF model signing), checked at every upload, e.g.
+    `MODELYARD_REGISTRY_SIGNING__TRUSTED_PUBLIC_KEYS='["/etc/modelyard/ml-team.pub"]'`."""
     promote_timeout_s: PositiveFloat = 120.0
     """How long PromoteVersion waits, by default, for the version to be ready on the model
     servers before it gives up (DEADLINE_EXCEEDED) without moving the alias."""

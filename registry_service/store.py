@@ -57,9 +57,10 @@ from registry_service.records import (
 
 __all__ = ["RegistryStore", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Kept in `PRAGMA user_version`; a database from a newer registry is refused, not guessed at.
-2 -> 3 added `versions.input_baselines` (upgraded in place on open)."""
+2 -> 3 added `versions.input_baselines`, 3 -> 4 `models.require_signature`, `versions.signer`
+and `versions.model_signature` (each upgraded in place on open)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -68,7 +69,8 @@ CREATE TABLE IF NOT EXISTS models (
     create_time    REAL    NOT NULL,
     latest_version INTEGER NOT NULL DEFAULT 0,
     epoch          INTEGER NOT NULL DEFAULT 0,
-    request_id     TEXT    NOT NULL DEFAULT ''
+    request_id     TEXT    NOT NULL DEFAULT '',
+    require_signature INTEGER NOT NULL DEFAULT 0  -- 1: every version must be signed
 );
 CREATE TABLE IF NOT EXISTS versions (
     model       TEXT    NOT NULL REFERENCES models(name),
@@ -85,6 +87,8 @@ CREATE TABLE IF NOT EXISTS versions (
     state       TEXT    NOT NULL,
     request_id  TEXT    NOT NULL DEFAULT '',
     input_baselines TEXT NOT NULL DEFAULT '[]',  -- JSON list of modelyard.v1.InputBaseline
+    signer      TEXT    NOT NULL DEFAULT '',     -- who signed it, as verified at upload
+    model_signature BLOB NOT NULL DEFAULT x'',   -- the OpenSSF model signing bundle (JSON)
     PRIMARY KEY (model, version)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS versions_by_request_id
@@ -208,14 +212,16 @@ class RegistryStore:
 
     # -- models ----------------------------------------------------------------------------
 
-    async def create_model(self, name: str, description: str, *, request_id: str = "") -> ModelRecord:
-        """Create a model.
+    async def create_model(
+        self, name: str, description: str, *, request_id: str = "", require_signature: bool = False
+    ) -> ModelRecord:
+        """Create a model (`require_signature`: every version must be signed).
 
         Raises:
             AlreadyExists: the name is taken (unless by an earlier call with this request id,
                 whose model is then returned).
         """
-        return await self._run(self._create_model, name, description, request_id)
+        return await self._run(self._create_model, name, description, request_id, require_signature)
 
     async def get_model(self, name: str) -> ModelRecord:
         """A model with its aliases. Raises ModelNotFound."""
@@ -228,7 +234,7 @@ class RegistryStore:
     # -- versions --------------------------------------------------------------------------
 
     async def insert_version(
-        self, metadata: UploadMetadata, *, sha256: str, size_bytes: int, created_by: str
+        self, metadata: UploadMetadata, *, sha256: str, size_bytes: int, created_by: str, signer: str = ""
     ) -> VersionRecord:
         """Record a new version, numbered after the model's latest. Its artifact must be stored.
 
@@ -239,7 +245,7 @@ class RegistryStore:
             InvalidArgument: the request id was used for a different artifact.
         """
         assert metadata.format is not None, "validated by the registry"
-        return await self._run(self._insert_version, metadata, sha256, size_bytes, created_by)
+        return await self._run(self._insert_version, metadata, sha256, size_bytes, created_by, signer)
 
     async def get_version(self, model: str, version: int) -> VersionRecord:
         """One version. Raises ModelNotFound or VersionNotFound."""
@@ -455,13 +461,16 @@ class RegistryStore:
 
     # -- on the database thread ------------------------------------------------------------
 
-    def _create_model(self, name: str, description: str, request_id: str) -> ModelRecord:
+    def _create_model(
+        self, name: str, description: str, request_id: str, require_signature: bool
+    ) -> ModelRecord:
         with self._transaction() as conn:
             row = conn.execute("SELECT request_id FROM models WHERE name = ?", (name,)).fetchone()
             if row is None:
                 conn.execute(
-                    "INSERT INTO models (name, description, create_time, request_id) VALUES (?, ?, ?, ?)",
-                    (name, description, self._clock(), request_id),
+                    "INSERT INTO models (name, description, create_time, request_id, require_signature) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (name, description, self._clock(), request_id, int(require_signature)),
                 )
             elif not request_id or row["request_id"] != request_id:
                 raise AlreadyExists(
@@ -492,7 +501,7 @@ class RegistryStore:
         return _model_from(row, [_alias_from(a) for a in aliases])
 
     def _insert_version(
-        self, metadata: UploadMetadata, sha256: str, size_bytes: int, created_by: str
+        self, metadata: UploadMetadata, sha256: str, size_bytes: int, created_by: str, signer: str
     ) -> VersionRecord:
         assert metadata.format is not None
         with self._transaction() as conn:
@@ -518,7 +527,8 @@ class RegistryStore:
             conn.execute(
                 "INSERT INTO versions (model, version, format, sha256, size_bytes, signature, "
                 "description, labels, metrics, created_by, create_time, state, request_id, "
-                "input_baselines) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "input_baselines, signer, model_signature) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     metadata.model,
                     version,
@@ -534,6 +544,8 @@ class RegistryStore:
                     VersionState.ACTIVE.value,
                     metadata.request_id,
                     _baselines_to_json(metadata.input_baselines),
+                    signer,
+                    metadata.model_signature,
                 ),
             )
             conn.execute("UPDATE models SET latest_version = ? WHERE name = ?", (version, metadata.model))
@@ -1042,6 +1054,7 @@ def _model_from(row: sqlite3.Row, aliases: list[AliasRecord]) -> ModelRecord:
         latest_version=row["latest_version"],
         epoch=row["epoch"],
         aliases=tuple(aliases),
+        require_signature=bool(row["require_signature"]),
     )
 
 
@@ -1051,6 +1064,12 @@ def _upgrade_columns(conn: sqlite3.Connection) -> None:
     columns = {row["name"] for row in conn.execute("PRAGMA table_info(versions)")}
     if "input_baselines" not in columns:  # schema 2 -> 3
         conn.execute("ALTER TABLE versions ADD COLUMN input_baselines TEXT NOT NULL DEFAULT '[]'")
+    if "signer" not in columns:  # schema 3 -> 4
+        conn.execute("ALTER TABLE versions ADD COLUMN signer TEXT NOT NULL DEFAULT ''")
+        conn.execute("ALTER TABLE versions ADD COLUMN model_signature BLOB NOT NULL DEFAULT x''")
+    model_columns = {row["name"] for row in conn.execute("PRAGMA table_info(models)")}
+    if "require_signature" not in model_columns:  # schema 3 -> 4
+        conn.execute("ALTER TABLE models ADD COLUMN require_signature INTEGER NOT NULL DEFAULT 0")
 
 
 def _baselines_to_json(baselines: tuple[registry_pb2.InputBaseline, ...]) -> str:
@@ -1081,4 +1100,6 @@ def _version_from(row: sqlite3.Row) -> VersionRecord:
         create_time=row["create_time"],
         state=VersionState(row["state"]),
         input_baselines=_baselines_from_json(row["input_baselines"]),
+        signer=row["signer"],
+        model_signature=bytes(row["model_signature"]),
     )

@@ -30,21 +30,23 @@ MODEL_VERSION_STATE_ACTIVE: ModelVersionState
 MODEL_VERSION_STATE_ARCHIVED: ModelVersionState
 
 class Model(_message.Message):
-    __slots__ = ("name", "description", "create_time", "latest_version", "aliases")
+    __slots__ = ("name", "description", "create_time", "latest_version", "aliases", "require_signature")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     create_time: _timestamp_pb2.Timestamp
     latest_version: int
     aliases: _containers.RepeatedCompositeFieldContainer[Alias]
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., latest_version: _Optional[int] = ..., aliases: _Optional[_Iterable[_Union[Alias, _Mapping]]] = ...) -> None: ...
+    require_signature: bool
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., latest_version: _Optional[int] = ..., aliases: _Optional[_Iterable[_Union[Alias, _Mapping]]] = ..., require_signature: _Optional[bool] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("model", "version", "format", "sha256", "size_bytes", "signature", "description", "labels", "metrics", "created_by", "create_time", "state", "input_baselines")
+    __slots__ = ("model", "version", "format", "sha256", "size_bytes", "signature", "description", "labels", "metrics", "created_by", "create_time", "state", "input_baselines", "signer", "model_signature")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +74,8 @@ class ModelVersion(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     INPUT_BASELINES_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     format: ArtifactFormat
@@ -85,7 +89,9 @@ class ModelVersion(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     state: ModelVersionState
     input_baselines: _containers.RepeatedCompositeFieldContainer[InputBaseline]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[_Union[ArtifactFormat, str]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., signature: _Optional[_Union[_tensor_pb2.Signature, _Mapping]] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_by: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., input_baselines: _Optional[_Iterable[_Union[InputBaseline, _Mapping]]] = ...) -> None: ...
+    signer: str
+    model_signature: bytes
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[_Union[ArtifactFormat, str]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., signature: _Optional[_Union[_tensor_pb2.Signature, _Mapping]] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_by: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., input_baselines: _Optional[_Iterable[_Union[InputBaseline, _Mapping]]] = ..., signer: _Optional[str] = ..., model_signature: _Optional[bytes] = ...) -> None: ...
 
 class InputBaseline(_message.Message):
     __slots__ = ("input", "item_count", "features")

@@ -13,14 +13,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateModelRequest(_message.Message):
-    __slots__ = ("name", "description", "request_id")
+    __slots__ = ("name", "description", "request_id", "require_signature")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     request_id: str
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    require_signature: bool
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., request_id: _Optional[str] = ..., require_signature: _Optional[bool] = ...) -> None: ...
 
 class CreateModelResponse(_message.Message):
     __slots__ = ("model",)
@@ -51,7 +53,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[_registry_pb2.Model, _Mapping]]] = ...) -> None: ...
 
 class UploadModelVersionMetadata(_message.Message):
-    __slots__ = ("model", "format", "sha256", "signature", "description", "labels", "metrics", "request_id", "input_baselines")
+    __slots__ = ("model", "format", "sha256", "signature", "description", "labels", "metrics", "request_id", "input_baselines", "model_signature")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +77,7 @@ class UploadModelVersionMetadata(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_BASELINES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     model: str
     format: _registry_pb2.ArtifactFormat
     sha256: str
@@ -84,7 +87,8 @@ class UploadModelVersionMetadata(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     request_id: str
     input_baselines: _containers.RepeatedCompositeFieldContainer[_registry_pb2.InputBaseline]
-    def __init__(self, model: _Optional[str] = ..., format: _Optional[_Union[_registry_pb2.ArtifactFormat, str]] = ..., sha256: _Optional[str] = ..., signature: _Optional[_Union[_tensor_pb2.Signature, _Mapping]] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., request_id: _Optional[str] = ..., input_baselines: _Optional[_Iterable[_Union[_registry_pb2.InputBaseline, _Mapping]]] = ...) -> None: ...
+    model_signature: bytes
+    def __init__(self, model: _Optional[str] = ..., format: _Optional[_Union[_registry_pb2.ArtifactFormat, str]] = ..., sha256: _Optional[str] = ..., signature: _Optional[_Union[_tensor_pb2.Signature, _Mapping]] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., request_id: _Optional[str] = ..., input_baselines: _Optional[_Iterable[_Union[_registry_pb2.InputBaseline, _Mapping]]] = ..., model_signature: _Optional[bytes] = ...) -> None: ...
 
 class UploadModelVersionRequest(_message.Message):
     __slots__ = ("metadata", "chunk")

@@ -146,7 +146,10 @@ class RegistryServiceServicer:
 
     def UploadModelVersion(self, request_iterator, context):
         """UploadModelVersion stores a new version. The first message carries the metadata and the
-        following ones the artifact's bytes. The artifact is stored only if its sha256 matches.
+        following ones the artifact's bytes. The artifact is stored only if its sha256 matches,
+        its signature (if any, or if the model requires one) verifies, and the static inspection
+        of the archive finds nothing that loading could unpickle or execute (else
+        INVALID_ARGUMENT with reason UNSAFE_ARTIFACT naming the member).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

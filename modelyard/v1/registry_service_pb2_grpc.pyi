@@ -43,7 +43,10 @@ class RegistryServiceStub:
     """ListModels returns every model."""
     UploadModelVersion: _grpc.StreamUnaryMultiCallable[_registry_service_pb2.UploadModelVersionRequest, _registry_service_pb2.UploadModelVersionResponse]
     """UploadModelVersion stores a new version. The first message carries the metadata and the
-    following ones the artifact's bytes. The artifact is stored only if its sha256 matches.
+    following ones the artifact's bytes. The artifact is stored only if its sha256 matches,
+    its signature (if any, or if the model requires one) verifies, and the static inspection
+    of the archive finds nothing that loading could unpickle or execute (else
+    INVALID_ARGUMENT with reason UNSAFE_ARTIFACT naming the member).
     """
     GetModelVersion: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetModelVersionRequest, _registry_service_pb2.GetModelVersionResponse]
     """GetModelVersion returns one version's metadata."""
@@ -102,7 +105,10 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """ListModels returns every model."""
     UploadModelVersion: _aio.StreamUnaryMultiCallable[_registry_service_pb2.UploadModelVersionRequest, _registry_service_pb2.UploadModelVersionResponse]  # type: ignore[assignment]
     """UploadModelVersion stores a new version. The first message carries the metadata and the
-    following ones the artifact's bytes. The artifact is stored only if its sha256 matches.
+    following ones the artifact's bytes. The artifact is stored only if its sha256 matches,
+    its signature (if any, or if the model requires one) verifies, and the static inspection
+    of the archive finds nothing that loading could unpickle or execute (else
+    INVALID_ARGUMENT with reason UNSAFE_ARTIFACT naming the member).
     """
     GetModelVersion: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetModelVersionRequest, _registry_service_pb2.GetModelVersionResponse]  # type: ignore[assignment]
     """GetModelVersion returns one version's metadata."""
@@ -182,7 +188,10 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.UploadModelVersionResponse, _abc.Awaitable[_registry_service_pb2.UploadModelVersionResponse]]:
         """UploadModelVersion stores a new version. The first message carries the metadata and the
-        following ones the artifact's bytes. The artifact is stored only if its sha256 matches.
+        following ones the artifact's bytes. The artifact is stored only if its sha256 matches,
+        its signature (if any, or if the model requires one) verifies, and the static inspection
+        of the archive finds nothing that loading could unpickle or execute (else
+        INVALID_ARGUMENT with reason UNSAFE_ARTIFACT naming the member).
         """
 
     @_abc_1.abstractmethod

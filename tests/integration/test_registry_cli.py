@@ -16,9 +16,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from modelyard import cli_registry
-from modelyard.settings import RedisSettings, ServerSettings, load_settings
+from modelyard.settings import RedisSettings, ServerSettings, SigningSettings, load_settings
 from registry_service.app import RegistryApp
 from registry_service.settings import RegistrySettings
+from tests.signing_kit import KeySigner
 
 pytestmark = pytest.mark.integration
 
@@ -124,3 +125,37 @@ async def test_models_alias_deploy_and_audit_commands(
     assert methods == ["SetAlias", "CreateModel"]
     code, out = await run(registry, "audit", "--model", "demo")
     assert code == 0 and "ABORTED" in out and "SetDeployment" in out, out
+
+
+async def test_a_signed_upload_to_a_model_that_requires_signatures(
+    redis_settings: RedisSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli_registry, "console", Console(width=240))
+    signer = KeySigner.create(tmp_path / "keys", "team")
+    app = RegistryApp(
+        load_settings(
+            RegistrySettings,
+            server=ServerSettings(port=0, drain_grace_s=1.0),
+            redis=redis_settings,
+            data_dir=tmp_path / "registry",
+            signing=SigningSettings(trusted_public_keys=(signer.public_key,)),
+        )
+    )
+    await app.start()
+    try:
+        spec = ["--input", "x:fp32:-1,4", "--output", "y:fp32:-1,2"]
+        code, out = await run(app, "models", "create", "signed", "--require-signature")
+        assert code == 0, out
+        artifact = torchscript_file(tmp_path / "model.pt", 0)
+        code, out = await run(app, "models", "upload", "signed", str(artifact), *spec)
+        assert code == 1 and "the version is unsigned" in out, out
+        bundle = tmp_path / "model.pt.sig"
+        bundle.write_bytes(signer.sign(artifact.read_bytes(), tmp_path / "signing"))
+        code, out = await run(
+            app, "models", "upload", "signed", str(artifact), *spec, "--model-signature", str(bundle)
+        )
+        assert code == 0 and "signed by key " in out, out
+        code, out = await run(app, "models", "versions", "signed", "--json")
+        assert code == 0 and json.loads(out)["model_versions"][0]["signer"].startswith("key "), out
+    finally:
+        await app.aclose()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model_server.loader import load_module, verify_artifact
-from modelyard.errors import ArtifactCorrupt, FailedPrecondition
+from modelyard.errors import ArtifactCorrupt, FailedPrecondition, UnsafeArtifact
 from modelyard.v1 import registry_pb2
 from tests.unit.model_server.model_artifacts import export_bytes, make_artifact, mlp, torchscript_bytes
 
@@ -46,13 +46,13 @@ def test_the_sha256_is_checked_before_anything_is_deserialised() -> None:
 def test_a_pickle_declared_as_torchscript_is_refused_without_running_it() -> None:
     buffer = io.BytesIO()
     torch.save({"payload": Booby()}, buffer)
-    with pytest.raises(ArtifactCorrupt, match="not a readable torchscript archive"):
+    with pytest.raises(UnsafeArtifact, match="refusing to load it: the artifact is not a TorchScript"):
         load_module(make_artifact(buffer.getvalue()), "cpu")
     assert UNPICKLED == []
 
 
 def test_garbage_and_unknown_formats_are_refused() -> None:
-    with pytest.raises(ArtifactCorrupt):
+    with pytest.raises(UnsafeArtifact, match="not a zip archive"):
         load_module(make_artifact(b"not a zip at all"), "cpu")
     with pytest.raises(FailedPrecondition, match="format"):
         load_module(make_artifact(b"x", format=registry_pb2.ARTIFACT_FORMAT_UNSPECIFIED), "cpu")

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import io
-import zipfile
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import pytest
+import torch
 
-from modelyard.errors import ArtifactCorrupt, ChecksumMismatch, InvalidArgument, TooLarge
+from modelyard.errors import ArtifactCorrupt, ChecksumMismatch, InvalidArgument, TooLarge, UnsafeArtifact
 from registry_service.artifacts import ArtifactStore
 from registry_service.formats import check_archive
 from registry_service.records import ArtifactFormat
+from tests.artifact_corpus import evil_pickle, export_archive, replace_members, torchscript_archive
 
 DATA = bytes(range(256)) * 9000  # about 2.2 MiB: more than one write batch
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -111,27 +112,26 @@ async def test_open_removes_what_interrupted_uploads_left(tmp_path: Path) -> Non
     assert contents(store) == ([], [])
 
 
-def _zip(tmp_path: Path, names: list[str]) -> Path:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name in names:
-            archive.writestr(name, b"x")
-    path = tmp_path / "a.zip"
-    path.write_bytes(buffer.getvalue())
-    return path
-
-
 def test_check_archive(tmp_path: Path) -> None:
-    check_archive(_zip(tmp_path, ["m/code/__torch__.py", "m/data.pkl"]), ArtifactFormat.TORCHSCRIPT)
-    check_archive(_zip(tmp_path, ["m/archive_format", "m/models/model.json"]), ArtifactFormat.TORCH_EXPORT)
-    for names, fmt in [
-        (["archive/data.pkl", "archive/version"], ArtifactFormat.TORCHSCRIPT),  # torch.save
-        (["m/code/__torch__.py"], ArtifactFormat.TORCH_EXPORT),
-    ]:
-        with pytest.raises(InvalidArgument) as caught:
-            check_archive(_zip(tmp_path, names), fmt)
-        assert caught.value.field == "metadata.format"
-    not_zip = tmp_path / "plain"
-    not_zip.write_bytes(b"not a zip")
+    path = tmp_path / "a.zip"
+    path.write_bytes(torchscript_archive())
+    check_archive(path, ArtifactFormat.TORCHSCRIPT)
+    with pytest.raises(InvalidArgument) as caught:
+        check_archive(path, ArtifactFormat.TORCH_EXPORT)
+    assert caught.value.field == "metadata.format"
+    path.write_bytes(export_archive())
+    check_archive(path, ArtifactFormat.TORCH_EXPORT)
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, buffer)
+    path.write_bytes(buffer.getvalue())
+    with pytest.raises(InvalidArgument) as caught:
+        check_archive(path, ArtifactFormat.TORCHSCRIPT)  # a torch.save pickle
+    assert caught.value.field == "metadata.format"
+    path.write_bytes(b"not a zip")
     with pytest.raises(InvalidArgument):
-        check_archive(not_zip, ArtifactFormat.TORCHSCRIPT)
+        check_archive(path, ArtifactFormat.TORCHSCRIPT)
+    path.write_bytes(replace_members(torchscript_archive(), {"data.pkl": evil_pickle(tmp_path / "m")}))
+    with pytest.raises(UnsafeArtifact) as unsafe:
+        check_archive(path, ArtifactFormat.TORCHSCRIPT)
+    assert "archive/data.pkl" in unsafe.value.message and unsafe.value.field == "chunk"
+    assert not (tmp_path / "m").exists()

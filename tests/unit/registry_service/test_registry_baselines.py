@@ -33,6 +33,7 @@ def fake_torchscript() -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("m/code/__torch__.py", b"def forward(self, x): return x")
+        archive.writestr("m/data.pkl", b"\x80\x02N.")  # a pickle of None: no globals
     return buffer.getvalue()
 
 
@@ -163,5 +164,5 @@ async def test_a_schema_2_database_is_upgraded_in_place(tmp_path: Path) -> None:
     finally:
         await store.aclose()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     conn.close()

@@ -30,6 +30,7 @@ def fake_torchscript() -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("m/code/__torch__.py", b"def forward(self, x): return x")
+        archive.writestr("m/data.pkl", b"\x80\x02N.")  # a pickle of None: no globals
     return buffer.getvalue()
 
 
