@@ -16,6 +16,7 @@ import grpc
 
 from modelyard.rpc.context import REQUEST_ID_METADATA_KEY
 from modelyard.rpc.server import channel_options
+from modelyard.tls import ClientTLS, open_channel
 
 __all__ = ["ChannelPool", "ReplicaUnavailable", "append_version"]
 
@@ -72,11 +73,11 @@ class _State(enum.Enum):
 
 
 class ChannelPool:
-    """One long-lived channel per model server address."""
+    """One long-lived channel per model server address (TLS with `tls`, else plaintext)."""
 
-    def __init__(self, *, max_message_bytes: int, credentials: grpc.ChannelCredentials | None = None):
+    def __init__(self, *, max_message_bytes: int, tls: ClientTLS | None = None):
         self._options = channel_options(max_message_bytes)
-        self._credentials = credentials
+        self._tls = tls
         self._channels: dict[str, tuple[grpc.aio.Channel, Any]] = {}
         self._state = _State.OPENED
 
@@ -91,10 +92,7 @@ class ChannelPool:
         if entry is None:
             if self._state is _State.CLOSED:
                 raise RuntimeError("Cannot send a request, as the channel pool has been closed.")
-            if self._credentials is not None:
-                channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
-            else:
-                channel = grpc.aio.insecure_channel(address, options=self._options)
+            channel = open_channel(address, self._tls, options=self._options)
             # No serializers: bytes in, bytes out.
             entry = (channel, channel.unary_unary(INFER_METHOD))
             self._channels[address] = entry
