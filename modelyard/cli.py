@@ -49,6 +49,16 @@ def up(
     exit_after_demo: Annotated[
         bool, typer.Option(help="Stop the cluster once the demo has run (for scripts).")
     ] = False,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            help="Make a local CA and per-service certificates in DATA_DIR/tls and run every "
+            "service with mTLS; clients get the CA and a client certificate (see cluster.json)."
+        ),
+    ] = False,
+    gateway_mtls: Annotated[
+        bool, typer.Option(help="With --tls, the gateway too requires client certificates.")
+    ] = False,
 ) -> None:
     """Start the whole cluster locally and keep it running until Ctrl-C."""
     configure_logging("WARNING")
@@ -57,6 +67,8 @@ def up(
         redis_url=redis_url,
         ports="free" if free_ports else "default",
         model_servers=model_servers,
+        tls=tls,
+        gateway_client_auth=gateway_mtls,
     )
     code = asyncio.run(_up(cluster, demo, exit_after_demo))
     raise typer.Exit(code)
@@ -107,6 +119,15 @@ def _print_cluster(cluster: LocalCluster) -> None:
         table.add_row(child.name, child.address, str(child.log_path))
     console.print(table)
     console.print(f"addresses and Redis URL for tools (e.g. the load tests): {cluster.cluster_file}")
+    if cluster.client_tls is not None:
+        t = cluster.client_tls
+        console.print(
+            f"TLS on: CA {t.ca_file}, client certificate {t.cert_file} (key {t.key_file}); the CLI "
+            f"finds them through {cluster.cluster_file}. For example:\n"
+            f"  grpcurl -cacert {t.ca_file} -cert {t.cert_file} -key {t.key_file} "
+            f"{cluster.gateway_address} list",
+            soft_wrap=True,
+        )
 
 
 async def _run_demo(cluster: LocalCluster) -> None:
@@ -121,11 +142,14 @@ async def _run_demo(cluster: LocalCluster) -> None:
         artifact,
         demo_signature(),
         description="demo MLP 64-256-256-10",
+        tls=cluster.client_tls,
     )
     console.print(f"\nregistered [bold]demo[/] v{version} and pointed [bold]production[/] at it")
     generator = torch.Generator().manual_seed(1234)
     inputs = [torch.randn(n, 64, generator=generator) for n in (1, 2, 3)]
-    answers = await predict_until_served(cluster.gateway_address, "demo", inputs, module)
+    answers = await predict_until_served(
+        cluster.gateway_address, "demo", inputs, module, tls=cluster.client_tls
+    )
     table = Table(title=f"predictions through the gateway ({cluster.gateway_address})")
     table.add_column("rows")
     table.add_column("served by")

@@ -9,6 +9,12 @@ A started cluster describes itself in `DATA_DIR/cluster.json` (`ClusterFile`): t
 of its services, its Redis URL and key prefix, and the pid of the process that supervises it.
 Tools that act on a running `modelyard up` read it (the load tests' `server_lost` joins a model
 server of its own through the Redis it names). The file is removed when the cluster stops.
+
+With `tls=True` the cluster makes a local CA and one certificate per service kind in
+`DATA_DIR/tls` (the CA is kept across restarts, the certificates are renewed when they near
+expiry), starts every service with mTLS, checks readiness over mTLS, and records in the
+cluster file what a client needs (`tls`: the CA file and a `client` certificate). The CLI,
+`modelyard top` and the load tests pick these up (`client_tls_for`).
 """
 
 from __future__ import annotations
@@ -33,14 +39,27 @@ from modelyard.embedded_redis import RedisServer
 from modelyard.membership import new_service_id
 from modelyard.processes import spawn_child
 from modelyard.settings import RedisSettings
+from modelyard.tls import CLIENT_KIND, SERVICE_KINDS, ClientTLS, LocalCA, certificate_expiry, open_channel
 
-__all__ = ["LocalCluster", "Child", "ClusterFile", "DEFAULT_PORTS", "CLUSTER_FILE_NAME"]
+__all__ = [
+    "LocalCluster",
+    "Child",
+    "ClusterFile",
+    "DEFAULT_PORTS",
+    "CLUSTER_FILE_NAME",
+    "CLUSTER_FILE_ENV",
+    "client_tls_for",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"gateway": 50051, "registry": 50061, "monitor": 50071, "model_server": 50081}
 CLUSTER_FILE_NAME = "cluster.json"
 """What a started cluster writes into its data dir (see `ClusterFile`)."""
+CLUSTER_FILE_ENV = "MODELYARD_CLUSTER_FILE"
+"""Where clients (the CLI, `modelyard top`) look for the cluster file; unset: var/cluster.json."""
+RENEW_BEFORE_S = 30 * 24 * 3600.0
+"""Certificates of a local TLS cluster are issued again when they expire within this long."""
 
 
 @dataclass
@@ -80,12 +99,15 @@ class ClusterFile:
         key_prefix: The prefix of the cluster's keys in that Redis.
         services: Service name (`gateway`, `registry`, `monitor`, `model-server-1`, ...) to the
             `host:port` of its gRPC listener.
+        tls: What a client dials the cluster's services with when they serve TLS (the CA and
+            a client certificate); None: plaintext.
     """
 
     pid: int
     redis_url: str
     key_prefix: str
     services: dict[str, str]
+    tls: ClientTLS | None = None
 
     @property
     def gateway(self) -> str:
@@ -107,13 +129,16 @@ class ClusterFile:
         return True
 
     def to_json(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "v": 1,
             "pid": self.pid,
             "redis_url": self.redis_url,
             "key_prefix": self.key_prefix,
             "services": self.services,
         }
+        if self.tls is not None:
+            data["tls"] = self.tls.to_json()
+        return data
 
     @classmethod
     def read(cls, path: Path) -> ClusterFile:
@@ -130,6 +155,7 @@ class ClusterFile:
                 redis_url=str(data["redis_url"]),
                 key_prefix=str(data["key_prefix"]),
                 services={str(k): str(v) for k, v in data["services"].items()},
+                tls=ClientTLS.from_json(data["tls"]) if data.get("tls") else None,
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"{path}: not a modelyard cluster file ({exc})") from None
@@ -155,6 +181,9 @@ class LocalCluster:
         ports: "default" for the well-known ports (gateway 50051, ...), "free" for port 0.
         model_servers: How many model servers to start.
         env: Extra environment for every child (e.g. MODELYARD_LOG_LEVEL).
+        tls: Make a local CA and certificates in `data_dir/tls` and run every service with
+            mTLS (the gateway with server-side TLS for clients unless `gateway_client_auth`).
+        gateway_client_auth: Under `tls`, the gateway too requires client certificates.
     """
 
     def __init__(
@@ -165,6 +194,8 @@ class LocalCluster:
         ports: str = "default",
         model_servers: int = 1,
         env: dict[str, str] | None = None,
+        tls: bool = False,
+        gateway_client_auth: bool = False,
     ) -> None:
         if ports not in ("default", "free"):
             raise ValueError("ports must be 'default' or 'free'")
@@ -177,6 +208,41 @@ class LocalCluster:
         self.children: list[Child] = []
         self.key_prefix = "my"
         self._wrote_cluster_file = False
+        self.tls = tls
+        self._gateway_client_auth = gateway_client_auth
+        self.client_tls: ClientTLS | None = None
+        """What clients dial the cluster with (set by `start()` under `tls`)."""
+
+    @property
+    def tls_dir(self) -> Path:
+        """The local CA and the certificates of a TLS cluster."""
+        return self.data_dir / "tls"
+
+    def _prepare_tls(self) -> None:
+        ca = LocalCA.load_or_create(self.tls_dir)
+        for kind in (*SERVICE_KINDS, CLIENT_KIND):
+            cert = self.tls_dir / f"{kind}.pem"
+            fresh = cert.exists() and (self.tls_dir / f"{kind}-key.pem").exists()
+            if fresh:
+                left = certificate_expiry(cert).timestamp() - time.time()
+                fresh = left > RENEW_BEFORE_S
+            if not fresh:
+                ca.issue(kind, hosts=["127.0.0.1", "localhost", "::1"])
+        client = ca.issued(CLIENT_KIND)
+        self.client_tls = ClientTLS(ca.cert_file, client.cert_file, client.key_file)
+
+    def _tls_env(self, kind: str, prefix: str) -> dict[str, str]:
+        if not self.tls:
+            return {}
+        issued = LocalCA.issued_in(self.tls_dir, kind)
+        client_auth = kind != "gateway" or self._gateway_client_auth
+        return {
+            f"{prefix}TLS__ENABLED": "true",
+            f"{prefix}TLS__CERT_FILE": str(issued.cert_file),
+            f"{prefix}TLS__KEY_FILE": str(issued.key_file),
+            f"{prefix}TLS__CA_FILE": str(self.tls_dir / "ca.pem"),
+            f"{prefix}TLS__CLIENT_AUTH_REQUIRED": "true" if client_auth else "false",
+        }
 
     @property
     def cluster_file(self) -> Path:
@@ -204,6 +270,7 @@ class LocalCluster:
                 f"{prefix}REDIS__KEY_PREFIX": self.key_prefix,
                 f"{prefix}SERVER__PORT": str(port),
                 f"{prefix}SERVER__METRICS_PORT": str(port + 1000 if port else 0),
+                **self._tls_env(kind, prefix),
             }
         )
         env.update({f"{prefix}{k.upper()}": v for k, v in extra.items()})
@@ -218,6 +285,8 @@ class LocalCluster:
             RuntimeError: a child exited or was not ready in time; the message has its log.
         """
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.tls:
+            await asyncio.to_thread(self._prepare_tls)
         if self._redis_url is None:
             self.redis = RedisServer(
                 port=0,
@@ -265,6 +334,7 @@ class LocalCluster:
             redis_url=self.redis_url,
             key_prefix=self.key_prefix,
             services={c.name: c.address for c in self.children},
+            tls=self.client_tls,
         )
         # Owner-only: a Redis URL given with --redis-url may carry a password. Written then
         # renamed, so a reader never sees half a file.
@@ -307,7 +377,7 @@ class LocalCluster:
                 for record in await store.list_services():
                     if record.id == child.service_id:
                         child.address = record.address
-            if child.address and await _serving(child.address):
+            if child.address and await _serving(child.address, self.client_tls):
                 return
             await asyncio.sleep(0.1)
 
@@ -348,8 +418,26 @@ class LocalCluster:
             self.redis = None
 
 
-async def _serving(address: str) -> bool:
-    async with grpc.aio.insecure_channel(address) as channel:
+def client_tls_for(address: str, cluster_file: Path | None = None) -> ClientTLS | None:
+    """How a client (the CLI, `modelyard top`) dials `address`: with the TLS material of the
+    running cluster whose file names that address, else plaintext.
+
+    The cluster file is `cluster_file`, else `$MODELYARD_CLUSTER_FILE`, else
+    `var/cluster.json` (what `modelyard up` writes with its default data dir).
+    """
+    path = cluster_file or Path(os.environ.get(CLUSTER_FILE_ENV) or Path("var") / CLUSTER_FILE_NAME)
+    try:
+        info = ClusterFile.read(path)
+    except (OSError, ValueError):
+        return None
+    if info.tls is None or not info.running():
+        return None
+    hosts = {address, address.replace("localhost:", "127.0.0.1:")}
+    return info.tls if hosts & set(info.services.values()) else None
+
+
+async def _serving(address: str, client_tls: ClientTLS | None = None) -> bool:
+    async with open_channel(address, client_tls) as channel:
         try:
             # types-grpcio-health-checking declares HealthStub without its methods.
             reply = await health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]

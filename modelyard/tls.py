@@ -227,6 +227,15 @@ class LocalCA:
             raise ValueError(f"{directory / 'ca-key.pem'}: not an EC private key")
         return cls(directory, cert, key)
 
+    @staticmethod
+    def issued_in(directory: Path, name: str) -> IssuedCertificate:
+        """Where `issue(..., name=name)` (or `issue(name)`) put its files in `directory`."""
+        return IssuedCertificate(directory / f"{name}.pem", directory / f"{name}-key.pem")
+
+    def issued(self, name: str) -> IssuedCertificate:
+        """Where this CA's `issue(..., name=name)` put its files."""
+        return self.issued_in(self.directory, name)
+
     @classmethod
     def load_or_create(cls, directory: Path) -> LocalCA:
         """The CA in `directory`, made first if there is none."""
@@ -283,7 +292,7 @@ class LocalCA:
             )
             .sign(self._key, hashes.SHA256())
         )
-        issued = IssuedCertificate(self.directory / f"{stem}.pem", self.directory / f"{stem}-key.pem")
+        issued = self.issued(stem)
         # Key first: a reloading server that sees the new certificate must find its key.
         _write_private(issued.key_file, _key_pem(key))
         _write_private(issued.cert_file, cert.public_bytes(serialization.Encoding.PEM))
