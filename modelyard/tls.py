@@ -35,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias, cast
+from typing import Any, ClassVar, TypeAlias, cast
 
 import grpc
 from cryptography import x509
@@ -430,6 +430,24 @@ class ClientTLS:
         if not tls.enabled:
             return None
         return cls(tls.ca_file, tls.cert_file, tls.key_file, tls.server_name)
+
+    ENV: ClassVar[dict[str, str]] = {
+        "ca_file": "MODELYARD_TLS_CA_FILE",
+        "cert_file": "MODELYARD_TLS_CERT_FILE",
+        "key_file": "MODELYARD_TLS_KEY_FILE",
+        "server_name": "MODELYARD_TLS_SERVER_NAME",
+    }
+    """The environment variables a client process (a locust worker) reads its TLS from."""
+
+    def to_env(self) -> dict[str, str]:
+        return {self.ENV[k]: v for k, v in self.to_json().items()}
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ClientTLS | None:
+        """TLS from `MODELYARD_TLS_*` (None when no CA file is named: plaintext)."""
+        if not environ.get(cls.ENV["ca_file"]):
+            return None
+        return cls.from_json({k: environ.get(v, "") for k, v in cls.ENV.items()})
 
     def to_json(self) -> dict[str, str]:
         return {k: str(v) for k, v in vars(self).items() if v is not None}

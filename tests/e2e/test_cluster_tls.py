@@ -8,7 +8,8 @@ import asyncio
 import json
 import os
 import subprocess
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -48,16 +49,21 @@ finally:
 """
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One `modelyard up --tls` cluster for the module (started with asyncio.run: LocalCluster
+    keeps no loop-bound state between start and stop)."""
     local = LocalCluster(
-        data_dir=tmp_path / "cluster", ports="free", tls=True, env={"MODELYARD_LOG_LEVEL": "INFO"}
+        data_dir=tmp_path_factory.mktemp("tls-cluster"),
+        ports="free",
+        tls=True,
+        env={"MODELYARD_LOG_LEVEL": "INFO"},
     )
     try:
-        await local.start()
+        asyncio.run(local.start())
         yield local
     finally:
-        await local.stop()
+        asyncio.run(local.stop())
 
 
 async def _health(address: str, client_tls: ClientTLS | None) -> grpc.StatusCode:
@@ -131,3 +137,25 @@ async def test_up_with_tls_serves_the_demo_to_every_client(
     with torch.inference_mode():
         expected = module(torch.zeros(2, 64))
     torch.testing.assert_close(torch.tensor(result["output"]), expected)
+
+
+def test_the_load_tests_run_over_mtls_from_the_cluster_file(cluster: LocalCluster, tmp_path: Path) -> None:
+    _module, artifact = build_demo_model()
+    asyncio.run(
+        register_model(
+            cluster.address_of("registry"), "demo", artifact, demo_signature(), tls=cluster.client_tls
+        )
+    )
+    results = tmp_path / "steady"
+    done = subprocess.run(
+        [sys.executable, "-m", "load_tests", "run", "steady", "--cluster-file", str(cluster.cluster_file)]
+        + ["--users", "2", "--duration", "3s", "--results-dir", str(results)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, COLUMNS="200"),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["stats"]["requests"] > 0 and summary["stats"]["failures"] == 0
