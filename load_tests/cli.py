@@ -135,6 +135,7 @@ def run(
         duration_s=duration_s,
         start_cluster=start_cluster,
         tls=info.tls if info else None,
+        redis_tls=info.redis_tls if info else None,
     )
     console.print(f"scenario [bold]{scenario}[/]: {chosen.description}")
     try:

@@ -282,6 +282,15 @@ class JoinedModelServer:
                 f"{prefix}SERVER__METRICS_PORT": "0",
                 f"{prefix}REGISTRY_ADDRESS": self._registry,
                 **self._tls_env(prefix),
+                **{
+                    f"{prefix}REDIS__{name.upper()}": str(path)
+                    for name, path in (
+                        ("tls_ca_file", self._redis.tls_ca_file),
+                        ("tls_cert_file", self._redis.tls_cert_file),
+                        ("tls_key_file", self._redis.tls_key_file),
+                    )
+                    if path is not None
+                },
                 "PYTHONPATH": os.pathsep.join(
                     filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
                 ),

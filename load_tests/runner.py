@@ -29,7 +29,7 @@ from load_tests.stages import format_stages
 from modelyard.local_cluster import LocalCluster
 from modelyard.settings import RedisSettings
 from modelyard.tasks import cancel_task
-from modelyard.tls import ClientTLS, open_channel
+from modelyard.tls import CLIENT_KIND, ClientTLS, open_channel
 from modelyard.v1 import inference_service_pb2 as inf
 from modelyard.v1 import inference_service_pb2_grpc as inf_grpc
 from modelyard.v1 import tensor_pb2
@@ -69,6 +69,7 @@ class RunOptions:
         start_cluster: Start a `LocalCluster` (free ports, embedded Redis) for the run.
         tls: How to dial a TLS cluster (its CA and a client certificate; from the cluster
             file); None: plaintext.
+        redis_tls: How to dial the cluster's `rediss://` Redis (from the cluster file).
     """
 
     scenario: Scenario
@@ -84,6 +85,7 @@ class RunOptions:
     duration_s: float = 60.0
     start_cluster: bool = False
     tls: ClientTLS | None = None
+    redis_tls: ClientTLS | None = None
 
 
 @dataclass
@@ -170,9 +172,10 @@ async def run_scenario(options: RunOptions, cluster: LocalCluster | None = None)
         if cluster is not None:
             options.host = cluster.gateway_address
             options.registry = cluster.address_of("registry")
-            options.redis_url = cluster.redis_url
             options.key_prefix = cluster.key_prefix
             options.tls = cluster.client_tls
+            options.redis_url = cluster.redis_url_of(CLIENT_KIND)
+            options.redis_tls = cluster.redis_tls
         elif options.scenario.action is Action.KILL_MODEL_SERVER and options.redis_url is None:
             raise ScenarioError(
                 f"scenario {options.scenario.name} joins a model server of its own to the cluster "
@@ -281,7 +284,13 @@ async def _run(options: RunOptions, *, just_registered: bool) -> RunReport:
         if scenario.action is Action.KILL_MODEL_SERVER:
             assert options.redis_url is not None
             victim = JoinedModelServer(
-                redis=RedisSettings(url=options.redis_url, key_prefix=options.key_prefix),
+                redis=RedisSettings(
+                    url=options.redis_url,
+                    key_prefix=options.key_prefix,
+                    tls_ca_file=options.redis_tls.ca_file if options.redis_tls else None,
+                    tls_cert_file=options.redis_tls.cert_file if options.redis_tls else None,
+                    tls_key_file=options.redis_tls.key_file if options.redis_tls else None,
+                ),
                 registry=options.registry,
                 gateway=options.host,
                 model=options.model,

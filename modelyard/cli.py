@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -114,7 +115,7 @@ def _print_cluster(cluster: LocalCluster) -> None:
     table.add_column("service")
     table.add_column("gRPC")
     table.add_column("log")
-    table.add_row("redis", cluster.redis_url, str(cluster.data_dir / "redis"))
+    table.add_row("redis", re.sub(r":[^:/@]+@", ":***@", cluster.redis_url), str(cluster.data_dir / "redis"))
     for child in cluster.children:
         table.add_row(child.name, child.address, str(child.log_path))
     console.print(table)

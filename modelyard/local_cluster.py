@@ -14,7 +14,10 @@ With `tls=True` the cluster makes a local CA and one certificate per service kin
 `DATA_DIR/tls` (the CA is kept across restarts, the certificates are renewed when they near
 expiry), starts every service with mTLS, checks readiness over mTLS, and records in the
 cluster file what a client needs (`tls`: the CA file and a `client` certificate). The CLI,
-`modelyard top` and the load tests pick these up (`client_tls_for`).
+`modelyard top` and the load tests pick these up (`client_tls_for`). The embedded Redis then
+serves TLS only (client certificates required) with one ACL user per service kind, each
+with its own random password and access to the cluster's keys and channels only; the cluster
+file's Redis URL is the `client` user's, and `redis_tls` names the files to dial it with.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -35,7 +39,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelyard.coordination import CoordinationStore
-from modelyard.embedded_redis import RedisServer
+from modelyard.embedded_redis import RedisServer, RedisServerTLS
 from modelyard.membership import new_service_id
 from modelyard.processes import spawn_child
 from modelyard.settings import RedisSettings
@@ -101,6 +105,7 @@ class ClusterFile:
             `host:port` of its gRPC listener.
         tls: What a client dials the cluster's services with when they serve TLS (the CA and
             a client certificate); None: plaintext.
+        redis_tls: What a client dials the cluster's `rediss://` Redis with; None: plaintext.
     """
 
     pid: int
@@ -108,6 +113,7 @@ class ClusterFile:
     key_prefix: str
     services: dict[str, str]
     tls: ClientTLS | None = None
+    redis_tls: ClientTLS | None = None
 
     @property
     def gateway(self) -> str:
@@ -116,6 +122,10 @@ class ClusterFile:
     @property
     def registry(self) -> str:
         return self.services["registry"]
+
+    def redis_settings(self) -> RedisSettings:
+        """How to reach the cluster's Redis (TLS files included)."""
+        return _redis_settings(self.redis_url, self.key_prefix, self.redis_tls)
 
     def running(self) -> bool:
         """Whether the process that wrote the file still exists (a killed `modelyard up`
@@ -138,6 +148,8 @@ class ClusterFile:
         }
         if self.tls is not None:
             data["tls"] = self.tls.to_json()
+        if self.redis_tls is not None:
+            data["redis_tls"] = self.redis_tls.to_json()
         return data
 
     @classmethod
@@ -156,6 +168,7 @@ class ClusterFile:
                 key_prefix=str(data["key_prefix"]),
                 services={str(k): str(v) for k, v in data["services"].items()},
                 tls=ClientTLS.from_json(data["tls"]) if data.get("tls") else None,
+                redis_tls=ClientTLS.from_json(data["redis_tls"]) if data.get("redis_tls") else None,
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"{path}: not a modelyard cluster file ({exc})") from None
@@ -212,6 +225,7 @@ class LocalCluster:
         self._gateway_client_auth = gateway_client_auth
         self.client_tls: ClientTLS | None = None
         """What clients dial the cluster with (set by `start()` under `tls`)."""
+        self._redis_passwords: dict[str, str] = {}
 
     @property
     def tls_dir(self) -> Path:
@@ -220,7 +234,7 @@ class LocalCluster:
 
     def _prepare_tls(self) -> None:
         ca = LocalCA.load_or_create(self.tls_dir)
-        for kind in (*SERVICE_KINDS, CLIENT_KIND):
+        for kind in (*SERVICE_KINDS, CLIENT_KIND, "redis"):
             cert = self.tls_dir / f"{kind}.pem"
             fresh = cert.exists() and (self.tls_dir / f"{kind}-key.pem").exists()
             if fresh:
@@ -251,10 +265,59 @@ class LocalCluster:
 
     @property
     def redis_url(self) -> str:
+        """The URL the supervisor uses (an embedded TLS Redis: its admin, the default user)."""
         if self._redis_url is not None:
             return self._redis_url
         assert self.redis is not None
         return self.redis.url
+
+    @property
+    def redis_tls(self) -> ClientTLS | None:
+        """The files to dial an embedded TLS Redis with (as a client; services use their own
+        certificate)."""
+        return self.client_tls if self.tls and self._redis_url is None else None
+
+    def redis_url_of(self, kind: str) -> str:
+        """The URL a service kind dials Redis with: its own ACL user under TLS."""
+        password = self._redis_passwords.get(kind)
+        if password is None or self.redis is None:
+            return self.redis_url
+        return f"rediss://{kind}:{password}@127.0.0.1:{self.redis.port}/0"
+
+    def _start_redis(self) -> RedisServer:
+        if not self.tls:
+            return RedisServer(port=0, data_dir=self.data_dir / "redis", persistence=True)
+        issued = LocalCA.issued_in(self.tls_dir, "redis")
+        self._redis_passwords = {kind: secrets.token_urlsafe(24) for kind in (*SERVICE_KINDS, CLIENT_KIND)}
+        admin = secrets.token_urlsafe(24)
+        keys = f"~{self.key_prefix}:* &{self.key_prefix}:*"
+        acl = [f"user default on >{admin} ~* &* +@all"]
+        # Each kind: its own password, the cluster's keys and channels, no admin commands.
+        acl += [
+            f"user {kind} on >{password} {keys} +@all -@admin -@dangerous"
+            for kind, password in self._redis_passwords.items()
+        ]
+        return RedisServer(
+            port=0,
+            data_dir=self.data_dir / "redis",
+            persistence=True,
+            password=admin,
+            tls=RedisServerTLS(issued.cert_file, issued.key_file, self.tls_dir / "ca.pem"),
+            acl_lines=acl,
+        )
+
+    def _redis_env(self, kind: str, prefix: str) -> dict[str, str]:
+        env = {f"{prefix}REDIS__URL": self.redis_url_of(kind)}
+        if self.redis_tls is not None:
+            issued = LocalCA.issued_in(self.tls_dir, kind)
+            env.update(
+                {
+                    f"{prefix}REDIS__TLS_CA_FILE": str(self.tls_dir / "ca.pem"),
+                    f"{prefix}REDIS__TLS_CERT_FILE": str(issued.cert_file),
+                    f"{prefix}REDIS__TLS_KEY_FILE": str(issued.key_file),
+                }
+            )
+        return env
 
     def _port(self, kind: str, index: int = 0) -> int:
         return 0 if self._ports == "free" else DEFAULT_PORTS[kind] + index
@@ -266,7 +329,7 @@ class LocalCluster:
         env.update(
             {
                 f"{prefix}SERVICE_ID": service_id,
-                f"{prefix}REDIS__URL": self.redis_url,
+                **self._redis_env(kind, prefix),
                 f"{prefix}REDIS__KEY_PREFIX": self.key_prefix,
                 f"{prefix}SERVER__PORT": str(port),
                 f"{prefix}SERVER__METRICS_PORT": str(port + 1000 if port else 0),
@@ -288,14 +351,11 @@ class LocalCluster:
         if self.tls:
             await asyncio.to_thread(self._prepare_tls)
         if self._redis_url is None:
-            self.redis = RedisServer(
-                port=0,
-                data_dir=self.data_dir / "redis",
-                persistence=True,
-            )
+            self.redis = self._start_redis()
             await asyncio.to_thread(self.redis.start)
         deadline = time.monotonic() + timeout_s
-        async with CoordinationStore(RedisSettings(url=self.redis_url, key_prefix=self.key_prefix)) as store:
+        supervisor = _redis_settings(self.redis_url, self.key_prefix, self.redis_tls)
+        async with CoordinationStore(supervisor) as store:
             registry = self._child(
                 "registry",
                 "registry",
@@ -331,10 +391,11 @@ class LocalCluster:
     def _write_cluster_file(self) -> None:
         info = ClusterFile(
             pid=os.getpid(),
-            redis_url=self.redis_url,
+            redis_url=self.redis_url_of(CLIENT_KIND),
             key_prefix=self.key_prefix,
             services={c.name: c.address for c in self.children},
             tls=self.client_tls,
+            redis_tls=self.redis_tls,
         )
         # Owner-only: a Redis URL given with --redis-url may carry a password. Written then
         # renamed, so a reader never sees half a file.
@@ -416,6 +477,18 @@ class LocalCluster:
         if self.redis is not None:
             await asyncio.to_thread(self.redis.stop)
             self.redis = None
+
+
+def _redis_settings(url: str, key_prefix: str, tls: ClientTLS | None) -> RedisSettings:
+    if tls is None:
+        return RedisSettings(url=url, key_prefix=key_prefix)
+    return RedisSettings(
+        url=url,
+        key_prefix=key_prefix,
+        tls_ca_file=tls.ca_file,
+        tls_cert_file=tls.cert_file,
+        tls_key_file=tls.key_file,
+    )
 
 
 def client_tls_for(address: str, cluster_file: Path | None = None) -> ClientTLS | None:

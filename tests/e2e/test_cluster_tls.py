@@ -1,6 +1,7 @@
 """`modelyard up --tls` as child processes: a local CA and per-service certificates, every
 service on mTLS, and the clients a user has (the demo client, the CLI, `modelyard top`,
-`tritonclient` with `ssl=True`) working from what the cluster file records."""
+`tritonclient` with `ssl=True`, the load tests) working from what the cluster file records,
+and Redis on TLS with an ACL user per service kind."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 import torch
 import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -121,6 +123,26 @@ async def test_up_with_tls_serves_the_demo_to_every_client(
     )
     assert code == 0, output
     assert "tls-demo" in output or "gateway" in output
+
+    # Redis: TLS only, and each service as its own ACL user, none of whose commands was refused.
+    assert info.redis_url.startswith("rediss://client:") and info.redis_tls is not None
+    settings = info.redis_settings()
+    admin = redis.Redis.from_url(
+        cluster.redis_url,
+        ssl_ca_certs=str(settings.tls_ca_file),
+        ssl_certfile=str(settings.tls_cert_file),
+        ssl_keyfile=str(settings.tls_key_file),
+    )
+    try:
+        users = {c["user"] for c in admin.client_list()}
+        assert {"gateway", "model_server", "registry", "monitor"} <= users, users
+        assert admin.acl_log() == []
+    finally:
+        admin.close()
+    plain = redis.Redis.from_url(cluster.redis_url.replace("rediss://", "redis://"), socket_timeout=5)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        plain.ping()
+    plain.close()
 
     # tritonclient with ssl=True and the CA, on the gateway's OIP endpoint.
     done = await asyncio.to_thread(

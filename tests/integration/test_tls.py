@@ -8,12 +8,13 @@ import asyncio
 import logging
 import socket
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+import redis
 import torch
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,6 +24,7 @@ from gateway.settings import GatewaySettings
 from model_server.app import ModelServerApp
 from model_server.settings import ModelServerSettings
 from modelyard.demo import build_demo_model, demo_signature, predict_until_served, register_model
+from modelyard.embedded_redis import RedisServer, RedisServerTLS
 from modelyard.rpc.server import create_server
 from modelyard.settings import RedisSettings, ServerSettings, TLSSettings, load_settings
 from modelyard.tensor_codec import tensor_to_proto
@@ -49,6 +51,37 @@ def pki(tmp_path: Path) -> Pki:
     return Pki.make(tmp_path / "pki")
 
 
+PASSWORDS = {kind: f"{kind}-secret" for kind in ("gateway", "model_server", "registry", "monitor")}
+
+
+@pytest.fixture
+def tls_redis(pki: Pki, tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis on TLS only, client certificates required, one ACL user per service kind."""
+    redis_cert = pki.ca.issue("redis")
+    acl = ["user default on >admin ~* &* +@all"] + [
+        f"user {kind} on >{password} ~my:* &my:* +@all -@admin -@dangerous"
+        for kind, password in PASSWORDS.items()
+    ]
+    with RedisServer(
+        data_dir=tmp_path / "redis",
+        password="admin",
+        tls=RedisServerTLS(redis_cert.cert_file, redis_cert.key_file, pki.ca.cert_file),
+        acl_lines=acl,
+    ) as server:
+        yield server
+
+
+def redis_as(kind: str, server: RedisServer, pki: Pki) -> RedisSettings:
+    """How a service of `kind` reaches the TLS Redis: its ACL user, its own certificate."""
+    cert = pki.certs[kind]
+    return RedisSettings(
+        url=f"rediss://{kind}:{PASSWORDS[kind]}@127.0.0.1:{server.port}/0",
+        tls_ca_file=pki.ca.cert_file,
+        tls_cert_file=cert.cert_file,
+        tls_key_file=cert.key_file,
+    )
+
+
 @dataclass
 class Cluster:
     registry: RegistryApp
@@ -58,8 +91,9 @@ class Cluster:
 
 
 @pytest.fixture
-async def cluster(pki: Pki, redis_settings: RedisSettings, tmp_path: Path) -> AsyncIterator[Cluster]:
-    """Registry, model server, gateway and monitor, every listener and channel under mTLS."""
+async def cluster(pki: Pki, tls_redis: RedisServer, tmp_path: Path) -> AsyncIterator[Cluster]:
+    """Registry, model server, gateway and monitor, every listener and channel under mTLS,
+    each on a TLS Redis as its own ACL user."""
     server = ServerSettings(port=0, metrics_port=0, drain_grace_s=1.0, heartbeat_interval_s=0.2)
     started: list[RegistryApp | ModelServerApp | GatewayApp | MonitorApp] = []
     try:
@@ -67,7 +101,7 @@ async def cluster(pki: Pki, redis_settings: RedisSettings, tmp_path: Path) -> As
             load_settings(
                 RegistrySettings,
                 server=server,
-                redis=redis_settings,
+                redis=redis_as("registry", tls_redis, pki),
                 tls=pki.settings("registry"),
                 data_dir=tmp_path / "registry",
             )
@@ -78,7 +112,7 @@ async def cluster(pki: Pki, redis_settings: RedisSettings, tmp_path: Path) -> As
             load_settings(
                 ModelServerSettings,
                 server=server,
-                redis=redis_settings,
+                redis=redis_as("model_server", tls_redis, pki),
                 tls=pki.settings("model_server"),
                 registry_address=registry.address,
                 reconcile_interval_s=0.2,
@@ -87,12 +121,22 @@ async def cluster(pki: Pki, redis_settings: RedisSettings, tmp_path: Path) -> As
         await model_server.start()
         started.append(model_server)
         gateway = GatewayApp(
-            load_settings(GatewaySettings, server=server, redis=redis_settings, tls=pki.settings("gateway"))
+            load_settings(
+                GatewaySettings,
+                server=server,
+                redis=redis_as("gateway", tls_redis, pki),
+                tls=pki.settings("gateway"),
+            )
         )
         await gateway.start()
         started.append(gateway)
         monitor = MonitorApp(
-            load_settings(MonitorSettings, server=server, redis=redis_settings, tls=pki.settings("monitor"))
+            load_settings(
+                MonitorSettings,
+                server=server,
+                redis=redis_as("monitor", tls_redis, pki),
+                tls=pki.settings("monitor"),
+            )
         )
         await monitor.start()
         started.append(monitor)
@@ -112,7 +156,9 @@ async def _health(address: str, client_tls: ClientTLS | None) -> grpc.StatusCode
     return grpc.StatusCode.OK
 
 
-async def test_predict_chain_and_every_service_pair_under_mtls(cluster: Cluster, pki: Pki) -> None:
+async def test_predict_chain_and_every_service_pair_under_mtls(
+    cluster: Cluster, pki: Pki, tls_redis: RedisServer
+) -> None:
     client = pki.client()
     module, artifact = build_demo_model(seed=7)
     # client → registry (upload), model server → registry (download), gateway → model server.
@@ -130,6 +176,23 @@ async def test_predict_chain_and_every_service_pair_under_mtls(cluster: Cluster,
         status = await mon_grpc.MonitorServiceStub(channel).GetClusterStatus(mon.GetClusterStatusRequest())
     assert {s.state for s in status.services} == {mon.SERVICE_STATE_UP}
     assert len(status.services) == 4
+
+    # Every service on Redis over TLS, as its own ACL user, and nothing refused by the ACLs.
+    admin = redis.Redis(
+        host="127.0.0.1",
+        port=tls_redis.port,
+        password="admin",
+        ssl=True,
+        ssl_ca_certs=str(pki.ca.cert_file),
+        ssl_certfile=str(pki.certs["client"].cert_file),
+        ssl_keyfile=str(pki.certs["client"].key_file),
+    )
+    try:
+        users = {c["user"] for c in admin.client_list()}
+        assert set(PASSWORDS) <= users
+        assert admin.acl_log() == []
+    finally:
+        admin.close()
 
     # monitor → registry (its own channel, for baselines and traffic splits).
     listed = await cluster.monitor._registry().ListModels(reg.ListModelsRequest(), timeout=5)
@@ -327,3 +390,37 @@ async def test_the_registry_lists_over_mtls_for_the_cli_kind(cluster: Cluster, p
     async with open_channel(cluster.registry.address, pki.client()) as channel:
         listed = await reg_grpc.RegistryServiceStub(channel).ListModels(reg.ListModelsRequest(), timeout=5)
     assert list(listed.models) == []
+
+
+def test_redis_over_tls_refuses_plaintext_foreign_certificates_and_other_keys(
+    tls_redis: RedisServer, pki: Pki
+) -> None:
+    def client(kind: str | None, cert: str = "gateway", ssl: bool = True) -> redis.Redis:
+        options: dict[str, object] = {}
+        if ssl:
+            options = {
+                "ssl": True,
+                "ssl_ca_certs": str(pki.ca.cert_file),
+                "ssl_certfile": str(pki.certs[cert].cert_file),
+                "ssl_keyfile": str(pki.certs[cert].key_file),
+            }
+        auth = {"username": kind, "password": PASSWORDS[kind]} if kind else {}
+        return redis.Redis(host="127.0.0.1", port=tls_redis.port, socket_timeout=5, **auth, **options)  # type: ignore[arg-type]
+
+    gateway = client("gateway")
+    try:
+        assert gateway.set("my:probe", "1")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            gateway.set("other:probe", "1")  # outside the cluster's key prefix
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            gateway.flushall()
+    finally:
+        gateway.close()
+    for refused in (client("gateway", ssl=False), client("gateway", cert="foreign-gateway")):
+        with pytest.raises(redis.exceptions.ConnectionError):
+            refused.ping()
+        refused.close()
+    wrong = client(None)
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        wrong.ping()  # the default user needs the admin password
+    wrong.close()
