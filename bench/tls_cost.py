@@ -5,8 +5,9 @@ Starts two local clusters side by side (free ports, embedded Redis, the demo MLP
 plaintext, one `modelyard up --tls` (mTLS between services, server-side TLS from the client
 to the gateway, TLS Redis). Then drives both in interleaved rounds, swapping which goes first
 each round, so the machine's noise falls on both alike. Per point (path x concurrency):
-median throughput and p50/p99 over the rounds, and the ratio TLS / plaintext. Also the time
-to open a new connection and make one call (the handshake's cost), plaintext and TLS.
+median throughput, p50/p99 and CPU per call (gateway, model server, the bench's client) over
+the rounds, and the ratios TLS / plaintext. Also the time to open a new connection and make
+one call (the handshake's cost), plaintext and TLS.
 
     .venv/bin/python bench/tls_cost.py [--seconds 3] [--rounds 3] [--concurrency 1,32]
                                        [--out bench/results/local/tls_cost.json]
@@ -72,6 +73,15 @@ async def connect_ms(address: str, tls: ClientTLS | None, samples: int = 30) -> 
     return statistics.median(times) * 1000
 
 
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * _TICK_S
+
+
 class Side:
     """One cluster and the channels the bench drives it through."""
 
@@ -81,6 +91,14 @@ class Side:
         self.gateway_tls: ClientTLS | None = None
         self.direct_tls: ClientTLS | None = None
         self.version = 0
+
+    def service_cpu_s(self) -> dict[str, float]:
+        """CPU seconds so far of the gateway and the model server."""
+        out = {}
+        for child in self.cluster.children:
+            if child.kind in ("gateway", "model_server") and child.process is not None:
+                out[child.kind] = cpu_s(child.process.pid)
+        return out
 
     async def prepare(self, artifact: bytes, module: torch.jit.ScriptModule) -> None:
         """After the cluster started: its TLS files exist, and the demo model serves."""
@@ -139,7 +157,15 @@ async def main(seconds: float, rounds: int, concurrencies: list[int], out: Path)
                     for c in concurrencies:
                         for side in order:
                             call, payload = calls[(side.name, path)]
+                            before, client_before = side.service_cpu_s(), time.process_time()
                             result = await closed_loop(call, payload, c, seconds)
+                            after, client_after = side.service_cpu_s(), time.process_time()
+                            n = result["requests_per_s"] * seconds
+                            # CPU per call holds up against a noisy machine far better than
+                            # throughput: another process's load slows calls, not their cost.
+                            for kind in after:
+                                result[f"{kind}_cpu_ms_per_call"] = (after[kind] - before[kind]) * 1000 / n
+                            result["client_cpu_ms_per_call"] = (client_after - client_before) * 1000 / n
                             samples[side.name].setdefault(f"{path}_c{c}", []).append(result)
                 print(f"round {r + 1}/{rounds} done", flush=True)
             connect = {
@@ -159,16 +185,16 @@ async def main(seconds: float, rounds: int, concurrencies: list[int], out: Path)
         point: dict[str, Any] = {}
         for name in ("plaintext", "tls"):
             runs = samples[name][key]
-            point[name] = {
-                "requests_per_s": statistics.median(r["requests_per_s"] for r in runs),
-                "p50_ms": statistics.median(r["p50_ms"] for r in runs),
-                "p99_ms": statistics.median(r["p99_ms"] for r in runs),
-                "rounds_requests_per_s": [round(r["requests_per_s"], 1) for r in runs],
-            }
+            point[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            point[name]["rounds_requests_per_s"] = [round(r["requests_per_s"], 1) for r in runs]
         point["tls_over_plaintext_throughput"] = (
             point["tls"]["requests_per_s"] / point["plaintext"]["requests_per_s"]
         )
         point["tls_added_p50_ms"] = point["tls"]["p50_ms"] - point["plaintext"]["p50_ms"]
+        for kind in ("gateway", "model_server", "client"):
+            metric = f"{kind}_cpu_ms_per_call"
+            if metric in point["plaintext"] and point["plaintext"][metric] > 0.001:
+                point[f"tls_over_plaintext_{metric}"] = point["tls"][metric] / point["plaintext"][metric]
         points[key] = point
     results = {
         "bench": "tls_cost",

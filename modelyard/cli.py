@@ -15,6 +15,7 @@ from rich.table import Table
 from modelyard import cli_registry, cli_top
 from modelyard.local_cluster import LocalCluster
 from modelyard.telemetry import configure_logging
+from modelyard.tls import CLIENT_KIND, SERVICE_KINDS, LocalCA
 
 app = typer.Typer(help="Modelyard: a gRPC inference cluster for PyTorch models.", no_args_is_help=True)
 console = Console()
@@ -108,6 +109,31 @@ async def _up(cluster: LocalCluster, demo: bool, exit_after_demo: bool) -> int:
         with console.status("stopping..."):
             await cluster.stop()
         console.print("stopped.")
+
+
+@app.command()
+def certs(
+    directory: Annotated[Path, typer.Argument(help="Where the CA and the certificates go.")],
+    hosts: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated DNS names and IPs every certificate names (the hosts services "
+            "are dialled by, e.g. compose's service names)."
+        ),
+    ] = "127.0.0.1,localhost",
+    days: Annotated[float, typer.Option(min=0.01, help="Validity of the certificates.")] = 90.0,
+    kinds: Annotated[
+        str, typer.Option(help="Which certificates to issue (service kinds, client, redis).")
+    ] = ",".join((*SERVICE_KINDS, CLIENT_KIND, "redis")),
+) -> None:
+    """Make (or reuse) a CA in DIRECTORY and issue one certificate per kind, naming the kind
+    (spiffe://modelyard/<kind>) and HOSTS; run again to rotate (services reload them)."""
+    ca = LocalCA.load_or_create(directory)
+    names = [h.strip() for h in hosts.split(",") if h.strip()]
+    for kind in (k.strip() for k in kinds.split(",") if k.strip()):
+        issued = ca.issue(kind, hosts=names, days=days)
+        console.print(f"{kind}: {issued.cert_file} (key {issued.key_file})")
+    console.print(f"CA: {ca.cert_file} (its key {directory / 'ca-key.pem'} signs certificates: keep it safe)")
 
 
 def _print_cluster(cluster: LocalCluster) -> None:
