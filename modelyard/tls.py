@@ -529,11 +529,9 @@ def _kind_from_names(uris: Iterable[bytes]) -> str | None:
 def peer_kind(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
     """The service kind in the peer's certificate (its `spiffe://modelyard/<kind>` SAN URI),
     or None without a verified client certificate."""
-    auth = context.auth_context()
-    found = _kind_from_names(auth.get("peer_spiffe_id", ()))
-    if found is None:
-        found = _kind_from_names(auth.get("x509_subject_alternative_name", ()))
-    return found
+    # peer_identities() is the SAN list of a TLS peer (the CN when it has none) and costs
+    # about 1 us; auth_context() builds a dict with the whole PEM certificate (about 9 us).
+    return _kind_from_names(context.peer_identities() or ())
 
 
 # A string: grpc.RpcMethodHandler is generic only in the stubs, not at runtime.
