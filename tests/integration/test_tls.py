@@ -424,3 +424,50 @@ def test_redis_over_tls_refuses_plaintext_foreign_certificates_and_other_keys(
     with pytest.raises(redis.exceptions.AuthenticationError):
         wrong.ping()  # the default user needs the admin password
     wrong.close()
+
+
+async def test_rotating_the_gateway_and_model_server_certificates_under_predict_load_fails_no_call(
+    cluster: Cluster, pki: Pki
+) -> None:
+    client = pki.client()
+    module, artifact = build_demo_model(seed=2)
+    await register_model(cluster.registry.address, "rot", artifact, demo_signature(), tls=client)
+    await predict_until_served(cluster.gateway.address, "rot", [torch.zeros(1, 64)], module, tls=client)
+    request = inf.PredictRequest(model="rot", inputs=[tensor_to_proto("input", torch.ones(2, 64))])
+    failures: list[BaseException] = []
+    calls = 0
+    stop = asyncio.Event()
+
+    async def caller(fresh_channels: bool) -> None:
+        nonlocal calls
+        channel = open_channel(cluster.gateway.address, client)
+        try:
+            while not stop.is_set():
+                if fresh_channels:  # a handshake per call, against whatever the gateway holds
+                    await channel.close()
+                    channel = open_channel(cluster.gateway.address, client)
+                try:
+                    await inf_grpc.InferenceServiceStub(channel).Predict(request, timeout=10)
+                    calls += 1
+                except grpc.aio.AioRpcError as exc:
+                    failures.append(exc)
+        finally:
+            await channel.close()
+
+    tasks = [asyncio.create_task(caller(fresh)) for fresh in (False, False, True)]
+    await asyncio.sleep(0.5)
+    before = {kind: pki.certs[kind].cert_file.read_bytes() for kind in ("gateway", "model_server")}
+    for kind in before:
+        pki.ca.issue(kind)
+    # Calls keep the connections they have; the fresh channels shake hands with the new
+    # certificate.
+    await asyncio.sleep(1.0)
+    stop.set()
+    await asyncio.gather(*tasks)
+    assert not failures, failures[:3]
+    assert calls > 10
+    for kind, old in before.items():
+        assert pki.certs[kind].cert_file.read_bytes() != old
+    for kind, port in (("gateway", cluster.gateway.port), ("model_server", cluster.model_server.port)):
+        current = x509.load_pem_x509_certificate(pki.certs[kind].cert_file.read_bytes())
+        assert _served_serial(port, pki) == current.serial_number, kind
