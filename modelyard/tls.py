@@ -346,7 +346,13 @@ class CertificateReloader:
         cert = self._cert_file.read_bytes()
         key = self._key_file.read_bytes()
         root = self._ca_file.read_bytes() if self._ca_file is not None else None
-        self.expires_at = x509.load_pem_x509_certificate(cert).not_valid_after_utc.timestamp()
+        certificate = x509.load_pem_x509_certificate(cert)
+        # The files are replaced one at a time: a new key beside the old certificate (or the
+        # reverse) is a pair that fails every handshake, so it is not taken (until both match).
+        private_key = serialization.load_pem_private_key(key, password=None)
+        if private_key.public_key() != certificate.public_key():
+            raise ValueError(f"{self._key_file} is not the key of {self._cert_file} (yet)")
+        self.expires_at = certificate.not_valid_after_utc.timestamp()
         CERT_EXPIRY.labels(self._kind, str(self._cert_file)).set(self.expires_at)
         self.check_expiry()
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=root)

@@ -64,9 +64,19 @@ def test_the_reloader_answers_a_change_once_and_keeps_the_last_good_files(tmp_pa
     assert reloader.reloads == 1
     assert reloader.expires_at == certificate_expiry(issued.cert_file).timestamp() != first_expiry
 
+    old_cert = issued.cert_file.read_bytes()
     issued.cert_file.write_text("not a certificate")
     assert reloader.fetch() is None  # half-written: keep serving the last good one
     assert reloader.reloads == 1
+
+    # A new key beside the old certificate (a rotation half done) is not taken either.
+    ca.issue("registry")
+    good_cert = issued.cert_file.read_bytes()
+    issued.cert_file.write_bytes(old_cert)
+    assert reloader.fetch() is None
+    issued.cert_file.write_bytes(good_cert)
+    assert reloader.fetch() is not None
+    assert reloader.reloads == 2
 
 
 def test_client_tls_round_trips_through_json_and_the_environment(tmp_path: Path) -> None:
