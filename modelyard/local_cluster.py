@@ -239,7 +239,8 @@ class LocalCluster:
             fresh = cert.exists() and (self.tls_dir / f"{kind}-key.pem").exists()
             if fresh:
                 left = certificate_expiry(cert).timestamp() - time.time()
-                fresh = left > RENEW_BEFORE_S
+                # A certificate of an earlier CA (its key was removed) is issued again too.
+                fresh = left > RENEW_BEFORE_S and ca.issued_this(cert)
             if not fresh:
                 ca.issue(kind, hosts=["127.0.0.1", "localhost", "::1"])
         client = ca.issued(CLIENT_KIND)

@@ -39,6 +39,7 @@ from typing import Any, ClassVar, TypeAlias, cast
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -235,6 +236,14 @@ class LocalCA:
     def issued(self, name: str) -> IssuedCertificate:
         """Where this CA's `issue(..., name=name)` put its files."""
         return self.issued_in(self.directory, name)
+
+    def issued_this(self, cert_file: Path) -> bool:
+        """Whether the certificate in `cert_file` was signed by this CA."""
+        try:
+            x509.load_pem_x509_certificate(cert_file.read_bytes()).verify_directly_issued_by(self.cert)
+        except (OSError, ValueError, TypeError, InvalidSignature):
+            return False
+        return True
 
     @classmethod
     def load_or_create(cls, directory: Path) -> LocalCA:

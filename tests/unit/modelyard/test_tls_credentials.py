@@ -38,6 +38,8 @@ def test_a_certificate_names_its_kind_and_hosts_and_chains_to_the_ca(tmp_path: P
     assert oct(issued.key_file.stat().st_mode & 0o777) == "0o600"
     # A second load finds the same CA.
     assert LocalCA.load_or_create(tmp_path).cert == ca.cert
+    assert ca.issued_this(issued.cert_file)
+    assert not LocalCA.create(tmp_path / "other").issued_this(issued.cert_file)
 
 
 def test_the_kind_comes_only_from_a_modelyard_spiffe_uri() -> None:
