@@ -22,9 +22,13 @@ import os
 import torch
 
 from model_server.batching import BatchConfig
+from model_server.dataplane import ModelServerDataPlane
 from model_server.loader import Artifact
 from model_server.repository import ModelRepository
+from model_server.stats import RequestStats
+from modelyard.tensor_codec import tensor_to_proto
 from modelyard.v1 import registry_pb2, tensor_pb2
+from modelyard.validation import WireTensor
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -78,6 +82,7 @@ async def run(cycles: int, device: str, width: int) -> list[dict[str, object]]:
     source = _Source(big_artifact(width))
     gc.collect()
     repository = ModelRepository(source, BatchConfig(max_batch_size=8), device=device)
+    dataplane = ModelServerDataPlane(repository, RequestStats(input_sample_every=0))
     steps: list[dict[str, object]] = []
 
     def mark(step: str, cycle: int) -> None:
@@ -86,10 +91,10 @@ async def run(cycles: int, device: str, width: int) -> list[dict[str, object]]:
 
     mark("before load", 0)
     for cycle in range(1, cycles + 1):
-        loaded = await repository.load("big", 1)
+        await repository.load("big", 1)
         for _ in range(10):
-            await repository.infer_tensors(loaded, [("x", torch.randn(4, 64))], None)
-        del loaded
+            x = tensor_to_proto("x", torch.randn(4, 64))
+            await dataplane.infer("big", 1, [WireTensor.of(x)], [], None)
         mark("loaded, served", cycle)
         await repository.unload("big", 1)
         mark("after unload", cycle)

@@ -17,6 +17,7 @@ from modelyard import __version__
 from modelyard.coordination import CoordinationStore, ServiceRecord
 from modelyard.membership import Heartbeat, new_service_id
 from modelyard.rpc.server import NOT_SERVING, SERVING, ServiceServer, create_server
+from modelyard.tls import ClientTLS
 
 __all__ = ["GatewayApp", "ROUTING_HEALTH_SERVICE"]
 
@@ -34,7 +35,9 @@ class GatewayApp:
         self.settings = settings
         self.service_id = settings.service_id or new_service_id("gateway")
         self.store = CoordinationStore(settings.redis)
-        self.pool = ChannelPool(max_message_bytes=settings.server.max_message_bytes)
+        self.pool = ChannelPool(
+            max_message_bytes=settings.server.max_message_bytes, tls=ClientTLS.from_settings(settings.tls)
+        )
         self.sync = RoutingSync(
             self.store,
             self.pool,
@@ -72,6 +75,7 @@ class GatewayApp:
             settings.tls,
             service_names=[SERVICE_NAME, OIP_SERVICE_NAME],
             register=self._register,
+            kind="gateway",
         )
         self.heartbeat = Heartbeat(
             self.store,

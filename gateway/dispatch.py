@@ -22,6 +22,7 @@ from gateway.outlier import PassiveHealth
 from gateway.replica_picker import ConsistentHash, LeastOutstanding, ReplicaPicker
 from gateway.router import Route
 from gateway.routing_table import Replica
+from modelyard.errors import NoReadyReplica
 
 __all__ = ["Dispatcher"]
 
@@ -30,6 +31,19 @@ log = logging.getLogger(__name__)
 # A failure of these codes counts against the replica's passive health; the others (bad
 # input, deadline, queue full...) say nothing about whether the replica works.
 _REPLICA_FAULTS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+
+
+def _unroutable(route: Route, refused: ReplicaUnavailable) -> Exception:
+    """What the caller gets when no replica took the call: the replica's own refusal, except a
+    replica that no longer holds the model (it unloaded since its heartbeat), which is
+    UNAVAILABLE for the caller, as any version that is not ready anywhere yet."""
+    if refused.upstream.code() is grpc.StatusCode.NOT_FOUND:
+        return NoReadyReplica(
+            f"no model server has {route.model[:64]} v{route.version} ready now; retry shortly",
+            metadata={"model": route.model[:64], "version": str(route.version)},
+            retry_after_s=0.5,
+        )
+    return refused.upstream
 
 
 class Dispatcher:
@@ -85,13 +99,13 @@ class Dispatcher:
         except ReplicaUnavailable as first:
             retry = picker.choose(self.health.usable(current()), exclude=replica, key=routing_key)
             if retry is None:
-                raise first.upstream from None
+                raise _unroutable(route, first) from None
             log.debug("retrying %s v%s on %s: %s", route.model, route.version, retry.server_id, first)
             RETRIES.labels(route.model).inc()
             try:
                 return await self._send(retry, request, timeout_s, request_id, callers)
             except ReplicaUnavailable as second:
-                raise second.upstream from None
+                raise _unroutable(route, second) from None
 
     async def _send(
         self, replica: Replica, request: bytes, timeout_s: float, request_id: str, callers: int

@@ -16,6 +16,7 @@ import grpc
 
 from modelyard.rpc.context import REQUEST_ID_METADATA_KEY
 from modelyard.rpc.server import channel_options
+from modelyard.tls import ClientTLS, open_channel
 
 __all__ = ["ChannelPool", "ReplicaUnavailable", "append_version"]
 
@@ -45,17 +46,27 @@ _SAFE_REASONS = (b"VERSION_NOT_READY", b"DRAINING", b"NO_READY_REPLICA")
 def refused_before_work(exc: grpc.aio.AioRpcError) -> bool:
     """Whether a failed call certainly did no work, so another replica may take it.
 
-    True for a model server's own refusal (not ready / draining, carried in ErrorInfo) and
-    for a connection that was never made. A connection lost mid-call is not retried: the
-    batch may have run.
+    True for a model server's own refusal (not ready / draining, carried in ErrorInfo; or
+    NOT_FOUND: it no longer holds the model, unloaded since its heartbeat said it did) and for
+    a connection that was never made. A connection lost mid-call is not retried: the batch
+    may have run.
     """
-    if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+    code = exc.code()
+    if code is grpc.StatusCode.NOT_FOUND:
+        return _has_reason(exc, (b"MODEL_NOT_FOUND",))
+    if code is not grpc.StatusCode.UNAVAILABLE:
         return False
-    for key, value in exc.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            return any(reason in value for reason in _SAFE_REASONS)
+    if _has_reason(exc, _SAFE_REASONS):
+        return True
     text = f"{exc.details()} {exc.debug_error_string()}".lower()
     return "failed to connect" in text or "connection refused" in text or "no route" in text
+
+
+def _has_reason(exc: grpc.aio.AioRpcError, reasons: tuple[bytes, ...]) -> bool:
+    for key, value in exc.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            return any(reason in value for reason in reasons)
+    return False
 
 
 class ReplicaUnavailable(Exception):
@@ -86,7 +97,7 @@ class _Entry:
 
 
 class ChannelPool:
-    """One long-lived channel per model server address.
+    """One long-lived channel per model server address (TLS with `tls`, else plaintext).
 
     A server that leaves the cluster is `forget`-ten: new calls no longer use its channel, and
     the channel closes once the calls already on it have ended (or `retire_grace_s` after it
@@ -98,11 +109,11 @@ class ChannelPool:
         self,
         *,
         max_message_bytes: int,
-        credentials: grpc.ChannelCredentials | None = None,
+        tls: ClientTLS | None = None,
         retire_grace_s: float = 60.0,
     ):
         self._options = channel_options(max_message_bytes)
-        self._credentials = credentials
+        self._tls = tls
         self._retire_grace_s = retire_grace_s
         self._channels: dict[str, _Entry] = {}
         self._retiring: set[_Entry] = set()
@@ -114,10 +125,7 @@ class ChannelPool:
         if entry is None:
             if self._state is _State.CLOSED:
                 raise RuntimeError("Cannot send a request, as the channel pool has been closed.")
-            if self._credentials is not None:
-                channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
-            else:
-                channel = grpc.aio.insecure_channel(address, options=self._options)
+            channel = open_channel(address, self._tls, options=self._options)
             entry = self._channels[address] = _Entry(channel)
         return entry
 

@@ -134,6 +134,8 @@ def run(
         users=users or chosen.users,
         duration_s=duration_s,
         start_cluster=start_cluster,
+        tls=info.tls if info else None,
+        redis_tls=info.redis_tls if info else None,
     )
     console.print(f"scenario [bold]{scenario}[/]: {chosen.description}")
     try:

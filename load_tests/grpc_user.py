@@ -22,7 +22,11 @@ from locust.env import Environment
 from locust.exception import LocustError
 import grpc
 import grpc.experimental.gevent as grpc_gevent
+
 # isort: on
+import os
+
+from modelyard.tls import ClientTLS, open_sync_channel
 
 grpc_gevent.init_gevent()
 
@@ -101,7 +105,8 @@ class GrpcUser(User):
         if not self.host:
             raise LocustError("pass the gateway address as --host HOST:PORT")
         target = self.host.removeprefix("grpc://").removeprefix("http://")
-        self._channel = grpc.insecure_channel(target)
+        # TLS when the runner passed the cluster's CA and client certificate (MODELYARD_TLS_*).
+        self._channel = open_sync_channel(target, ClientTLS.from_env(os.environ))
         intercepted = grpc.intercept_channel(self._channel, LocustInterceptor(environment))
         self.stub = self.stub_class(intercepted)
 

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import urllib.request
@@ -30,6 +31,7 @@ from modelyard.errors import CoordinationUnavailable
 from modelyard.membership import new_service_id
 from modelyard.processes import spawn_child
 from modelyard.settings import RedisSettings
+from modelyard.tls import ClientTLS, LocalCA, https_context, open_channel
 from modelyard.v1 import registry_pb2
 
 __all__ = ["JoinedModelServer", "JoinError", "pick_service_id"]
@@ -71,6 +73,9 @@ class JoinedModelServer:
         log_path: The server's log.
         note: Called with one line per thing done to the cluster (the run's timeline).
         env: Extra environment for the server process.
+        tls: The client TLS of a `modelyard up --tls` cluster: the runner dials the registry
+            with it, and the server runs with the cluster's `model_server` certificate, found
+            beside the CA (`LocalCA.issued_in`); None: plaintext.
     """
 
     def __init__(
@@ -83,7 +88,9 @@ class JoinedModelServer:
         log_path: Path,
         note: Callable[[str], None],
         env: Mapping[str, str] | None = None,
+        tls: ClientTLS | None = None,
     ) -> None:
+        self._tls = tls
         self._redis = redis
         self._registry = registry
         self._gateway = gateway
@@ -143,9 +150,11 @@ class JoinedModelServer:
         """
         if not self.metrics_address:
             return 0
-        url = f"http://{self.metrics_address}/metrics"
+        scheme = "https" if self._tls else "http"
+        url = f"{scheme}://{self.metrics_address}/metrics"
+        context = https_context(self._tls) if self._tls else None
         try:
-            text = await asyncio.to_thread(_fetch, url)
+            text = await asyncio.to_thread(_fetch, url, context)
         except OSError as exc:  # urllib's URLError and timeouts are OSErrors
             raise JoinError(f"cannot read {url} of model server {self.service_id}: {exc}") from exc
         total = 0.0
@@ -200,7 +209,7 @@ class JoinedModelServer:
             original, ours = self._original, self._ours
             self._original = self._ours = None
             try:
-                async with grpc.aio.insecure_channel(self._registry) as channel:
+                async with open_channel(self._registry, self._tls) as channel:
                     now = await get_deployment(channel, self._model)
                     if spec_of(now) != ours:
                         self._problem(
@@ -236,7 +245,7 @@ class JoinedModelServer:
             )
 
     async def _place_on_every_server(self) -> None:
-        async with grpc.aio.insecure_channel(self._registry) as channel:
+        async with open_channel(self._registry, self._tls) as channel:
             current = await get_deployment(channel, self._model)
             if current.replicas == 0:
                 return
@@ -272,6 +281,16 @@ class JoinedModelServer:
                 f"{prefix}SERVER__PORT": "0",
                 f"{prefix}SERVER__METRICS_PORT": "0",
                 f"{prefix}REGISTRY_ADDRESS": self._registry,
+                **self._tls_env(prefix),
+                **{
+                    f"{prefix}REDIS__{name.upper()}": str(path)
+                    for name, path in (
+                        ("tls_ca_file", self._redis.tls_ca_file),
+                        ("tls_cert_file", self._redis.tls_cert_file),
+                        ("tls_key_file", self._redis.tls_key_file),
+                    )
+                    if path is not None
+                },
                 "PYTHONPATH": os.pathsep.join(
                     filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
                 ),
@@ -280,6 +299,18 @@ class JoinedModelServer:
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self._log_path, "ab")  # noqa: SIM115 - closed in aclose()
         self.process = spawn_child([sys.executable, "-m", "model_server"], self._log, REPO_ROOT, env)
+
+    def _tls_env(self, prefix: str) -> dict[str, str]:
+        if self._tls is None or self._tls.ca_file is None:
+            return {}
+        issued = LocalCA.issued_in(self._tls.ca_file.parent, "model_server")
+        return {
+            f"{prefix}TLS__ENABLED": "true",
+            f"{prefix}TLS__CERT_FILE": str(issued.cert_file),
+            f"{prefix}TLS__KEY_FILE": str(issued.key_file),
+            f"{prefix}TLS__CA_FILE": str(self._tls.ca_file),
+            f"{prefix}TLS__CLIENT_AUTH_REQUIRED": "true",
+        }
 
     async def _wait_ready(self, store: CoordinationStore, version: int, timeout_s: float) -> None:
         assert self.process is not None
@@ -363,8 +394,8 @@ def pick_service_id(
     )
 
 
-def _fetch(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as reply:  # noqa: S310 - a loopback http URL we built
+def _fetch(url: str, context: ssl.SSLContext | None = None) -> str:
+    with urllib.request.urlopen(url, timeout=5, context=context) as reply:  # noqa: S310 - a URL we built
         return str(reply.read().decode())
 
 

@@ -29,6 +29,7 @@ from load_tests.stages import format_stages
 from modelyard.local_cluster import LocalCluster
 from modelyard.settings import RedisSettings
 from modelyard.tasks import cancel_task
+from modelyard.tls import CLIENT_KIND, ClientTLS, open_channel
 from modelyard.v1 import inference_service_pb2 as inf
 from modelyard.v1 import inference_service_pb2_grpc as inf_grpc
 from modelyard.v1 import tensor_pb2
@@ -66,6 +67,9 @@ class RunOptions:
         users: Users at the steady level.
         duration_s: The whole run.
         start_cluster: Start a `LocalCluster` (free ports, embedded Redis) for the run.
+        tls: How to dial a TLS cluster (its CA and a client certificate; from the cluster
+            file); None: plaintext.
+        redis_tls: How to dial the cluster's `rediss://` Redis (from the cluster file).
     """
 
     scenario: Scenario
@@ -80,6 +84,8 @@ class RunOptions:
     users: int = 16
     duration_s: float = 60.0
     start_cluster: bool = False
+    tls: ClientTLS | None = None
+    redis_tls: ClientTLS | None = None
 
 
 @dataclass
@@ -162,12 +168,14 @@ async def run_scenario(options: RunOptions, cluster: LocalCluster | None = None)
                 await cluster.start()
             except RuntimeError as exc:
                 raise ScenarioError(f"the local cluster did not start: {exc}") from exc
-            await _register_demo(cluster.address_of("registry"), options.model)
+            await _register_demo(cluster.address_of("registry"), options.model, cluster.client_tls)
         if cluster is not None:
             options.host = cluster.gateway_address
             options.registry = cluster.address_of("registry")
-            options.redis_url = cluster.redis_url
             options.key_prefix = cluster.key_prefix
+            options.tls = cluster.client_tls
+            options.redis_url = cluster.redis_url_of(CLIENT_KIND)
+            options.redis_tls = cluster.redis_tls
         elif options.scenario.action is Action.KILL_MODEL_SERVER and options.redis_url is None:
             raise ScenarioError(
                 f"scenario {options.scenario.name} joins a model server of its own to the cluster "
@@ -180,12 +188,14 @@ async def run_scenario(options: RunOptions, cluster: LocalCluster | None = None)
             await owned.stop()
 
 
-async def _register_demo(registry: str, model: str) -> None:
+async def _register_demo(registry: str, model: str, tls: ClientTLS | None = None) -> None:
     # torch is only needed to build the demo model for a cluster the runner starts.
     from modelyard.demo import build_demo_model, demo_signature, register_model
 
     _module, artifact = build_demo_model()
-    await register_model(registry, model, artifact, demo_signature(), description="load-test demo model")
+    await register_model(
+        registry, model, artifact, demo_signature(), description="load-test demo model", tls=tls
+    )
 
 
 def _probe_request(model: str) -> inf.PredictRequest:
@@ -199,7 +209,9 @@ def _probe_request(model: str) -> inf.PredictRequest:
     )
 
 
-async def _serving_version(host: str, model: str, *, just_registered: bool, timeout_s: float = 60.0) -> int:
+async def _serving_version(
+    host: str, model: str, *, just_registered: bool, tls: ClientTLS | None = None, timeout_s: float = 60.0
+) -> int:
     """Wait (bounded) until the model answers through the gateway; return the serving version.
 
     UNAVAILABLE (still loading) is waited out; so is NOT_FOUND right after registering, while
@@ -209,7 +221,7 @@ async def _serving_version(host: str, model: str, *, just_registered: bool, time
     request = _probe_request(model)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    async with grpc.aio.insecure_channel(host) as channel:
+    async with open_channel(host, tls) as channel:
         stub = inf_grpc.InferenceServiceStub(channel)
         while True:
             try:
@@ -225,7 +237,9 @@ async def _serving_version(host: str, model: str, *, just_registered: bool, time
             await asyncio.sleep(0.2)
 
 
-async def _wait_routed(host: str, model: str, server: JoinedModelServer, timeout_s: float = 60.0) -> int:
+async def _wait_routed(
+    host: str, model: str, server: JoinedModelServer, tls: ClientTLS | None = None, timeout_s: float = 60.0
+) -> int:
     """Call the model through the gateway, a few calls at a time, until `server` has answered
     some of them: the gateway knows it and routes to it. Returns how many it answered.
 
@@ -235,7 +249,7 @@ async def _wait_routed(host: str, model: str, server: JoinedModelServer, timeout
     request = _probe_request(model)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    async with grpc.aio.insecure_channel(host) as channel:
+    async with open_channel(host, tls) as channel:
         stub = inf_grpc.InferenceServiceStub(channel)
         while True:
             # Failures are the load's business, not the probe's: only the count matters here.
@@ -259,27 +273,36 @@ async def _wait_routed(host: str, model: str, server: JoinedModelServer, timeout
 async def _run(options: RunOptions, *, just_registered: bool) -> RunReport:
     scenario = options.scenario
     clock = _Clock()
-    old_version = await _serving_version(options.host, options.model, just_registered=just_registered)
+    old_version = await _serving_version(
+        options.host, options.model, just_registered=just_registered, tls=options.tls
+    )
     clock.note(f"{options.model} v{old_version} serves at {options.host}")
 
     victim: JoinedModelServer | None = None
-    channel = grpc.aio.insecure_channel(options.registry)
+    channel = open_channel(options.registry, options.tls)
     try:
         if scenario.action is Action.KILL_MODEL_SERVER:
             assert options.redis_url is not None
             victim = JoinedModelServer(
-                redis=RedisSettings(url=options.redis_url, key_prefix=options.key_prefix),
+                redis=RedisSettings(
+                    url=options.redis_url,
+                    key_prefix=options.key_prefix,
+                    tls_ca_file=options.redis_tls.ca_file if options.redis_tls else None,
+                    tls_cert_file=options.redis_tls.cert_file if options.redis_tls else None,
+                    tls_key_file=options.redis_tls.key_file if options.redis_tls else None,
+                ),
                 registry=options.registry,
                 gateway=options.host,
                 model=options.model,
                 log_path=options.results_dir / "joined-model-server.log",
+                tls=options.tls,
                 note=clock.note,
             )
             try:
                 await victim.join(old_version)
             except JoinError as exc:
                 raise ScenarioError(str(exc)) from None
-            answered = await _wait_routed(options.host, options.model, victim)
+            answered = await _wait_routed(options.host, options.model, victim, options.tls)
             clock.note(f"the gateway routes to {victim.service_id}: it answered {answered} probe calls")
 
         new_version = 0
@@ -331,6 +354,7 @@ async def _run(options: RunOptions, *, just_registered: bool) -> RunReport:
             env = dict(
                 os.environ,
                 PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
+                **(options.tls.to_env() if options.tls else {}),
             )
             process = await asyncio.create_subprocess_exec(
                 *args,

@@ -29,24 +29,13 @@ from modelyard.membership import Heartbeat, new_service_id
 from modelyard.model_signatures import SignaturePolicy
 from modelyard.oip import grpc_service_pb2_grpc
 from modelyard.rpc.server import NOT_SERVING, SERVING, ServiceServer, create_server
-from modelyard.settings import TLSSettings
 from modelyard.tasks import BackgroundTasks
+from modelyard.tls import ClientTLS
 from modelyard.v1 import model_server_service_pb2_grpc
 
 __all__ = ["ModelServerApp", "version_health_name"]
 
 log = logging.getLogger(__name__)
-
-
-def channel_credentials(tls: TLSSettings) -> grpc.ChannelCredentials | None:
-    """Credentials to dial other services with, or None for plaintext."""
-    if not tls.enabled:
-        return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=tls.ca_file.read_bytes() if tls.ca_file else None,
-        private_key=tls.key_file.read_bytes() if tls.key_file else None,
-        certificate_chain=tls.cert_file.read_bytes() if tls.cert_file else None,
-    )
 
 
 def version_health_name(model: str, version: int) -> str:
@@ -78,7 +67,7 @@ class ModelServerApp:
             artifact_source = self._registry = RegistryArtifactSource(
                 settings.registry_address,
                 max_message_bytes=settings.server.max_message_bytes,
-                credentials=channel_credentials(settings.tls),
+                tls=ClientTLS.from_settings(settings.tls),
             )
         self.repository = ModelRepository(
             artifact_source,
@@ -186,6 +175,7 @@ class ModelServerApp:
             self.settings.tls,
             service_names=[SERVICE_NAME, OIP_SERVICE_NAME],
             register=register,
+            kind="model_server",
         )
         await self.store.open()
         await self._server.start()

@@ -43,6 +43,7 @@ from modelyard.errors import (
 )
 from modelyard.model_signatures import SignaturePolicy
 from modelyard.rpc.server import channel_options
+from modelyard.tls import ClientTLS, open_channel
 from modelyard.v1 import (
     registry_pb2,
     registry_service_pb2,
@@ -127,7 +128,7 @@ class RegistryArtifactSource:
     Args:
         address: host:port of the registry.
         max_message_bytes: Largest message accepted (a download chunk).
-        credentials: TLS credentials, or None for plaintext.
+        tls: TLS to dial the registry with, or None for plaintext.
         timeout_s: Deadline of one fetch (metadata and the whole download).
     """
 
@@ -136,12 +137,12 @@ class RegistryArtifactSource:
         address: str,
         *,
         max_message_bytes: int,
-        credentials: grpc.ChannelCredentials | None = None,
+        tls: ClientTLS | None = None,
         timeout_s: float = 300.0,
     ) -> None:
         self._address = address
         self._options = channel_options(max_message_bytes)
-        self._credentials = credentials
+        self._tls = tls
         self._timeout_s = timeout_s
         self._channel: grpc.aio.Channel | None = None
         self._stub: registry_service_pb2_grpc.RegistryServiceAsyncStub | None = None
@@ -150,10 +151,7 @@ class RegistryArtifactSource:
     def _open(self) -> registry_service_pb2_grpc.RegistryServiceAsyncStub:
         if self._state is _State.CLOSED:
             raise RuntimeError("Cannot fetch from a RegistryArtifactSource after aclose().")
-        if self._credentials is not None:
-            self._channel = grpc.aio.secure_channel(self._address, self._credentials, self._options)
-        else:
-            self._channel = grpc.aio.insecure_channel(self._address, self._options)
+        self._channel = open_channel(self._address, self._tls, options=self._options)
         self._stub = registry_service_pb2_grpc.RegistryServiceStub(self._channel)
         self._state = _State.OPENED
         return self._stub

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +15,7 @@ from rich.table import Table
 from modelyard import cli_registry, cli_top
 from modelyard.local_cluster import LocalCluster
 from modelyard.telemetry import configure_logging
+from modelyard.tls import CLIENT_KIND, SERVICE_KINDS, LocalCA
 
 app = typer.Typer(help="Modelyard: a gRPC inference cluster for PyTorch models.", no_args_is_help=True)
 console = Console()
@@ -49,6 +51,16 @@ def up(
     exit_after_demo: Annotated[
         bool, typer.Option(help="Stop the cluster once the demo has run (for scripts).")
     ] = False,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            help="Make a local CA and per-service certificates in DATA_DIR/tls and run every "
+            "service with mTLS; clients get the CA and a client certificate (see cluster.json)."
+        ),
+    ] = False,
+    gateway_mtls: Annotated[
+        bool, typer.Option(help="With --tls, the gateway too requires client certificates.")
+    ] = False,
 ) -> None:
     """Start the whole cluster locally and keep it running until Ctrl-C."""
     configure_logging("WARNING")
@@ -57,6 +69,8 @@ def up(
         redis_url=redis_url,
         ports="free" if free_ports else "default",
         model_servers=model_servers,
+        tls=tls,
+        gateway_client_auth=gateway_mtls,
     )
     code = asyncio.run(_up(cluster, demo, exit_after_demo))
     raise typer.Exit(code)
@@ -97,16 +111,50 @@ async def _up(cluster: LocalCluster, demo: bool, exit_after_demo: bool) -> int:
         console.print("stopped.")
 
 
+@app.command()
+def certs(
+    directory: Annotated[Path, typer.Argument(help="Where the CA and the certificates go.")],
+    hosts: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated DNS names and IPs every certificate names (the hosts services "
+            "are dialled by, e.g. compose's service names)."
+        ),
+    ] = "127.0.0.1,localhost",
+    days: Annotated[float, typer.Option(min=0.01, help="Validity of the certificates.")] = 90.0,
+    kinds: Annotated[
+        str, typer.Option(help="Which certificates to issue (service kinds, client, redis).")
+    ] = ",".join((*SERVICE_KINDS, CLIENT_KIND, "redis")),
+) -> None:
+    """Make (or reuse) a CA in DIRECTORY and issue one certificate per kind, naming the kind
+    (spiffe://modelyard/<kind>) and HOSTS; run again to rotate (services reload them)."""
+    ca = LocalCA.load_or_create(directory)
+    names = [h.strip() for h in hosts.split(",") if h.strip()]
+    for kind in (k.strip() for k in kinds.split(",") if k.strip()):
+        issued = ca.issue(kind, hosts=names, days=days)
+        console.print(f"{kind}: {issued.cert_file} (key {issued.key_file})")
+    console.print(f"CA: {ca.cert_file} (its key {directory / 'ca-key.pem'} signs certificates: keep it safe)")
+
+
 def _print_cluster(cluster: LocalCluster) -> None:
     table = Table(title="Modelyard cluster")
     table.add_column("service")
     table.add_column("gRPC")
     table.add_column("log")
-    table.add_row("redis", cluster.redis_url, str(cluster.data_dir / "redis"))
+    table.add_row("redis", re.sub(r":[^:/@]+@", ":***@", cluster.redis_url), str(cluster.data_dir / "redis"))
     for child in cluster.children:
         table.add_row(child.name, child.address, str(child.log_path))
     console.print(table)
     console.print(f"addresses and Redis URL for tools (e.g. the load tests): {cluster.cluster_file}")
+    if cluster.client_tls is not None:
+        t = cluster.client_tls
+        console.print(
+            f"TLS on: CA {t.ca_file}, client certificate {t.cert_file} (key {t.key_file}); the CLI "
+            f"finds them through {cluster.cluster_file}. For example:\n"
+            f"  grpcurl -cacert {t.ca_file} -cert {t.cert_file} -key {t.key_file} "
+            f"{cluster.gateway_address} list",
+            soft_wrap=True,
+        )
 
 
 async def _run_demo(cluster: LocalCluster) -> None:
@@ -121,11 +169,14 @@ async def _run_demo(cluster: LocalCluster) -> None:
         artifact,
         demo_signature(),
         description="demo MLP 64-256-256-10",
+        tls=cluster.client_tls,
     )
     console.print(f"\nregistered [bold]demo[/] v{version} and pointed [bold]production[/] at it")
     generator = torch.Generator().manual_seed(1234)
     inputs = [torch.randn(n, 64, generator=generator) for n in (1, 2, 3)]
-    answers = await predict_until_served(cluster.gateway_address, "demo", inputs, module)
+    answers = await predict_until_served(
+        cluster.gateway_address, "demo", inputs, module, tls=cluster.client_tls
+    )
     table = Table(title=f"predictions through the gateway ({cluster.gateway_address})")
     table.add_column("rows")
     table.add_column("served by")

@@ -1,6 +1,8 @@
 """`modelyard models | alias | deploy | audit`: the registry from the command line.
 
-Every command talks gRPC to the registry (`--registry`, default 127.0.0.1:50061), prints a
+Every command talks gRPC to the registry (`--registry`, default 127.0.0.1:50061; over TLS with
+the CA and client certificate of the running `modelyard up --tls` whose cluster file names that
+address, see `local_cluster.client_tls_for`), prints a
 readable table, or the response as protobuf JSON with `--json`. `--user` names who acts, for
 the audit log and the alias history. Failures print the status and the registry's message,
 and exit with 1.
@@ -31,6 +33,8 @@ from rich.table import Table
 
 from modelyard.baseline import DEFAULT_BINS, compute_baseline, load_baseline_sample
 from modelyard.errors import InvalidArgument
+from modelyard.local_cluster import client_tls_for
+from modelyard.tls import open_channel
 from modelyard.v1 import registry_pb2, registry_service_pb2_grpc, tensor_pb2
 from modelyard.v1 import registry_service_pb2 as pb
 
@@ -80,7 +84,7 @@ def add_to(app: typer.Typer) -> None:
 
 def _call(registry: str, user: str, fn: Callable[[_Stub, tuple[tuple[str, str], ...]], Awaitable[T]]) -> T:
     async def run() -> T:
-        async with grpc.aio.insecure_channel(registry) as channel:
+        async with open_channel(registry, client_tls_for(registry)) as channel:
             metadata = (("x-modelyard-user", user),) if user else ()
             return await fn(registry_service_pb2_grpc.RegistryServiceStub(channel), metadata)
 

@@ -155,7 +155,8 @@ def parse_event(payload: str) -> Event | None:
 
 
 def redis_client(settings: RedisSettings) -> tuple[aioredis.Redis, list[aioredis.Redis]]:
-    """A client for `settings.url`: `redis://`, `rediss://`, `unix://`, or Sentinel as
+    """A client for `settings.url`: `redis://`, `rediss://` (TLS with `settings.tls_*`; the
+    user and password in the URL select an ACL user), `unix://`, or Sentinel as
     `redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]`, which follows
     the current master through failovers.
 
@@ -169,6 +170,16 @@ def redis_client(settings: RedisSettings) -> tuple[aioredis.Redis, list[aioredis
         "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), settings.retries),
         "retry_on_error": [RedisConnectionError, RedisTimeoutError],
     }
+    if settings.url.startswith("rediss://"):
+        # TLS: verify the server against the given CA (else the system's roots); present a
+        # client certificate where the server asks for one (tls-auth-clients).
+        options["ssl_cert_reqs"] = "required"
+        if settings.tls_ca_file is not None:
+            options["ssl_ca_certs"] = str(settings.tls_ca_file)
+        if settings.tls_cert_file is not None:
+            options["ssl_certfile"] = str(settings.tls_cert_file)
+        if settings.tls_key_file is not None:
+            options["ssl_keyfile"] = str(settings.tls_key_file)
     if not settings.url.startswith("redis+sentinel://"):
         return aioredis.Redis.from_url(settings.url, **options), []
     sentinels, service_name, db, password = parse_sentinel_url(settings.url)

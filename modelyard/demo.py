@@ -15,6 +15,7 @@ from torch import nn
 
 from modelyard.baseline import compute_baseline
 from modelyard.tensor_codec import tensor_from_proto, tensor_to_proto
+from modelyard.tls import ClientTLS, open_channel
 from modelyard.v1 import inference_service_pb2 as inf
 from modelyard.v1 import inference_service_pb2_grpc as inf_grpc
 from modelyard.v1 import registry_pb2, tensor_pb2
@@ -86,6 +87,7 @@ async def register_model(
     alias: str = "production",
     description: str = "",
     baseline_sample: Mapping[str, torch.Tensor] | None = None,
+    tls: ClientTLS | None = None,
 ) -> int:
     """Create the model if needed, upload a version with its input baseline, point `alias` at
     it; return the version.
@@ -93,10 +95,11 @@ async def register_model(
     Args:
         baseline_sample: Input name -> items the drift baseline is computed from; None: 2000
             items of the demo's synthetic inputs (`demo_inputs`), the distribution the demo sends.
+        tls: How to dial a TLS registry (None: plaintext).
     """
     sample = baseline_sample if baseline_sample is not None else demo_inputs(signature, 2000)
     baselines = compute_baseline(sample)
-    async with grpc.aio.insecure_channel(registry_address) as channel:
+    async with open_channel(registry_address, tls) as channel:
         stub = reg_grpc.RegistryServiceStub(channel)
         try:
             await stub.CreateModel(reg.CreateModelRequest(name=model, description=description))
@@ -140,13 +143,14 @@ async def predict_until_served(
     reference: torch.jit.ScriptModule | None = None,
     *,
     timeout_s: float = 60.0,
+    tls: ClientTLS | None = None,
 ) -> list[DemoAnswer]:
     """Predict each input through the gateway, waiting out UNAVAILABLE while the version loads
     and NOT_FOUND until the gateway has seen the model's new alias."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     answers = []
-    async with grpc.aio.insecure_channel(gateway_address) as channel:
+    async with open_channel(gateway_address, tls) as channel:
         stub = inf_grpc.InferenceServiceStub(channel)
         for x in inputs:
             request = inf.PredictRequest(model=model, inputs=[tensor_to_proto("input", x)])

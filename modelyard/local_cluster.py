@@ -9,6 +9,15 @@ A started cluster describes itself in `DATA_DIR/cluster.json` (`ClusterFile`): t
 of its services, its Redis URL and key prefix, and the pid of the process that supervises it.
 Tools that act on a running `modelyard up` read it (the load tests' `server_lost` joins a model
 server of its own through the Redis it names). The file is removed when the cluster stops.
+
+With `tls=True` the cluster makes a local CA and one certificate per service kind in
+`DATA_DIR/tls` (the CA is kept across restarts, the certificates are renewed when they near
+expiry), starts every service with mTLS, checks readiness over mTLS, and records in the
+cluster file what a client needs (`tls`: the CA file and a `client` certificate). The CLI,
+`modelyard top` and the load tests pick these up (`client_tls_for`). The embedded Redis then
+serves TLS only (client certificates required) with one ACL user per service kind, each
+with its own random password and access to the cluster's keys and channels only; the cluster
+file's Redis URL is the `client` user's, and `redis_tls` names the files to dial it with.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -29,18 +39,31 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelyard.coordination import CoordinationStore
-from modelyard.embedded_redis import RedisServer
+from modelyard.embedded_redis import RedisServer, RedisServerTLS
 from modelyard.membership import new_service_id
 from modelyard.processes import spawn_child
 from modelyard.settings import RedisSettings
+from modelyard.tls import CLIENT_KIND, SERVICE_KINDS, ClientTLS, LocalCA, certificate_expiry, open_channel
 
-__all__ = ["LocalCluster", "Child", "ClusterFile", "DEFAULT_PORTS", "CLUSTER_FILE_NAME"]
+__all__ = [
+    "LocalCluster",
+    "Child",
+    "ClusterFile",
+    "DEFAULT_PORTS",
+    "CLUSTER_FILE_NAME",
+    "CLUSTER_FILE_ENV",
+    "client_tls_for",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"gateway": 50051, "registry": 50061, "monitor": 50071, "model_server": 50081}
 CLUSTER_FILE_NAME = "cluster.json"
 """What a started cluster writes into its data dir (see `ClusterFile`)."""
+CLUSTER_FILE_ENV = "MODELYARD_CLUSTER_FILE"
+"""Where clients (the CLI, `modelyard top`) look for the cluster file; unset: var/cluster.json."""
+RENEW_BEFORE_S = 30 * 24 * 3600.0
+"""Certificates of a local TLS cluster are issued again when they expire within this long."""
 
 
 @dataclass
@@ -80,12 +103,17 @@ class ClusterFile:
         key_prefix: The prefix of the cluster's keys in that Redis.
         services: Service name (`gateway`, `registry`, `monitor`, `model-server-1`, ...) to the
             `host:port` of its gRPC listener.
+        tls: What a client dials the cluster's services with when they serve TLS (the CA and
+            a client certificate); None: plaintext.
+        redis_tls: What a client dials the cluster's `rediss://` Redis with; None: plaintext.
     """
 
     pid: int
     redis_url: str
     key_prefix: str
     services: dict[str, str]
+    tls: ClientTLS | None = None
+    redis_tls: ClientTLS | None = None
 
     @property
     def gateway(self) -> str:
@@ -94,6 +122,10 @@ class ClusterFile:
     @property
     def registry(self) -> str:
         return self.services["registry"]
+
+    def redis_settings(self) -> RedisSettings:
+        """How to reach the cluster's Redis (TLS files included)."""
+        return _redis_settings(self.redis_url, self.key_prefix, self.redis_tls)
 
     def running(self) -> bool:
         """Whether the process that wrote the file still exists (a killed `modelyard up`
@@ -107,13 +139,18 @@ class ClusterFile:
         return True
 
     def to_json(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "v": 1,
             "pid": self.pid,
             "redis_url": self.redis_url,
             "key_prefix": self.key_prefix,
             "services": self.services,
         }
+        if self.tls is not None:
+            data["tls"] = self.tls.to_json()
+        if self.redis_tls is not None:
+            data["redis_tls"] = self.redis_tls.to_json()
+        return data
 
     @classmethod
     def read(cls, path: Path) -> ClusterFile:
@@ -130,6 +167,8 @@ class ClusterFile:
                 redis_url=str(data["redis_url"]),
                 key_prefix=str(data["key_prefix"]),
                 services={str(k): str(v) for k, v in data["services"].items()},
+                tls=ClientTLS.from_json(data["tls"]) if data.get("tls") else None,
+                redis_tls=ClientTLS.from_json(data["redis_tls"]) if data.get("redis_tls") else None,
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"{path}: not a modelyard cluster file ({exc})") from None
@@ -155,6 +194,9 @@ class LocalCluster:
         ports: "default" for the well-known ports (gateway 50051, ...), "free" for port 0.
         model_servers: How many model servers to start.
         env: Extra environment for every child (e.g. MODELYARD_LOG_LEVEL).
+        tls: Make a local CA and certificates in `data_dir/tls` and run every service with
+            mTLS (the gateway with server-side TLS for clients unless `gateway_client_auth`).
+        gateway_client_auth: Under `tls`, the gateway too requires client certificates.
     """
 
     def __init__(
@@ -165,6 +207,8 @@ class LocalCluster:
         ports: str = "default",
         model_servers: int = 1,
         env: dict[str, str] | None = None,
+        tls: bool = False,
+        gateway_client_auth: bool = False,
     ) -> None:
         if ports not in ("default", "free"):
             raise ValueError("ports must be 'default' or 'free'")
@@ -177,6 +221,43 @@ class LocalCluster:
         self.children: list[Child] = []
         self.key_prefix = "my"
         self._wrote_cluster_file = False
+        self.tls = tls
+        self._gateway_client_auth = gateway_client_auth
+        self.client_tls: ClientTLS | None = None
+        """What clients dial the cluster with (set by `start()` under `tls`)."""
+        self._redis_passwords: dict[str, str] = {}
+
+    @property
+    def tls_dir(self) -> Path:
+        """The local CA and the certificates of a TLS cluster."""
+        return self.data_dir / "tls"
+
+    def _prepare_tls(self) -> None:
+        ca = LocalCA.load_or_create(self.tls_dir)
+        for kind in (*SERVICE_KINDS, CLIENT_KIND, "redis"):
+            cert = self.tls_dir / f"{kind}.pem"
+            fresh = cert.exists() and (self.tls_dir / f"{kind}-key.pem").exists()
+            if fresh:
+                left = certificate_expiry(cert).timestamp() - time.time()
+                # A certificate of an earlier CA (its key was removed) is issued again too.
+                fresh = left > RENEW_BEFORE_S and ca.issued_this(cert)
+            if not fresh:
+                ca.issue(kind, hosts=["127.0.0.1", "localhost", "::1"])
+        client = ca.issued(CLIENT_KIND)
+        self.client_tls = ClientTLS(ca.cert_file, client.cert_file, client.key_file)
+
+    def _tls_env(self, kind: str, prefix: str) -> dict[str, str]:
+        if not self.tls:
+            return {}
+        issued = LocalCA.issued_in(self.tls_dir, kind)
+        client_auth = kind != "gateway" or self._gateway_client_auth
+        return {
+            f"{prefix}TLS__ENABLED": "true",
+            f"{prefix}TLS__CERT_FILE": str(issued.cert_file),
+            f"{prefix}TLS__KEY_FILE": str(issued.key_file),
+            f"{prefix}TLS__CA_FILE": str(self.tls_dir / "ca.pem"),
+            f"{prefix}TLS__CLIENT_AUTH_REQUIRED": "true" if client_auth else "false",
+        }
 
     @property
     def cluster_file(self) -> Path:
@@ -185,10 +266,59 @@ class LocalCluster:
 
     @property
     def redis_url(self) -> str:
+        """The URL the supervisor uses (an embedded TLS Redis: its admin, the default user)."""
         if self._redis_url is not None:
             return self._redis_url
         assert self.redis is not None
         return self.redis.url
+
+    @property
+    def redis_tls(self) -> ClientTLS | None:
+        """The files to dial an embedded TLS Redis with (as a client; services use their own
+        certificate)."""
+        return self.client_tls if self.tls and self._redis_url is None else None
+
+    def redis_url_of(self, kind: str) -> str:
+        """The URL a service kind dials Redis with: its own ACL user under TLS."""
+        password = self._redis_passwords.get(kind)
+        if password is None or self.redis is None:
+            return self.redis_url
+        return f"rediss://{kind}:{password}@127.0.0.1:{self.redis.port}/0"
+
+    def _start_redis(self) -> RedisServer:
+        if not self.tls:
+            return RedisServer(port=0, data_dir=self.data_dir / "redis", persistence=True)
+        issued = LocalCA.issued_in(self.tls_dir, "redis")
+        self._redis_passwords = {kind: secrets.token_urlsafe(24) for kind in (*SERVICE_KINDS, CLIENT_KIND)}
+        admin = secrets.token_urlsafe(24)
+        keys = f"~{self.key_prefix}:* &{self.key_prefix}:*"
+        acl = [f"user default on >{admin} ~* &* +@all"]
+        # Each kind: its own password, the cluster's keys and channels, no admin commands.
+        acl += [
+            f"user {kind} on >{password} {keys} +@all -@admin -@dangerous"
+            for kind, password in self._redis_passwords.items()
+        ]
+        return RedisServer(
+            port=0,
+            data_dir=self.data_dir / "redis",
+            persistence=True,
+            password=admin,
+            tls=RedisServerTLS(issued.cert_file, issued.key_file, self.tls_dir / "ca.pem"),
+            acl_lines=acl,
+        )
+
+    def _redis_env(self, kind: str, prefix: str) -> dict[str, str]:
+        env = {f"{prefix}REDIS__URL": self.redis_url_of(kind)}
+        if self.redis_tls is not None:
+            issued = LocalCA.issued_in(self.tls_dir, kind)
+            env.update(
+                {
+                    f"{prefix}REDIS__TLS_CA_FILE": str(self.tls_dir / "ca.pem"),
+                    f"{prefix}REDIS__TLS_CERT_FILE": str(issued.cert_file),
+                    f"{prefix}REDIS__TLS_KEY_FILE": str(issued.key_file),
+                }
+            )
+        return env
 
     def _port(self, kind: str, index: int = 0) -> int:
         return 0 if self._ports == "free" else DEFAULT_PORTS[kind] + index
@@ -200,10 +330,11 @@ class LocalCluster:
         env.update(
             {
                 f"{prefix}SERVICE_ID": service_id,
-                f"{prefix}REDIS__URL": self.redis_url,
+                **self._redis_env(kind, prefix),
                 f"{prefix}REDIS__KEY_PREFIX": self.key_prefix,
                 f"{prefix}SERVER__PORT": str(port),
                 f"{prefix}SERVER__METRICS_PORT": str(port + 1000 if port else 0),
+                **self._tls_env(kind, prefix),
             }
         )
         env.update({f"{prefix}{k.upper()}": v for k, v in extra.items()})
@@ -218,15 +349,14 @@ class LocalCluster:
             RuntimeError: a child exited or was not ready in time; the message has its log.
         """
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.tls:
+            await asyncio.to_thread(self._prepare_tls)
         if self._redis_url is None:
-            self.redis = RedisServer(
-                port=0,
-                data_dir=self.data_dir / "redis",
-                persistence=True,
-            )
+            self.redis = self._start_redis()
             await asyncio.to_thread(self.redis.start)
         deadline = time.monotonic() + timeout_s
-        async with CoordinationStore(RedisSettings(url=self.redis_url, key_prefix=self.key_prefix)) as store:
+        supervisor = _redis_settings(self.redis_url, self.key_prefix, self.redis_tls)
+        async with CoordinationStore(supervisor) as store:
             registry = self._child(
                 "registry",
                 "registry",
@@ -262,9 +392,11 @@ class LocalCluster:
     def _write_cluster_file(self) -> None:
         info = ClusterFile(
             pid=os.getpid(),
-            redis_url=self.redis_url,
+            redis_url=self.redis_url_of(CLIENT_KIND),
             key_prefix=self.key_prefix,
             services={c.name: c.address for c in self.children},
+            tls=self.client_tls,
+            redis_tls=self.redis_tls,
         )
         # Owner-only: a Redis URL given with --redis-url may carry a password. Written then
         # renamed, so a reader never sees half a file.
@@ -307,7 +439,7 @@ class LocalCluster:
                 for record in await store.list_services():
                     if record.id == child.service_id:
                         child.address = record.address
-            if child.address and await _serving(child.address):
+            if child.address and await _serving(child.address, self.client_tls):
                 return
             await asyncio.sleep(0.1)
 
@@ -348,8 +480,38 @@ class LocalCluster:
             self.redis = None
 
 
-async def _serving(address: str) -> bool:
-    async with grpc.aio.insecure_channel(address) as channel:
+def _redis_settings(url: str, key_prefix: str, tls: ClientTLS | None) -> RedisSettings:
+    if tls is None:
+        return RedisSettings(url=url, key_prefix=key_prefix)
+    return RedisSettings(
+        url=url,
+        key_prefix=key_prefix,
+        tls_ca_file=tls.ca_file,
+        tls_cert_file=tls.cert_file,
+        tls_key_file=tls.key_file,
+    )
+
+
+def client_tls_for(address: str, cluster_file: Path | None = None) -> ClientTLS | None:
+    """How a client (the CLI, `modelyard top`) dials `address`: with the TLS material of the
+    running cluster whose file names that address, else plaintext.
+
+    The cluster file is `cluster_file`, else `$MODELYARD_CLUSTER_FILE`, else
+    `var/cluster.json` (what `modelyard up` writes with its default data dir).
+    """
+    path = cluster_file or Path(os.environ.get(CLUSTER_FILE_ENV) or Path("var") / CLUSTER_FILE_NAME)
+    try:
+        info = ClusterFile.read(path)
+    except (OSError, ValueError):
+        return None
+    if info.tls is None or not info.running():
+        return None
+    hosts = {address, address.replace("localhost:", "127.0.0.1:")}
+    return info.tls if hosts & set(info.services.values()) else None
+
+
+async def _serving(address: str, client_tls: ClientTLS | None = None) -> bool:
+    async with open_channel(address, client_tls) as channel:
         try:
             # types-grpcio-health-checking declares HealthStub without its methods.
             reply = await health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]

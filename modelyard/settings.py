@@ -36,6 +36,12 @@ class RedisSettings(BaseModel):
     """Timeout of one Redis command."""
     retries: int = Field(default=3, ge=0)
     """Retries of a command on a connection error or timeout, with jittered backoff."""
+    tls_ca_file: Path | None = None
+    """PEM CA bundle to verify a `rediss://` server with; unset: the system's roots."""
+    tls_cert_file: Path | None = None
+    """PEM client certificate for a Redis that requires one (`tls-auth-clients yes`)."""
+    tls_key_file: Path | None = None
+    """Its private key."""
 
 
 class TLSSettings(BaseModel):
@@ -50,7 +56,14 @@ class TLSSettings(BaseModel):
     ca_file: Path | None = None
     """PEM CA bundle used to verify peers."""
     client_auth_required: bool = False
-    """Require client certificates (mTLS)."""
+    """Require client certificates (mTLS); the service kind they name is then checked
+    against the service's table of callers (`modelyard.tls.CALLERS`)."""
+    server_name: str | None = None
+    """Name to verify the certificates of the services this one dials against, instead of
+    the host it dials (unset: the host; certificates name the hosts they are reached by)."""
+    expiry_warning_s: PositiveFloat = 14 * 24 * 3600.0
+    """Log a warning when the certificate expires within this long (its expiry is also in
+    /metrics as modelyard_tls_certificate_expiry_timestamp_seconds)."""
 
     @model_validator(mode="after")
     def _files_when_enabled(self) -> TLSSettings:

@@ -12,6 +12,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Histogram, start_http_server
 
+from modelyard.settings import TLSSettings
+
 __all__ = [
     "RPC_HANDLED",
     "RPC_SECONDS",
@@ -59,11 +61,22 @@ RPC_SECONDS = Histogram(
 
 
 class MetricsHTTPServer:
-    """Prometheus `/metrics` on its own port, served from a daemon thread."""
+    """Prometheus `/metrics` on its own port, served from a daemon thread; HTTPS with the
+    service's certificate when its TLS is on (client certificates required under mTLS)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, *, tls: TLSSettings | None = None) -> None:
         self._httpd: WSGIServer
-        self._httpd, self._thread = start_http_server(port, addr=host)
+        if tls is not None and tls.enabled:
+            self._httpd, self._thread = start_http_server(
+                port,
+                addr=host,
+                certfile=str(tls.cert_file),
+                keyfile=str(tls.key_file),
+                client_cafile=str(tls.ca_file) if tls.ca_file else None,
+                client_auth_required=tls.client_auth_required,
+            )
+        else:
+            self._httpd, self._thread = start_http_server(port, addr=host)
         self.port: int = self._httpd.server_port
 
     def close(self) -> None:

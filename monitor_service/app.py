@@ -14,15 +14,15 @@ from modelyard.coordination import CoordinationStore, ServiceRecord
 from modelyard.errors import Unavailable
 from modelyard.membership import Heartbeat, new_service_id
 from modelyard.rpc.server import ServiceServer, create_server
-from modelyard.settings import TLSSettings
 from modelyard.tasks import BackgroundTasks
+from modelyard.tls import ClientTLS, open_channel
 from modelyard.v1 import monitor_service_pb2_grpc
 from modelyard.v1 import registry_service_pb2 as reg
 from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
 from monitor_service.alerting import Alert, AlertManager, AlertState, WebhookNotifier
 from monitor_service.canary import CanaryAction, CanaryAnalyzer, CanaryDecision
 from monitor_service.cluster import ClusterView
-from monitor_service.collector import Collector, VersionStats
+from monitor_service.collector import Collector, VersionStats, metrics_fetcher
 from monitor_service.drift import DriftDetector
 from monitor_service.events import EventBus
 from monitor_service.metrics import (
@@ -51,17 +51,6 @@ SPLIT_ATTEMPTS = 5
 next scrape)."""
 
 
-def _channel_credentials(tls: TLSSettings) -> grpc.ChannelCredentials | None:
-    """Credentials to dial the registry with, or None for plaintext."""
-    if not tls.enabled:
-        return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=tls.ca_file.read_bytes() if tls.ca_file else None,
-        private_key=tls.key_file.read_bytes() if tls.key_file else None,
-        certificate_chain=tls.cert_file.read_bytes() if tls.cert_file else None,
-    )
-
-
 class MonitorApp:
     """A monitor process: `await start()`, serve, `await aclose()`.
 
@@ -77,7 +66,9 @@ class MonitorApp:
         self.service_id = settings.service_id or new_service_id("monitor")
         self.store = CoordinationStore(settings.redis)
         self.cluster = ClusterView(self.store, settings.down_retention_s)
-        self.collector = Collector(self.store, settings.window_s)
+        self.collector = Collector(
+            self.store, settings.window_s, fetch=metrics_fetcher(ClientTLS.from_settings(settings.tls))
+        )
         self.drift = DriftDetector(
             self.rule_file.baselines,
             learn_items=settings.drift_learn_items,
@@ -112,6 +103,7 @@ class MonitorApp:
             settings.server,
             settings.tls,
             service_names=[SERVICE_NAME],
+            kind="monitor",
             register=lambda s: monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(servicer, s),
         )
         self.heartbeat = Heartbeat(
@@ -235,11 +227,8 @@ class MonitorApp:
         address = registries[0].address
         channel = self._registry_channels.get(address)
         if channel is None:
-            credentials = _channel_credentials(self.settings.tls)
-            channel = self._registry_channels[address] = (
-                grpc.aio.secure_channel(address, credentials)
-                if credentials
-                else grpc.aio.insecure_channel(address)
+            channel = self._registry_channels[address] = open_channel(
+                address, ClientTLS.from_settings(self.settings.tls)
             )
         return RegistryServiceStub(channel)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelyard.coordination import CoordinationStore, ServiceRecord
+from modelyard.tls import ClientTLS, https_context
 from modelyard.validation import MAX_VERSION
 
 __all__ = [
@@ -279,6 +280,25 @@ async def fetch_metrics(address: str) -> str:
         return body.decode()
 
     return await asyncio.to_thread(get)
+
+
+def metrics_fetcher(client_tls: ClientTLS | None) -> Fetch:
+    """`fetch_metrics`, or GET https://address/metrics with the monitor's certificate when
+    the cluster's TLS is on (services then serve /metrics over HTTPS)."""
+    if client_tls is None:
+        return fetch_metrics
+    context = https_context(client_tls)
+
+    async def fetch_https(address: str) -> str:
+        def get() -> str:
+            url = f"https://{address}/metrics"
+            with urllib.request.urlopen(url, timeout=2.0, context=context) as response:
+                body: bytes = response.read()
+            return body.decode()
+
+        return await asyncio.to_thread(get)
+
+    return fetch_https
 
 
 class Collector:

@@ -106,6 +106,7 @@ class RegistryApp:
             settings.server,
             settings.tls,
             service_names=[SERVICE_NAME],
+            kind="registry",
             register=lambda server: registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
                 servicer, server
             ),

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from modelyard import tls as tls_credentials
 from modelyard.rpc.interceptors import ObservabilityInterceptor
 from modelyard.settings import ServerSettings, TLSSettings
 from modelyard.telemetry import MetricsHTTPServer
@@ -37,17 +38,10 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
-def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials | None:
-    """TLS (or mTLS) credentials for a listener, or None for plaintext."""
-    if not tls.enabled:
-        return None
-    assert tls.cert_file is not None and tls.key_file is not None  # checked by TLSSettings
-    root = tls.ca_file.read_bytes() if tls.ca_file else None
-    return grpc.ssl_server_credentials(
-        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
-        root_certificates=root,
-        require_client_auth=tls.client_auth_required,
-    )
+def server_credentials(tls: TLSSettings, *, kind: str = "") -> grpc.ServerCredentials | None:
+    """TLS (or mTLS) credentials for a listener, reloaded when the files change, or None for
+    plaintext (see `modelyard.tls.server_credentials`)."""
+    return tls_credentials.server_credentials(tls, kind=kind)
 
 
 class ServiceServer:
@@ -69,8 +63,10 @@ class ServiceServer:
         health: HealthServicer,
         service_names: Sequence[str],
         settings: ServerSettings,
+        tls: TLSSettings | None = None,
     ) -> None:
         self.server = server
+        self._tls = tls or TLSSettings()
         self.port = port
         self.health = health
         self.service_names = list(service_names)
@@ -96,7 +92,9 @@ class ServiceServer:
         metrics_port = self._settings.metrics_port
         if metrics_port is None:
             metrics_port = self.port + 1000 if self._settings.port else 0
-        self.metrics = MetricsHTTPServer(self._settings.host.strip("[]") or "0.0.0.0", metrics_port)
+        self.metrics = MetricsHTTPServer(
+            self._settings.host.strip("[]") or "0.0.0.0", metrics_port, tls=self._tls
+        )
 
     async def set_serving(self, serving: bool) -> None:
         """Report the whole server (and each of its services) as serving or not."""
@@ -133,6 +131,7 @@ def create_server(
     service_names: Sequence[str],
     register: Callable[[grpc.aio.Server], None],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    kind: str = "",
 ) -> ServiceServer:
     """Build a server and bind its port, without starting it.
 
@@ -142,13 +141,19 @@ def create_server(
         service_names: Full names of the services `register` adds (for health and reflection).
         register: Adds the servicers to the server.
         interceptors: Extra interceptors, run after the observability one (auth goes here).
+        kind: The service kind (`gateway`, `model_server`, ...): under mTLS, calls are let
+            through only from the peer kinds `modelyard.tls.CALLERS[kind]` allows.
 
     Raises:
         RuntimeError: the port cannot be bound.
     """
+    peer_check: list[grpc.aio.ServerInterceptor] = []
+    if tls.enabled and tls.client_auth_required and kind in tls_credentials.CALLERS:
+        peer_check.append(tls_credentials.PeerKindInterceptor(tls_credentials.CALLERS[kind]))
     server = grpc.aio.server(
         interceptors=[
             ObservabilityInterceptor(access_log_enabled=settings.access_log_enabled),
+            *peer_check,
             *interceptors,
         ],
         options=[
@@ -165,7 +170,7 @@ def create_server(
         server,
     )
     address = f"{settings.host}:{settings.port}"
-    credentials = server_credentials(tls)
+    credentials = server_credentials(tls, kind=kind)
     try:
         port = (
             server.add_secure_port(address, credentials)
@@ -176,4 +181,4 @@ def create_server(
         raise RuntimeError(f"cannot listen on {address}: {exc}") from exc
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}: the address is taken or invalid")
-    return ServiceServer(server, port, health, service_names, settings)
+    return ServiceServer(server, port, health, service_names, settings, tls)

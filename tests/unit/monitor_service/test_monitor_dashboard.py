@@ -13,6 +13,7 @@ import gateway.metrics
 import model_server.batching
 import model_server.stats
 import modelyard.telemetry
+import modelyard.tls
 import monitor_service.metrics
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -21,7 +22,7 @@ _SUFFIXES = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], 
 
 def exported() -> set[str]:
     assert gateway.metrics and model_server.batching and model_server.stats  # registered on import
-    assert modelyard.telemetry and monitor_service.metrics
+    assert modelyard.telemetry and modelyard.tls and monitor_service.metrics
     names = {"up"}
     for family in REGISTRY.collect():
         names |= {family.name + suffix for suffix in _SUFFIXES.get(family.type, [""])}
