@@ -91,11 +91,10 @@ async def _up(cluster: LocalCluster, demo: bool, exit_after_demo: bool) -> int:
             return 0
         console.print("\nThe cluster is running. Press [bold]Ctrl-C[/] to stop it.")
         while not stop.is_set():
-            dead = cluster.check_alive()
-            if dead:
-                for child in dead:
-                    console.print(f"[red]{child.name} exited[/]; its log:\n{child.log_tail()}")
-                return 1
+            # A child that dies is started again (with backoff); only one that keeps failing
+            # at start-up stops the cluster (RuntimeError, below).
+            for note in await cluster.supervise():
+                console.print(f"[yellow]{note}[/]")
             try:
                 async with asyncio.timeout(1.0):
                     await stop.wait()

@@ -62,6 +62,13 @@ CLUSTER_FILE_NAME = "cluster.json"
 """What a started cluster writes into its data dir (see `ClusterFile`)."""
 CLUSTER_FILE_ENV = "MODELYARD_CLUSTER_FILE"
 """Where clients (the CLI, `modelyard top`) look for the cluster file; unset: var/cluster.json."""
+QUICK_EXIT_S = 10.0
+"""A child that dies within this long of its start counts as failing at start-up."""
+MAX_QUICK_FAILURES = 5
+"""The supervisor gives up (the cluster stops) when a child fails at start-up this many
+times in a row; any other death is restarted, however often."""
+RESTART_BACKOFF_S = (0.5, 30.0)
+"""First and longest wait before a dead child is started again (doubling in between)."""
 RENEW_BEFORE_S = 30 * 24 * 3600.0
 """Certificates of a local TLS cluster are issued again when they expire within this long."""
 
@@ -78,6 +85,14 @@ class Child:
     service_id: str
     process: subprocess.Popen[bytes] | None = None
     address: str = ""
+    started_at: float = 0.0
+    """Monotonic time its current process was started."""
+    restarts: int = 0
+    """Times the supervisor started it again after it died."""
+    quick_failures: int = 0
+    """Deaths in a row, each within `QUICK_EXIT_S` of its start."""
+    restart_at: float | None = None
+    """When the supervisor starts it again (None: it is not waiting for a restart)."""
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     def log_tail(self, lines: int = 30) -> str:
@@ -411,17 +426,92 @@ class LocalCluster:
 
     async def _launch(self, children: list[Child], store: CoordinationStore, deadline: float) -> None:
         for child in children:
-            child._log = open(child.log_path, "ab")  # noqa: SIM115 - closed in stop()
-            child.process = await asyncio.to_thread(
-                spawn_child,
-                [sys.executable, "-m", child.module],
-                child._log,
-                Path.cwd(),
-                child.env,
-            )
+            await self._spawn(child)
             self.children.append(child)
         for child in children:
             await self._wait_ready(child, store, deadline)
+
+    async def _spawn(self, child: Child) -> None:
+        if child._log is None:
+            child._log = open(child.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        child.process = await asyncio.to_thread(
+            spawn_child,
+            [sys.executable, "-m", child.module],
+            child._log,
+            Path.cwd(),
+            child.env,
+        )
+        child.started_at = time.monotonic()
+
+    async def supervise(self) -> list[str]:
+        """Start again, with backoff, the children that died; call it every second or so.
+
+        A child that died is restarted after `RESTART_BACKOFF_S[0]`, doubling while it keeps
+        dying within `QUICK_EXIT_S` of its start, up to `RESTART_BACKOFF_S[1]`. A restarted
+        child keeps its service id (its new record replaces the old one); its address is
+        written to the cluster file again once it serves.
+
+        Returns:
+            What it did, one line each, for the operator.
+
+        Raises:
+            RuntimeError: a child failed at start-up `MAX_QUICK_FAILURES` times in a row (the
+                message has its log).
+        """
+        notes: list[str] = []
+        now = time.monotonic()
+        for child in self.children:
+            process = child.process
+            if process is None or process.poll() is None:
+                continue
+            if child.restart_at is None:
+                quick = now - child.started_at < QUICK_EXIT_S
+                child.quick_failures = child.quick_failures + 1 if quick else 1
+                if child.quick_failures >= MAX_QUICK_FAILURES:
+                    raise RuntimeError(
+                        f"{child.name} exited {child.quick_failures} times in a row within "
+                        f"{QUICK_EXIT_S:.0f}s of starting; its log ({child.log_path}):\n{child.log_tail()}"
+                    )
+                first, longest = RESTART_BACKOFF_S
+                delay = min(first * 2 ** (child.quick_failures - 1), longest)
+                child.restart_at = now + delay
+                notes.append(
+                    f"{child.name} exited with status {process.returncode}; starting it again in {delay:.1f}s"
+                )
+                log.warning(notes[-1])
+            elif now >= child.restart_at:
+                child.restart_at = None
+                child.restarts += 1
+                child.address = ""
+                await self._spawn(child)
+                assert child.process is not None
+                notes.append(
+                    f"{child.name} started again (pid {child.process.pid}, restart {child.restarts})"
+                )
+                log.warning(notes[-1])
+        notes.extend(await self._readdress())
+        return notes
+
+    async def _readdress(self) -> list[str]:
+        """Find the addresses of restarted children that serve again; rewrite the cluster file."""
+        waiting = [
+            c for c in self.children if not c.address and c.restart_at is None and c.process is not None
+        ]
+        if not waiting:
+            return []
+        notes = []
+        async with CoordinationStore(
+            _redis_settings(self.redis_url, self.key_prefix, self.redis_tls)
+        ) as store:
+            records = {r.id: r for r in await store.list_services()}
+        for child in waiting:
+            record = records.get(child.service_id)
+            if record is not None and record.address and await _serving(record.address, self.client_tls):
+                child.address = record.address
+                notes.append(f"{child.name} serves again at {child.address}")
+        if notes and self._wrote_cluster_file:
+            self._write_cluster_file()
+        return notes
 
     async def _wait_ready(self, child: Child, store: CoordinationStore, deadline: float) -> None:
         assert child.process is not None
@@ -454,7 +544,7 @@ class LocalCluster:
         raise KeyError(name)
 
     def check_alive(self) -> list[Child]:
-        """Children that have exited."""
+        """Children that have exited (and not been started again yet)."""
         return [c for c in self.children if c.process is not None and c.process.poll() is not None]
 
     async def stop(self, timeout_s: float = 20.0) -> None:

@@ -189,3 +189,34 @@ async def test_a_killed_model_server_fails_only_its_calls_in_flight_and_fast(clu
     failed = load.failed()
     assert len(failed) <= CALLERS  # at most the calls in flight on it
     assert all(seconds < 1.0 for _, seconds, _ in failed), failed  # a status, not a hang
+
+
+async def test_the_supervisor_starts_a_killed_child_again_and_the_cluster_stays_up(cluster: Cluster) -> None:
+    killed = cluster.model_server(2)
+    assert killed.process is not None
+    old_pid = killed.process.pid
+    notes: list[str] = []
+
+    async def kill_and_supervise() -> None:
+        _signal(killed, signal.SIGKILL)
+        end = time.monotonic() + 60
+        while not (killed.restarts and killed.address):
+            assert time.monotonic() < end, f"not started again: {notes}"
+            notes.extend(await cluster.local.supervise())
+            await asyncio.sleep(0.2)
+
+    load = await under_load(cluster, kill_and_supervise, after_s=1.0)
+    assert killed.process is not None and killed.process.pid != old_pid and killed.process.poll() is None
+    assert any("exited" in n for n in notes) and any("serves again" in n for n in notes), notes
+    assert len(load.failed()) <= CALLERS
+    assert cluster.local.check_alive() == []
+    # The restarted server serves the model again (its heartbeat says ready).
+    async with CoordinationStore(RedisSettings(url=cluster.local.redis_url)) as store:
+        end = time.monotonic() + 60
+        while True:
+            records = {r.id: r for r in await store.list_services()}
+            record = records.get(killed.service_id)
+            if record is not None and any(v.state == "ready" for v in record.versions):
+                break
+            assert time.monotonic() < end, "the restarted model server never loaded the model"
+            await asyncio.sleep(0.2)
