@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
-import io
-import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -21,17 +18,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.app import ROUTING_HEALTH_SERVICE, GatewayApp
 from gateway.settings import GatewaySettings
 from model_server.app import ModelServerApp
-from model_server.loader import Artifact
-from model_server.settings import ModelServerSettings
 from modelyard.coordination import CoordinationStore, Deployment, ServiceRecord, VersionRecord
 from modelyard.embedded_redis import RedisServer
-from modelyard.errors import VersionNotFound
 from modelyard.settings import RedisSettings, ServerSettings, load_settings
 from modelyard.tensor_codec import tensor_from_proto, tensor_to_proto
 from modelyard.v1 import inference_service_pb2 as inf
 from modelyard.v1 import inference_service_pb2_grpc as inf_grpc
 from modelyard.v1 import model_server_service_pb2 as ms
-from modelyard.v1 import registry_pb2, tensor_pb2
+from modelyard.v1 import tensor_pb2
+from tests.integration.conftest import ClusterSource, LaunchGateway, LaunchModelServer, converge
 
 pytestmark = pytest.mark.integration
 
@@ -49,97 +44,32 @@ def tiny(seed: int) -> torch.jit.ScriptModule:
     return torch.jit.script(module.eval())
 
 
-class MemorySource:
-    """Artifacts of `tiny(version)` for every version, built once."""
-
-    def __init__(self, model: str = MODEL, signature: tensor_pb2.Signature = SIGNATURE) -> None:
-        self.modules: dict[int, torch.jit.ScriptModule] = {}
-        self._artifacts: dict[int, Artifact] = {}
-        self._model = model
-        self._signature = signature
-
-    def add(self, version: int, module: torch.jit.ScriptModule) -> None:
-        buffer = io.BytesIO()
-        torch.jit.save(module, buffer)
-        data = buffer.getvalue()
-        self.modules[version] = module
-        self._artifacts[version] = Artifact(
-            model=self._model,
-            version=version,
-            format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
-            sha256=hashlib.sha256(data).hexdigest(),
-            signature=self._signature,
-            data=data,
-        )
-
-    def run(self, version: int, x: torch.Tensor) -> torch.Tensor:
-        """In-process torch: the reference answer."""
-        with torch.inference_mode():
-            return self.modules[version](x)
-
-    async def fetch(self, model: str, version: int) -> Artifact:
-        if model != self._model or version not in self._artifacts:
-            raise VersionNotFound(f"no {model} v{version}")
-        return self._artifacts[version]
+@pytest.fixture
+def source(cluster_source: ClusterSource) -> ClusterSource:
+    cluster_source.add(MODEL, 1, tiny(1), SIGNATURE)
+    cluster_source.add(MODEL, 2, tiny(2), SIGNATURE)
+    return cluster_source
 
 
-async def eventually(condition: Callable[[], bool], *, timeout_s: float = 30.0) -> None:
-    """Wait until the cluster converges (heartbeats and events travel through Redis)."""
-    end = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("the cluster did not converge")
-        await asyncio.sleep(0.02)
+StartModelServer = LaunchModelServer
 
 
 @pytest.fixture
-def source() -> MemorySource:
-    src = MemorySource()
-    src.add(1, tiny(1))
-    src.add(2, tiny(2))
-    return src
-
-
-StartModelServer = Callable[..., Awaitable[ModelServerApp]]
-
-
-@pytest.fixture
-async def start_model_server(
-    redis_settings: RedisSettings, source: MemorySource
-) -> AsyncIterator[StartModelServer]:
-    apps: list[ModelServerApp] = []
+def start_model_server(source: ClusterSource, launch_model_server: LaunchModelServer) -> StartModelServer:
+    """Model servers of `source`, batching up to 16 items."""
 
     async def start(**overrides: Any) -> ModelServerApp:
-        values: dict[str, Any] = {
-            "server": ServerSettings(port=0, metrics_port=0, drain_grace_s=1.0, heartbeat_interval_s=0.2),
-            "redis": redis_settings,
-            "reconcile_interval_s": 0.2,
-            "max_batch_size": 16,
-            **overrides,
-        }
-        app = ModelServerApp(load_settings(ModelServerSettings, **values), artifact_source=source)
-        apps.append(app)
-        await app.start()
-        return app
+        return await launch_model_server(**{"max_batch_size": 16, **overrides})
 
-    yield start
-    for app in reversed(apps):
-        await app.aclose()
+    return start
 
 
 @pytest.fixture
-async def gateway(redis_settings: RedisSettings) -> AsyncIterator[GatewayApp]:
-    app = GatewayApp(
-        load_settings(
-            GatewaySettings,
-            server=ServerSettings(port=0, metrics_port=0, drain_grace_s=1.0),
-            redis=redis_settings,
-            resync_interval_s=0.2,
-        )
-    )
-    await app.start()
-    yield app
-    await app.aclose()
+async def gateway(launch_gateway: LaunchGateway) -> GatewayApp:
+    return await launch_gateway()
+
+
+eventually = converge
 
 
 @pytest.fixture
@@ -179,7 +109,7 @@ async def test_split_sends_the_configured_share_and_keys_stay_put(
     start_model_server: StartModelServer,
     store: CoordinationStore,
     stub: inf_grpc.InferenceServiceStub,
-    source: MemorySource,
+    source: ClusterSource,
 ) -> None:
     await store.apply_aliases(
         MODEL,
@@ -196,7 +126,7 @@ async def test_split_sends_the_configured_share_and_keys_stay_put(
     counts = collections.Counter(a.version for a in answers)
     assert counts == {1: 150, 2: 50}  # smooth weighted round robin: exact on one gateway
     for answer in answers:
-        torch.testing.assert_close(output_of(answer), source.run(answer.version, x))
+        torch.testing.assert_close(output_of(answer), source.run(MODEL, answer.version, x))
 
     # Sticky keys: the same key always lands on the same version.
     first = {}
@@ -220,7 +150,7 @@ async def test_shadow_answers_are_recorded_never_returned(
     start_model_server: StartModelServer,
     store: CoordinationStore,
     stub: inf_grpc.InferenceServiceStub,
-    source: MemorySource,
+    source: ClusterSource,
 ) -> None:
     await store.apply_aliases(
         MODEL,
@@ -235,11 +165,11 @@ async def test_shadow_answers_are_recorded_never_returned(
     for _ in range(20):
         answer = await stub.Predict(predict(x), timeout=10)
         assert answer.version == 1
-        torch.testing.assert_close(output_of(answer), source.run(1, x))
+        torch.testing.assert_close(output_of(answer), source.run(MODEL, 1, x))
     await gateway.dataplane.shadow.wait_idle()
     records = list(gateway.dataplane.shadow.records)
     assert len(records) == 10
-    expected_diff = float((source.run(1, x) - source.run(2, x)).abs().max())
+    expected_diff = float((source.run(MODEL, 1, x) - source.run(MODEL, 2, x)).abs().max())
     for record in records:
         assert (record.version, record.shadow_version, record.outcome) == (1, 2, "mismatch")
         assert record.max_abs_diff == pytest.approx(expected_diff, rel=1e-5)
@@ -351,7 +281,7 @@ async def test_predict_stream_matches_answers_to_requests(
     start_model_server: StartModelServer,
     store: CoordinationStore,
     stub: inf_grpc.InferenceServiceStub,
-    source: MemorySource,
+    source: ClusterSource,
 ) -> None:
     await store.apply_aliases(MODEL, {"production": 1}, 1)
     await start_model_server()
@@ -372,7 +302,7 @@ async def test_predict_stream_matches_answers_to_requests(
             errors[message.error.request_id] = message.error
     assert answers.keys() == inputs.keys()
     for rid, x in inputs.items():
-        torch.testing.assert_close(answers[rid], source.run(1, x))
+        torch.testing.assert_close(answers[rid], source.run(MODEL, 1, x))
     assert errors["bad"].code == grpc.StatusCode.NOT_FOUND.value[0]
     assert errors["bad"].reason == "ALIAS_NOT_FOUND"
 
