@@ -70,7 +70,7 @@ class RoutingSync:
         """Refresh now because a request named something the table lacks: a client that has
         just moved an alias (Redis already holds it) must not get NOT_FOUND because this
         gateway's event has not arrived yet. Concurrent misses share one refresh, and the
-        table is not reread more often than every `min_interval_s`.
+        table is not reread more often than every `min_interval_s` (a miss sooner waits).
 
         Returns:
             True if the table was refreshed (the caller retries its lookup once).
@@ -78,14 +78,20 @@ class RoutingSync:
         if self._miss_refresh is not None:
             await asyncio.shield(self._miss_refresh)
             return True
-        if asyncio.get_running_loop().time() - self._last_refresh < min_interval_s:
-            return False
-        self._miss_refresh = asyncio.ensure_future(self.refresh())
+        self._miss_refresh = asyncio.ensure_future(self._refresh_after(min_interval_s))
         try:
             await asyncio.shield(self._miss_refresh)
         finally:
             self._miss_refresh = None
         return True
+
+    async def _refresh_after(self, min_interval_s: float) -> None:
+        # Rate-limited, never refused: a miss just after a refresh waits for the rest of the
+        # interval (the alias may have been written a moment after that refresh read).
+        wait = self._last_refresh + min_interval_s - asyncio.get_running_loop().time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        await self.refresh()
 
     async def start(self) -> None:
         """Load the table once (best effort), then follow events and the timer."""
