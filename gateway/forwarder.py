@@ -16,7 +16,7 @@ import grpc
 
 from modelyard.rpc.context import REQUEST_ID_METADATA_KEY
 from modelyard.rpc.server import channel_options
-from modelyard.tls import ClientTLS, open_channel
+from modelyard.tls import ClientTLS, ClientTLSWatch, open_channel
 
 __all__ = ["ChannelPool", "ReplicaUnavailable", "append_version"]
 
@@ -72,12 +72,26 @@ class _State(enum.Enum):
     CLOSED = 2
 
 
-class ChannelPool:
-    """One long-lived channel per model server address (TLS with `tls`, else plaintext)."""
+RETIRE_GRACE_S = 60.0
+"""How long a channel replaced after a client certificate rotation keeps its in-flight calls."""
 
-    def __init__(self, *, max_message_bytes: int, tls: ClientTLS | None = None):
+
+class ChannelPool:
+    """One long-lived channel per model server address (TLS with `tls`, else plaintext).
+
+    With TLS, the channels are opened again when the certificate files change (checked every
+    `tls_check_interval_s`): new calls go on new channels, and the old ones are closed once
+    their calls finished (at most `RETIRE_GRACE_S`).
+    """
+
+    def __init__(
+        self, *, max_message_bytes: int, tls: ClientTLS | None = None, tls_check_interval_s: float = 5.0
+    ):
         self._options = channel_options(max_message_bytes)
         self._tls = tls
+        self._watch = ClientTLSWatch(tls, interval_s=tls_check_interval_s) if tls is not None else None
+        self._generation = 0
+        self._retiring: set[asyncio.Task[None]] = set()
         self._channels: dict[str, tuple[grpc.aio.Channel, Any]] = {}
         self._state = _State.OPENED
 
@@ -88,6 +102,8 @@ class ChannelPool:
         return self._entry(address)[1]
 
     def _entry(self, address: str) -> tuple[grpc.aio.Channel, Any]:
+        if self._watch is not None and self._watch.generation() != self._generation:
+            self._retire_channels()
         entry = self._channels.get(address)
         if entry is None:
             if self._state is _State.CLOSED:
@@ -128,6 +144,15 @@ class ChannelPool:
         )
         return response
 
+    def _retire_channels(self) -> None:
+        assert self._watch is not None
+        self._generation = self._watch.generation()
+        for channel, _ in self._channels.values():
+            task = asyncio.get_running_loop().create_task(channel.close(RETIRE_GRACE_S))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        self._channels.clear()
+
     async def forget(self, address: str) -> None:
         """Close the channel to a server that left the cluster."""
         entry = self._channels.pop(address, None)
@@ -138,7 +163,7 @@ class ChannelPool:
         self._state = _State.CLOSED
         channels = [c for c, _ in self._channels.values()]
         self._channels.clear()
-        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in channels), *self._retiring, return_exceptions=True)
 
     def __del__(self) -> None:
         if getattr(self, "_channels", None):

@@ -55,6 +55,7 @@ __all__ = [
     "SERVICE_KINDS",
     "CertificateReloader",
     "ClientTLS",
+    "ClientTLSWatch",
     "IssuedCertificate",
     "LocalCA",
     "PeerKindInterceptor",
@@ -474,6 +475,47 @@ class ClientTLS:
 
         name = data.get("server_name")
         return cls(path("ca_file"), path("cert_file"), path("key_file"), str(name) if name else None)
+
+
+class ClientTLSWatch:
+    """Tells long-lived channels when a client's TLS files changed, so they can be opened
+    again with the new certificate: gRPC fixes channel credentials when a channel is made, and
+    a channel reconnects with them until it is closed (past their expiry, it cannot).
+
+    `generation()` moves when a file's mtime moved; the files are checked at most every
+    `interval_s`, so calling it per request costs a clock read.
+
+    Args:
+        client_tls: The files to watch.
+        interval_s: Least time between two checks.
+        clock: Monotonic clock (tests).
+    """
+
+    def __init__(
+        self, client_tls: ClientTLS, *, interval_s: float = 5.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._files = [p for p in (client_tls.ca_file, client_tls.cert_file, client_tls.key_file) if p]
+        self._interval_s = interval_s
+        self._clock = clock
+        self._next_check = clock() + interval_s
+        self._stamp = self._mtimes()
+        self._generation = 0
+
+    def _mtimes(self) -> tuple[int, ...]:
+        try:
+            return tuple(p.stat().st_mtime_ns for p in self._files)
+        except OSError:
+            return ()  # a file being replaced: looked at again on the next check
+
+    def generation(self) -> int:
+        now = self._clock()
+        if now >= self._next_check:
+            self._next_check = now + self._interval_s
+            stamp = self._mtimes()
+            if stamp and stamp != self._stamp:
+                self._stamp = stamp
+                self._generation += 1
+        return self._generation
 
 
 def channel_credentials(client_tls: ClientTLS) -> grpc.ChannelCredentials:

@@ -20,8 +20,10 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.app import GatewayApp
+from gateway.forwarder import ChannelPool
 from gateway.settings import GatewaySettings
 from model_server.app import ModelServerApp
+from model_server.loader import RegistryArtifactSource
 from model_server.settings import ModelServerSettings
 from modelyard.demo import build_demo_model, demo_signature, predict_until_served, register_model
 from modelyard.embedded_redis import RedisServer, RedisServerTLS
@@ -471,3 +473,64 @@ async def test_rotating_the_gateway_and_model_server_certificates_under_predict_
     for kind, port in (("gateway", cluster.gateway.port), ("model_server", cluster.model_server.port)):
         current = x509.load_pem_x509_certificate(pki.certs[kind].cert_file.read_bytes())
         assert _served_serial(port, pki) == current.serial_number, kind
+
+
+async def test_the_gateway_pool_opens_its_channels_again_after_its_client_certificate_rotated(
+    pki: Pki,
+) -> None:
+    async def whoami(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        pem = context.auth_context()["x509_pem_cert"][0]
+        return str(x509.load_pem_x509_certificate(pem).serial_number).encode()
+
+    def register(server: grpc.aio.Server) -> None:
+        handler = grpc.unary_unary_rpc_method_handler(whoami)
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Who", {"Am": handler})])
+
+    srv = create_server(
+        ServerSettings(port=0, metrics_port=0), pki.settings("registry"), service_names=[], register=register
+    )
+    await srv.start()
+    pool = ChannelPool(
+        max_message_bytes=1 << 20,
+        tls=ClientTLS.from_settings(pki.settings("gateway")),
+        tls_check_interval_s=0.05,
+    )
+    try:
+
+        async def serial_seen() -> int:
+            return int(await pool.call(srv.address, "/test.Who/Am", b"", 5, "rid"))
+
+        def serial_on_disk() -> int:
+            pem = pki.certs["gateway"].cert_file.read_bytes()
+            return x509.load_pem_x509_certificate(pem).serial_number
+
+        assert await serial_seen() == serial_on_disk()
+        old = serial_on_disk()
+        pki.ca.issue("gateway")
+        await asyncio.sleep(0.1)
+        assert await serial_seen() == serial_on_disk() != old
+    finally:
+        await pool.aclose()
+        await srv.drain(0)
+
+
+async def test_the_model_servers_registry_client_dials_again_after_its_certificate_rotated(
+    cluster: Cluster, pki: Pki
+) -> None:
+    _module, artifact = build_demo_model(seed=4)
+    version = await register_model(
+        cluster.registry.address, "fetch", artifact, demo_signature(), tls=pki.client()
+    )
+    source = RegistryArtifactSource(
+        cluster.registry.address,
+        max_message_bytes=1 << 26,
+        tls=ClientTLS.from_settings(pki.settings("model_server")),
+        tls_check_interval_s=0.05,
+    )
+    try:
+        assert (await source.fetch("fetch", version)).data == artifact
+        pki.ca.issue("model_server")
+        await asyncio.sleep(0.1)
+        assert (await source.fetch("fetch", version)).data == artifact  # on a new channel
+    finally:
+        await source.aclose()
