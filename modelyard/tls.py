@@ -56,6 +56,7 @@ __all__ = [
     "CertificateReloader",
     "ClientTLS",
     "ClientTLSWatch",
+    "HTTPSReloader",
     "IssuedCertificate",
     "LocalCA",
     "PeerKindInterceptor",
@@ -417,6 +418,53 @@ def server_credentials(tls: TLSSettings, *, kind: str = "") -> grpc.ServerCreden
         fetch,
         require_client_authentication=tls.client_auth_required,
     )
+
+
+class HTTPSReloader:
+    """The same reload for an HTTPS listener (`/metrics`): installed as the SNI callback of
+    its SSL context, it swaps in a context with the new files for each handshake after they
+    changed (Python calls the callback for every ClientHello, with or without SNI).
+
+    Args:
+        tls: The listener's settings.
+    """
+
+    def __init__(self, tls: TLSSettings) -> None:
+        self._tls = tls
+        self._lock = threading.Lock()
+        self._stamp = self._mtimes()
+        self._context: ssl.SSLContext | None = None
+
+    def _mtimes(self) -> tuple[int, ...]:
+        files = [p for p in (self._tls.cert_file, self._tls.key_file, self._tls.ca_file) if p is not None]
+        return tuple(p.stat().st_mtime_ns for p in files)
+
+    def server_context(self) -> ssl.SSLContext:
+        """A server context for the files as they are now."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        if self._tls.ca_file is not None:
+            context.load_verify_locations(cafile=str(self._tls.ca_file))
+        if self._tls.client_auth_required:
+            context.verify_mode = ssl.CERT_REQUIRED
+        context.load_cert_chain(str(self._tls.cert_file), str(self._tls.key_file))
+        return context
+
+    def sni_callback(
+        self, sock: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext
+    ) -> None:
+        try:
+            stamp = self._mtimes()
+            with self._lock:
+                if stamp != self._stamp:
+                    self._context = self.server_context()  # raises on a mismatched pair
+                    self._stamp = stamp
+                    log.info("reloaded the HTTPS certificate %s", self._tls.cert_file)
+                context = self._context
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.warning("HTTPS certificate reload failed, keeping the current one: %s", exc)
+            return
+        if context is not None:
+            sock.context = context
 
 
 # --- Channel credentials -------------------------------------------------------------------

@@ -333,6 +333,8 @@ async def test_a_certificate_rotated_under_load_fails_no_call(pki: Pki) -> None:
         assert calls > 20
         after = _served_serial(srv.port, pki)
         assert after != before
+        # /metrics (HTTPS) serves the rotated certificate from the next handshake on too.
+        assert _served_serial(srv.metrics.port, pki) == after  # type: ignore[union-attr]
         assert after == x509.load_pem_x509_certificate(tls.cert_file.read_bytes()).serial_number  # type: ignore[union-attr]
     finally:
         await srv.drain(0)
