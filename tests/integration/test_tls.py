@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from gateway.settings import GatewaySettings
 from model_server.app import ModelServerApp
 from model_server.loader import RegistryArtifactSource
 from model_server.settings import ModelServerSettings
+from modelyard.coordination import CoordinationStore
 from modelyard.demo import build_demo_model, demo_signature, predict_until_served, register_model
 from modelyard.embedded_redis import RedisServer, RedisServerTLS
 from modelyard.rpc.server import create_server
@@ -536,3 +538,73 @@ async def test_the_model_servers_registry_client_dials_again_after_its_certifica
         assert (await source.fetch("fetch", version)).data == artifact  # on a new channel
     finally:
         await source.aclose()
+
+
+async def test_a_sentinel_managed_redis_over_tls_follows_a_failover(pki: Pki, tmp_path: Path) -> None:
+    redis_cert = pki.ca.issue("redis")
+    tls = RedisServerTLS(redis_cert.cert_file, redis_cert.key_file, pki.ca.cert_file)
+    replication = ["--tls-replication", "yes"]
+    servers: list[RedisServer] = []
+    try:
+        master = RedisServer(data_dir=tmp_path / "master", tls=tls, extra_args=replication)
+        master.start()
+        servers.append(master)
+        replica = RedisServer(
+            data_dir=tmp_path / "replica",
+            tls=tls,
+            extra_args=[*replication, "--replicaof", "127.0.0.1", str(master.port)],
+        )
+        replica.start()
+        servers.append(replica)
+        sentinel = RedisServer(
+            data_dir=tmp_path / "sentinel",
+            tls=tls,
+            extra_args=replication,
+            sentinel_config=(
+                f"sentinel monitor ha 127.0.0.1 {master.port} 1\n"
+                "sentinel down-after-milliseconds ha 500\n"
+                "sentinel failover-timeout ha 3000\n"
+            ),
+        )
+        sentinel.start()
+        servers.append(sentinel)
+        cert = pki.certs["gateway"]
+        settings = RedisSettings(
+            url=f"rediss+sentinel://127.0.0.1:{sentinel.port}/ha",
+            tls_ca_file=pki.ca.cert_file,
+            tls_cert_file=cert.cert_file,
+            tls_key_file=cert.key_file,
+        )
+        async with CoordinationStore(settings) as store:
+            await store.apply_aliases("m", {"production": 1}, epoch=1)
+            # Wait until the replica has it, then lose the master.
+            deadline = time.monotonic() + 10
+            while True:
+                probe = redis.Redis(
+                    port=replica.port,
+                    ssl=True,
+                    ssl_ca_certs=str(pki.ca.cert_file),
+                    ssl_certfile=str(cert.cert_file),
+                    ssl_keyfile=str(cert.key_file),
+                )
+                try:
+                    if probe.exists("my:model:{m}:aliases"):
+                        break
+                finally:
+                    probe.close()
+                assert time.monotonic() < deadline, "the replica never caught up"
+                await asyncio.sleep(0.1)
+            master.kill()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    await store.apply_aliases("m", {"production": 2}, epoch=2)
+                    break
+                except Exception:
+                    assert time.monotonic() < deadline, "no failover over TLS in 30 s"
+                    await asyncio.sleep(0.5)
+            aliases = await store.all_aliases()
+            assert aliases["m"][0] == {"production": 2}
+    finally:
+        for server in reversed(servers):
+            server.stop()
