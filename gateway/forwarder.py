@@ -16,7 +16,7 @@ import grpc
 
 from modelyard.rpc.context import REQUEST_ID_METADATA_KEY
 from modelyard.rpc.server import channel_options
-from modelyard.tls import ClientTLS, open_channel
+from modelyard.tls import ClientTLS, ClientTLSWatch, open_channel
 
 __all__ = ["ChannelPool", "ReplicaUnavailable", "append_version"]
 
@@ -103,6 +103,9 @@ class ChannelPool:
     the channel closes once the calls already on it have ended (or `retire_grace_s` after it
     was forgotten, whichever comes first): closing it at once would cancel those calls, whose
     callers would then see no real status.
+
+    With TLS, every channel is retired the same way when the certificate files change
+    (checked every `tls_check_interval_s`): new calls go on new channels.
     """
 
     def __init__(
@@ -110,10 +113,13 @@ class ChannelPool:
         *,
         max_message_bytes: int,
         tls: ClientTLS | None = None,
+        tls_check_interval_s: float = 5.0,
         retire_grace_s: float = 60.0,
     ):
         self._options = channel_options(max_message_bytes)
         self._tls = tls
+        self._watch = ClientTLSWatch(tls, interval_s=tls_check_interval_s) if tls is not None else None
+        self._generation = 0
         self._retire_grace_s = retire_grace_s
         self._channels: dict[str, _Entry] = {}
         self._retiring: set[_Entry] = set()
@@ -121,6 +127,10 @@ class ChannelPool:
         self._state = _State.OPENED
 
     def _entry(self, address: str) -> _Entry:
+        if self._watch is not None and self._watch.generation() != self._generation:
+            self._generation = self._watch.generation()
+            for old in list(self._channels):  # the certificates rotated: new channels
+                self._retire(old)
         entry = self._channels.get(address)
         if entry is None:
             if self._state is _State.CLOSED:
@@ -179,6 +189,9 @@ class ChannelPool:
     async def forget(self, address: str) -> None:
         """A server left the cluster: new calls to `address` get a new channel, and the old
         one closes once its calls in flight have ended (at the latest `retire_grace_s` on)."""
+        self._retire(address)
+
+    def _retire(self, address: str) -> None:
         entry = self._channels.pop(address, None)
         if entry is None:
             return

@@ -14,6 +14,7 @@ and `pickle.loads` for parts an archive marks as pickled. Never `torch.load`.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import io
@@ -43,7 +44,7 @@ from modelyard.errors import (
 )
 from modelyard.model_signatures import SignaturePolicy
 from modelyard.rpc.server import channel_options
-from modelyard.tls import ClientTLS, open_channel
+from modelyard.tls import ClientTLS, ClientTLSWatch, open_channel
 from modelyard.v1 import (
     registry_pb2,
     registry_service_pb2,
@@ -123,13 +124,15 @@ class RegistryArtifactSource:
     then `DownloadModelVersion` for the bytes.
 
     The channel is dialled on the first fetch (on the running event loop) and closed by
-    `aclose()`.
+    `aclose()`. With TLS it is dialled again after the certificate files changed (the old one
+    closes once its downloads finished).
 
     Args:
         address: host:port of the registry.
         max_message_bytes: Largest message accepted (a download chunk).
         tls: TLS to dial the registry with, or None for plaintext.
         timeout_s: Deadline of one fetch (metadata and the whole download).
+        tls_check_interval_s: How often the TLS files are checked for a rotation.
     """
 
     def __init__(
@@ -139,6 +142,7 @@ class RegistryArtifactSource:
         max_message_bytes: int,
         tls: ClientTLS | None = None,
         timeout_s: float = 300.0,
+        tls_check_interval_s: float = 5.0,
     ) -> None:
         self._address = address
         self._options = channel_options(max_message_bytes)
@@ -147,10 +151,18 @@ class RegistryArtifactSource:
         self._channel: grpc.aio.Channel | None = None
         self._stub: registry_service_pb2_grpc.RegistryServiceAsyncStub | None = None
         self._state = _State.UNOPENED
+        self._watch = ClientTLSWatch(tls, interval_s=tls_check_interval_s) if tls is not None else None
+        self._generation = 0
+        self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}
 
     def _open(self) -> registry_service_pb2_grpc.RegistryServiceAsyncStub:
         if self._state is _State.CLOSED:
             raise RuntimeError("Cannot fetch from a RegistryArtifactSource after aclose().")
+        if self._channel is not None:  # the TLS files changed: retire the old channel
+            task = asyncio.get_running_loop().create_task(self._channel.close(self._timeout_s))
+            self._retiring[task] = self._channel
+            task.add_done_callback(lambda done: self._retiring.pop(done, None))
+        self._generation = self._watch.generation() if self._watch is not None else 0
         self._channel = open_channel(self._address, self._tls, options=self._options)
         self._stub = registry_service_pb2_grpc.RegistryServiceStub(self._channel)
         self._state = _State.OPENED
@@ -161,6 +173,9 @@ class RegistryArtifactSource:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+        # Retired channels still downloading: their calls are cancelled now.
+        retiring = dict(self._retiring)
+        await asyncio.gather(*(c.close() for c in retiring.values()), *retiring, return_exceptions=True)
         self._state = _State.CLOSED
 
     def __del__(self) -> None:
@@ -168,7 +183,8 @@ class RegistryArtifactSource:
             warnings.warn("Unclosed RegistryArtifactSource; call aclose()", ResourceWarning, stacklevel=1)
 
     async def fetch(self, model: str, version: int) -> Artifact:
-        stub = self._stub or self._open()
+        stale = self._watch is not None and self._watch.generation() != self._generation
+        stub = self._open() if self._stub is None or stale else self._stub
         try:
             model_record = await stub.GetModel(
                 registry_service_pb2.GetModelRequest(name=model), timeout=self._timeout_s

@@ -158,7 +158,8 @@ def redis_client(settings: RedisSettings) -> tuple[aioredis.Redis, list[aioredis
     """A client for `settings.url`: `redis://`, `rediss://` (TLS with `settings.tls_*`; the
     user and password in the URL select an ACL user), `unix://`, or Sentinel as
     `redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]`, which follows
-    the current master through failovers.
+    the current master through failovers (`rediss+sentinel://`: Sentinels and master over
+    TLS, with the same `settings.tls_*` files).
 
     Returns:
         The client, and the extra clients it depends on (the Sentinels) to close with it.
@@ -170,7 +171,8 @@ def redis_client(settings: RedisSettings) -> tuple[aioredis.Redis, list[aioredis
         "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), settings.retries),
         "retry_on_error": [RedisConnectionError, RedisTimeoutError],
     }
-    if settings.url.startswith("rediss://"):
+    tls_sentinel = settings.url.startswith("rediss+sentinel://")
+    if settings.url.startswith("rediss://") or tls_sentinel:
         # TLS: verify the server against the given CA (else the system's roots); present a
         # client certificate where the server asks for one (tls-auth-clients).
         options["ssl_cert_reqs"] = "required"
@@ -180,13 +182,19 @@ def redis_client(settings: RedisSettings) -> tuple[aioredis.Redis, list[aioredis
             options["ssl_certfile"] = str(settings.tls_cert_file)
         if settings.tls_key_file is not None:
             options["ssl_keyfile"] = str(settings.tls_key_file)
-    if not settings.url.startswith("redis+sentinel://"):
+    if not (settings.url.startswith("redis+sentinel://") or tls_sentinel):
         return aioredis.Redis.from_url(settings.url, **options), []
     sentinels, service_name, db, password = parse_sentinel_url(settings.url)
+    tls = {k: v for k, v in options.items() if k.startswith("ssl_")}
+    if tls_sentinel:
+        options["ssl"] = True  # the master's pool then makes TLS connections
     sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves Sentinel.__init__ unannotated
         sentinels,
-        socket_timeout=settings.socket_timeout_s,
-        socket_connect_timeout=settings.socket_timeout_s,
+        sentinel_kwargs={
+            "socket_timeout": settings.socket_timeout_s,
+            "socket_connect_timeout": settings.socket_timeout_s,
+            **({"ssl": True, **tls} if tls_sentinel else {}),
+        },
     )
     client = sentinel.master_for(service_name, db=db, password=password, **options)
     return client, list(sentinel.sentinels)

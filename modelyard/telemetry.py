@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Histogram, start_http_server
 
 from modelyard.settings import TLSSettings
+from modelyard.tls import HTTPSReloader
 
 __all__ = [
     "RPC_HANDLED",
@@ -75,6 +77,10 @@ class MetricsHTTPServer:
                 client_cafile=str(tls.ca_file) if tls.ca_file else None,
                 client_auth_required=tls.client_auth_required,
             )
+            # Rotated files are served from the next handshake on, as on the gRPC port.
+            listener = self._httpd.socket
+            assert isinstance(listener, ssl.SSLSocket)
+            listener.context.sni_callback = HTTPSReloader(tls).sni_callback
         else:
             self._httpd, self._thread = start_http_server(port, addr=host)
         self.port: int = self._httpd.server_port

@@ -55,6 +55,8 @@ __all__ = [
     "SERVICE_KINDS",
     "CertificateReloader",
     "ClientTLS",
+    "ClientTLSWatch",
+    "HTTPSReloader",
     "IssuedCertificate",
     "LocalCA",
     "PeerKindInterceptor",
@@ -418,6 +420,53 @@ def server_credentials(tls: TLSSettings, *, kind: str = "") -> grpc.ServerCreden
     )
 
 
+class HTTPSReloader:
+    """The same reload for an HTTPS listener (`/metrics`): installed as the SNI callback of
+    its SSL context, it swaps in a context with the new files for each handshake after they
+    changed (Python calls the callback for every ClientHello, with or without SNI).
+
+    Args:
+        tls: The listener's settings.
+    """
+
+    def __init__(self, tls: TLSSettings) -> None:
+        self._tls = tls
+        self._lock = threading.Lock()
+        self._stamp = self._mtimes()
+        self._context: ssl.SSLContext | None = None
+
+    def _mtimes(self) -> tuple[int, ...]:
+        files = [p for p in (self._tls.cert_file, self._tls.key_file, self._tls.ca_file) if p is not None]
+        return tuple(p.stat().st_mtime_ns for p in files)
+
+    def server_context(self) -> ssl.SSLContext:
+        """A server context for the files as they are now."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        if self._tls.ca_file is not None:
+            context.load_verify_locations(cafile=str(self._tls.ca_file))
+        if self._tls.client_auth_required:
+            context.verify_mode = ssl.CERT_REQUIRED
+        context.load_cert_chain(str(self._tls.cert_file), str(self._tls.key_file))
+        return context
+
+    def sni_callback(
+        self, sock: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext
+    ) -> None:
+        try:
+            stamp = self._mtimes()
+            with self._lock:
+                if stamp != self._stamp:
+                    self._context = self.server_context()  # raises on a mismatched pair
+                    self._stamp = stamp
+                    log.info("reloaded the HTTPS certificate %s", self._tls.cert_file)
+                context = self._context
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.warning("HTTPS certificate reload failed, keeping the current one: %s", exc)
+            return
+        if context is not None:
+            sock.context = context
+
+
 # --- Channel credentials -------------------------------------------------------------------
 
 
@@ -474,6 +523,47 @@ class ClientTLS:
 
         name = data.get("server_name")
         return cls(path("ca_file"), path("cert_file"), path("key_file"), str(name) if name else None)
+
+
+class ClientTLSWatch:
+    """Tells long-lived channels when a client's TLS files changed, so they can be opened
+    again with the new certificate: gRPC fixes channel credentials when a channel is made, and
+    a channel reconnects with them until it is closed (past their expiry, it cannot).
+
+    `generation()` moves when a file's mtime moved; the files are checked at most every
+    `interval_s`, so calling it per request costs a clock read.
+
+    Args:
+        client_tls: The files to watch.
+        interval_s: Least time between two checks.
+        clock: Monotonic clock (tests).
+    """
+
+    def __init__(
+        self, client_tls: ClientTLS, *, interval_s: float = 5.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._files = [p for p in (client_tls.ca_file, client_tls.cert_file, client_tls.key_file) if p]
+        self._interval_s = interval_s
+        self._clock = clock
+        self._next_check = clock() + interval_s
+        self._stamp = self._mtimes()
+        self._generation = 0
+
+    def _mtimes(self) -> tuple[int, ...]:
+        try:
+            return tuple(p.stat().st_mtime_ns for p in self._files)
+        except OSError:
+            return ()  # a file being replaced: looked at again on the next check
+
+    def generation(self) -> int:
+        now = self._clock()
+        if now >= self._next_check:
+            self._next_check = now + self._interval_s
+            stamp = self._mtimes()
+            if stamp and stamp != self._stamp:
+                self._stamp = stamp
+                self._generation += 1
+        return self._generation
 
 
 def channel_credentials(client_tls: ClientTLS) -> grpc.ChannelCredentials:

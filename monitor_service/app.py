@@ -15,7 +15,7 @@ from modelyard.errors import Unavailable
 from modelyard.membership import Heartbeat, new_service_id
 from modelyard.rpc.server import ServiceServer, create_server
 from modelyard.tasks import BackgroundTasks
-from modelyard.tls import ClientTLS, open_channel
+from modelyard.tls import ClientTLS, ClientTLSWatch, open_channel
 from modelyard.v1 import monitor_service_pb2_grpc
 from modelyard.v1 import registry_service_pb2 as reg
 from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
@@ -89,6 +89,12 @@ class MonitorApp:
         self.rounds = 0
         self._round_done = asyncio.Condition()
         self._registry_channels: dict[str, grpc.aio.Channel] = {}
+        # Channels opened before the client certificate rotated: closed with the monitor (a
+        # registry call is short, and rotations are rare).
+        self._retired_channels: list[grpc.aio.Channel] = []
+        client_tls = ClientTLS.from_settings(settings.tls)
+        self._tls_watch = ClientTLSWatch(client_tls) if client_tls is not None else None
+        self._tls_generation = 0
         self._tasks = BackgroundTasks(restart_delay_s=settings.scrape_interval_s)
         servicer = MonitorServicer(
             cluster=self.cluster,
@@ -145,7 +151,7 @@ class MonitorApp:
         await self.heartbeat.aclose()
         await self.server.drain()
         await self.notifier.aclose()
-        for channel in self._registry_channels.values():
+        for channel in [*self._registry_channels.values(), *self._retired_channels]:
             await channel.close()
         await self.store.aclose()
 
@@ -225,6 +231,10 @@ class MonitorApp:
         if not registries:
             raise Unavailable("no registry is up")
         address = registries[0].address
+        if self._tls_watch is not None and self._tls_watch.generation() != self._tls_generation:
+            self._tls_generation = self._tls_watch.generation()
+            self._retired_channels += self._registry_channels.values()
+            self._registry_channels.clear()
         channel = self._registry_channels.get(address)
         if channel is None:
             channel = self._registry_channels[address] = open_channel(

@@ -181,3 +181,33 @@ def test_the_load_tests_run_over_mtls_from_the_cluster_file(cluster: LocalCluste
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((results / "summary.json").read_text())
     assert summary["stats"]["requests"] > 0 and summary["stats"]["failures"] == 0
+
+
+def test_server_lost_joins_and_kills_a_model_server_of_its_own_over_mtls(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    # The joined model server needs the cluster's model_server certificate (gRPC and /metrics
+    # over mTLS) and the Redis TLS and ACL user from the cluster file.
+    results = tmp_path / "lost"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "load_tests",
+            "run",
+            "server_lost",
+            "--cluster-file",
+            str(cluster.cluster_file),
+        ]
+        + ["--users", "2", "--duration", "8s", "--results-dir", str(results)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ, COLUMNS="200"),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((results / "summary.json").read_text())
+    events = " ".join(e["event"] for e in summary["timeline"])
+    assert "the gateway routes to model-server-load-test-" in events, events
+    assert "killed model-server-load-test-" in events, events

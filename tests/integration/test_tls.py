@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -20,9 +21,12 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.app import GatewayApp
+from gateway.forwarder import ChannelPool
 from gateway.settings import GatewaySettings
 from model_server.app import ModelServerApp
+from model_server.loader import RegistryArtifactSource
 from model_server.settings import ModelServerSettings
+from modelyard.coordination import CoordinationStore
 from modelyard.demo import build_demo_model, demo_signature, predict_until_served, register_model
 from modelyard.embedded_redis import RedisServer, RedisServerTLS
 from modelyard.rpc.server import create_server
@@ -331,6 +335,8 @@ async def test_a_certificate_rotated_under_load_fails_no_call(pki: Pki) -> None:
         assert calls > 20
         after = _served_serial(srv.port, pki)
         assert after != before
+        # /metrics (HTTPS) serves the rotated certificate from the next handshake on too.
+        assert _served_serial(srv.metrics.port, pki) == after  # type: ignore[union-attr]
         assert after == x509.load_pem_x509_certificate(tls.cert_file.read_bytes()).serial_number  # type: ignore[union-attr]
     finally:
         await srv.drain(0)
@@ -471,3 +477,134 @@ async def test_rotating_the_gateway_and_model_server_certificates_under_predict_
     for kind, port in (("gateway", cluster.gateway.port), ("model_server", cluster.model_server.port)):
         current = x509.load_pem_x509_certificate(pki.certs[kind].cert_file.read_bytes())
         assert _served_serial(port, pki) == current.serial_number, kind
+
+
+async def test_the_gateway_pool_opens_its_channels_again_after_its_client_certificate_rotated(
+    pki: Pki,
+) -> None:
+    async def whoami(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        pem = context.auth_context()["x509_pem_cert"][0]
+        return str(x509.load_pem_x509_certificate(pem).serial_number).encode()
+
+    def register(server: grpc.aio.Server) -> None:
+        handler = grpc.unary_unary_rpc_method_handler(whoami)
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Who", {"Am": handler})])
+
+    srv = create_server(
+        ServerSettings(port=0, metrics_port=0), pki.settings("registry"), service_names=[], register=register
+    )
+    await srv.start()
+    pool = ChannelPool(
+        max_message_bytes=1 << 20,
+        tls=ClientTLS.from_settings(pki.settings("gateway")),
+        tls_check_interval_s=0.05,
+    )
+    try:
+
+        async def serial_seen() -> int:
+            return int(await pool.call(srv.address, "/test.Who/Am", b"", 5, "rid"))
+
+        def serial_on_disk() -> int:
+            pem = pki.certs["gateway"].cert_file.read_bytes()
+            return x509.load_pem_x509_certificate(pem).serial_number
+
+        assert await serial_seen() == serial_on_disk()
+        old = serial_on_disk()
+        pki.ca.issue("gateway")
+        await asyncio.sleep(0.1)
+        assert await serial_seen() == serial_on_disk() != old
+    finally:
+        await pool.aclose()
+        await srv.drain(0)
+
+
+async def test_the_model_servers_registry_client_dials_again_after_its_certificate_rotated(
+    cluster: Cluster, pki: Pki
+) -> None:
+    _module, artifact = build_demo_model(seed=4)
+    version = await register_model(
+        cluster.registry.address, "fetch", artifact, demo_signature(), tls=pki.client()
+    )
+    source = RegistryArtifactSource(
+        cluster.registry.address,
+        max_message_bytes=1 << 26,
+        tls=ClientTLS.from_settings(pki.settings("model_server")),
+        tls_check_interval_s=0.05,
+    )
+    try:
+        assert (await source.fetch("fetch", version)).data == artifact
+        pki.ca.issue("model_server")
+        await asyncio.sleep(0.1)
+        assert (await source.fetch("fetch", version)).data == artifact  # on a new channel
+    finally:
+        await source.aclose()
+
+
+async def test_a_sentinel_managed_redis_over_tls_follows_a_failover(pki: Pki, tmp_path: Path) -> None:
+    redis_cert = pki.ca.issue("redis")
+    tls = RedisServerTLS(redis_cert.cert_file, redis_cert.key_file, pki.ca.cert_file)
+    replication = ["--tls-replication", "yes"]
+    servers: list[RedisServer] = []
+    try:
+        master = RedisServer(data_dir=tmp_path / "master", tls=tls, extra_args=replication)
+        master.start()
+        servers.append(master)
+        replica = RedisServer(
+            data_dir=tmp_path / "replica",
+            tls=tls,
+            extra_args=[*replication, "--replicaof", "127.0.0.1", str(master.port)],
+        )
+        replica.start()
+        servers.append(replica)
+        sentinel = RedisServer(
+            data_dir=tmp_path / "sentinel",
+            tls=tls,
+            extra_args=replication,
+            sentinel_config=(
+                f"sentinel monitor ha 127.0.0.1 {master.port} 1\n"
+                "sentinel down-after-milliseconds ha 500\n"
+                "sentinel failover-timeout ha 3000\n"
+            ),
+        )
+        sentinel.start()
+        servers.append(sentinel)
+        cert = pki.certs["gateway"]
+        settings = RedisSettings(
+            url=f"rediss+sentinel://127.0.0.1:{sentinel.port}/ha",
+            tls_ca_file=pki.ca.cert_file,
+            tls_cert_file=cert.cert_file,
+            tls_key_file=cert.key_file,
+        )
+        async with CoordinationStore(settings) as store:
+            await store.apply_aliases("m", {"production": 1}, epoch=1)
+            # Wait until the replica has it, then lose the master.
+            deadline = time.monotonic() + 10
+            while True:
+                probe = redis.Redis(
+                    port=replica.port,
+                    ssl=True,
+                    ssl_ca_certs=str(pki.ca.cert_file),
+                    ssl_certfile=str(cert.cert_file),
+                    ssl_keyfile=str(cert.key_file),
+                )
+                try:
+                    if probe.exists("my:model:{m}:aliases"):
+                        break
+                finally:
+                    probe.close()
+                assert time.monotonic() < deadline, "the replica never caught up"
+                await asyncio.sleep(0.1)
+            master.kill()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    await store.apply_aliases("m", {"production": 2}, epoch=2)
+                    break
+                except Exception:
+                    assert time.monotonic() < deadline, "no failover over TLS in 30 s"
+                    await asyncio.sleep(0.5)
+            aliases = await store.all_aliases()
+            assert aliases["m"][0] == {"production": 2}
+    finally:
+        for server in reversed(servers):
+            server.stop()
