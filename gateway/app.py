@@ -1,14 +1,15 @@
-"""The gateway's composition root: settings → Redis → router → servicers → server."""
+"""The gateway's composition root: settings → Redis → routing table → data plane → servicers →
+server. It only wires."""
 
 from __future__ import annotations
 
 import grpc
 
+from gateway.dataplane import GatewayDataPlane
 from gateway.forwarder import ChannelPool
 from gateway.metrics import EJECTIONS
 from gateway.oip_servicer import OIP_SERVICE_NAME, OipGatewayServicer
 from gateway.outlier import PassiveHealth
-from gateway.router import Router
 from gateway.routing_sync import RoutingSync
 from gateway.servicer import SERVICE_NAME, InferenceServicer
 from gateway.settings import GatewaySettings
@@ -34,8 +35,16 @@ class GatewayApp:
         self.service_id = settings.service_id or new_service_id("gateway")
         self.store = CoordinationStore(settings.redis)
         self.pool = ChannelPool(max_message_bytes=settings.server.max_message_bytes)
-        self.router = Router(
+        self.sync = RoutingSync(
+            self.store,
             self.pool,
+            resync_interval_s=settings.resync_interval_s,
+            name=self.service_id,
+            on_degraded=self._routing_degraded,
+        )
+        self.dataplane = GatewayDataPlane.build(
+            self.pool,
+            self.sync,
             default_alias=settings.default_alias,
             health=PassiveHealth(
                 threshold=settings.eject_after_failures,
@@ -51,19 +60,9 @@ class GatewayApp:
             coalesce_max_items=settings.coalesce_max_items,
             coalesce_max_in_flight=settings.coalesce_max_in_flight,
         )
-        self.sync = RoutingSync(
-            self.store,
-            self.router,
-            self.pool,
-            resync_interval_s=settings.resync_interval_s,
-            name=self.service_id,
-            on_degraded=self._routing_degraded,
-        )
-        self.router.on_miss = self.sync.refresh_on_miss
-        self.servicer = InferenceServicer(self.router, default_timeout_s=settings.default_timeout_s)
+        self.servicer = InferenceServicer(self.dataplane, default_timeout_s=settings.default_timeout_s)
         self.oip_servicer = OipGatewayServicer(
-            self.router,
-            self.pool,
+            self.dataplane,
             default_timeout_s=settings.default_timeout_s,
             ready=lambda: not self._closed,
         )
@@ -126,6 +125,6 @@ class GatewayApp:
         await self.heartbeat.aclose()
         await self.server.drain()
         await self.sync.aclose()
-        await self.router.aclose()
+        await self.dataplane.aclose()
         await self.pool.aclose()
         await self.store.aclose()

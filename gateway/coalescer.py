@@ -10,34 +10,48 @@ It adds no waiting at low load: while few calls for a version are running, each 
 alone, as it came. Under load, calls wait in groups for a free slot, and the model server
 (whose per-call cost is what limits a Python server) sees a few large calls instead of many
 small ones.
+
+A joined call is an isolation boundary between its callers: only calls already checked in
+full against the version's signature are joined (`gateway.dataplane` checks them first, so
+every member's bytes are exactly its rows); the joined call carries a request id of its own,
+never a member's; and when it fails with INVALID_ARGUMENT (the model failed on one member's
+input), each member is sent again alone, so only the member at fault gets the error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
+
 from modelyard.errors import ModelExecutionError
+from modelyard.rpc.context import new_request_id
 from modelyard.v1 import model_server_service_pb2 as ms
-from modelyard.v1 import tensor_pb2
+from modelyard.validation import WireTensor
 
 __all__ = ["Coalescer", "coalesce_key"]
 
 Send = Callable[[bytes, float, str, int], Awaitable[bytes]]
 """(InferRequest bytes, timeout_s, request_id, callers carried) -> InferResponse bytes."""
 
+log = logging.getLogger(__name__)
+
 CoalesceKey = tuple[Any, ...]
 
 
 def coalesce_key(
-    model: str, version: int, inputs: Sequence[tensor_pb2.Tensor], output_names: Sequence[str]
+    model: str, version: int, inputs: Sequence[WireTensor], output_names: Sequence[str]
 ) -> tuple[CoalesceKey, int] | None:
     """(key, items) of a call that may be joined with others of the same key, or None.
 
-    Every input must have a batch dimension of the same size; calls join only with calls whose
-    inputs match in name, dtype and every other dimension, and that ask for the same outputs.
+    `inputs` must have passed the version's `InputCheck` (so they are in signature order and
+    their bytes match their shapes). Every input must have a batch dimension of the same size;
+    calls join only with calls whose inputs match in name, dtype and every other dimension,
+    and that ask for the same outputs.
     """
     if not inputs:
         return None
@@ -59,7 +73,7 @@ def coalesce_key(
 
 @dataclass(eq=False)
 class _Member:
-    inputs: Sequence[tensor_pb2.Tensor]
+    inputs: Sequence[WireTensor]
     items: int
     forwarded: bytes
     request_id: str
@@ -104,6 +118,8 @@ class Coalescer:
         """Calls sent to model servers."""
         self.members = 0
         """Caller requests those calls carried."""
+        self.isolations = 0
+        """Joined calls that failed with INVALID_ARGUMENT and were sent again member by member."""
 
     async def submit(
         self,
@@ -112,7 +128,7 @@ class Coalescer:
         *,
         model: str,
         version: int,
-        inputs: Sequence[tensor_pb2.Tensor],
+        inputs: Sequence[WireTensor],
         output_names: Sequence[str],
         forwarded: bytes,
         timeout_s: float,
@@ -204,11 +220,14 @@ class Coalescer:
                 if not member.future.done():
                     member.future.set_result(answer)
                 return
+            # A request id of its own: an answer or error of the joined call must not show
+            # any member's id to the others.
+            joined_id = new_request_id()
             joined = ms.InferRequest(
                 model=group.model,
                 version=group.version,
                 output_names=group.output_names,
-                request_id=members[0].request_id,
+                request_id=joined_id,
             )
             total = sum(m.items for m in members)
             for index, first in enumerate(members[0].inputs):
@@ -220,9 +239,18 @@ class Coalescer:
                     shape=shape,
                     raw=b"".join(m.inputs[index].raw for m in members),
                 )
-            raw = await group.send(
-                joined.SerializeToString(), group.timeout_s, members[0].request_id, len(members)
-            )
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("coalesced call %s carries %s", joined_id, ",".join(m.request_id for m in members))
+            try:
+                raw = await group.send(joined.SerializeToString(), group.timeout_s, joined_id, len(members))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                # Every member was checked, so the model failed on some member's input: each
+                # goes again alone, and only the one at fault gets the error.
+                self.isolations += 1
+                await asyncio.gather(*(self._alone(group, m) for m in members))
+                return
             for member, answer in zip(members, _split(raw, members), strict=True):
                 if not member.future.done():
                     member.future.set_result(answer)
@@ -232,6 +260,17 @@ class Coalescer:
                     member.future.set_exception(exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
+
+    @staticmethod
+    async def _alone(group: _Group, member: _Member) -> None:
+        try:
+            answer = await group.send(member.forwarded, group.timeout_s, member.request_id, 1)
+        except Exception as exc:  # noqa: BLE001 - this member's own failure
+            if not member.future.done():
+                member.future.set_exception(exc)
+            return
+        if not member.future.done():
+            member.future.set_result(answer)
 
     async def aclose(self) -> None:
         """Cancel running calls; callers still waiting in groups are cancelled too."""

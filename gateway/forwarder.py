@@ -71,22 +71,45 @@ class _State(enum.Enum):
     CLOSED = 2
 
 
-class ChannelPool:
-    """One long-lived channel per model server address."""
+class _Entry:
+    """One channel, its Infer callable, and the calls in flight on it."""
 
-    def __init__(self, *, max_message_bytes: int, credentials: grpc.ChannelCredentials | None = None):
+    __slots__ = ("channel", "infer", "in_flight", "retired", "closed")
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        # No serializers: bytes in, bytes out.
+        self.infer: Any = channel.unary_unary(INFER_METHOD)
+        self.in_flight = 0
+        self.retired = False
+        self.closed = False
+
+
+class ChannelPool:
+    """One long-lived channel per model server address.
+
+    A server that leaves the cluster is `forget`-ten: new calls no longer use its channel, and
+    the channel closes once the calls already on it have ended (or `retire_grace_s` after it
+    was forgotten, whichever comes first): closing it at once would cancel those calls, whose
+    callers would then see no real status.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_message_bytes: int,
+        credentials: grpc.ChannelCredentials | None = None,
+        retire_grace_s: float = 60.0,
+    ):
         self._options = channel_options(max_message_bytes)
         self._credentials = credentials
-        self._channels: dict[str, tuple[grpc.aio.Channel, Any]] = {}
+        self._retire_grace_s = retire_grace_s
+        self._channels: dict[str, _Entry] = {}
+        self._retiring: set[_Entry] = set()
+        self._closing: set[asyncio.Task[None]] = set()
         self._state = _State.OPENED
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        return self._entry(address)[0]
-
-    def _infer_call(self, address: str) -> Any:
-        return self._entry(address)[1]
-
-    def _entry(self, address: str) -> tuple[grpc.aio.Channel, Any]:
+    def _entry(self, address: str) -> _Entry:
         entry = self._channels.get(address)
         if entry is None:
             if self._state is _State.CLOSED:
@@ -95,10 +118,13 @@ class ChannelPool:
                 channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
             else:
                 channel = grpc.aio.insecure_channel(address, options=self._options)
-            # No serializers: bytes in, bytes out.
-            entry = (channel, channel.unary_unary(INFER_METHOD))
-            self._channels[address] = entry
+            entry = self._channels[address] = _Entry(channel)
         return entry
+
+    def in_flight(self, address: str) -> int:
+        """Calls in flight to `address` on its current channel."""
+        entry = self._channels.get(address)
+        return entry.in_flight if entry is not None else 0
 
     async def infer(self, address: str, request: bytes, timeout_s: float, request_id: str) -> bytes:
         """Send InferRequest bytes; return InferResponse bytes.
@@ -108,15 +134,20 @@ class ChannelPool:
                 safe to retry on another replica.
             grpc.aio.AioRpcError: any other failure, to relay to the caller as it is.
         """
-        call = self._infer_call(address)
+        entry = self._entry(address)
+        entry.in_flight += 1
         try:
-            response: bytes = await call(
+            response: bytes = await entry.infer(
                 request, timeout=timeout_s, metadata=((REQUEST_ID_METADATA_KEY, request_id),)
             )
         except grpc.aio.AioRpcError as exc:
             if refused_before_work(exc):
                 raise ReplicaUnavailable(exc) from exc
             raise
+        finally:
+            entry.in_flight -= 1
+            if entry.retired and not entry.in_flight:
+                self._close(entry)
         return response
 
     async def call(
@@ -124,23 +155,50 @@ class ChannelPool:
     ) -> bytes:
         """A unary call of any method on a model server, bytes in and bytes out (the rare
         calls beside Infer: OIP ModelConfig and ModelStatistics)."""
-        callable_: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self._channel(address).unary_unary(method)
-        response: bytes = await callable_(
-            request, timeout=timeout_s, metadata=((REQUEST_ID_METADATA_KEY, request_id),)
-        )
+        entry = self._entry(address)
+        callable_: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = entry.channel.unary_unary(method)
+        entry.in_flight += 1
+        try:
+            response: bytes = await callable_(
+                request, timeout=timeout_s, metadata=((REQUEST_ID_METADATA_KEY, request_id),)
+            )
+        finally:
+            entry.in_flight -= 1
+            if entry.retired and not entry.in_flight:
+                self._close(entry)
         return response
 
     async def forget(self, address: str) -> None:
-        """Close the channel to a server that left the cluster."""
+        """A server left the cluster: new calls to `address` get a new channel, and the old
+        one closes once its calls in flight have ended (at the latest `retire_grace_s` on)."""
         entry = self._channels.pop(address, None)
-        if entry is not None:
-            await entry[0].close()
+        if entry is None:
+            return
+        entry.retired = True
+        if not entry.in_flight:
+            self._close(entry)
+            return
+        self._retiring.add(entry)
+        asyncio.get_running_loop().call_later(self._retire_grace_s, self._close, entry)
+
+    def _close(self, entry: _Entry) -> None:
+        """Close a forgotten channel (once: its last call and its grace timer both ask)."""
+        if entry.closed:
+            return
+        entry.closed = True
+        self._retiring.discard(entry)
+        task = asyncio.get_running_loop().create_task(entry.channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
         self._state = _State.CLOSED
-        channels = [c for c, _ in self._channels.values()]
+        entries = [*self._channels.values(), *self._retiring]
         self._channels.clear()
-        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        self._retiring.clear()
+        for entry in entries:
+            entry.closed = True
+        await asyncio.gather(*(e.channel.close() for e in entries), *self._closing, return_exceptions=True)
 
     def __del__(self) -> None:
         if getattr(self, "_channels", None):

@@ -67,21 +67,23 @@ class RequestMetrics:
     """Cached children of REQUESTS and REQUEST_SECONDS."""
 
     def __init__(self) -> None:
-        self._seconds: dict[tuple[str, int, str], Any] = {}
-        self._counts: dict[tuple[str, int, str, str], Any] = {}
+        self._seconds: dict[tuple[str, str, str], Any] = {}
+        self._counts: dict[tuple[str, str, str, str], Any] = {}
 
-    def observe(self, model: str, version: int, alias: str, code: str, seconds: float) -> None:
+    def observe(self, model: str, version: str, alias: str, code: str, seconds: float) -> None:
+        """Count one call. The labels must be bounded by the caller: models and versions the
+        routing table knows, or "unknown"."""
         key = (model, version, alias)
         histogram = self._seconds.get(key)
         if histogram is None:
             if len(self._seconds) > 10_000:  # unbounded model names must not leak memory
                 self._seconds.clear()
-            histogram = self._seconds[key] = REQUEST_SECONDS.labels(model, str(version), alias)
+            histogram = self._seconds[key] = REQUEST_SECONDS.labels(model, version, alias)
         histogram.observe(seconds)
         count_key = (model, version, alias, code)
         counter = self._counts.get(count_key)
         if counter is None:
             if len(self._counts) > 10_000:
                 self._counts.clear()
-            counter = self._counts[count_key] = REQUESTS.labels(model, str(version), alias, code)
+            counter = self._counts[count_key] = REQUESTS.labels(model, version, alias, code)
         counter.inc()

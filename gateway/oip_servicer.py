@@ -1,14 +1,16 @@
 """Open Inference Protocol v2 (`inference.GRPCInferenceService`) on the gateway's port, so
 Triton / KServe clients (`tritonclient`, `perf_analyzer`) work against a Modelyard cluster.
 
-A thin adapter over the same `Router` as `modelyard.v1.InferenceService`:
+A thin adapter over the same `GatewayDataPlane` as `modelyard.v1.InferenceService`:
 
 - `model_version` selects the version: digits name a version, any other text names an alias,
   "" means the default alias (and the model's traffic split). A request parameter
   `routing_key` (string) makes the call sticky.
-- ModelInfer translates the inputs with `modelyard.oip_codec` (raw contents pass through as
-  bytes; typed contents are packed once), routes them like Predict (split, shadow, retry,
-  passive health, metrics), and answers outputs as raw contents.
+- ModelInfer translates the inputs with `modelyard.oip_codec.wire_inputs` (the translation a
+  model server's own OIP port makes, so both accept and refuse the same requests: raw
+  contents pass through as bytes; typed contents are packed once), routes them like Predict
+  (check, split, shadow, coalescing, retry, passive health, metrics), and answers outputs as
+  raw contents.
 - ModelConfig (Triton's extension) is asked of a model server that holds the version (it
   knows the batching it runs); ModelStatistics is summed over the model servers that hold
   the selected versions.
@@ -24,23 +26,21 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from gateway.forwarder import ChannelPool
-from gateway.router import Router
+from gateway.dataplane import Call, GatewayDataPlane
 from modelyard import __version__, oip_codec
-from modelyard.errors import InvalidArgument, ModelNotFound, ModelyardError, NoReadyReplica
+from modelyard.errors import InvalidArgument, ModelNotFound, ModelyardError
 from modelyard.oip import grpc_service_pb2 as oip
 from modelyard.oip import grpc_service_pb2_grpc
 from modelyard.oip_service import OipServicerBase
 from modelyard.rpc.context import current_request_id, new_request_id
 from modelyard.rpc.errors import rpc_errors, status_code_for
+from modelyard.rpc.streams import answer_each
 from modelyard.v1 import model_server_service_pb2, tensor_pb2
+from modelyard.validation import parse_version, shown
 
 __all__ = ["OIP_SERVICE_NAME", "OipGatewayServicer"]
 
 OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-
-PLATFORM = "pytorch_libtorch"
-"""What ModelMetadata reports (Triton's name for a TorchScript model)."""
 
 EXTENSIONS = ["model_configuration", "statistics"]
 
@@ -48,12 +48,14 @@ _OIP_METHOD = f"/{OIP_SERVICE_NAME}/"
 
 
 def _selector(model_version: str) -> tuple[int, str]:
-    """(version, alias) of an OIP `model_version`: digits are a version, text an alias."""
+    """(version, alias) of an OIP `model_version`: "" is the default alias, a name starting
+    with a lower-case letter an alias (the registry's rule for alias names), anything else must
+    be a version number (1 to 2^63-1; "²", "-1" or 20 digits are INVALID_ARGUMENT)."""
     if not model_version:
         return 0, ""
-    if model_version.isdigit():
-        return int(model_version), ""
-    return 0, model_version
+    if "a" <= model_version[0] <= "z":  # alias names start with a lower-case letter
+        return 0, model_version
+    return parse_version(model_version) or 0, ""  # a version number, or refused as one
 
 
 def _routing_key(parameters: Any) -> str:
@@ -111,22 +113,19 @@ class OipGatewayServicer(OipServicerBase):
     """The Open Inference Protocol over the gateway's router.
 
     Args:
-        router: Routes calls by the routing table.
-        pool: Channels to model servers (for ModelConfig and ModelStatistics).
+        dataplane: Routes calls and answers metadata.
         default_timeout_s: Deadline given to a model server when the caller sent none.
         ready: Tells whether the gateway takes calls (False while draining).
     """
 
     def __init__(
         self,
-        router: Router,
-        pool: ChannelPool,
+        dataplane: GatewayDataPlane,
         *,
         default_timeout_s: float,
         ready: Callable[[], bool],
     ) -> None:
-        self._router = router
-        self._pool = pool
+        self._dataplane = dataplane
         self._default_timeout_s = default_timeout_s
         self._ready = ready
 
@@ -138,10 +137,7 @@ class OipGatewayServicer(OipServicerBase):
         if not model:
             raise InvalidArgument("name the model", field="name")
         version, alias = _selector(model_version)
-        return self._router.select(model, version, alias)
-
-    def _versions_of(self, model: str) -> list[int]:
-        return sorted({v for m, v in self._router.table.replicas if m == model})
+        return self._dataplane.select(model, version, alias)
 
     # -- health ----------------------------------------------------------------------------
 
@@ -161,12 +157,10 @@ class OipGatewayServicer(OipServicerBase):
     async def ModelReady(
         self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> oip.ModelReadyResponse:
-        try:
-            version = self._resolve(request.name, request.version)
-            self._router.table.ready_replicas(request.name, version)
-        except (ModelNotFound, NoReadyReplica, ModelyardError):
-            return oip.ModelReadyResponse(ready=False)
-        return oip.ModelReadyResponse(ready=True)
+        if not request.name:
+            raise InvalidArgument("name the model", field="name")
+        version, alias = _selector(request.version)
+        return oip.ModelReadyResponse(ready=self._dataplane.ready(request.name, version, alias))
 
     # -- metadata --------------------------------------------------------------------------
 
@@ -180,14 +174,16 @@ class OipGatewayServicer(OipServicerBase):
     async def ModelMetadata(
         self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> oip.ModelMetadataResponse:
-        version, signature_json, _platform, _aliases = self._router.metadata(
+        if not request.name:
+            raise InvalidArgument("name the model", field="name")
+        version, signature_json, platform, _aliases = self._dataplane.metadata(
             request.name, *_selector(request.version)
         )
         signature = json_format.ParseDict(signature_json, tensor_pb2.Signature())
         return oip.ModelMetadataResponse(
             name=request.name,
-            versions=[str(v) for v in self._versions_of(request.name)] or [str(version)],
-            platform=PLATFORM,
+            versions=[str(v) for v in self._dataplane.versions_of(request.name)] or [str(version)],
+            platform=oip_codec.oip_platform(platform),
             inputs=_tensor_metadata(signature.inputs),
             outputs=_tensor_metadata(signature.outputs),
         )
@@ -197,10 +193,10 @@ class OipGatewayServicer(OipServicerBase):
         self, request: oip.ModelConfigRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> oip.ModelConfigResponse:
         version = self._resolve(request.name, request.version)
-        replica = self._router.table.ready_replicas(request.name, version)[0]
+        replica = self._dataplane.replicas_of(request.name, version)[0]
         asked = oip.ModelConfigRequest(name=request.name, version=str(version))
-        raw = await self._pool.call(
-            replica.address,
+        raw = await self._dataplane.call_replica(
+            replica,
             _OIP_METHOD + "ModelConfig",
             asked.SerializeToString(),
             self._timeout(context),
@@ -212,24 +208,24 @@ class OipGatewayServicer(OipServicerBase):
     async def ModelStatistics(
         self, request: oip.ModelStatisticsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> oip.ModelStatisticsResponse:
-        table = self._router.table
+        dataplane = self._dataplane
         if request.name:
             if request.version:
                 versions = [self._resolve(request.name, request.version)]
             else:
-                versions = self._versions_of(request.name)
+                versions = dataplane.versions_of(request.name)
                 if not versions:
-                    raise ModelNotFound(f"model {request.name!r} has no ready version", field="name")
+                    raise ModelNotFound(f"model {shown(request.name)} has no ready version", field="name")
             keys = [(request.name, v) for v in versions]
         else:
-            keys = sorted(table.replicas)
+            keys = dataplane.held_versions()
         calls = []
         for model, version in keys:
             asked = oip.ModelStatisticsRequest(name=model, version=str(version)).SerializeToString()
-            for replica in table.replicas.get((model, version), []):
+            for replica in dataplane.table.replicas.get((model, version), []):
                 calls.append(
-                    self._pool.call(
-                        replica.address,
+                    dataplane.call_replica(
+                        replica,
                         _OIP_METHOD + "ModelStatistics",
                         asked,
                         self._timeout(context),
@@ -255,23 +251,15 @@ class OipGatewayServicer(OipServicerBase):
         if not request.model_name:
             raise InvalidArgument("name the model", field="model_name")
         version, alias = _selector(request.model_version)
-        message = model_server_service_pb2.InferRequest(
-            model=request.model_name,
-            inputs=oip_codec.inputs_to_protos(request),
-            output_names=[o.name for o in request.outputs],
-            request_id=request_id,
-        )
-        raw = await self._router.forward(
+        call = Call(
             request.model_name,
             version,
             alias,
             _routing_key(request.parameters),
-            message.SerializeToString(),
-            timeout_s,
-            request_id,
-            inputs=message.inputs,
-            output_names=message.output_names,
+            oip_codec.inputs_to_protos(request),
+            [o.name for o in request.outputs],
         )
+        raw = await self._dataplane.serve(call, timeout_s, request_id)
         answer = model_server_service_pb2.InferResponse.FromString(raw)
         response = oip.ModelInferResponse(
             model_name=answer.model, model_version=str(answer.version), id=request.id
@@ -292,54 +280,24 @@ class OipGatewayServicer(OipServicerBase):
         requests: AsyncIterator[oip.ModelInferRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[oip.ModelStreamInferResponse]:
-        # Requests run concurrently; answers go out as they complete, matched by id.
-        done: asyncio.Queue[oip.ModelStreamInferResponse | None] = asyncio.Queue()
-        pending: set[asyncio.Task[None]] = set()
-
-        async def run(item: oip.ModelInferRequest) -> None:
+        async def answer(item: oip.ModelInferRequest) -> oip.ModelStreamInferResponse:
             try:
                 response = await self._infer(item, self._timeout(context), item.id or new_request_id())
-                await done.put(oip.ModelStreamInferResponse(infer_response=response))
             except ModelyardError as exc:
-                code = status_code_for(exc).name
-                await done.put(
-                    oip.ModelStreamInferResponse(
-                        error_message=f"{code}: {exc.message}",
-                        infer_response=oip.ModelInferResponse(
-                            model_name=item.model_name, model_version=item.model_version, id=item.id
-                        ),
-                    )
-                )
+                message = f"{status_code_for(exc).name}: {exc.message}"[:1024]
             except grpc.aio.AioRpcError as exc:
-                await done.put(
-                    oip.ModelStreamInferResponse(
-                        error_message=f"{exc.code().name}: {exc.details() or ''}",
-                        infer_response=oip.ModelInferResponse(
-                            model_name=item.model_name, model_version=item.model_version, id=item.id
-                        ),
-                    )
-                )
+                message = f"{exc.code().name}: {exc.details() or ''}"
+            else:
+                return oip.ModelStreamInferResponse(infer_response=response)
+            return oip.ModelStreamInferResponse(
+                error_message=message,
+                infer_response=oip.ModelInferResponse(
+                    model_name=item.model_name[:64], model_version=item.model_version[:64], id=item.id[:64]
+                ),
+            )
 
-        async def read_all() -> None:
-            try:
-                async for message in requests:
-                    task = asyncio.create_task(run(message))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-                while pending:
-                    await asyncio.gather(*list(pending))
-            finally:
-                await done.put(None)
-
-        reader = asyncio.create_task(read_all())
-        try:
-            while (out := await done.get()) is not None:
-                yield out
-            await reader
-        finally:
-            reader.cancel()
-            for task in list(pending):
-                task.cancel()
+        async for out in answer_each(requests, answer):
+            yield out
 
     def register(self, server: grpc.aio.Server) -> None:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self, server)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from modelyard.coordination import Deployment, ServiceRecord
-from modelyard.errors import AliasNotFound, ModelNotFound, NoReadyReplica
+from modelyard.errors import AliasNotFound, ModelNotFound, NoReadyReplica, VersionNotFound
+from modelyard.validation import InputCheck, shown
 
-__all__ = ["Replica", "RoutingTable", "keep_newer_routes"]
+__all__ = ["Replica", "RoutingSource", "RoutingTable", "StaticRoutes", "keep_newer_routes"]
 
 
 @dataclass(eq=False)
@@ -26,6 +27,12 @@ class Replica:
     """Consecutive failed calls."""
     ejected_until: float = 0.0
     """Monotonic time until which the replica gets no work (0: not ejected)."""
+    started: dict[int, float] = field(default_factory=dict)
+    """Start times of this gateway's calls in flight to it, oldest first (stall detection)."""
+    latency_s: float | None = None
+    """Its typical latency as this gateway saw it (a moving average of answered calls)."""
+    answered_at: float = 0.0
+    """Monotonic time the last of this gateway's calls to it ended."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,8 @@ class RoutingTable:
     batchable: set[tuple[str, int]] = field(default_factory=set)
     """Versions whose every input and output has a batch dimension (-1 first): calls to them
     may be coalesced."""
+    checks: dict[tuple[str, int], InputCheck] = field(default_factory=dict)
+    """Per ready version: its signature compiled for checking requests."""
 
     @classmethod
     def build(
@@ -79,24 +88,47 @@ class RoutingTable:
                 table.replicas.setdefault(key, []).append(replica)
                 if key not in table.signatures:
                     table.signatures[key] = (version.signature, version.platform)
+                    if version.signature.get("inputs"):  # a record without one: the model
+                        # server checks alone, and the version's calls are never joined
+                        table.checks[key] = InputCheck.from_json(version.model, version.signature)
                     if _batchable(version.signature):
                         table.batchable.add(key)
         return table
+
+    def deployed_versions(self, model: str) -> set[int]:
+        """Every version of a model that is, or is about to be, served: aliased, placed by
+        its deployment, or ready on some replica."""
+        versions = {v for m, v in self.replicas if m == model}
+        routes = self.models.get(model)
+        if routes is not None:
+            versions.update(routes.aliases.values())
+        deployment = self.deployments.get(model)
+        if deployment is not None:
+            versions.update(deployment.placed_versions)
+        return versions
 
     def resolve(self, model: str, version: int, alias: str) -> int:
         """The concrete version for a request's selector (an explicit version wins)."""
         routes = self.models.get(model)
         if version:
             if routes is None and not any(k[0] == model for k in self.replicas):
-                raise ModelNotFound(f"model {model!r} does not exist", field="model")
+                raise ModelNotFound(f"model {shown(model)} does not exist", field="model")
+            deployed = self.deployed_versions(model)
+            if version not in deployed:
+                # Not retryable: no server has it and none is about to load it.
+                listed = ", ".join(str(v) for v in sorted(deployed)[:16]) or "none"
+                raise VersionNotFound(
+                    f"model {shown(model)} has no version {version} deployed (deployed: {listed})",
+                    field="version",
+                )
             return version
         if routes is None:
-            raise ModelNotFound(f"model {model!r} does not exist or has no alias yet", field="model")
+            raise ModelNotFound(f"model {shown(model)} does not exist or has no alias yet", field="model")
         target = routes.aliases.get(alias)
         if target is None:
             known = ", ".join(sorted(routes.aliases)) or "none"
             raise AliasNotFound(
-                f"model {model!r} has no alias {alias!r} (its aliases: {known})", field="alias"
+                f"model {shown(model)} has no alias {shown(alias)} (its aliases: {known})", field="alias"
             )
         return target
 
@@ -105,8 +137,8 @@ class RoutingTable:
         replicas = self.replicas.get((model, version))
         if not replicas:
             raise NoReadyReplica(
-                f"no model server has {model} v{version} ready yet; retry shortly",
-                metadata={"model": model, "version": str(version)},
+                f"no model server has {model[:64]} v{version} ready yet; retry shortly",
+                metadata={"model": model[:64], "version": str(version)},
                 retry_after_s=0.5,
             )
         return replicas
@@ -120,6 +152,28 @@ class RoutingTable:
         if routes is None:
             return []
         return sorted(a for a, v in routes.aliases.items() if v == version)
+
+
+class RoutingSource(Protocol):
+    """Where the data plane reads the current routing table (`RoutingSync` in a gateway)."""
+
+    @property
+    def table(self) -> RoutingTable: ...
+
+    async def refresh_on_miss(self) -> bool:
+        """Refresh now because a call named something the table lacks; True if refreshed
+        (the lookup is worth one more try)."""
+        ...
+
+
+class StaticRoutes:
+    """A routing source that is a fixed table (tools, tests); `table` may be replaced."""
+
+    def __init__(self, table: RoutingTable | None = None) -> None:
+        self.table = table or RoutingTable()
+
+    async def refresh_on_miss(self) -> bool:
+        return False
 
 
 def _batchable(signature: Mapping[str, Any]) -> bool:

@@ -1,22 +1,22 @@
 """The gateway's gRPC adapter for modelyard.v1.InferenceService.
 
-Predict is registered with no (de)serializers: it takes and returns bytes, which the router
-forwards as they are. The other methods use the generated message classes.
+Predict is registered with no (de)serializers: it takes and returns bytes, which the data
+plane forwards as they are. The other methods use the generated message classes.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
-from gateway.router import Router
+from gateway.dataplane import GatewayDataPlane
 from modelyard.errors import ModelyardError
 from modelyard.rpc.context import current_request_id, new_request_id
 from modelyard.rpc.errors import rpc_errors, status_code_for
+from modelyard.rpc.streams import answer_each
 from modelyard.v1 import inference_service_pb2 as pb
 from modelyard.v1 import tensor_pb2
 
@@ -26,10 +26,10 @@ SERVICE_NAME = "modelyard.v1.InferenceService"
 
 
 class InferenceServicer:
-    """Thin adapter: decode, one call into the router, encode."""
+    """Thin adapter: decode, one call into the data plane, encode."""
 
-    def __init__(self, router: Router, *, default_timeout_s: float) -> None:
-        self._router = router
+    def __init__(self, dataplane: GatewayDataPlane, *, default_timeout_s: float) -> None:
+        self._dataplane = dataplane
         self._default_timeout_s = default_timeout_s
 
     def _timeout(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
@@ -38,7 +38,7 @@ class InferenceServicer:
 
     @rpc_errors
     async def Predict(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        return await self._router.predict(request, self._timeout(context), current_request_id())
+        return await self._dataplane.predict(request, self._timeout(context), current_request_id())
 
     @rpc_errors
     async def PredictStream(
@@ -46,63 +46,40 @@ class InferenceServicer:
         requests: AsyncIterator[pb.PredictStreamRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.PredictStreamResponse]:
-        # Requests run concurrently; answers go out as they complete, matched by request id.
-        done: asyncio.Queue[pb.PredictStreamResponse | None] = asyncio.Queue()
-        pending: set[asyncio.Task[None]] = set()
-
-        async def run(item: pb.PredictRequest) -> None:
+        async def answer(message: pb.PredictStreamRequest) -> pb.PredictStreamResponse:
+            item = message.request
             request_id = item.request_id or new_request_id()
             try:
-                raw = await self._router.predict(item.SerializeToString(), self._timeout(context), request_id)
-                response = pb.PredictResponse.FromString(raw)
-                response.request_id = request_id
-                await done.put(pb.PredictStreamResponse(response=response))
+                raw = await self._dataplane.predict(
+                    item.SerializeToString(), self._timeout(context), request_id
+                )
             except ModelyardError as exc:
-                await done.put(
-                    pb.PredictStreamResponse(
-                        error=pb.StreamError(
-                            request_id=request_id,
-                            code=status_code_for(exc).value[0],
-                            message=exc.message,
-                            reason=exc.reason,
-                        )
+                return pb.PredictStreamResponse(
+                    error=pb.StreamError(
+                        request_id=request_id,
+                        code=status_code_for(exc).value[0],
+                        message=exc.message[:1024],
+                        reason=exc.reason,
                     )
                 )
             except grpc.aio.AioRpcError as exc:
-                await done.put(
-                    pb.PredictStreamResponse(
-                        error=pb.StreamError(
-                            request_id=request_id, code=exc.code().value[0], message=exc.details() or ""
-                        )
+                return pb.PredictStreamResponse(
+                    error=pb.StreamError(
+                        request_id=request_id, code=exc.code().value[0], message=exc.details() or ""
                     )
                 )
+            response = pb.PredictResponse.FromString(raw)
+            response.request_id = request_id
+            return pb.PredictStreamResponse(response=response)
 
-        async def read_all() -> None:
-            try:
-                async for message in requests:
-                    task = asyncio.create_task(run(message.request))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-                while pending:
-                    await asyncio.gather(*list(pending))
-            finally:
-                await done.put(None)
-
-        reader = asyncio.create_task(read_all())
-        try:
-            while (out := await done.get()) is not None:
-                yield out
-            await reader
-        finally:
-            reader.cancel()
-            for task in list(pending):
-                task.cancel()
+        async for out in answer_each(requests, answer):
+            yield out
 
     @rpc_errors
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetModelMetadataResponse:
-        version, signature, platform, aliases = self._router.metadata(
+        version, signature, platform, aliases = self._dataplane.metadata(
             request.model, request.version, request.alias
         )
         return pb.GetModelMetadataResponse(

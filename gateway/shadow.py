@@ -19,7 +19,7 @@ import torch
 from modelyard.tensor_codec import tensor_from_proto
 from modelyard.v1 import model_server_service_pb2
 
-__all__ = ["ShadowRecord", "ShadowMirror", "compare_responses"]
+__all__ = ["SendShadow", "ShadowRecord", "ShadowMirror", "compare_responses"]
 
 log = logging.getLogger(__name__)
 

@@ -233,12 +233,37 @@ redis.call('PUBLISH', ARGV[4], ARGV[3])
 return 1
 """
 
+    # Everything routing reads, in one atomic step: a refresh never sees aliases from before a
+    # FLUSHALL and services from after it. KEYS: models, services. ARGV: the model keys' head,
+    # the aliases, epoch and deployment keys' tails, the service key's head and tail. Returns
+    # {model, epoch, deployment json, alias, version, ...} per model, then the service records.
+    LUA_ROUTING_SNAPSHOT = """
+local out = {}
+local models = redis.call('SMEMBERS', KEYS[1])
+table.sort(models)
+local per_model = {}
+for _, model in ipairs(models) do
+  local head = ARGV[1] .. model
+  local row = {model, redis.call('GET', head .. ARGV[3]) or '0', redis.call('GET', head .. ARGV[4]) or ''}
+  local aliases = redis.call('HGETALL', head .. ARGV[2])
+  for i = 1, #aliases do row[#row + 1] = aliases[i] end
+  per_model[#per_model + 1] = row
+end
+local records = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local record = redis.call('GET', ARGV[5] .. id .. ARGV[6])
+  if record then records[#records + 1] = record end
+end
+return {per_model, records}
+"""
+
     def __init__(self, settings: RedisSettings, *, client: aioredis.Redis | None = None) -> None:
         self._settings = settings
         self.keys = KeySchema(settings.key_prefix)
         self._client = client
         self._state = _State.UNOPENED
         self._apply_aliases: Any = None
+        self._routing_snapshot: Any = None
         self._dependents: list[aioredis.Redis] = []
 
     async def open(self) -> CoordinationStore:
@@ -248,6 +273,7 @@ return 1
         if self._client is None:
             self._client, self._dependents = redis_client(self._settings)
         self._apply_aliases = self._client.register_script(self.LUA_APPLY_ALIASES)
+        self._routing_snapshot = self._client.register_script(self.LUA_ROUTING_SNAPSHOT)
         self._state = _State.OPENED
         return self
 
@@ -368,6 +394,32 @@ return 1
             model: ({k: int(v) for k, v in raw[2 * i].items()}, int(raw[2 * i + 1] or 0))
             for i, model in enumerate(models)
         }
+
+    async def routing_snapshot(
+        self,
+    ) -> tuple[dict[str, tuple[dict[str, int], int]], dict[str, Deployment], list[ServiceRecord]]:
+        """What routing reads, read atomically (one Lua script): every model's aliases and
+        epoch, its deployment (the default `Deployment()` when it has none), and every live
+        service record."""
+        keys = self.keys
+        head, aliases_tail = keys.aliases("\0").split("\0")
+        epoch_tail = keys.epoch("\0").split("\0")[1]
+        deployment_tail = keys.deployment("\0").split("\0")[1]
+        service_head, service_tail = keys.service("\0").split("\0")
+        try:
+            per_model, records = await self._routing_snapshot(
+                keys=[keys.models(), keys.services()],
+                args=[head, aliases_tail, epoch_tail, deployment_tail, service_head, service_tail],
+            )
+        except RedisError as exc:
+            raise CoordinationUnavailable(f"cannot read the routing state from Redis: {exc}") from exc
+        aliases: dict[str, tuple[dict[str, int], int]] = {}
+        deployments: dict[str, Deployment] = {}
+        for row in per_model:
+            model, epoch, deployment, *pairs = row
+            aliases[model] = ({pairs[i]: int(pairs[i + 1]) for i in range(0, len(pairs), 2)}, int(epoch))
+            deployments[model] = Deployment.model_validate_json(deployment) if deployment else Deployment()
+        return aliases, deployments, [ServiceRecord.model_validate_json(r) for r in records]
 
     async def all_deployments(self) -> dict[str, Deployment]:
         """Every model's deployment; a model without one gets the default `Deployment()`."""

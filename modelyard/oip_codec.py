@@ -145,7 +145,9 @@ def datatype_size(datatype: str) -> int | None:
 
 def _shape_of(name: str, shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(shape)
-    if any(d < 0 or d > MAX_DIM for d in shape):
+    for d in shape:
+        if 0 <= d <= MAX_DIM:
+            continue
         raise SignatureMismatch(
             f"input {shown(name)}: every dimension must lie between 0 and {MAX_DIM}, got {list(shape)[:8]}",
             field=f"inputs[{name[:SHOWN_CHARS]}].shape",

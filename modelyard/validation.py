@@ -236,9 +236,13 @@ class InputCheck:
                 )
             shape = tensor.shape
             expected = rule.shape
-            if len(shape) != len(expected) or any(
-                d < 0 or d > MAX_DIM or (e != -1 and d != e) for d, e in zip(shape, expected, strict=True)
-            ):
+            fits = len(shape) == len(expected)
+            if fits:
+                for d, e in zip(shape, expected, strict=True):
+                    if d < 0 or d > MAX_DIM or (e != -1 and d != e):
+                        fits = False
+                        break
+            if not fits:
                 raise SignatureMismatch(
                     f"input {name!r} must have shape {_fmt_shape(expected)}, got {list(shape)[:8]}"
                     + ("..." if len(shape) > 8 else ""),

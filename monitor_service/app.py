@@ -99,7 +99,15 @@ class MonitorApp:
         self._round_done = asyncio.Condition()
         self._registry_channels: dict[str, grpc.aio.Channel] = {}
         self._tasks = BackgroundTasks(restart_delay_s=settings.scrape_interval_s)
-        servicer = MonitorServicer(self)
+        servicer = MonitorServicer(
+            cluster=self.cluster,
+            stats=lambda: self.stats,
+            processes=self.collector.process_stats,
+            alerts=self.alerts,
+            decisions=lambda: self.canary.decisions,
+            events=self.events,
+            window_s=settings.window_s,
+        )
         self.server: ServiceServer = create_server(
             settings.server,
             settings.tls,

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelyard.coordination import CoordinationStore, ServiceRecord
+from modelyard.validation import MAX_VERSION
 
 __all__ = [
     "Collector",
@@ -76,14 +77,16 @@ def parse_snapshot(text: str) -> dict[Key, float]:
                     out[(what, "", 0, labels.get("device", ""))] = value
                 continue
             if name == "modelyard_gateway_requests_total" and "model" in labels:
-                key = ("gw_req", labels["model"], _int(labels.get("version", "0")), labels.get("alias", ""))
+                gw_version = _version(labels.get("version", ""))
+                if gw_version is None:  # calls that named no known version ("unknown")
+                    continue
+                key = ("gw_req", labels["model"], gw_version, labels.get("alias", ""))
                 out[key] = out.get(key, 0.0) + value  # summed over status codes
                 continue
             if not name.startswith(_PREFIX) or "model" not in labels:
                 continue
-            try:
-                version = int(labels.get("version", "0"))
-            except ValueError:
+            version = _version(labels.get("version", ""))
+            if version is None:
                 continue
             model = labels["model"]
             series = _series(name[len(_PREFIX) :], labels)
@@ -92,11 +95,14 @@ def parse_snapshot(text: str) -> dict[Key, float]:
     return out
 
 
-def _int(text: str) -> int:
+def _version(text: str) -> int | None:
+    """A version label as a number, or None for anything that is not a version (a label a
+    peer got wrong must never make the monitor's answers fail: they carry int64 versions)."""
     try:
-        return int(text)
+        version = int(text)
     except ValueError:
-        return 0
+        return None
+    return version if 1 <= version <= MAX_VERSION else None
 
 
 def _series(short: str, labels: dict[str, str]) -> tuple[str, str] | None:

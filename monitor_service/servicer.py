@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
@@ -15,12 +15,11 @@ from modelyard.v1 import model_server_service_pb2 as ms_pb
 from modelyard.v1 import monitor_service_pb2 as pb
 from modelyard.v1 import monitor_service_pb2_grpc as pb_grpc
 from modelyard.v1 import tensor_pb2
-from monitor_service.alerting import Alert, AlertState
+from monitor_service.alerting import Alert, AlertManager, AlertState
 from monitor_service.canary import CanaryAction, CanaryDecision, CanaryFigures
+from monitor_service.cluster import ClusterView
 from monitor_service.collector import ProcessFigures, VersionStats
-
-if TYPE_CHECKING:
-    from monitor_service.app import MonitorApp
+from monitor_service.events import EventBus
 
 __all__ = ["MonitorServicer"]
 
@@ -140,17 +139,43 @@ def _decision(decision: CanaryDecision) -> pb.CanaryDecision:
 
 
 class MonitorServicer(pb_grpc.MonitorServiceServicer):
-    """Thin adapter over the monitor's parts (cluster view, collector, alerts, canary, events)."""
+    """Thin adapter over the monitor's parts; it depends on them, never on the app.
 
-    def __init__(self, app: MonitorApp) -> None:
-        self._app = app
+    Args:
+        cluster: The services in the cluster and their state.
+        stats: The latest figures per (model, version) (replaced each collection round).
+        processes: The latest figures per service process.
+        alerts: The alerts, firing and resolved.
+        decisions: The canary decisions, newest first.
+        events: The change events to watch.
+        window_s: The window the figures cover.
+    """
+
+    def __init__(
+        self,
+        *,
+        cluster: ClusterView,
+        stats: Callable[[], Mapping[tuple[str, int], VersionStats]],
+        processes: Callable[[], Sequence[ProcessFigures]],
+        alerts: AlertManager,
+        decisions: Callable[[], Sequence[CanaryDecision]],
+        events: EventBus,
+        window_s: float,
+    ) -> None:
+        self._cluster = cluster
+        self._stats = stats
+        self._processes = processes
+        self._alerts = alerts
+        self._decisions = decisions
+        self._events = events
+        self._window_s = window_s
 
     @rpc_errors
     async def GetClusterStatus(
         self, request: pb.GetClusterStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetClusterStatusResponse:
         services = []
-        for view in await self._app.cluster.services():
+        for view in await self._cluster.services():
             record = view.record
             loaded = [
                 ms_pb.LoadedVersion(
@@ -182,29 +207,28 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
     async def GetModelStats(
         self, request: pb.GetModelStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetModelStatsResponse:
-        app = self._app
         versions = [
             _version_stats(stats)
-            for (model, _version), stats in sorted(app.stats.items())
+            for (model, _version), stats in sorted(self._stats().items())
             if not request.model or model == request.model
         ]
-        processes = [_process_stats(p) for p in app.collector.process_stats()]
+        processes = [_process_stats(p) for p in self._processes()]
         return pb.GetModelStatsResponse(
-            window=_duration(app.settings.window_s), versions=versions, processes=processes
+            window=_duration(self._window_s), versions=versions, processes=processes
         )
 
     @rpc_errors
     async def ListAlerts(
         self, request: pb.ListAlertsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListAlertsResponse:
-        alerts = self._app.alerts.alerts(include_resolved=request.include_resolved)
+        alerts = self._alerts.alerts(include_resolved=request.include_resolved)
         return pb.ListAlertsResponse(alerts=[_alert(a) for a in alerts])
 
     @rpc_errors
     async def ListCanaryDecisions(
         self, request: pb.ListCanaryDecisionsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListCanaryDecisionsResponse:
-        decisions = self._app.canary.decisions
+        decisions = self._decisions()
         return pb.ListCanaryDecisionsResponse(
             decisions=[_decision(d) for d in decisions if not request.model or d.model == request.model]
         )
@@ -213,7 +237,7 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchEventsResponse]:
-        async for event in self._app.events.watch(request.model):
+        async for event in self._events.watch(request.model):
             yield pb.WatchEventsResponse(
                 event_time=_timestamp(event.time),
                 type=event.type,

@@ -112,10 +112,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
         deserializer = handler.request_deserializer
         if deserializer is not None:
-            behavior = _refusing_undecodable(
-                behavior, inspect.isasyncgenfunction(behavior), handler.request_streaming
-            )
             deserializer = _tolerant(deserializer)
+            if handler.request_streaming:
+                behavior = _refusing_undecodable_stream(behavior)
+        # A unary request is checked in the observer itself: no extra layer per call.
+        check_request = deserializer is not None and not handler.request_streaming
 
         if inspect.isasyncgenfunction(behavior):
 
@@ -124,6 +125,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 start = time.perf_counter()
                 failed = True
                 try:
+                    if check_request and type(request) is _Undecodable:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.status_message())
                     async for item in behavior(request, context):
                         yield item
                     failed = False
@@ -140,6 +143,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 start = time.perf_counter()
                 failed = True
                 try:
+                    if check_request and type(request) is _Undecodable:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.status_message())
                     result = await behavior(request, context)
                     failed = False
                     return result
@@ -187,43 +192,25 @@ def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def _refusing_undecodable(behavior: Any, is_stream: bool, request_streaming: bool) -> Any:
-    """Wrap a behaviour so that an undecodable request is refused with INVALID_ARGUMENT."""
-    if request_streaming:
-        # A stream of requests: the servicer reads them one by one; an undecodable one ends
-        # the call with INVALID_ARGUMENT when it is reached.
-        async def checked_requests(requests: Any, context: Any) -> Any:
-            async for item in requests:
-                if isinstance(item, _Undecodable):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, item.status_message())
+def _refusing_undecodable_stream(behavior: Any) -> Any:
+    """Wrap a request-streaming behaviour: the servicer reads the requests one by one, and an
+    undecodable one ends the call with INVALID_ARGUMENT when it is reached."""
+
+    async def checked_requests(requests: Any, context: Any) -> Any:
+        async for item in requests:
+            if type(item) is _Undecodable:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, item.status_message())
+            yield item
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream_in_stream_out(requests: Any, context: Any) -> Any:
+            async for item in behavior(checked_requests(requests, context), context):
                 yield item
 
-        if is_stream:
+        return stream_in_stream_out
 
-            async def stream_in_stream_out(requests: Any, context: Any) -> Any:
-                async for item in behavior(checked_requests(requests, context), context):
-                    yield item
+    async def stream_in(requests: Any, context: Any) -> Any:
+        return await behavior(checked_requests(requests, context), context)
 
-            return stream_in_stream_out
-
-        async def stream_in(requests: Any, context: Any) -> Any:
-            return await behavior(checked_requests(requests, context), context)
-
-        return stream_in
-
-    if is_stream:
-
-        async def unary_in_stream_out(request: Any, context: Any) -> Any:
-            if isinstance(request, _Undecodable):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.status_message())
-            async for item in behavior(request, context):
-                yield item
-
-        return unary_in_stream_out
-
-    async def unary_in(request: Any, context: Any) -> Any:
-        if isinstance(request, _Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.status_message())
-        return await behavior(request, context)
-
-    return unary_in
+    return stream_in

@@ -225,7 +225,7 @@ async def test_tritonclient_gets_the_numbers_of_in_process_torch(
         result = json.loads(done.stdout)
         assert result["live"] and result["ready"]
         meta = result["metadata"]
-        assert meta["name"] == MODEL and meta["platform"] == "pytorch_libtorch"
+        assert meta["name"] == MODEL and meta["platform"] == "pytorch_torchscript"
         assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "8"]}]
         assert meta["outputs"] == [{"name": "output", "datatype": "FP32", "shape": ["-1", "3"]}]
         assert int(result["config"]["config"]["max_batch_size"]) > 0

@@ -151,7 +151,9 @@ async def stub(gateway: GatewayApp) -> AsyncIterator[inf_grpc.InferenceServiceSt
 async def serving(gateway: GatewayApp, versions: dict[int, int]) -> None:
     """Wait until the gateway routes each version to the given number of replicas."""
     await eventually(
-        lambda: all(len(gateway.router.table.replicas.get((MODEL, v), [])) == n for v, n in versions.items())
+        lambda: all(
+            len(gateway.dataplane.table.replicas.get((MODEL, v), [])) == n for v, n in versions.items()
+        )
     )
 
 
@@ -234,8 +236,8 @@ async def test_shadow_answers_are_recorded_never_returned(
         answer = await stub.Predict(predict(x), timeout=10)
         assert answer.version == 1
         torch.testing.assert_close(output_of(answer), source.run(1, x))
-    await gateway.router.shadow.wait_idle()
-    records = list(gateway.router.shadow.records)
+    await gateway.dataplane.shadow.wait_idle()
+    records = list(gateway.dataplane.shadow.records)
     assert len(records) == 10
     expected_diff = float((source.run(1, x) - source.run(2, x)).abs().max())
     for record in records:
@@ -306,7 +308,7 @@ async def test_a_replica_killed_under_load_fails_no_call_that_had_not_reached_it
     survivor = await start_model_server()
     victim = await start_model_server()
     await serving(gateway, {1: 2})
-    replica_of = {r.server_id: r for r in gateway.router.table.replicas[(MODEL, 1)]}
+    replica_of = {r.server_id: r for r in gateway.dataplane.table.replicas[(MODEL, 1)]}
 
     ok = 0
     failures: list[grpc.aio.AioRpcError] = []
@@ -339,9 +341,9 @@ async def test_a_replica_killed_under_load_fails_no_call_that_had_not_reached_it
     assert len(failures) <= reached, [f.details() for f in failures]
     assert all(f.code() is grpc.StatusCode.UNAVAILABLE for f in failures)
     assert replica_of[victim.service_id].ejected_until > 0 or victim.service_id not in {
-        r.server_id for r in gateway.router.table.replicas.get((MODEL, 1), [])
+        r.server_id for r in gateway.dataplane.table.replicas.get((MODEL, 1), [])
     }
-    assert survivor.service_id in {r.server_id for r in gateway.router.table.replicas[(MODEL, 1)]}
+    assert survivor.service_id in {r.server_id for r in gateway.dataplane.table.replicas[(MODEL, 1)]}
 
 
 async def test_predict_stream_matches_answers_to_requests(
@@ -400,7 +402,7 @@ async def test_degraded_routing_is_reported_and_the_last_table_kept() -> None:
                     await writer.client.flushdb()
                 await app.sync.refresh()
                 assert app.sync.degraded
-                assert app.router.table.resolve(MODEL, 0, "production") == 1
+                assert app.dataplane.table.resolve(MODEL, 0, "production") == 1
 
                 redis_server.stop()
                 await app.sync.refresh()
@@ -408,7 +410,7 @@ async def test_degraded_routing_is_reported_and_the_last_table_kept() -> None:
                 assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING
                 whole = await health.Check(health_pb2.HealthCheckRequest(service=""))
                 assert whole.status == health_pb2.HealthCheckResponse.SERVING
-                assert app.router.table.resolve(MODEL, 0, "production") == 1  # last table kept
+                assert app.dataplane.table.resolve(MODEL, 0, "production") == 1  # last table kept
                 body = await asyncio.to_thread(metrics_text, app)
                 assert f'modelyard_gateway_routing_degraded{{gateway="{app.service_id}"}} 1.0' in body
         finally:

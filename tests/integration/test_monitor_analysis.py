@@ -244,11 +244,13 @@ def request(model: str, alias: str, x: torch.Tensor) -> inf.PredictRequest:
 
 
 async def predict(gateway: Any, model: str, alias: str, x: torch.Tensor) -> bool:
-    """True when the call succeeded, False when the model failed it (INTERNAL)."""
+    """True when the call succeeded, False when the model failed on it (INVALID_ARGUMENT,
+    MODEL_FAILED_ON_INPUT: the model's forward raised on this input)."""
     try:
         await gateway.Predict(request(model, alias, x), timeout=10)
     except grpc.aio.AioRpcError as err:
-        assert err.code() is grpc.StatusCode.INTERNAL, err
+        assert err.code() is grpc.StatusCode.INVALID_ARGUMENT, err
+        assert "failed on this request's input" in (err.details() or ""), err
         return False
     return True
 

@@ -12,12 +12,13 @@ import grpc
 import pytest
 import torch
 
+from gateway.dataplane import GatewayDataPlane
 from gateway.forwarder import ChannelPool, ReplicaUnavailable
 from gateway.outlier import PassiveHealth
-from gateway.router import Router
-from gateway.routing_table import RoutingTable
+from gateway.routing_table import RoutingTable, StaticRoutes
 from gateway.traffic import TrafficSplitter
 from modelyard.coordination import Deployment, ServiceRecord, VersionRecord
+from modelyard.errors import SignatureMismatch
 from modelyard.tensor_codec import tensor_from_proto, tensor_to_proto
 from modelyard.v1 import inference_service_pb2 as inf
 from modelyard.v1 import model_server_service_pb2 as ms
@@ -84,10 +85,8 @@ async def _until(condition: Any, turns: int = 1000) -> None:
     raise AssertionError("condition never held")
 
 
-def _router(pool: RecordingPool, table: RoutingTable, **kwargs: Any) -> Router:
-    router = Router(cast(ChannelPool, pool), **kwargs)
-    router.table = table
-    return router
+def _router(pool: RecordingPool, table: RoutingTable, **kwargs: Any) -> GatewayDataPlane:
+    return GatewayDataPlane.build(cast(ChannelPool, pool), StaticRoutes(table), **kwargs)
 
 
 def _request(x: torch.Tensor | None = None, **fields: Any) -> bytes:
@@ -150,19 +149,19 @@ def test_a_split_naming_a_missing_alias_falls_back_to_the_default() -> None:
         deployments={MODEL: Deployment(traffic_split={"production": 50, "canary": 50})},
     )
     router = _router(RecordingPool(), table)
-    assert {router.route(MODEL, 0, "").version for _ in range(10)} == {1}
+    assert {router.router.route(table, MODEL, 0, "").version for _ in range(10)} == {1}
 
 
 def test_sticky_replica_moves_only_when_its_own_replica_leaves() -> None:
     table = RoutingTable.build({MODEL: ({"production": 1}, 1)}, [_server(s, 1) for s in "abcd"])
     router = _router(RecordingPool(), table)
     replicas = table.ready_replicas(MODEL, 1)
-    before = {f"k{i}": router._sticky.choose(replicas, key=f"k{i}") for i in range(400)}
+    before = {f"k{i}": router.dispatcher.sticky.choose(replicas, key=f"k{i}") for i in range(400)}
     assert len({r.server_id for r in before.values() if r}) == 4  # keys spread over all four
     remaining = [r for r in replicas if r.server_id != "d"]
     for key, replica in before.items():
         assert replica is not None
-        after = router._sticky.choose(remaining, key=key)
+        after = router.dispatcher.sticky.choose(remaining, key=key)
         if replica.server_id != "d":
             assert after is replica
 
@@ -283,23 +282,25 @@ async def test_calls_waiting_for_a_busy_version_are_coalesced_and_split_back_by_
         asyncio.create_task(router.predict(_request(x, request_id=own_ids[i]), 5.0, f"r{i}"))
         for i, x in enumerate(xs)
     ]
-    odd = asyncio.create_task(router.predict(_request(torch.randn(1, 5)), 5.0, "odd"))
+    # A call that breaks the signature is refused before it could join anyone.
+    with pytest.raises(SignatureMismatch):
+        await router.predict(_request(torch.randn(1, 5)), 5.0, "odd")
     for _ in range(50):
         await asyncio.sleep(0)
     assert len(pool.calls) == 1  # the version is busy: the others wait in groups
     pool.gate.set()
     answers = await asyncio.gather(*waiting)
     await first
-    await odd
-    # One call for the four compatible ones, one for the call of another shape.
-    assert sorted(rid for _, _, rid in pool.calls) == ["first", "odd", "r0"]
+    # One call for the four compatible ones, under a request id of its own (no member's).
+    assert len(pool.calls) == 2 and pool.calls[0][2] == "first"
+    assert pool.calls[1][2] not in {"first", "r0", "r1", "r2", "r3", *own_ids}
     for i, (x, raw) in enumerate(zip(xs, answers, strict=True)):
         answer = inf.PredictResponse.FromString(raw)
         # The caller's own request id when it sent one, else the gateway's.
         assert (answer.version, answer.request_id) == (3, own_ids[i] or f"r{i}")
         torch.testing.assert_close(tensor_from_proto(answer.outputs[0]), x * 3)
     assert router.coalescer is not None
-    assert (router.coalescer.calls, router.coalescer.members) == (3, 6)
+    assert (router.coalescer.calls, router.coalescer.members) == (2, 5)
     await router.aclose()
 
 

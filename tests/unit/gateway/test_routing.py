@@ -10,7 +10,7 @@ from gateway.forwarder import append_version
 from gateway.replica_picker import LeastOutstanding
 from gateway.routing_table import Replica, RoutingTable, keep_newer_routes
 from modelyard.coordination import Deployment, ServiceRecord, VersionRecord
-from modelyard.errors import AliasNotFound, ModelNotFound, NoReadyReplica
+from modelyard.errors import AliasNotFound, ModelNotFound, NoReadyReplica, VersionNotFound
 from modelyard.v1 import inference_service_pb2, model_server_service_pb2, tensor_pb2
 
 
@@ -28,7 +28,10 @@ def test_resolve_follows_aliases_and_explains_what_is_missing() -> None:
     table = RoutingTable.build({"demo": ({"production": 2, "canary": 3}, 5)}, [])
     assert table.resolve("demo", 0, "production") == 2
     assert table.resolve("demo", 0, "canary") == 3
-    assert table.resolve("demo", 7, "production") == 7  # an explicit version wins
+    assert table.resolve("demo", 3, "production") == 3  # an explicit version wins
+    # A version nothing serves nor is about to serve is not found (not "retry shortly").
+    with pytest.raises(VersionNotFound, match=r"no version 7 deployed \(deployed: 2, 3\)"):
+        table.resolve("demo", 7, "production")
     with pytest.raises(AliasNotFound, match=r"no alias 'shadow' \(its aliases: canary, production\)"):
         table.resolve("demo", 0, "shadow")
     with pytest.raises(ModelNotFound, match="'nope'"):

@@ -1,5 +1,5 @@
-"""The registry's gRPC surface and settings: every RPC of the contract is implemented and wears
-`@rpc_errors`; settings read their own env prefix and resolve their paths."""
+"""The registry's settings read their own env prefix and resolve their paths (its servicer's
+contract with the protos: tests/unit/test_servicer_contract.py)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,7 @@ from pathlib import Path
 import pytest
 
 from modelyard.settings import SettingsError, load_settings
-from modelyard.v1 import registry_service_pb2
-from registry_service.servicer import SERVICE_NAME, RegistryServicer
 from registry_service.settings import RegistrySettings
-
-
-def test_every_rpc_is_implemented_and_maps_errors() -> None:
-    service = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"]
-    assert SERVICE_NAME == "modelyard.v1.RegistryService"
-    for method in service.methods:
-        implementation = RegistryServicer.__dict__.get(method.name)
-        assert implementation is not None, f"{method.name} is not implemented"
-        assert getattr(implementation, "__rpc_errors__", False), f"{method.name} lacks @rpc_errors"
 
 
 def test_settings_defaults_env_and_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
