@@ -27,7 +27,8 @@ from modelyard.coordination import CoordinationStore, Deployment
 from modelyard.oip import grpc_service_pb2 as oip
 from modelyard.oip import grpc_service_pb2_grpc as oip_grpc
 from tests.integration import test_gateway_routing as routing
-from tests.integration.test_gateway_routing import MODEL, MemorySource, StartModelServer, serving
+from tests.integration.conftest import ClusterSource
+from tests.integration.test_gateway_routing import MODEL, StartModelServer, serving
 
 pytestmark = pytest.mark.integration
 
@@ -137,7 +138,7 @@ def _output(response: oip.ModelInferResponse) -> torch.Tensor:
 
 
 async def test_oip_rpcs_on_the_gateway_port(
-    cluster: GatewayApp, oip_stub: oip_grpc.GRPCInferenceServiceStub, source: MemorySource
+    cluster: GatewayApp, oip_stub: oip_grpc.GRPCInferenceServiceStub, source: ClusterSource
 ) -> None:
     assert (await oip_stub.ServerLive(oip.ServerLiveRequest())).live
     assert (await oip_stub.ServerReady(oip.ServerReadyRequest())).ready
@@ -160,7 +161,7 @@ async def test_oip_rpcs_on_the_gateway_port(
             request.model_version = version
             answer = await oip_stub.ModelInfer(request)
             assert (answer.model_name, answer.model_version, answer.id) == (MODEL, str(expected), "call-1")
-            torch.testing.assert_close(_output(answer), source.run(expected, x))
+            torch.testing.assert_close(_output(answer), source.run(MODEL, expected, x))
 
     with pytest.raises(grpc.aio.AioRpcError) as err:
         bad = _input(x, raw=True)
@@ -193,7 +194,7 @@ async def test_oip_rpcs_on_the_gateway_port(
     assert answers["bad"].error_message.startswith("NOT_FOUND")
     for i in range(10):
         assert not answers[f"s{i}"].error_message
-        torch.testing.assert_close(_output(answers[f"s{i}"].infer_response), source.run(1, x))
+        torch.testing.assert_close(_output(answers[f"s{i}"].infer_response), source.run(MODEL, 1, x))
 
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await oip_stub.RepositoryIndex(oip.RepositoryIndexRequest())
@@ -201,7 +202,7 @@ async def test_oip_rpcs_on_the_gateway_port(
 
 
 async def test_tritonclient_gets_the_numbers_of_in_process_torch(
-    cluster: GatewayApp, triton_python: Path, source: MemorySource
+    cluster: GatewayApp, triton_python: Path, source: ClusterSource
 ) -> None:
     x = torch.randn(4, 8)
     for version, expected in (("", 1), ("canary", 2)):
@@ -231,6 +232,6 @@ async def test_tritonclient_gets_the_numbers_of_in_process_torch(
         assert int(result["config"]["config"]["max_batch_size"]) > 0
         assert result["served_version"] == str(expected)
         output = torch.tensor(result["output"], dtype=torch.float32)
-        torch.testing.assert_close(output, source.run(expected, x))
+        torch.testing.assert_close(output, source.run(MODEL, expected, x))
         names = {s["name"] for s in result["statistics"]["model_stats"]}
         assert names == {MODEL}
