@@ -14,9 +14,12 @@ from gateway.routing_sync import RoutingSync
 from gateway.servicer import SERVICE_NAME, InferenceServicer
 from gateway.settings import GatewaySettings
 from modelyard import __version__
+from modelyard.access import AccessControl, KeyLimits
+from modelyard.access.sync import KeySync
 from modelyard.coordination import CoordinationStore, ServiceRecord
 from modelyard.membership import Heartbeat, new_service_id
 from modelyard.rpc.server import NOT_SERVING, SERVING, ServiceServer, create_server
+from modelyard.tasks import BackgroundTasks
 from modelyard.tls import ClientTLS
 
 __all__ = ["GatewayApp", "ROUTING_HEALTH_SERVICE"]
@@ -35,8 +38,22 @@ class GatewayApp:
         self.settings = settings
         self.service_id = settings.service_id or new_service_id("gateway")
         self.store = CoordinationStore(settings.redis)
+        self.access = AccessControl(
+            settings.access,
+            kind="gateway",
+            limits=KeyLimits(
+                default_rate_per_s=settings.access.default_rate_per_s,
+                default_max_concurrency=settings.access.default_max_concurrency,
+            ),
+        )
+        self.key_sync = KeySync(
+            self.store, self.access.book, interval_s=settings.access.key_refresh_interval_s
+        )
+        self._tasks = BackgroundTasks()
         self.pool = ChannelPool(
-            max_message_bytes=settings.server.max_message_bytes, tls=ClientTLS.from_settings(settings.tls)
+            max_message_bytes=settings.server.max_message_bytes,
+            tls=ClientTLS.from_settings(settings.tls),
+            call_metadata=self.access.call_metadata(),
         )
         self.sync = RoutingSync(
             self.store,
@@ -76,6 +93,7 @@ class GatewayApp:
             service_names=[SERVICE_NAME, OIP_SERVICE_NAME],
             register=self._register,
             kind="gateway",
+            access=self.access,
         )
         self.heartbeat = Heartbeat(
             self.store,
@@ -113,6 +131,9 @@ class GatewayApp:
 
     async def start(self) -> None:
         await self.store.open()
+        if self.access.enforced:
+            await self.key_sync.refresh()
+            self._tasks.spawn("key-sync", self.key_sync.run_forever)
         await self.sync.start()
         await self.server.start()
         await self.heartbeat.start()
@@ -128,6 +149,7 @@ class GatewayApp:
         await self.server.health.enter_graceful_shutdown()
         await self.heartbeat.aclose()
         await self.server.drain()
+        await self._tasks.aclose()
         await self.sync.aclose()
         await self.dataplane.aclose()
         await self.pool.aclose()

@@ -42,6 +42,7 @@ from gateway.replica_picker import ReplicaPicker
 from gateway.router import Route, Router
 from gateway.routing_table import Replica, RoutingSource, RoutingTable
 from gateway.shadow import SendShadow, ShadowMirror, ShadowRecord
+from modelyard import access
 from modelyard.errors import (
     AliasNotFound,
     InvalidArgument,
@@ -186,6 +187,8 @@ class GatewayDataPlane:
             raise InvalidArgument(
                 f"the request bytes do not parse as modelyard.v1.PredictRequest: {exc}"[:300]
             ) from None
+        # Predict reaches here as bytes: the caller's grant on the model is checked now.
+        access.require("predict", request.model)
         selector = request.WhichOneof("version_selector")
         call = Call(
             request.model,

@@ -115,8 +115,11 @@ class ChannelPool:
         tls: ClientTLS | None = None,
         tls_check_interval_s: float = 5.0,
         retire_grace_s: float = 60.0,
+        call_metadata: tuple[tuple[str, str], ...] = (),
     ):
         self._options = channel_options(max_message_bytes)
+        self._call_metadata = call_metadata
+        """The gateway's own credentials (its service token), sent with every call."""
         self._tls = tls
         self._watch = ClientTLSWatch(tls, interval_s=tls_check_interval_s) if tls is not None else None
         self._generation = 0
@@ -156,7 +159,9 @@ class ChannelPool:
         entry.in_flight += 1
         try:
             response: bytes = await entry.infer(
-                request, timeout=timeout_s, metadata=((REQUEST_ID_METADATA_KEY, request_id),)
+                request,
+                timeout=timeout_s,
+                metadata=((REQUEST_ID_METADATA_KEY, request_id), *self._call_metadata),
             )
         except grpc.aio.AioRpcError as exc:
             if refused_before_work(exc):
@@ -178,7 +183,9 @@ class ChannelPool:
         entry.in_flight += 1
         try:
             response: bytes = await callable_(
-                request, timeout=timeout_s, metadata=((REQUEST_ID_METADATA_KEY, request_id),)
+                request,
+                timeout=timeout_s,
+                metadata=((REQUEST_ID_METADATA_KEY, request_id), *self._call_metadata),
             )
         finally:
             entry.in_flight -= 1

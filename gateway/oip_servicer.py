@@ -28,6 +28,7 @@ from google.protobuf import json_format
 
 from gateway.dataplane import Call, GatewayDataPlane
 from modelyard import __version__, oip_codec
+from modelyard.access import visible
 from modelyard.errors import InvalidArgument, ModelNotFound, ModelyardError
 from modelyard.oip import grpc_service_pb2 as oip
 from modelyard.oip import grpc_service_pb2_grpc
@@ -218,7 +219,8 @@ class OipGatewayServicer(OipServicerBase):
                     raise ModelNotFound(f"model {shown(request.name)} has no ready version", field="name")
             keys = [(request.name, v) for v in versions]
         else:
-            keys = dataplane.held_versions()
+            # Every model's numbers: only those the caller may read.
+            keys = [(m, v) for m, v in dataplane.held_versions() if visible("metadata", m)]
         calls = []
         for model, version in keys:
             asked = oip.ModelStatisticsRequest(name=model, version=str(version)).SerializeToString()

@@ -24,6 +24,7 @@ from model_server.servicer import SERVICE_NAME, ModelServerServicer
 from model_server.settings import ModelServerSettings, resolve_torch_threads
 from model_server.stats import RequestStats
 from modelyard import __version__
+from modelyard.access import AccessControl
 from modelyard.coordination import CoordinationStore, ServiceRecord
 from modelyard.membership import Heartbeat, new_service_id
 from modelyard.model_signatures import SignaturePolicy
@@ -63,11 +64,13 @@ class ModelServerApp:
         self.service_id = settings.service_id or new_service_id("model_server")
         self.store = CoordinationStore(settings.redis)
         self._registry: RegistryArtifactSource | None = None
+        self.access = AccessControl(settings.access, kind="model_server")
         if artifact_source is None:
             artifact_source = self._registry = RegistryArtifactSource(
                 settings.registry_address,
                 max_message_bytes=settings.server.max_message_bytes,
                 tls=ClientTLS.from_settings(settings.tls),
+                token=self.access.service_token(),
             )
         self.repository = ModelRepository(
             artifact_source,
@@ -176,6 +179,7 @@ class ModelServerApp:
             service_names=[SERVICE_NAME, OIP_SERVICE_NAME],
             register=register,
             kind="model_server",
+            access=self.access,
         )
         await self.store.open()
         await self._server.start()

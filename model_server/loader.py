@@ -33,6 +33,7 @@ from torch.export.pt2_archive import _package
 from torch.export.pt2_archive import constants as _constants
 from torch.export.pt2_archive._package import PT2ArchiveReader
 
+from modelyard.access.client import bearer
 from modelyard.artifact_check import ArchiveKind, inspect_archive
 from modelyard.errors import (
     ArtifactCorrupt,
@@ -133,6 +134,7 @@ class RegistryArtifactSource:
         tls: TLS to dial the registry with, or None for plaintext.
         timeout_s: Deadline of one fetch (metadata and the whole download).
         tls_check_interval_s: How often the TLS files are checked for a rotation.
+        token: The model server's service token (artifact download is internal).
     """
 
     def __init__(
@@ -143,8 +145,10 @@ class RegistryArtifactSource:
         tls: ClientTLS | None = None,
         timeout_s: float = 300.0,
         tls_check_interval_s: float = 5.0,
+        token: str | None = None,
     ) -> None:
         self._address = address
+        self._token = token
         self._options = channel_options(max_message_bytes)
         self._tls = tls
         self._timeout_s = timeout_s
@@ -163,7 +167,9 @@ class RegistryArtifactSource:
             self._retiring[task] = self._channel
             task.add_done_callback(lambda done: self._retiring.pop(done, None))
         self._generation = self._watch.generation() if self._watch is not None else 0
-        self._channel = open_channel(self._address, self._tls, options=self._options)
+        self._channel = open_channel(
+            self._address, self._tls, options=self._options, interceptors=bearer(self._token)
+        )
         self._stub = registry_service_pb2_grpc.RegistryServiceStub(self._channel)
         self._state = _State.OPENED
         return self._stub

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from modelyard import cli_registry, cli_top
+from modelyard import cli_keys, cli_registry, cli_top
 from modelyard.local_cluster import LocalCluster
 from modelyard.telemetry import configure_logging
 from modelyard.tls import CLIENT_KIND, SERVICE_KINDS, LocalCA
@@ -20,6 +20,7 @@ from modelyard.tls import CLIENT_KIND, SERVICE_KINDS, LocalCA
 app = typer.Typer(help="Modelyard: a gRPC inference cluster for PyTorch models.", no_args_is_help=True)
 console = Console()
 cli_registry.add_to(app)
+app.add_typer(cli_keys.keys_app, name="keys")
 app.command(name="top")(cli_top.top)
 
 
@@ -154,6 +155,15 @@ def _print_cluster(cluster: LocalCluster) -> None:
             f"{cluster.gateway_address} list",
             soft_wrap=True,
         )
+    if cluster.access == "enforce":
+        key = cluster.api_key_file
+        console.print(
+            f"access control on: every call needs an API key. The admin key is in {key} (owner-only);"
+            " the CLI and the load tests find it there. For example:\n"
+            f"  grpcurl -plaintext -H \"authorization: Bearer $(cat {key})\" {cluster.gateway_address} list\n"
+            "  modelyard keys create ci --grant 'predict:demo' --grant 'metadata:*'",
+            soft_wrap=True,
+        )
 
 
 async def _run_demo(cluster: LocalCluster) -> None:
@@ -169,12 +179,13 @@ async def _run_demo(cluster: LocalCluster) -> None:
         demo_signature(),
         description="demo MLP 64-256-256-10",
         tls=cluster.client_tls,
+        token=cluster.api_key,
     )
     console.print(f"\nregistered [bold]demo[/] v{version} and pointed [bold]production[/] at it")
     generator = torch.Generator().manual_seed(1234)
     inputs = [torch.randn(n, 64, generator=generator) for n in (1, 2, 3)]
     answers = await predict_until_served(
-        cluster.gateway_address, "demo", inputs, module, tls=cluster.client_tls
+        cluster.gateway_address, "demo", inputs, module, tls=cluster.client_tls, token=cluster.api_key
     )
     table = Table(title=f"predictions through the gateway ({cluster.gateway_address})")
     table.add_column("rows")

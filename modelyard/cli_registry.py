@@ -3,9 +3,10 @@
 Every command talks gRPC to the registry (`--registry`, default 127.0.0.1:50061; over TLS with
 the CA and client certificate of the running `modelyard up --tls` whose cluster file names that
 address, see `local_cluster.client_tls_for`), prints a
-readable table, or the response as protobuf JSON with `--json`. `--user` names who acts, for
-the audit log and the alias history. Failures print the status and the registry's message,
-and exit with 1.
+readable table, or the response as protobuf JSON with `--json`. Calls carry an API key
+(`--api-key`, `$MODELYARD_API_KEY`, else the local cluster's admin key, see
+`local_cluster.api_key_for`); the audit log and the alias history name the key's principal.
+Failures print the status and the registry's message, and exit with 1.
 
 Wiring (in `modelyard/cli.py`)::
 
@@ -31,9 +32,10 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
+from modelyard.access.client import bearer_metadata
 from modelyard.baseline import DEFAULT_BINS, compute_baseline, load_baseline_sample
 from modelyard.errors import InvalidArgument
-from modelyard.local_cluster import client_tls_for
+from modelyard.local_cluster import api_key_for, client_tls_for
 from modelyard.tls import open_channel
 from modelyard.v1 import registry_pb2, registry_service_pb2_grpc, tensor_pb2
 from modelyard.v1 import registry_service_pb2 as pb
@@ -66,8 +68,13 @@ console = Console()
 
 RegistryOpt = Annotated[str, typer.Option("--registry", help="host:port of the registry.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the response as protobuf JSON.")]
-UserOpt = Annotated[
-    str, typer.Option("--user", envvar="MODELYARD_USER", help="Who acts (audit log, history).")
+ApiKeyOpt = Annotated[
+    str,
+    typer.Option(
+        "--api-key",
+        envvar="MODELYARD_API_KEY",
+        help="API key to call with (default: the admin key of the local cluster, DATA_DIR/admin.key).",
+    ),
 ]
 
 T = TypeVar("T")
@@ -82,11 +89,15 @@ def add_to(app: typer.Typer) -> None:
     app.add_typer(audit_app, name="audit")
 
 
-def _call(registry: str, user: str, fn: Callable[[_Stub, tuple[tuple[str, str], ...]], Awaitable[T]]) -> T:
+def call_registry(
+    registry: str, api_key: str, fn: Callable[[grpc.aio.Channel, tuple[tuple[str, str], ...]], Awaitable[T]]
+) -> T:
+    """Run `fn(channel, metadata)` against the registry with the caller's credentials; a
+    failure prints its status and message and exits 1."""
+
     async def run() -> T:
         async with open_channel(registry, client_tls_for(registry)) as channel:
-            metadata = (("x-modelyard-user", user),) if user else ()
-            return await fn(registry_service_pb2_grpc.RegistryServiceStub(channel), metadata)
+            return await fn(channel, bearer_metadata(api_key or api_key_for(registry)))
 
     try:
         return asyncio.run(run())
@@ -95,11 +106,17 @@ def _call(registry: str, user: str, fn: Callable[[_Stub, tuple[tuple[str, str], 
         raise typer.Exit(1) from None
 
 
+def _call(registry: str, api_key: str, fn: Callable[[_Stub, tuple[tuple[str, str], ...]], Awaitable[T]]) -> T:
+    return call_registry(
+        registry, api_key, lambda channel, md: fn(registry_service_pb2_grpc.RegistryServiceStub(channel), md)
+    )
+
+
 def _print_json(message: Message) -> None:
     sys.stdout.write(json_format.MessageToJson(message, preserving_proto_field_name=True) + "\n")
 
 
-def _time(ts: timestamp_pb2.Timestamp) -> str:
+def time_text(ts: timestamp_pb2.Timestamp) -> str:
     if not ts.seconds and not ts.nanos:
         return "-"
     return datetime.fromtimestamp(ts.ToNanoseconds() / 1e9, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -160,11 +177,11 @@ def models_create(
     ] = False,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
-    user: UserOpt = "",
+    api_key: ApiKeyOpt = "",
 ) -> None:
     """Create an empty model."""
     request = pb.CreateModelRequest(name=name, description=description, require_signature=require_signature)
-    response = _call(registry, user, lambda s, md: s.CreateModel(request, metadata=md))
+    response = _call(registry, api_key, lambda s, md: s.CreateModel(request, metadata=md))
     if as_json:
         _print_json(response)
     else:
@@ -206,7 +223,7 @@ def models_upload(
     ] = None,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
-    user: UserOpt = "",
+    api_key: ApiKeyOpt = "",
 ) -> None:
     """Upload a new version of a model (streamed, sha256-checked by the registry), optionally
     with the input baseline the monitor compares traffic with."""
@@ -248,7 +265,7 @@ def models_upload(
             for block in iter(lambda: file.read(UPLOAD_CHUNK_BYTES), b""):
                 yield pb.UploadModelVersionRequest(chunk=block)
 
-    response = _call(registry, user, lambda s, md: s.UploadModelVersion(requests(), metadata=md))
+    response = _call(registry, api_key, lambda s, md: s.UploadModelVersion(requests(), metadata=md))
     if as_json:
         _print_json(response)
     else:
@@ -275,7 +292,7 @@ def models_list(registry: RegistryOpt = DEFAULT_REGISTRY, as_json: JsonOpt = Fal
     table = Table("model", "latest", "aliases", "created", "description")
     for m in response.models:
         aliases = ", ".join(f"{a.name}→{a.version}" for a in m.aliases) or "-"
-        table.add_row(m.name, str(m.latest_version or "-"), aliases, _time(m.create_time), m.description)
+        table.add_row(m.name, str(m.latest_version or "-"), aliases, time_text(m.create_time), m.description)
     console.print(table)
 
 
@@ -305,10 +322,10 @@ def models_show(name: str, registry: RegistryOpt = DEFAULT_REGISTRY, as_json: Js
         return
     m = model.model
     console.print(f"[bold]{m.name}[/bold]  {m.description}")
-    console.print(f"latest version {m.latest_version or '-'}, created {_time(m.create_time)}")
+    console.print(f"latest version {m.latest_version or '-'}, created {time_text(m.create_time)}")
     table = Table("alias", "version", "moved")
     for a in m.aliases:
-        table.add_row(a.name, str(a.version), _time(a.update_time))
+        table.add_row(a.name, str(a.version), time_text(a.update_time))
     console.print(table)
     _print_deployment(deployment.deployment)
 
@@ -330,7 +347,7 @@ def models_versions(model: str, registry: RegistryOpt = DEFAULT_REGISTRY, as_jso
             registry_pb2.ArtifactFormat.Name(v.format).removeprefix("ARTIFACT_FORMAT_").lower(),
             f"{v.size_bytes:,}",
             v.sha256[:12],
-            _time(v.create_time),
+            time_text(v.create_time),
             v.created_by,
             v.description,
         )
@@ -343,12 +360,12 @@ def models_archive(
     version: int,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
-    user: UserOpt = "",
+    api_key: ApiKeyOpt = "",
 ) -> None:
     """Archive a version (refused while an alias points at it or it is pinned)."""
     response = _call(
         registry,
-        user,
+        api_key,
         lambda s, md: s.ArchiveModelVersion(
             pb.ArchiveModelVersionRequest(model=model, version=version), metadata=md
         ),
@@ -365,12 +382,12 @@ def models_delete(
     version: int,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
-    user: UserOpt = "",
+    api_key: ApiKeyOpt = "",
 ) -> None:
     """Delete a version, and its artifact unless another version shares it."""
     response = _call(
         registry,
-        user,
+        api_key,
         lambda s, md: s.DeleteModelVersion(
             pb.DeleteModelVersionRequest(model=model, version=version), metadata=md
         ),
@@ -402,13 +419,13 @@ def alias_set(
     reason: Annotated[str, typer.Option(help="Why, for the history.")] = "",
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
-    user: UserOpt = "",
+    api_key: ApiKeyOpt = "",
 ) -> None:
     """Point an alias at a version at once (use `promote` to wait for readiness first)."""
     request = pb.SetAliasRequest(model=model, alias=alias, version=version, reason=reason)
     if expect is not None:
         request.expected_version = expect
-    response = _call(registry, user, lambda s, md: s.SetAlias(request, metadata=md))
+    response = _call(registry, api_key, lambda s, md: s.SetAlias(request, metadata=md))
     if as_json:
         _print_json(response)
     else:
@@ -427,7 +444,7 @@ def alias_promote(
     reason: Annotated[str, typer.Option(help="Why, for the history.")] = "",
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
-    user: UserOpt = "",
+    api_key: ApiKeyOpt = "",
 ) -> None:
     """Zero-downtime move: load the version, wait until it is ready, then flip the alias."""
     request = pb.PromoteVersionRequest(
@@ -437,7 +454,7 @@ def alias_promote(
     if expect is not None:
         request.expected_version = expect
     response = _call(
-        registry, user, lambda s, md: s.PromoteVersion(request, metadata=md, timeout=timeout_s + 30)
+        registry, api_key, lambda s, md: s.PromoteVersion(request, metadata=md, timeout=timeout_s + 30)
     )
     if as_json:
         _print_json(response)
@@ -456,13 +473,13 @@ def alias_rollback(
     reason: Annotated[str, typer.Option(help="Why, for the history.")] = "",
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
-    user: UserOpt = "",
+    api_key: ApiKeyOpt = "",
 ) -> None:
     """Point an alias back at its previous target."""
     request = pb.RollbackAliasRequest(model=model, alias=alias, reason=reason)
     if expect is not None:
         request.expected_version = expect
-    response = _call(registry, user, lambda s, md: s.RollbackAlias(request, metadata=md))
+    response = _call(registry, api_key, lambda s, md: s.RollbackAlias(request, metadata=md))
     if as_json:
         _print_json(response)
     else:
@@ -491,7 +508,7 @@ def alias_history(
     table = Table("when", "alias", "from", "to", "epoch", "who", "why", "request id")
     for e in response.entries:
         table.add_row(
-            _time(e.time),
+            time_text(e.time),
             e.alias,
             str(e.from_version or "-"),
             str(e.to_version),
@@ -566,7 +583,7 @@ def deploy_set(
     ] = 0,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
-    user: UserOpt = "",
+    api_key: ApiKeyOpt = "",
 ) -> None:
     """Replace a model's deployment (every setting not given goes back to its default)."""
     traffic: dict[str, int] = {}
@@ -593,7 +610,7 @@ def deploy_set(
         deployment.max_queue_delay_ms = max_queue_delay_ms
     response = _call(
         registry,
-        user,
+        api_key,
         lambda s, md: s.SetDeployment(
             pb.SetDeploymentRequest(model=model, deployment=deployment, expected_epoch=expected_epoch),
             metadata=md,
@@ -632,7 +649,7 @@ def audit(
         style = "" if e.outcome == "OK" else "red"
         table.add_row(
             str(e.id),
-            _time(e.time),
+            time_text(e.time),
             e.actor,
             e.method,
             e.model,

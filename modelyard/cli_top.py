@@ -20,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from modelyard.local_cluster import client_tls_for
+from modelyard.local_cluster import api_key_for, client_tls_for
 from modelyard.tls import open_channel
 from modelyard.v1 import monitor_service_pb2 as pb
 from modelyard.v1 import monitor_service_pb2_grpc as pb_grpc
@@ -173,7 +173,7 @@ async def _frame(stub: pb_grpc.MonitorServiceAsyncStub) -> Group:
 
 
 async def _run(monitor: str, interval_s: float, once: bool, console: Console) -> None:
-    async with open_channel(monitor, client_tls_for(monitor)) as channel:
+    async with open_channel(monitor, client_tls_for(monitor), token=api_key_for(monitor)) as channel:
         stub = pb_grpc.MonitorServiceStub(channel)
         if once:
             console.print(await _frame(stub))

@@ -276,6 +276,18 @@ end
 return {per_model, records}
 """
 
+    # The whole set of API keys, replaced at once when its epoch is newer. KEYS: the keys
+    # hash, the epoch. ARGV: epoch, then key id / record json pairs.
+    LUA_APPLY_ACCESS_KEYS = """
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+local incoming = tonumber(ARGV[1])
+if incoming <= current then return 0 end
+redis.call('DEL', KEYS[1])
+if #ARGV > 1 then redis.call('HSET', KEYS[1], unpack(ARGV, 2)) end
+redis.call('SET', KEYS[2], ARGV[1])
+return 1
+"""
+
     def __init__(self, settings: RedisSettings, *, client: aioredis.Redis | None = None) -> None:
         self._settings = settings
         self.keys = KeySchema(settings.key_prefix)
@@ -283,6 +295,7 @@ return {per_model, records}
         self._state = _State.UNOPENED
         self._apply_aliases: Any = None
         self._routing_snapshot: Any = None
+        self._apply_access_keys: Any = None
         self._dependents: list[aioredis.Redis] = []
 
     async def open(self) -> CoordinationStore:
@@ -293,6 +306,7 @@ return {per_model, records}
             self._client, self._dependents = redis_client(self._settings)
         self._apply_aliases = self._client.register_script(self.LUA_APPLY_ALIASES)
         self._routing_snapshot = self._client.register_script(self.LUA_ROUTING_SNAPSHOT)
+        self._apply_access_keys = self._client.register_script(self.LUA_APPLY_ACCESS_KEYS)
         self._state = _State.OPENED
         return self
 
@@ -440,6 +454,43 @@ return {per_model, records}
             deployments[model] = Deployment.model_validate_json(deployment) if deployment else Deployment()
         return aliases, deployments, [ServiceRecord.model_validate_json(r) for r in records]
 
+    # -- API keys ----------------------------------------------------------------------------
+
+    async def apply_access_keys(self, records: dict[str, str], epoch: int) -> bool:
+        """Replace the published API keys (key id -> record JSON) if `epoch` is newer than the
+        stored one; True when written."""
+        keys = self.keys
+        args: list[Any] = [epoch]
+        for key_id, record in records.items():
+            args += [key_id, record]
+        try:
+            written = await self._apply_access_keys(keys=[keys.access_keys(), keys.access_epoch()], args=args)
+        except RedisError as exc:
+            raise CoordinationUnavailable(f"cannot publish the API keys to Redis: {exc}") from exc
+        return bool(written)
+
+    async def access_epoch(self) -> int | None:
+        """The epoch of the published API keys; None when none are published."""
+        try:
+            value = await self.client.get(self.keys.access_epoch())
+        except RedisError as exc:
+            raise CoordinationUnavailable(f"cannot read the API keys' epoch from Redis: {exc}") from exc
+        return int(value) if value is not None else None
+
+    async def access_keys(self) -> tuple[int | None, dict[str, str]]:
+        """The published API keys and their epoch, read in one transaction."""
+        keys = self.keys
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.get(keys.access_epoch())
+                pipe.hgetall(keys.access_keys())
+                epoch, records = await pipe.execute()
+        except RedisError as exc:
+            raise CoordinationUnavailable(f"cannot read the API keys from Redis: {exc}") from exc
+        return (int(epoch) if epoch is not None else None), {
+            _text(k): _text(v) for k, v in (records or {}).items()
+        }
+
     async def all_deployments(self) -> dict[str, Deployment]:
         """Every model's deployment; a model without one gets the default `Deployment()`."""
         models = await self.list_models()
@@ -530,3 +581,7 @@ return {per_model, records}
                     yield event
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves PubSub.aclose unannotated
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -88,6 +88,7 @@ async def register_model(
     description: str = "",
     baseline_sample: Mapping[str, torch.Tensor] | None = None,
     tls: ClientTLS | None = None,
+    token: str | None = None,
 ) -> int:
     """Create the model if needed, upload a version with its input baseline, point `alias` at
     it; return the version.
@@ -96,10 +97,11 @@ async def register_model(
         baseline_sample: Input name -> items the drift baseline is computed from; None: 2000
             items of the demo's synthetic inputs (`demo_inputs`), the distribution the demo sends.
         tls: How to dial a TLS registry (None: plaintext).
+        token: The API key to call with (registry.write and alias.move on the model).
     """
     sample = baseline_sample if baseline_sample is not None else demo_inputs(signature, 2000)
     baselines = compute_baseline(sample)
-    async with open_channel(registry_address, tls) as channel:
+    async with open_channel(registry_address, tls, token=token) as channel:
         stub = reg_grpc.RegistryServiceStub(channel)
         try:
             await stub.CreateModel(reg.CreateModelRequest(name=model, description=description))
@@ -144,13 +146,14 @@ async def predict_until_served(
     *,
     timeout_s: float = 60.0,
     tls: ClientTLS | None = None,
+    token: str | None = None,
 ) -> list[DemoAnswer]:
     """Predict each input through the gateway, waiting out UNAVAILABLE while the version loads
     and NOT_FOUND until the gateway has seen the model's new alias."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     answers = []
-    async with open_channel(gateway_address, tls) as channel:
+    async with open_channel(gateway_address, tls, token=token) as channel:
         stub = inf_grpc.InferenceServiceStub(channel)
         for x in inputs:
             request = inf.PredictRequest(model=model, inputs=[tensor_to_proto("input", x)])

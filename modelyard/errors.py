@@ -21,6 +21,9 @@
     │   ├── Draining                    DRAINING
     │   └── CoordinationUnavailable     COORDINATION_UNAVAILABLE
     ├── QueueFull                       QUEUE_FULL          (retry after retry_after_s)
+    │   └── RateLimited                 RATE_LIMITED        (a key over its limits)
+    ├── Unauthenticated                 UNAUTHENTICATED     (no, or no valid, credentials)
+    ├── PermissionDenied                PERMISSION_DENIED   (metadata `grant`: the one lacking)
     ├── DeadlineExceeded                DEADLINE_EXCEEDED
     ├── ArtifactCorrupt                 ARTIFACT_CORRUPT
     └── ModelExecutionError             MODEL_ERROR
@@ -58,6 +61,9 @@ __all__ = [
     "DeadlineExceeded",
     "ArtifactCorrupt",
     "ModelExecutionError",
+    "RateLimited",
+    "Unauthenticated",
+    "PermissionDenied",
 ]
 
 
@@ -175,6 +181,18 @@ class CoordinationUnavailable(Unavailable):
 
 class QueueFull(ModelyardError):
     reason = "QUEUE_FULL"
+
+
+class RateLimited(QueueFull):
+    reason = "RATE_LIMITED"
+
+
+class Unauthenticated(ModelyardError):
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ModelyardError):
+    reason = "PERMISSION_DENIED"
 
 
 class DeadlineExceeded(ModelyardError):

@@ -53,6 +53,8 @@ __all__ = [
     "CLUSTER_FILE_NAME",
     "CLUSTER_FILE_ENV",
     "client_tls_for",
+    "api_key_for",
+    "API_KEY_ENV",
 ]
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,8 @@ class ClusterFile:
         tls: What a client dials the cluster's services with when they serve TLS (the CA and
             a client certificate); None: plaintext.
         redis_tls: What a client dials the cluster's `rediss://` Redis with; None: plaintext.
+        api_key_file: The admin API key the registry made on the cluster's first start
+            (owner-only); the CLI, `modelyard top` and the load tests call with it.
     """
 
     pid: int
@@ -129,6 +133,7 @@ class ClusterFile:
     services: dict[str, str]
     tls: ClientTLS | None = None
     redis_tls: ClientTLS | None = None
+    api_key_file: Path | None = None
 
     @property
     def gateway(self) -> str:
@@ -165,6 +170,8 @@ class ClusterFile:
             data["tls"] = self.tls.to_json()
         if self.redis_tls is not None:
             data["redis_tls"] = self.redis_tls.to_json()
+        if self.api_key_file is not None:
+            data["api_key_file"] = str(self.api_key_file)
         return data
 
     @classmethod
@@ -184,6 +191,7 @@ class ClusterFile:
                 services={str(k): str(v) for k, v in data["services"].items()},
                 tls=ClientTLS.from_json(data["tls"]) if data.get("tls") else None,
                 redis_tls=ClientTLS.from_json(data["redis_tls"]) if data.get("redis_tls") else None,
+                api_key_file=Path(data["api_key_file"]) if data.get("api_key_file") else None,
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"{path}: not a modelyard cluster file ({exc})") from None
@@ -212,6 +220,8 @@ class LocalCluster:
         tls: Make a local CA and certificates in `data_dir/tls` and run every service with
             mTLS (the gateway with server-side TLS for clients unless `gateway_client_auth`).
         gateway_client_auth: Under `tls`, the gateway too requires client certificates.
+        access: The services' `access.mode`: `enforce` (API keys; the registry makes an
+            admin key in `data_dir/admin.key` on the first start) or `off`.
     """
 
     def __init__(
@@ -224,9 +234,13 @@ class LocalCluster:
         env: dict[str, str] | None = None,
         tls: bool = False,
         gateway_client_auth: bool = False,
+        access: str = "enforce",
     ) -> None:
         if ports not in ("default", "free"):
             raise ValueError("ports must be 'default' or 'free'")
+        if access not in ("enforce", "off"):
+            raise ValueError("access must be 'enforce' or 'off'")
+        self.access = access
         self.data_dir = data_dir
         self._redis_url = redis_url
         self._ports = ports
@@ -241,6 +255,8 @@ class LocalCluster:
         self.client_tls: ClientTLS | None = None
         """What clients dial the cluster with (set by `start()` under `tls`)."""
         self._redis_passwords: dict[str, str] = {}
+        self.api_key: str | None = None
+        """The admin API key (set by `start()` when access control is on)."""
 
     @property
     def tls_dir(self) -> Path:
@@ -294,16 +310,39 @@ class LocalCluster:
         return self.client_tls if self.tls and self._redis_url is None else None
 
     def redis_url_of(self, kind: str) -> str:
-        """The URL a service kind dials Redis with: its own ACL user under TLS."""
+        """The URL a service kind dials Redis with: its own ACL user (embedded Redis)."""
         password = self._redis_passwords.get(kind)
         if password is None or self.redis is None:
             return self.redis_url
-        return f"rediss://{kind}:{password}@127.0.0.1:{self.redis.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{kind}:{password}@127.0.0.1:{self.redis.port}/0"
+
+    @property
+    def api_key_file(self) -> Path:
+        """Where the registry writes the admin key on the cluster's first start."""
+        return self.data_dir / "admin.key"
+
+    @property
+    def secret_file(self) -> Path:
+        """The cluster secret the services prove themselves to each other with."""
+        return self.data_dir / "cluster.secret"
+
+    def _prepare_secret(self) -> None:
+        if self.secret_file.exists():
+            return
+        fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(32) + "\n")
+
+    def _access_env(self, kind: str, prefix: str) -> dict[str, str]:
+        env = {f"{prefix}ACCESS__MODE": self.access}
+        if self.access == "enforce":
+            env[f"{prefix}ACCESS__SERVICE_SECRET_FILE"] = str(self.secret_file)
+        if kind == "registry":
+            env[f"{prefix}ADMIN_KEY_FILE"] = str(self.api_key_file)
+        return env
 
     def _start_redis(self) -> RedisServer:
-        if not self.tls:
-            return RedisServer(port=0, data_dir=self.data_dir / "redis", persistence=True)
-        issued = LocalCA.issued_in(self.tls_dir, "redis")
         self._redis_passwords = {kind: secrets.token_urlsafe(24) for kind in (*SERVICE_KINDS, CLIENT_KIND)}
         admin = secrets.token_urlsafe(24)
         keys = f"~{self.key_prefix}:* &{self.key_prefix}:*"
@@ -313,12 +352,16 @@ class LocalCluster:
             f"user {kind} on >{password} {keys} +@all -@admin -@dangerous"
             for kind, password in self._redis_passwords.items()
         ]
+        tls = None
+        if self.tls:
+            issued = LocalCA.issued_in(self.tls_dir, "redis")
+            tls = RedisServerTLS(issued.cert_file, issued.key_file, self.tls_dir / "ca.pem")
         return RedisServer(
             port=0,
             data_dir=self.data_dir / "redis",
             persistence=True,
             password=admin,
-            tls=RedisServerTLS(issued.cert_file, issued.key_file, self.tls_dir / "ca.pem"),
+            tls=tls,
             acl_lines=acl,
         )
 
@@ -350,6 +393,7 @@ class LocalCluster:
                 f"{prefix}SERVER__PORT": str(port),
                 f"{prefix}SERVER__METRICS_PORT": str(port + 1000 if port else 0),
                 **self._tls_env(kind, prefix),
+                **self._access_env(kind, prefix),
             }
         )
         env.update({f"{prefix}{k.upper()}": v for k, v in extra.items()})
@@ -366,6 +410,8 @@ class LocalCluster:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.tls:
             await asyncio.to_thread(self._prepare_tls)
+        if self.access == "enforce":
+            self._prepare_secret()
         if self._redis_url is None:
             self.redis = self._start_redis()
             await asyncio.to_thread(self.redis.start)
@@ -381,6 +427,8 @@ class LocalCluster:
                 data_dir=str(self.data_dir / "registry"),
             )
             await self._launch([registry], store, deadline)
+            if self.access == "enforce":
+                self.api_key = self._read_api_key()
             batch = [
                 self._child(
                     "monitor", "monitor", "monitor_service", "MODELYARD_MONITOR_", self._port("monitor")
@@ -404,6 +452,17 @@ class LocalCluster:
             await self._launch([gateway], store, deadline)
         self._write_cluster_file()
 
+    def _read_api_key(self) -> str | None:
+        try:
+            return self.api_key_file.read_text().strip() or None
+        except FileNotFoundError:
+            log.warning(
+                "%s is missing: the registry makes the admin key only on its first start; make a"
+                " new one with `modelyard keys create` using another admin key",
+                self.api_key_file,
+            )
+            return None
+
     def _write_cluster_file(self) -> None:
         info = ClusterFile(
             pid=os.getpid(),
@@ -412,6 +471,7 @@ class LocalCluster:
             services={c.name: c.address for c in self.children},
             tls=self.client_tls,
             redis_tls=self.redis_tls,
+            api_key_file=self.api_key_file if self.access == "enforce" else None,
         )
         # Owner-only: a Redis URL given with --redis-url may carry a password. Written then
         # renamed, so a reader never sees half a file.
@@ -580,6 +640,31 @@ def _redis_settings(url: str, key_prefix: str, tls: ClientTLS | None) -> RedisSe
         tls_cert_file=tls.cert_file,
         tls_key_file=tls.key_file,
     )
+
+
+API_KEY_ENV = "MODELYARD_API_KEY"
+"""An API key for the CLI, `modelyard top` and the load tests; wins over the cluster file's."""
+
+
+def api_key_for(address: str, cluster_file: Path | None = None) -> str | None:
+    """The API key a client calls `address` with: `$MODELYARD_API_KEY`, else the admin key of
+    the running local cluster whose file names that address, else None."""
+    if os.environ.get(API_KEY_ENV):
+        return os.environ[API_KEY_ENV].strip()
+    path = cluster_file or Path(os.environ.get(CLUSTER_FILE_ENV) or Path("var") / CLUSTER_FILE_NAME)
+    try:
+        info = ClusterFile.read(path)
+    except (OSError, ValueError):
+        return None
+    if info.api_key_file is None or not info.running():
+        return None
+    hosts = {address, address.replace("localhost:", "127.0.0.1:")}
+    if not hosts & set(info.services.values()):
+        return None
+    try:
+        return info.api_key_file.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def client_tls_for(address: str, cluster_file: Path | None = None) -> ClientTLS | None:

@@ -49,6 +49,14 @@ class KeySchema:
         """Stream holding the recent change events, for late readers and audits."""
         return f"{self.prefix}:events:log"
 
+    def access_keys(self) -> str:
+        """Hash key id -> JSON KeyRecord (hashes and grants of the API keys, never secrets)."""
+        return f"{self.prefix}:access:keys"
+
+    def access_epoch(self) -> str:
+        """Integer that grows with every change of the API keys."""
+        return f"{self.prefix}:access:epoch"
+
     def all_keys(self) -> dict[str, str]:
         """Every key pattern with its meaning, for docs/architecture.md."""
         return {
@@ -60,4 +68,6 @@ class KeySchema:
             self.service("<id>"): "JSON membership record (expires)",
             self.events_channel(): "pub/sub change events",
             self.events_log(): "stream of recent change events",
+            self.access_keys(): "hash key id -> JSON API key record (hash, grants, expiry, limits)",
+            self.access_epoch(): "epoch of the API keys (int)",
         }

@@ -9,15 +9,16 @@ A bad value fails at start-up with a message that names the environment variable
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, Field, PositiveFloat, ValidationError, model_validator
+from pydantic import BaseModel, Field, PositiveFloat, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "RedisSettings",
     "TLSSettings",
     "SigningSettings",
+    "AccessSettings",
     "ServerSettings",
     "ServiceSettings",
     "SettingsError",
@@ -90,6 +91,38 @@ class SigningSettings(BaseModel):
     created with `require_signature` refuse them)."""
 
 
+class AccessSettings(BaseModel):
+    """Who may call what (see docs/security.md, "Access control")."""
+
+    mode: Literal["enforce", "off", "insecure"] = "enforce"
+    """`enforce`: every RPC but health needs an API key or a service token. `off`: anyone
+    may call, and the service refuses to listen on anything but a loopback address.
+    `insecure`: anyone may call, on any address (never in production)."""
+    service_secret_file: Path | None = None
+    """File holding the cluster secret the cluster's services prove themselves with (at least
+    16 bytes; `modelyard up` makes one). Without it (and without `service_secret`) only mTLS
+    certificates identify services, and internal RPCs refuse every plaintext call."""
+    service_secret: SecretStr | None = None
+    """The cluster secret itself (from a Kubernetes or Compose secret); the file wins."""
+    key_refresh_interval_s: PositiveFloat = 0.5
+    """How often a service checks Redis for changed keys; a revocation takes effect within
+    about this long (plus one Redis round trip)."""
+    reflection: Literal["open", "authenticated"] = "authenticated"
+    """Server reflection: `open` to anyone, or to any valid key or service."""
+    default_rate_per_s: float = Field(default=0.0, ge=0.0)
+    """Gateway: requests per second admitted from a key without its own limit; 0: no limit."""
+    default_max_concurrency: int = Field(default=0, ge=0)
+    """Gateway: calls in flight admitted from a key without its own limit; 0: no limit."""
+
+    def secret(self) -> bytes | None:
+        """The cluster secret, or None."""
+        if self.service_secret_file is not None:
+            return self.service_secret_file.read_bytes().strip()
+        if self.service_secret is not None:
+            return self.service_secret.get_secret_value().encode()
+        return None
+
+
 class ServerSettings(BaseModel):
     """The gRPC listener of a service."""
 
@@ -126,6 +159,8 @@ class ServiceSettings(BaseSettings):
     """The cluster's Redis."""
     tls: TLSSettings = Field(default_factory=TLSSettings)
     """TLS for listener and channels."""
+    access: AccessSettings = Field(default_factory=AccessSettings)
+    """Access control: API keys, service tokens, per-key limits."""
     service_id: str | None = None
     """Unique id of this process in the cluster; unset means kind + random suffix."""
 

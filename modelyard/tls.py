@@ -589,8 +589,14 @@ def open_channel(
     *,
     options: Sequence[tuple[str, Any]] = (),
     interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+    token: str | None = None,
 ) -> grpc.aio.Channel:
-    """An asyncio channel to `address`: TLS when `client_tls` is given, else plaintext."""
+    """An asyncio channel to `address`: TLS when `client_tls` is given, else plaintext; with
+    `token`, every call carries it as a bearer token (an API key or a service token)."""
+    if token:
+        from modelyard.access.client import bearer  # access imports this module
+
+        interceptors = [*(interceptors or ()), *(bearer(token) or ())]
     if client_tls is None:
         return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
     return grpc.aio.secure_channel(

@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING
 import grpc
 
 from modelyard import __version__
+from modelyard.access import AccessControl
+from modelyard.access.client import bearer
+from modelyard.access.sync import KeySync
 from modelyard.coordination import CoordinationStore, ServiceRecord
 from modelyard.errors import Unavailable
 from modelyard.membership import Heartbeat, new_service_id
@@ -65,6 +68,10 @@ class MonitorApp:
         self.rule_file = load_rule_file(settings.rules_file) if settings.rules_file else RuleFile()
         self.service_id = settings.service_id or new_service_id("monitor")
         self.store = CoordinationStore(settings.redis)
+        self.access = AccessControl(settings.access, kind="monitor")
+        self.key_sync = KeySync(
+            self.store, self.access.book, interval_s=settings.access.key_refresh_interval_s
+        )
         self.cluster = ClusterView(self.store, settings.down_retention_s)
         self.collector = Collector(
             self.store, settings.window_s, fetch=metrics_fetcher(ClientTLS.from_settings(settings.tls))
@@ -111,6 +118,7 @@ class MonitorApp:
             service_names=[SERVICE_NAME],
             kind="monitor",
             register=lambda s: monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(servicer, s),
+            access=self.access,
         )
         self.heartbeat = Heartbeat(
             self.store,
@@ -137,6 +145,9 @@ class MonitorApp:
 
     async def start(self) -> None:
         await self.store.open()
+        if self.access.enforced:
+            await self.key_sync.refresh()
+            self._tasks.spawn("key-sync", self.key_sync.run_forever)
         await self.server.start()
         await self.heartbeat.start()
         self._tasks.spawn("monitor collection", self._collect_forever)
@@ -238,7 +249,9 @@ class MonitorApp:
         channel = self._registry_channels.get(address)
         if channel is None:
             channel = self._registry_channels[address] = open_channel(
-                address, ClientTLS.from_settings(self.settings.tls)
+                address,
+                ClientTLS.from_settings(self.settings.tls),
+                interceptors=bearer(self.access.service_token()),
             )
         return RegistryServiceStub(channel)
 

@@ -6,15 +6,22 @@ from __future__ import annotations
 import logging
 import time
 
+import grpc
+
 from modelyard import __version__
+from modelyard.access import AccessControl, DeniedCall
 from modelyard.coordination import CoordinationStore, ServiceRecord
 from modelyard.errors import CoordinationUnavailable
 from modelyard.membership import Heartbeat, new_service_id
 from modelyard.model_signatures import SignaturePolicy
+from modelyard.rpc.context import current_request_id
 from modelyard.rpc.server import ServiceServer, create_server
 from modelyard.tasks import BackgroundTasks
-from modelyard.v1 import registry_service_pb2_grpc
+from modelyard.v1 import access_service_pb2_grpc, registry_service_pb2_grpc
+from registry_service.access_servicer import ACCESS_SERVICE_NAME, AccessServicer
+from registry_service.api_keys import ApiKeys, KeyStore
 from registry_service.artifacts import ArtifactStore
+from registry_service.records import AuditRecord
 from registry_service.registry import Registry
 from registry_service.servicer import SERVICE_NAME, RegistryServicer
 from registry_service.settings import RegistrySettings
@@ -45,6 +52,8 @@ class RegistryApp:
         self.service_id = settings.service_id or new_service_id("registry")
         self._coordination: CoordinationStore | None = None
         self._store: RegistryStore | None = None
+        self._key_store: KeyStore | None = None
+        self.keys: ApiKeys | None = None
         self._registry: Registry | None = None
         self._server: ServiceServer | None = None
         self._heartbeat: Heartbeat | None = None
@@ -101,17 +110,33 @@ class RegistryApp:
             promote_timeout_s=settings.promote_timeout_s,
             signatures=SignaturePolicy.from_settings(settings.signing),
         )
+        access = AccessControl(settings.access, kind="registry", on_denied=self._audit_denied)
+        self._key_store = await KeyStore(settings.data_dir / "keys.sqlite3").open()
+        keys = self.keys = ApiKeys(self._key_store, self._coordination, access.book)
+        await keys.load()
         servicer = RegistryServicer(registry)
+        access_servicer = AccessServicer(keys, registry)
+
+        def register(server: grpc.aio.Server) -> None:
+            registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server)
+            access_service_pb2_grpc.add_AccessServiceServicer_to_server(access_servicer, server)
+
         self._server = create_server(
             settings.server,
             settings.tls,
-            service_names=[SERVICE_NAME],
+            service_names=[SERVICE_NAME, ACCESS_SERVICE_NAME],
             kind="registry",
-            register=lambda server: registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
-                servicer, server
-            ),
+            register=register,
+            access=access,
         )
+        if access.enforced:
+            admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+            await keys.bootstrap_admin(
+                token=admin_key, write_to=None if admin_key else settings.resolved_admin_key_file
+            )
         await self._server.start()
+        if not await keys.publish():
+            log.warning("Redis is unreachable; the API keys will be published when it is back")
         try:
             rewritten = await registry.sync_to_redis()
             if rewritten:
@@ -128,6 +153,7 @@ class RegistryApp:
         interval_s = settings.redis_resync_interval_s
         self._tasks.spawn("registry-redis-resync", lambda: registry.resync_forever(interval_s))
         self._tasks.spawn("registry-retention", registry.expire_holds_forever)
+        self._tasks.spawn("registry-keys-resync", lambda: keys.resync_forever(min(interval_s, 1.0)))
         await self._server.set_serving(True)
         log.info("registry %s serving on %s", self.service_id, self._server.address)
 
@@ -145,8 +171,28 @@ class RegistryApp:
             self._server = None
         if self._store is not None:
             await self._store.aclose()
+        if self._key_store is not None:
+            await self._key_store.aclose()
         if self._coordination is not None:
             await self._coordination.aclose()
+
+    async def _audit_denied(self, call: DeniedCall) -> None:
+        """Refused calls to mutating RPCs go to the audit log too."""
+        if self._registry is None:
+            return
+        await self._registry.record_audit(
+            AuditRecord(
+                time=time.time(),
+                actor=call.actor,
+                method=call.method,
+                model=call.model,
+                target="",
+                request_id=current_request_id(),
+                outcome=call.code,
+                error_reason=call.code,
+                message=call.message,
+            )
+        )
 
     def _record(self) -> ServiceRecord:
         assert self._server is not None

@@ -2,8 +2,8 @@
 
 Every method wears `@rpc_errors`, which turns the core's domain errors into statuses. Every
 mutating method also records an audit entry (who, what, when, request id, outcome, failures
-included) through `_audited`. Who is the `x-modelyard-user` metadata until authentication
-exists, else the caller's peer address.
+included) through `audited`. Who is the authenticated principal (`modelyard.access`), never a
+field or header the caller fills in.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from modelyard.access import current_principal, visible
 from modelyard.errors import InvalidArgument, ModelyardError
 from modelyard.rpc.context import current_request_id
 from modelyard.rpc.errors import rpc_errors, status_code_for
@@ -26,13 +27,10 @@ from registry_service import convert
 from registry_service.records import AuditFilter, AuditRecord, DeploymentSpec
 from registry_service.registry import Registry, resolve_page_size
 
-__all__ = ["RegistryServicer", "SERVICE_NAME", "USER_METADATA_KEY"]
+__all__ = ["RegistryServicer", "SERVICE_NAME", "audited", "actor_of"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RegistryService"].full_name
 """The full name of the service ("modelyard.v1.RegistryService"), for health and reflection."""
-
-USER_METADATA_KEY = "x-modelyard-user"
-"""Call metadata naming the person or system behind a call, for the audit log and history."""
 
 _Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
@@ -56,7 +54,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
 
     @rpc_errors
     async def CreateModel(self, request: pb.CreateModelRequest, context: _Context) -> pb.CreateModelResponse:
-        async with self._audited(context, "CreateModel", request.name, "model", request.request_id):
+        async with audited(self._registry, context, "CreateModel", request.name, "model", request.request_id):
             model = await self._registry.create_model(
                 request.name,
                 request.description,
@@ -73,7 +71,10 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
     @rpc_errors
     async def ListModels(self, request: pb.ListModelsRequest, context: _Context) -> pb.ListModelsResponse:
         models = await self._registry.list_models()
-        return pb.ListModelsResponse(models=[convert.model_to_proto(m) for m in models])
+        # A key sees only the models its grants cover.
+        return pb.ListModelsResponse(
+            models=[convert.model_to_proto(m) for m in models if visible("registry.read", m.name)]
+        )
 
     @rpc_errors
     async def UploadModelVersion(
@@ -86,8 +87,8 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
                 field="metadata",
             )
         metadata = first.metadata
-        async with self._audited(
-            context, "UploadModelVersion", metadata.model, "new version", metadata.request_id
+        async with audited(
+            self._registry, context, "UploadModelVersion", metadata.model, "new version", metadata.request_id
         ) as audit:
             version = await self._registry.upload_version(
                 convert.upload_metadata_from_proto(metadata), _chunks(request_iterator), actor=audit.actor
@@ -134,7 +135,9 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
     @rpc_errors
     async def SetAlias(self, request: pb.SetAliasRequest, context: _Context) -> pb.SetAliasResponse:
         target = f"alias {request.alias} -> {request.version}"
-        async with self._audited(context, "SetAlias", request.model, target, request.request_id) as audit:
+        async with audited(
+            self._registry, context, "SetAlias", request.model, target, request.request_id
+        ) as audit:
             change = await self._registry.set_alias(
                 request.model,
                 request.alias,
@@ -154,8 +157,8 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         self, request: pb.RollbackAliasRequest, context: _Context
     ) -> pb.RollbackAliasResponse:
         target = f"alias {request.alias}"
-        async with self._audited(
-            context, "RollbackAlias", request.model, target, request.request_id
+        async with audited(
+            self._registry, context, "RollbackAlias", request.model, target, request.request_id
         ) as audit:
             change = await self._registry.rollback_alias(
                 request.model,
@@ -195,8 +198,8 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         self, request: pb.PromoteVersionRequest, context: _Context
     ) -> pb.PromoteVersionResponse:
         target = f"alias {request.alias} -> {request.version}"
-        async with self._audited(
-            context, "PromoteVersion", request.model, target, request.request_id
+        async with audited(
+            self._registry, context, "PromoteVersion", request.model, target, request.request_id
         ) as audit:
             outcome = await self._registry.promote(
                 request.model,
@@ -229,8 +232,8 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         self, request: pb.SetDeploymentRequest, context: _Context
     ) -> pb.SetDeploymentResponse:
         spec = convert.deployment_spec_from_proto(request.deployment)
-        async with self._audited(
-            context, "SetDeployment", request.model, "deployment", request.request_id
+        async with audited(
+            self._registry, context, "SetDeployment", request.model, "deployment", request.request_id
         ) as audit:
             state = await self._registry.set_deployment(
                 request.model, spec, expected_epoch=request.expected_epoch
@@ -251,7 +254,9 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         self, request: pb.ArchiveModelVersionRequest, context: _Context
     ) -> pb.ArchiveModelVersionResponse:
         target = f"version {request.version}"
-        async with self._audited(context, "ArchiveModelVersion", request.model, target, request.request_id):
+        async with audited(
+            self._registry, context, "ArchiveModelVersion", request.model, target, request.request_id
+        ):
             version = await self._registry.archive_version(request.model, request.version)
         return pb.ArchiveModelVersionResponse(model_version=convert.version_to_proto(version))
 
@@ -260,8 +265,8 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         self, request: pb.DeleteModelVersionRequest, context: _Context
     ) -> pb.DeleteModelVersionResponse:
         target = f"version {request.version}"
-        async with self._audited(
-            context, "DeleteModelVersion", request.model, target, request.request_id
+        async with audited(
+            self._registry, context, "DeleteModelVersion", request.model, target, request.request_id
         ) as audit:
             artifact_deleted = await self._registry.delete_version(request.model, request.version)
             audit.message = (
@@ -289,56 +294,59 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             next_page_token=convert.next_page_token([e.id for e in entries], page_size),
         )
 
-    @contextlib.asynccontextmanager
-    async def _audited(
-        self, context: _Context, method: str, model: str, target: str, request_id: str
-    ) -> AsyncIterator[_Audit]:
-        """Record the call in the audit log when the block ends, with its outcome."""
-        audit = _Audit(
-            actor=_actor(context),
-            request_id=request_id or current_request_id(),
-            model=model,
-            target=target,
-        )
-        started = time.time()
 
-        async def record(outcome: str, reason: str = "", message: str = "") -> None:
-            await self._registry.record_audit(
-                AuditRecord(
-                    time=started,
-                    actor=audit.actor,
-                    method=method,
-                    model=audit.model,
-                    target=audit.target,
-                    request_id=audit.request_id,
-                    outcome=outcome,
-                    error_reason=reason,
-                    message=message,
-                )
+@contextlib.asynccontextmanager
+async def audited(
+    registry: Registry, context: _Context, method: str, model: str, target: str, request_id: str
+) -> AsyncIterator[_Audit]:
+    """Record the call in the audit log when the block ends, with its outcome."""
+    audit = _Audit(
+        actor=actor_of(context),
+        request_id=request_id or current_request_id(),
+        model=model,
+        target=target,
+    )
+    started = time.time()
+
+    async def record(outcome: str, reason: str = "", message: str = "") -> None:
+        await registry.record_audit(
+            AuditRecord(
+                time=started,
+                actor=audit.actor,
+                method=method,
+                model=audit.model,
+                target=audit.target,
+                request_id=audit.request_id,
+                outcome=outcome,
+                error_reason=reason,
+                message=message,
             )
+        )
 
-        try:
-            yield audit
-        except ModelyardError as exc:
-            await record(status_code_for(exc).name, exc.reason, exc.message)
-            raise
-        except asyncio.CancelledError:
-            # The caller went away; what the call did is still worth a line. Shielded, so the
-            # cancellation being delivered does not also cancel the write.
-            await asyncio.shield(record("CANCELLED", "", "the caller cancelled the call"))
-            raise
-        except Exception:
-            # The details stay in the log (rpc_errors logs them with the request id).
-            await record("INTERNAL", "INTERNAL", "internal error")
-            raise
-        await record("OK", "", audit.message)
+    try:
+        yield audit
+    except ModelyardError as exc:
+        await record(status_code_for(exc).name, exc.reason, exc.message)
+        raise
+    except asyncio.CancelledError:
+        # The caller went away; what the call did is still worth a line. Shielded, so the
+        # cancellation being delivered does not also cancel the write.
+        await asyncio.shield(record("CANCELLED", "", "the caller cancelled the call"))
+        raise
+    except Exception:
+        # The details stay in the log (rpc_errors logs them with the request id).
+        await record("INTERNAL", "INTERNAL", "internal error")
+        raise
+    await record("OK", "", audit.message)
 
 
-def _actor(context: _Context) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == USER_METADATA_KEY and value:
-            return str(value)
-    return context.peer() or "unknown"
+def actor_of(context: _Context) -> str:
+    """The audit log's actor: the authenticated principal; with access control off, nobody is
+    authenticated, and the entry says so with the peer's address."""
+    principal = current_principal()
+    if principal is not None:
+        return principal.name
+    return f"anonymous (access control off) at {context.peer() or 'an unknown peer'}"
 
 
 def _baseline_summary(baselines: tuple[registry_pb2.InputBaseline, ...]) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field, NonNegativeFloat, PositiveFloat
+from pydantic import Field, NonNegativeFloat, PositiveFloat, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from modelyard.settings import ServerSettings, ServiceSettings, SigningSettings
@@ -56,6 +56,12 @@ class RegistrySettings(ServiceSettings):
     signing: SigningSettings = Field(default_factory=SigningSettings)
     """Trusted model signers (OpenSSF model signing), checked at every upload, e.g.
     `MODELYARD_REGISTRY_SIGNING__TRUSTED_PUBLIC_KEYS='["/etc/modelyard/ml-team.pub"]'`."""
+    admin_key_file: Path | None = None
+    """On the first start (no API key yet), write a new `admin` key here (owner-only);
+    unset: `<data_dir>/admin.key`, unless `admin_key` is set."""
+    admin_key: SecretStr | None = None
+    """On the first start, adopt this token (`myk_...`, from a secret) as the `admin` key
+    instead of making one."""
     promote_timeout_s: PositiveFloat = 120.0
     """How long PromoteVersion waits, by default, for the version to be ready on the model
     servers before it gives up (DEADLINE_EXCEEDED) without moving the alias."""
@@ -64,6 +70,11 @@ class RegistrySettings(ServiceSettings):
     def resolved_database_path(self) -> Path:
         """`database_path`, or its default under `data_dir`."""
         return self.database_path or self.data_dir / "registry.sqlite3"
+
+    @property
+    def resolved_admin_key_file(self) -> Path:
+        """`admin_key_file`, or its default under `data_dir`."""
+        return self.admin_key_file or self.data_dir / "admin.key"
 
     @property
     def resolved_artifacts_dir(self) -> Path:

@@ -2,10 +2,15 @@
 database per test, and an opened CoordinationStore.
 
 `--redis-url` points the suite at an existing Redis instead (it is flushed per test).
+
+Services started in-process by the tests of other features run with access control `off`
+(allowed: they listen on 127.0.0.1 only); the access tests set `access` explicitly, and every
+cluster `LocalCluster` starts (the e2e tests, the load tests) enforces it, as `modelyard up` does.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -14,6 +19,10 @@ import redis
 from modelyard.coordination import CoordinationStore
 from modelyard.embedded_redis import RedisServer
 from modelyard.settings import RedisSettings
+
+
+for _prefix in ("GATEWAY", "MODEL_SERVER", "REGISTRY", "MONITOR"):
+    os.environ.setdefault(f"MODELYARD_{_prefix}_ACCESS__MODE", "off")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -38,6 +38,8 @@ STATUS_BY_ERROR: dict[type[errors.ModelyardError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.ArtifactCorrupt: grpc.StatusCode.DATA_LOSS,
     errors.ModelExecutionError: grpc.StatusCode.INTERNAL,

@@ -14,13 +14,16 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from modelyard import tls as tls_credentials
+from modelyard.access import AccessControl, check_listen_address
 from modelyard.rpc.interceptors import ObservabilityInterceptor
-from modelyard.settings import ServerSettings, TLSSettings
+from modelyard.settings import AccessSettings, ServerSettings, TLSSettings
 from modelyard.telemetry import MetricsHTTPServer
 
 __all__ = ["ServiceServer", "create_server", "channel_options", "server_credentials"]
 
 log = logging.getLogger(__name__)
+
+_OFF = AccessSettings(mode="off")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -132,6 +135,7 @@ def create_server(
     register: Callable[[grpc.aio.Server], None],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     kind: str = "",
+    access: AccessControl | None = None,
 ) -> ServiceServer:
     """Build a server and bind its port, without starting it.
 
@@ -143,10 +147,16 @@ def create_server(
         interceptors: Extra interceptors, run after the observability one (auth goes here).
         kind: The service kind (`gateway`, `model_server`, ...): under mTLS, calls are let
             through only from the peer kinds `modelyard.tls.CALLERS[kind]` allows.
+        access: The service's access check (`modelyard.access`); None: nobody is checked,
+            allowed only on a loopback address.
 
     Raises:
-        RuntimeError: the port cannot be bound.
+        RuntimeError: the port cannot be bound, or access control is off on an address
+            other services can reach (unless `access.mode` says `insecure`).
     """
+    if access is None or not access.enforced:
+        off = access.settings if access is not None else _OFF
+        check_listen_address(off, settings.host, kind or "a service")
     peer_check: list[grpc.aio.ServerInterceptor] = []
     if tls.enabled and tls.client_auth_required and kind in tls_credentials.CALLERS:
         peer_check.append(tls_credentials.PeerKindInterceptor(tls_credentials.CALLERS[kind]))
@@ -154,6 +164,7 @@ def create_server(
         interceptors=[
             ObservabilityInterceptor(access_log_enabled=settings.access_log_enabled),
             *peer_check,
+            *(access.interceptors() if access is not None else ()),
             *interceptors,
         ],
         options=[
