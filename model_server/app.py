@@ -25,6 +25,7 @@ from model_server.settings import ModelServerSettings, resolve_torch_threads
 from model_server.stats import RequestStats
 from modelyard import __version__
 from modelyard.access import AccessControl
+from modelyard.access.sync import KeySync
 from modelyard.coordination import CoordinationStore, ServiceRecord
 from modelyard.membership import Heartbeat, new_service_id
 from modelyard.model_signatures import SignaturePolicy
@@ -64,7 +65,12 @@ class ModelServerApp:
         self.service_id = settings.service_id or new_service_id("model_server")
         self.store = CoordinationStore(settings.redis)
         self._registry: RegistryArtifactSource | None = None
+        # Every RPC here is internal; the keys are loaded all the same, so that an end user's
+        # key is told PERMISSION_DENIED (internal) rather than not known.
         self.access = AccessControl(settings.access, kind="model_server")
+        self.key_sync = KeySync(
+            self.store, self.access.book, interval_s=settings.access.key_refresh_interval_s
+        )
         if artifact_source is None:
             artifact_source = self._registry = RegistryArtifactSource(
                 settings.registry_address,
@@ -182,6 +188,9 @@ class ModelServerApp:
             access=self.access,
         )
         await self.store.open()
+        if self.access.enforced:
+            await self.key_sync.refresh()
+            self._tasks.spawn("key-sync", self.key_sync.run_forever)
         await self._server.start()
         await self.heartbeat.start()
         self._tasks.spawn("reconcile", self.reconciler.run)

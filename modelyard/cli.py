@@ -160,7 +160,7 @@ def _print_cluster(cluster: LocalCluster) -> None:
         console.print(
             f"access control on: every call needs an API key. The admin key is in {key} (owner-only);"
             " the CLI and the load tests find it there. For example:\n"
-            f"  grpcurl -plaintext -H \"authorization: Bearer $(cat {key})\" {cluster.gateway_address} list\n"
+            f'  grpcurl -plaintext -H "authorization: Bearer $(cat {key})" {cluster.gateway_address} list\n'
             "  modelyard keys create ci --grant 'predict:demo' --grant 'metadata:*'",
             soft_wrap=True,
         )

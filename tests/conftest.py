@@ -20,7 +20,6 @@ from modelyard.coordination import CoordinationStore
 from modelyard.embedded_redis import RedisServer
 from modelyard.settings import RedisSettings
 
-
 for _prefix in ("GATEWAY", "MODEL_SERVER", "REGISTRY", "MONITOR"):
     os.environ.setdefault(f"MODELYARD_{_prefix}_ACCESS__MODE", "off")
 
