@@ -28,9 +28,11 @@ import dataclasses
 import enum
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from modelyard.v1 import registry_pb2
 
 __all__ = [
     "GENESIS_HASH",
@@ -41,6 +43,8 @@ __all__ = [
     "TamperKind",
     "canonical_bytes",
     "compute_hash",
+    "entry_from_proto",
+    "entry_from_row",
     "micros",
     "seal",
     "unix_seconds",
@@ -87,6 +91,43 @@ def unix_seconds(time_us: int) -> float:
     """Whole microseconds as unix seconds; `micros(unix_seconds(t)) == t` for any time in the
     next few centuries (below 2**53 microseconds a double holds them exactly)."""
     return time_us / 1_000_000
+
+
+def entry_from_proto(message: registry_pb2.AuditEntry) -> ChainEntry:
+    """An entry as `ListAuditEntries` returns it (its Timestamp holds whole microseconds)."""
+    return ChainEntry(
+        id=message.id,
+        time_us=message.time.seconds * 1_000_000 + message.time.nanos // 1000,
+        actor=message.actor,
+        method=message.method,
+        model=message.model,
+        target=message.target,
+        request_id=message.request_id,
+        outcome=message.outcome,
+        error_reason=message.error_reason,
+        message=message.message,
+        prev_hash=message.prev_hash,
+        entry_hash=message.entry_hash,
+    )
+
+
+def entry_from_row(row: Mapping[str, Any]) -> ChainEntry:
+    """An entry as a row of the registry's `audit_log` table (time in unix seconds; a table
+    of an older registry may lack the hash columns)."""
+    return ChainEntry(
+        id=int(row["id"]),
+        time_us=micros(float(row["time"])),
+        actor=str(row["actor"]),
+        method=str(row["method"]),
+        model=str(row["model"]),
+        target=str(row["target"]),
+        request_id=str(row["request_id"]),
+        outcome=str(row["outcome"]),
+        error_reason=str(row["error_reason"]),
+        message=str(row["message"]),
+        prev_hash=str(row.get("prev_hash") or ""),
+        entry_hash=str(row.get("entry_hash") or ""),
+    )
 
 
 def canonical_bytes(entry: ChainEntry) -> bytes:
