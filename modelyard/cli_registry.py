@@ -5,8 +5,10 @@ the CA and client certificate of the running `modelyard up --tls` whose cluster 
 address, see `local_cluster.client_tls_for`), prints a
 readable table, or the response as protobuf JSON with `--json`. `--user` names who acts, for
 the audit log and the alias history. Failures print the status and the registry's message,
-and exit with 1. `audit verify` checks the audit log's hash chain (`modelyard.audit_chain`)
-through the registry, or offline in its SQLite file with `--db`; it exits with 1 on tampering.
+and exit with 1.
+
+`audit verify` checks the audit log's hash chain (`modelyard.audit_chain`) through the
+registry, or offline in its SQLite file with `--db`; it exits with 1 on tampering.
 
 Wiring (in `modelyard/cli.py`)::
 
