@@ -1,4 +1,4 @@
-"""`modelyard models | alias | deploy | audit`: the registry from the command line.
+"""`modelyard models | alias | deploy | audit [verify]`: the registry from the command line.
 
 Every command talks gRPC to the registry (`--registry`, default 127.0.0.1:50061; over TLS with
 the CA and client certificate of the running `modelyard up --tls` whose cluster file names that
@@ -7,6 +7,9 @@ readable table, or the response as protobuf JSON with `--json`. Calls carry an A
 (`--api-key`, `$MODELYARD_API_KEY`, else the local cluster's admin key, see
 `local_cluster.api_key_for`); the audit log and the alias history name the key's principal.
 Failures print the status and the registry's message, and exit with 1.
+
+`audit verify` checks the audit log's hash chain (`modelyard.audit_chain`) through the
+registry, or offline in its SQLite file with `--db`; it exits with 1 on tampering.
 
 Wiring (in `modelyard/cli.py`)::
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -30,8 +34,10 @@ import typer
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
 from google.protobuf.message import Message
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from modelyard import audit_chain
 from modelyard.access.client import bearer_metadata
 from modelyard.baseline import DEFAULT_BINS, compute_baseline, load_baseline_sample
 from modelyard.errors import InvalidArgument
@@ -627,6 +633,7 @@ def deploy_set(
 
 @audit_app.callback(invoke_without_command=True)
 def audit(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option(help="Only calls on this model.")] = "",
     actor: Annotated[str, typer.Option(help="Only calls by this actor.")] = "",
     method: Annotated[str, typer.Option(help="Only this method, e.g. SetAlias.")] = "",
@@ -635,12 +642,15 @@ def audit(
     page_token: Annotated[str, typer.Option(help="Continue from a previous page.")] = "",
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
+    api_key: ApiKeyOpt = "",
 ) -> None:
-    """The audit log, newest first."""
+    """The audit log, newest first (needs the audit.read grant)."""
+    if ctx.invoked_subcommand is not None:
+        return
     request = pb.ListAuditEntriesRequest(
         model=model, actor=actor, method=method, outcome=outcome, page_size=limit, page_token=page_token
     )
-    response = _call(registry, "", lambda s, md: s.ListAuditEntries(request))
+    response = _call(registry, api_key, lambda s, md: s.ListAuditEntries(request, metadata=md))
     if as_json:
         _print_json(response)
         return
@@ -661,3 +671,107 @@ def audit(
     console.print(table)
     if response.next_page_token:
         console.print(f"more: --page-token {response.next_page_token}")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    db: Annotated[
+        Path | None,
+        typer.Option(
+            "--db",
+            help="Check this registry SQLite file (opened read-only) instead of asking a running registry.",
+        ),
+    ] = None,
+    expect_head: Annotated[
+        str,
+        typer.Option(
+            "--expect-head",
+            metavar="ID:HASH",
+            help="A head printed by an earlier verify: catches a log cut short or rewritten whole.",
+        ),
+    ] = "",
+    registry: RegistryOpt = DEFAULT_REGISTRY,
+    as_json: JsonOpt = False,
+    api_key: ApiKeyOpt = "",
+) -> None:
+    """Check the audit log's hash chain; exit 1 naming the first entry tampered with.
+
+    Names the lowest id that was edited, removed or reordered. An intact log prints its head
+    (last id and hash): record it outside the cluster and pass it back with --expect-head.
+    """
+    head: audit_chain.Head | None = None
+    if expect_head:
+        try:
+            head = audit_chain.Head.parse(expect_head)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--expect-head") from None
+    entries = _read_audit_file(db) if db is not None else _fetch_audit(registry, api_key)
+    report = audit_chain.verify_chain(entries, expected_head=head)
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    else:
+        _print_verification(report, str(db) if db is not None else registry)
+    if not report.intact:
+        raise typer.Exit(1)
+
+
+def _fetch_audit(registry: str, api_key: str) -> list[audit_chain.ChainEntry]:
+    """Every entry, through ListAuditEntries (newest first, a page at a time)."""
+
+    async def fetch(stub: _Stub, metadata: tuple[tuple[str, str], ...]) -> list[audit_chain.ChainEntry]:
+        entries: list[audit_chain.ChainEntry] = []
+        token = ""
+        while True:
+            response = await stub.ListAuditEntries(
+                pb.ListAuditEntriesRequest(page_size=1000, page_token=token), metadata=metadata
+            )
+            entries.extend(audit_chain.entry_from_proto(e) for e in response.entries)
+            token = response.next_page_token
+            if not token:
+                return entries
+
+    return _call(registry, api_key, fetch)
+
+
+def _read_audit_file(path: Path) -> list[audit_chain.ChainEntry]:
+    """Every entry of a registry's SQLite file, opened read-only (a running registry's
+    uncheckpointed writes included)."""
+    if not path.is_file():
+        Console(stderr=True).print(f"[red]no such file[/red]: {path}")
+        raise typer.Exit(1)
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            conn.row_factory = sqlite3.Row
+            return [audit_chain.entry_from_row(dict(row)) for row in conn.execute("SELECT * FROM audit_log")]
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        Console(stderr=True).print(f"[red]cannot read the audit log of {path}[/red]: {exc}")
+        raise typer.Exit(1) from None
+
+
+def _print_verification(report: audit_chain.ChainReport, source: str) -> None:
+    source = escape(source)  # "[::1]:50061" is not markup
+    if report.problem is None:
+        console.print(f"audit log of {source}: [green]intact[/green] ({report.entries} entries)")
+    else:
+        console.print(
+            f"audit log of {source}: [red]TAMPERED[/red] at entry {report.problem.entry_id} "
+            f"({report.problem.kind.value}): {escape(report.problem.message)}"
+        )
+    if report.not_covered:
+        console.print(
+            f"entries up to {report.not_covered_through} ({report.not_covered}) were recorded before "
+            "the hash chain: not covered"
+        )
+    if report.head is None:
+        console.print("head: none (no chained entry yet)")
+    elif report.problem is not None:
+        console.print(f"head: {report.head}")
+    else:
+        console.print(
+            f"head: {report.head}\n"
+            "record the head outside the cluster and pass it to --expect-head later: only that "
+            "catches a log cut short or rewritten with every hash recomputed"
+        )

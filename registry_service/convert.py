@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from google.protobuf import timestamp_pb2
 
+from modelyard import audit_chain
 from modelyard.errors import InvalidArgument
 from modelyard.v1 import registry_pb2, registry_service_pb2
 from registry_service.records import (
@@ -176,9 +177,11 @@ def deployment_spec_from_proto(message: registry_pb2.Deployment) -> DeploymentSp
 
 
 def audit_to_proto(record: AuditRecord) -> registry_pb2.AuditEntry:
+    # Whole microseconds, exactly: the verifier hashes them (`modelyard.audit_chain`).
+    time_us = audit_chain.micros(record.time)
     return registry_pb2.AuditEntry(
         id=record.id,
-        time=timestamp(record.time),
+        time=timestamp_pb2.Timestamp(seconds=time_us // 1_000_000, nanos=time_us % 1_000_000 * 1000),
         actor=record.actor,
         method=record.method,
         model=record.model,
@@ -187,6 +190,8 @@ def audit_to_proto(record: AuditRecord) -> registry_pb2.AuditEntry:
         outcome=record.outcome,
         error_reason=record.error_reason,
         message=record.message,
+        prev_hash=record.prev_hash,
+        entry_hash=record.entry_hash,
     )
 
 

@@ -248,6 +248,10 @@ class AuditRecord:
     message: str = ""
     id: int = 0
     """Assigned by the store."""
+    prev_hash: str = ""
+    """The hash chain (`modelyard.audit_chain`), set by the store; empty on entries recorded
+    before the chain existed."""
+    entry_hash: str = ""
 
 
 @dataclass(frozen=True, slots=True)

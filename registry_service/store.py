@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import functools
 import json
@@ -28,6 +29,7 @@ from typing import Any, TypeVar
 
 from google.protobuf import json_format
 
+from modelyard import audit_chain
 from modelyard.errors import (
     AliasNotFound,
     AlreadyExists,
@@ -57,7 +59,7 @@ from registry_service.records import (
 
 __all__ = ["RegistryStore", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Kept in `PRAGMA user_version`; a database from a newer registry is refused, not guessed at.
 2 -> 3 added `versions.input_baselines`, 3 -> 4 `models.require_signature`, `versions.signer`
 and `versions.model_signature` (each upgraded in place on open)."""
@@ -139,7 +141,9 @@ CREATE TABLE IF NOT EXISTS audit_log (
     request_id   TEXT    NOT NULL,
     outcome      TEXT    NOT NULL,
     error_reason TEXT    NOT NULL,
-    message      TEXT    NOT NULL
+    message      TEXT    NOT NULL,
+    prev_hash    TEXT    NOT NULL DEFAULT '',  -- the hash chain, modelyard/audit_chain.py
+    entry_hash   TEXT    NOT NULL DEFAULT ''   -- (both '' on rows from before the chain)
 );
 CREATE INDEX IF NOT EXISTS audit_log_by_model ON audit_log (model, id);
 """
@@ -939,12 +943,18 @@ class RegistryStore:
             )
 
     def _add_audit(self, record: AuditRecord) -> int:
+        # The chain hashes whole microseconds; storing exactly those keeps the REAL column,
+        # the API's Timestamp and the hash in agreement.
+        time_us = audit_chain.micros(record.time)
         with self._transaction() as conn:
+            # Inserted first for its id (which the hash covers) and sealed in the same IMMEDIATE
+            # transaction: no other writer can append between reading the previous hash and
+            # writing this one.
             cursor = conn.execute(
                 "INSERT INTO audit_log (time, actor, method, model, target, request_id, outcome, "
                 "error_reason, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    record.time,
+                    audit_chain.unix_seconds(time_us),
                     record.actor,
                     record.method,
                     record.model,
@@ -955,7 +965,22 @@ class RegistryStore:
                     record.message,
                 ),
             )
-            return int(cursor.lastrowid or 0)
+            entry_id = int(cursor.lastrowid or 0)
+            previous = conn.execute(
+                "SELECT entry_hash FROM audit_log WHERE id < ? ORDER BY id DESC LIMIT 1", (entry_id,)
+            ).fetchone()
+            # After rows of an older registry (no hash), the chain starts again from genesis;
+            # the verifier accepts unchained rows only before the first chained one.
+            prev_hash = previous["entry_hash"] if previous is not None else ""
+            sealed = audit_chain.seal(
+                _audit_chain_entry(dataclasses.replace(record, id=entry_id), time_us),
+                prev_hash or audit_chain.GENESIS_HASH,
+            )
+            conn.execute(
+                "UPDATE audit_log SET prev_hash = ?, entry_hash = ? WHERE id = ?",
+                (sealed.prev_hash, sealed.entry_hash, entry_id),
+            )
+            return entry_id
 
     def _list_audit(self, where: AuditFilter, page_size: int, before_id: int) -> list[AuditRecord]:
         query = "SELECT * FROM audit_log WHERE 1 = 1"
@@ -986,6 +1011,8 @@ class RegistryStore:
                     outcome=r["outcome"],
                     error_reason=r["error_reason"],
                     message=r["message"],
+                    prev_hash=r["prev_hash"],
+                    entry_hash=r["entry_hash"],
                 )
                 for r in conn.execute(query, args)
             ]
@@ -1070,6 +1097,27 @@ def _upgrade_columns(conn: sqlite3.Connection) -> None:
     model_columns = {row["name"] for row in conn.execute("PRAGMA table_info(models)")}
     if "require_signature" not in model_columns:  # schema 3 -> 4
         conn.execute("ALTER TABLE models ADD COLUMN require_signature INTEGER NOT NULL DEFAULT 0")
+    # The audit hash chain, within schema 4: the rows already there stay unchained (the
+    # verifier reports them as not covered) and the chain starts at the next one.
+    audit_columns = {row["name"] for row in conn.execute("PRAGMA table_info(audit_log)")}
+    for column in ("prev_hash", "entry_hash"):
+        if column not in audit_columns:
+            conn.execute(f"ALTER TABLE audit_log ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+
+
+def _audit_chain_entry(record: AuditRecord, time_us: int) -> audit_chain.ChainEntry:
+    return audit_chain.ChainEntry(
+        id=record.id,
+        time_us=time_us,
+        actor=record.actor,
+        method=record.method,
+        model=record.model,
+        target=record.target,
+        request_id=record.request_id,
+        outcome=record.outcome,
+        error_reason=record.error_reason,
+        message=record.message,
+    )
 
 
 def _baselines_to_json(baselines: tuple[registry_pb2.InputBaseline, ...]) -> str:

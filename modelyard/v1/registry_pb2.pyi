@@ -189,7 +189,7 @@ class Deployment(_message.Message):
     def __init__(self, pinned_versions: _Optional[_Iterable[int]] = ..., replicas: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., instances: _Optional[int] = ..., traffic_split: _Optional[_Mapping[str, int]] = ..., shadow_alias: _Optional[str] = ..., shadow_fraction: _Optional[float] = ..., placed_versions: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., execution: _Optional[str] = ...) -> None: ...
 
 class AuditEntry(_message.Message):
-    __slots__ = ("id", "time", "actor", "method", "model", "target", "request_id", "outcome", "error_reason", "message")
+    __slots__ = ("id", "time", "actor", "method", "model", "target", "request_id", "outcome", "error_reason", "message", "prev_hash", "entry_hash")
     ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,8 @@ class AuditEntry(_message.Message):
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PREV_HASH_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_HASH_FIELD_NUMBER: _ClassVar[int]
     id: int
     time: _timestamp_pb2.Timestamp
     actor: str
@@ -210,4 +212,6 @@ class AuditEntry(_message.Message):
     outcome: str
     error_reason: str
     message: str
-    def __init__(self, id: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[str] = ..., target: _Optional[str] = ..., request_id: _Optional[str] = ..., outcome: _Optional[str] = ..., error_reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    prev_hash: str
+    entry_hash: str
+    def __init__(self, id: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[str] = ..., target: _Optional[str] = ..., request_id: _Optional[str] = ..., outcome: _Optional[str] = ..., error_reason: _Optional[str] = ..., message: _Optional[str] = ..., prev_hash: _Optional[str] = ..., entry_hash: _Optional[str] = ...) -> None: ...
