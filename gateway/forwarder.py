@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
+import time
 import warnings
 from typing import Any
 
@@ -17,6 +19,8 @@ import grpc
 from modelyard.rpc.context import REQUEST_ID_METADATA_KEY
 from modelyard.rpc.server import channel_options
 from modelyard.tls import ClientTLS, ClientTLSWatch, open_channel
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ChannelPool", "ReplicaUnavailable", "append_version"]
 
@@ -54,12 +58,33 @@ def refused_before_work(exc: grpc.aio.AioRpcError) -> bool:
     code = exc.code()
     if code is grpc.StatusCode.NOT_FOUND:
         return _has_reason(exc, (b"MODEL_NOT_FOUND",))
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        # The model server refused the gateway itself (not the caller, whose key the gateway
+        # already checked): a cluster secret that differs. Never relayed as the caller's fault.
+        _log_refused_gateway(exc)
+        return True
     if code is not grpc.StatusCode.UNAVAILABLE:
         return False
     if _has_reason(exc, _SAFE_REASONS):
         return True
     text = f"{exc.details()} {exc.debug_error_string()}".lower()
     return "failed to connect" in text or "connection refused" in text or "no route" in text
+
+
+_last_refusal_log = 0.0
+
+
+def _log_refused_gateway(exc: grpc.aio.AioRpcError) -> None:
+    global _last_refusal_log
+    now = time.monotonic()
+    if now - _last_refusal_log > 10.0:
+        _last_refusal_log = now
+        log.error(
+            "a model server refused the gateway's credentials (%s: %s); every service must be given"
+            " the same cluster secret (ACCESS__SERVICE_SECRET_FILE)",
+            exc.code().name,
+            (exc.details() or "")[:200],
+        )
 
 
 def _has_reason(exc: grpc.aio.AioRpcError, reasons: tuple[bytes, ...]) -> bool:

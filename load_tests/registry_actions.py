@@ -14,11 +14,9 @@ from modelyard.v1 import registry_pb2 as reg_pb2
 from modelyard.v1 import registry_service_pb2 as reg
 from modelyard.v1 import registry_service_pb2_grpc as reg_grpc
 
-__all__ = ["copy_version", "promote", "rollback", "get_deployment", "set_deployment", "spec_of", "ACTOR"]
+__all__ = ["copy_version", "promote", "rollback", "get_deployment", "set_deployment", "spec_of"]
 
 CHUNK_BYTES = 1 << 20
-ACTOR = "load-tests"
-"""Who the registry's audit log says made the deployment changes (`x-modelyard-user`)."""
 
 
 async def copy_version(channel: grpc.aio.Channel, model: str, version: int) -> int:
@@ -114,7 +112,6 @@ async def set_deployment(
     """
     reply = await reg_grpc.RegistryServiceStub(channel).SetDeployment(
         reg.SetDeploymentRequest(model=model, deployment=spec_of(deployment), expected_epoch=expected_epoch),
-        metadata=(("x-modelyard-user", ACTOR),),
         timeout=10,
     )
     result: reg_pb2.Deployment = reply.deployment

@@ -62,7 +62,8 @@ __all__ = ["RegistryStore", "SCHEMA_VERSION"]
 SCHEMA_VERSION = 5
 """Kept in `PRAGMA user_version`; a database from a newer registry is refused, not guessed at.
 2 -> 3 added `versions.input_baselines`, 3 -> 4 `models.require_signature`, `versions.signer`
-and `versions.model_signature` (each upgraded in place on open)."""
+and `versions.model_signature`, 4 -> 5 `audit_log.prev_hash` and `audit_log.entry_hash` (the
+hash chain; each upgraded in place on open)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (

@@ -17,6 +17,7 @@ from grpc_status import rpc_status
 from modelyard.demo import build_demo_model, demo_signature, predict_until_served, register_model
 from modelyard.local_cluster import LocalCluster
 from modelyard.tensor_codec import tensor_from_proto, tensor_to_proto
+from modelyard.tls import open_channel
 from modelyard.v1 import inference_service_pb2 as inf
 from modelyard.v1 import inference_service_pb2_grpc as inf_grpc
 from modelyard.v1 import monitor_service_pb2 as mon
@@ -50,13 +51,15 @@ def _reason(error: grpc.aio.AioRpcError) -> str:
 
 async def test_register_promote_predict_with_32_concurrent_callers(cluster: LocalCluster) -> None:
     module, artifact = build_demo_model(seed=3)
-    version = await register_model(cluster.address_of("registry"), "e2e", artifact, demo_signature())
+    version = await register_model(
+        cluster.address_of("registry"), "e2e", artifact, demo_signature(), token=cluster.api_key
+    )
     # Wait until the version serves, then fire 32 concurrent callers with distinct inputs.
-    await predict_until_served(cluster.gateway_address, "e2e", [torch.zeros(1, 64)])
+    await predict_until_served(cluster.gateway_address, "e2e", [torch.zeros(1, 64)], token=cluster.api_key)
 
     generator = torch.Generator().manual_seed(99)
     inputs = [torch.randn(1 + i % 4, 64, generator=generator) for i in range(32)]
-    async with grpc.aio.insecure_channel(cluster.gateway_address) as channel:
+    async with open_channel(cluster.gateway_address, None, token=cluster.api_key) as channel:
         stub = inf_grpc.InferenceServiceStub(channel)
 
         async def call(i: int) -> inf.PredictResponse:
@@ -119,7 +122,7 @@ async def test_register_promote_predict_with_32_concurrent_callers(cluster: Loca
         assert again.version == version
 
     # The monitor reports every service up and the model server holding e2e.
-    async with grpc.aio.insecure_channel(cluster.address_of("monitor")) as channel:
+    async with open_channel(cluster.address_of("monitor"), None, token=cluster.api_key) as channel:
         status = await mon_grpc.MonitorServiceStub(channel).GetClusterStatus(mon.GetClusterStatusRequest())
     assert {s.kind for s in status.services} == {
         mon.SERVICE_KIND_GATEWAY,
@@ -134,7 +137,7 @@ async def test_register_promote_predict_with_32_concurrent_callers(cluster: Loca
 
 async def test_corrupt_upload_is_refused_and_nothing_is_stored(cluster: LocalCluster) -> None:
     _, artifact = build_demo_model()
-    async with grpc.aio.insecure_channel(cluster.address_of("registry")) as channel:
+    async with open_channel(cluster.address_of("registry"), None, token=cluster.api_key) as channel:
         stub = reg_grpc.RegistryServiceStub(channel)
         await stub.CreateModel(reg.CreateModelRequest(name="corrupt"))
 

@@ -25,6 +25,7 @@ from modelyard.demo import build_demo_model, demo_signature, predict_until_serve
 from modelyard.local_cluster import Child, LocalCluster
 from modelyard.settings import RedisSettings
 from modelyard.tensor_codec import tensor_from_proto, tensor_to_proto
+from modelyard.tls import open_channel
 from modelyard.v1 import inference_service_pb2 as inf
 from modelyard.v1 import inference_service_pb2_grpc as inf_grpc
 
@@ -61,8 +62,10 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     try:
         await local.start()
         module, artifact = build_demo_model(seed=5)
-        await register_model(local.address_of("registry"), MODEL, artifact, demo_signature())
-        await predict_until_served(local.gateway_address, MODEL, [torch.zeros(1, 64)])
+        await register_model(
+            local.address_of("registry"), MODEL, artifact, demo_signature(), token=local.api_key
+        )
+        await predict_until_served(local.gateway_address, MODEL, [torch.zeros(1, 64)], token=local.api_key)
         async with CoordinationStore(RedisSettings(url=local.redis_url)) as store:
             # Both model servers hold the version ready.
             end = time.monotonic() + 60
@@ -108,7 +111,7 @@ async def under_load(cluster: Cluster, fault: Callable[[], Awaitable[None]], *, 
             if not torch.allclose(tensor_from_proto(reply.outputs[0]), expected[i], rtol=1e-5, atol=1e-6):
                 load.wrong += 1
 
-    async with grpc.aio.insecure_channel(cluster.local.gateway_address) as channel:
+    async with open_channel(cluster.local.gateway_address, None, token=cluster.local.api_key) as channel:
         stub = inf_grpc.InferenceServiceStub(channel)
         callers = [asyncio.create_task(caller(i, stub)) for i in range(CALLERS)]
         await asyncio.sleep(1.5)

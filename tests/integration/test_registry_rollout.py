@@ -22,8 +22,10 @@ from gateway.app import GatewayApp
 from gateway.settings import GatewaySettings
 from model_server.app import ModelServerApp
 from model_server.settings import ModelServerSettings
+from modelyard.access.client import bearer_metadata
+from modelyard.access.keys import new_key_token
 from modelyard.coordination import CoordinationStore, Deployment
-from modelyard.settings import RedisSettings, ServerSettings, load_settings
+from modelyard.settings import AccessSettings, RedisSettings, ServerSettings, load_settings
 from modelyard.tensor_codec import tensor_to_proto
 from modelyard.v1 import inference_service_pb2 as inf
 from modelyard.v1 import inference_service_pb2_grpc as inf_grpc
@@ -124,7 +126,9 @@ def stub(registry: RegistryApp, channels: Callable[[str], grpc.aio.Channel]) -> 
 # -- helpers --------------------------------------------------------------------------------
 
 
-async def upload(stub: RegistryServiceAsyncStub, model: str, data: bytes) -> int:
+async def upload(
+    stub: RegistryServiceAsyncStub, model: str, data: bytes, metadata: tuple[tuple[str, str], ...] = ()
+) -> int:
     async def requests() -> AsyncIterator[pb.UploadModelVersionRequest]:
         yield pb.UploadModelVersionRequest(
             metadata=pb.UploadModelVersionMetadata(
@@ -136,7 +140,7 @@ async def upload(stub: RegistryServiceAsyncStub, model: str, data: bytes) -> int
         )
         yield pb.UploadModelVersionRequest(chunk=data)
 
-    response = await stub.UploadModelVersion(requests())
+    response = await stub.UploadModelVersion(requests(), metadata=metadata)
     return response.model_version.version
 
 
@@ -508,19 +512,33 @@ async def test_archive_and_delete_with_shared_artifacts(
     assert await upload(stub, MODEL, artifact(5)) == 4
 
 
-async def test_every_mutating_call_is_audited_with_who_and_outcome(stub: RegistryServiceAsyncStub) -> None:
-    user = (("x-modelyard-user", "alice"),)
-    await stub.CreateModel(pb.CreateModelRequest(name=MODEL), metadata=user)
-    await upload(stub, MODEL, artifact(0))
+async def test_every_mutating_call_is_audited_with_who_and_outcome(
+    start_registry: StartRegistry, channels: Callable[[str], grpc.aio.Channel]
+) -> None:
+    admin_id, admin_token = new_key_token()
+    registry = await start_registry(access=AccessSettings(mode="enforce"), admin_key=admin_token)
+    assert registry.keys is not None
+    _, alice_token = await registry.keys.create("alice", ["registry.write:*", "alias.move:*"])
+    stub = RegistryServiceStub(channels(registry.address))
+    alice = bearer_metadata(alice_token)
+    admin = bearer_metadata(admin_token)
+    # A header naming someone else changes nothing: the actor is the key's principal.
+    claimed = (*alice, ("x-modelyard-user", "mallory"))
+    await stub.CreateModel(pb.CreateModelRequest(name=MODEL), metadata=claimed)
+    await upload(stub, MODEL, artifact(0), metadata=alice)
     await stub.SetAlias(
-        pb.SetAliasRequest(model=MODEL, alias="production", version=1, request_id="req-1"), metadata=user
+        pb.SetAliasRequest(model=MODEL, alias="production", version=1, request_id="req-1"), metadata=alice
     )
     await failure(
-        stub.SetAlias(pb.SetAliasRequest(model=MODEL, alias="production", version=1, expected_version=7))
+        stub.SetAlias(
+            pb.SetAliasRequest(model=MODEL, alias="production", version=1, expected_version=7), metadata=admin
+        )
     )
-    await failure(stub.RollbackAlias(pb.RollbackAliasRequest(model=MODEL, alias="production")))
+    await failure(
+        stub.RollbackAlias(pb.RollbackAliasRequest(model=MODEL, alias="production"), metadata=admin)
+    )
 
-    page = await stub.ListAuditEntries(pb.ListAuditEntriesRequest(model=MODEL))
+    page = await stub.ListAuditEntries(pb.ListAuditEntriesRequest(model=MODEL), metadata=admin)
     summary = [(e.method, e.outcome, e.error_reason) for e in page.entries]
     assert summary == [
         ("RollbackAlias", "FAILED_PRECONDITION", "FAILED_PRECONDITION"),
@@ -530,18 +548,23 @@ async def test_every_mutating_call_is_audited_with_who_and_outcome(stub: Registr
         ("CreateModel", "OK", ""),
     ]
     set_ok = page.entries[2]
-    assert (set_ok.actor, set_ok.request_id, set_ok.target) == ("alice", "req-1", "alias production -> 1")
-    assert page.entries[1].actor.startswith("ipv")  # no user named: the peer address
+    assert (set_ok.actor, set_ok.request_id, set_ok.target) == ("key:alice", "req-1", "alias production -> 1")
+    assert page.entries[1].actor == "key:admin"
     assert page.entries[1].request_id  # the interceptor's request id
+    assert not any(e.actor == "mallory" for e in page.entries)
 
-    failed = await stub.ListAuditEntries(pb.ListAuditEntriesRequest(outcome="ABORTED"))
+    failed = await stub.ListAuditEntries(pb.ListAuditEntriesRequest(outcome="ABORTED"), metadata=admin)
     assert [e.method for e in failed.entries] == ["SetAlias"]
-    by_alice = await stub.ListAuditEntries(pb.ListAuditEntriesRequest(actor="alice", page_size=1))
+    by_alice = await stub.ListAuditEntries(
+        pb.ListAuditEntriesRequest(actor="key:alice", page_size=1), metadata=admin
+    )
     assert [e.method for e in by_alice.entries] == ["SetAlias"] and by_alice.next_page_token
     rest = await stub.ListAuditEntries(
-        pb.ListAuditEntriesRequest(actor="alice", page_size=1, page_token=by_alice.next_page_token)
+        pb.ListAuditEntriesRequest(actor="key:alice", page_size=2, page_token=by_alice.next_page_token),
+        metadata=admin,
     )
-    assert [e.method for e in rest.entries] == ["CreateModel"]
+    assert [e.method for e in rest.entries] == ["UploadModelVersion", "CreateModel"]
+    assert admin_id  # the bootstrap adopted the given token's key id
 
 
 # -- recovery -------------------------------------------------------------------------------
