@@ -109,6 +109,10 @@ class AccessSettings(BaseModel):
     about this long (plus one Redis round trip)."""
     reflection: Literal["open", "authenticated"] = "authenticated"
     """Server reflection: `open` to anyone, or to any valid key or service."""
+    metrics: Literal["open", "authenticated"] = "open"
+    """Prometheus /metrics: `open` (scrape from the cluster network only), or only with a
+    bearer token: a service token or an API key with `monitor.read` (Prometheus:
+    `authorization: {credentials_file: ...}`)."""
     default_rate_per_s: float = Field(default=0.0, ge=0.0)
     """Gateway: requests per second admitted from a key without its own limit; 0: no limit."""
     default_max_concurrency: int = Field(default=0, ge=0)

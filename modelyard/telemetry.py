@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+from collections.abc import Callable
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Histogram, start_http_server
@@ -64,9 +66,21 @@ RPC_SECONDS = Histogram(
 
 class MetricsHTTPServer:
     """Prometheus `/metrics` on its own port, served from a daemon thread; HTTPS with the
-    service's certificate when its TLS is on (client certificates required under mTLS)."""
+    service's certificate when its TLS is on (client certificates required under mTLS).
 
-    def __init__(self, host: str, port: int, *, tls: TLSSettings | None = None) -> None:
+    Args:
+        authorize: Given the request's `Authorization` header (None without one), whether to
+            answer; a refused request gets 401. None: open to every caller.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        tls: TLSSettings | None = None,
+        authorize: Callable[[str | None], bool] | None = None,
+    ) -> None:
         self._httpd: WSGIServer
         if tls is not None and tls.enabled:
             self._httpd, self._thread = start_http_server(
@@ -83,11 +97,26 @@ class MetricsHTTPServer:
             listener.context.sni_callback = HTTPSReloader(tls).sni_callback
         else:
             self._httpd, self._thread = start_http_server(port, addr=host)
+        if authorize is not None:
+            # Before the service registers or reports SERVING: nobody scrapes it yet.
+            self._httpd.set_app(_guarded(self._httpd.get_app(), authorize))
         self.port: int = self._httpd.server_port
 
     def close(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+def _guarded(app: Any, authorize: Callable[[str | None], bool]) -> Any:
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if not authorize(environ.get("HTTP_AUTHORIZATION")):
+            start_response(
+                "401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")]
+            )
+            return [b"/metrics needs 'Authorization: Bearer <service token or key with monitor.read>'\n"]
+        return app(environ, start_response)
+
+    return guarded
 
 
 def configure_logging(level: str | None = None) -> None:

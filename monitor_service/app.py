@@ -74,7 +74,9 @@ class MonitorApp:
         )
         self.cluster = ClusterView(self.store, settings.down_retention_s)
         self.collector = Collector(
-            self.store, settings.window_s, fetch=metrics_fetcher(ClientTLS.from_settings(settings.tls))
+            self.store,
+            settings.window_s,
+            fetch=metrics_fetcher(ClientTLS.from_settings(settings.tls), self.access.service_token()),
         )
         self.drift = DriftDetector(
             self.rule_file.baselines,

@@ -271,34 +271,28 @@ class VersionStats:
 Fetch = Callable[[str], Awaitable[str]]
 
 
-async def fetch_metrics(address: str) -> str:
-    """GET http://address/metrics (loopback or cluster network; short timeout)."""
+def metrics_fetcher(client_tls: ClientTLS | None, token: str | None = None) -> Fetch:
+    """GET http://address/metrics, or https:// with the monitor's certificate when the
+    cluster's TLS is on (services then serve /metrics over HTTPS); with `token` (the monitor's
+    service token), as a bearer token, for services whose /metrics asks for one."""
+    context = https_context(client_tls) if client_tls is not None else None
+    scheme = "https" if client_tls is not None else "http"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
 
-    def get() -> str:
-        with urllib.request.urlopen(f"http://{address}/metrics", timeout=2.0) as response:
-            body: bytes = response.read()
-        return body.decode()
-
-    return await asyncio.to_thread(get)
-
-
-def metrics_fetcher(client_tls: ClientTLS | None) -> Fetch:
-    """`fetch_metrics`, or GET https://address/metrics with the monitor's certificate when
-    the cluster's TLS is on (services then serve /metrics over HTTPS)."""
-    if client_tls is None:
-        return fetch_metrics
-    context = https_context(client_tls)
-
-    async def fetch_https(address: str) -> str:
+    async def fetch(address: str) -> str:
         def get() -> str:
-            url = f"https://{address}/metrics"
-            with urllib.request.urlopen(url, timeout=2.0, context=context) as response:
+            request = urllib.request.Request(f"{scheme}://{address}/metrics", headers=headers)
+            with urllib.request.urlopen(request, timeout=2.0, context=context) as response:
                 body: bytes = response.read()
             return body.decode()
 
         return await asyncio.to_thread(get)
 
-    return fetch_https
+    return fetch
+
+
+fetch_metrics = metrics_fetcher(None)
+"""GET http://address/metrics (loopback or cluster network; short timeout)."""
 
 
 class Collector:

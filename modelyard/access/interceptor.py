@@ -184,6 +184,21 @@ class AccessControl:
         token = self.service_token()
         return ((AUTHORIZATION_METADATA_KEY, f"Bearer {token}"),) if token else ()
 
+    def metrics_authorizer(self) -> Callable[[str | None], bool] | None:
+        """The /metrics check (`access.metrics`), or None when /metrics is open."""
+        if not self.enforced or self.settings.metrics == "open":
+            return None
+        interceptor = AccessInterceptor(self)
+
+        def authorize(header: str | None) -> bool:
+            try:
+                principal = interceptor.authenticate((("authorization", header),) if header else ())
+            except ModelyardError:
+                return False
+            return principal.allows("monitor.read")
+
+        return authorize
+
     def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
         return [AccessInterceptor(self)] if self.enforced else []
 
@@ -213,7 +228,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         self._access = access
         self._rules: Mapping[str, Mapping[str, Rule]] = RULES.get(access.kind, {})
         self._cache: dict[str, tuple[_Handler, _Handler]] = {}
-        self._deny_cache: dict[str, _Handler] = {}
+        self._deny_cache: dict[str, tuple[_Handler, _Handler]] = {}
         # token -> (book epoch, principal, expiry): a key's next calls skip parse and hash.
         self._seen: dict[str, tuple[int, Principal, float]] = {}
 
@@ -275,8 +290,10 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                     raise _lacks(principal, rule.verb, "")
         except ModelyardError as error:
             _denial_var.set(error)
-            actor = "anonymous" if isinstance(error, Unauthenticated) else _actor_of(error)
-            return self._denier(method, handler, rule, actor)
+            denier = self._deny_cache.get(method)
+            if denier is None or denier[0] is not handler:
+                denier = self._deny_cache[method] = (handler, self._denier(method, handler, rule))
+            return denier[1]
         _principal_var.set(principal)
         if rule.verb in (INTERNAL, AUTHENTICATED) or (
             rule.model is None and not rule.in_handler and not rule.limited
@@ -289,9 +306,10 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         self._cache[method] = (handler, wrapped)
         return wrapped
 
-    def _denier(self, method: str, handler: _Handler, rule: Rule | None, actor: str) -> _Handler:
+    def _denier(self, method: str, handler: _Handler, rule: Rule | None) -> _Handler:
         """A handler that answers the denial (read from `_denial_var`) without parsing the
-        request: bytes from a caller who is not let in are never decoded."""
+        request: bytes from a caller who is not let in are never decoded. One per method,
+        so refused calls never churn the handler caches of the allowed ones."""
         on_denied = self._access.on_denied if rule is not None and rule.mutating else None
 
         async def deny(context: Any) -> None:
@@ -300,7 +318,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 await on_denied(
                     DeniedCall(
                         method=method.rpartition("/")[2],
-                        actor=actor if not isinstance(error, Unauthenticated) else "anonymous",
+                        actor="anonymous" if isinstance(error, Unauthenticated) else _actor_of(error),
                         code="UNAUTHENTICATED" if isinstance(error, Unauthenticated) else "PERMISSION_DENIED",
                         message=error.message[:256],
                     )

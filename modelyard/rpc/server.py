@@ -67,8 +67,10 @@ class ServiceServer:
         service_names: Sequence[str],
         settings: ServerSettings,
         tls: TLSSettings | None = None,
+        access: AccessControl | None = None,
     ) -> None:
         self.server = server
+        self._access = access
         self._tls = tls or TLSSettings()
         self.port = port
         self.health = health
@@ -96,7 +98,10 @@ class ServiceServer:
         if metrics_port is None:
             metrics_port = self.port + 1000 if self._settings.port else 0
         self.metrics = MetricsHTTPServer(
-            self._settings.host.strip("[]") or "0.0.0.0", metrics_port, tls=self._tls
+            self._settings.host.strip("[]") or "0.0.0.0",
+            metrics_port,
+            tls=self._tls,
+            authorize=self._access.metrics_authorizer() if self._access is not None else None,
         )
 
     async def set_serving(self, serving: bool) -> None:
@@ -192,4 +197,4 @@ def create_server(
         raise RuntimeError(f"cannot listen on {address}: {exc}") from exc
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}: the address is taken or invalid")
-    return ServiceServer(server, port, health, service_names, settings, tls)
+    return ServiceServer(server, port, health, service_names, settings, tls, access)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
@@ -98,3 +100,25 @@ async def test_a_gateway_with_access_off_refuses_to_listen_on_a_reachable_addres
         await launch_gateway(
             access=AccessSettings(mode="off"), server=ServerSettings(host=host, port=0, metrics_port=0)
         )
+
+
+async def test_metrics_asks_for_a_token_when_told(
+    launch_gateway: LaunchGateway, store: CoordinationStore
+) -> None:
+    reader, reader_token = _key("reader")
+    reader = KeyRecord(reader.key_id, reader.name, reader.token_hash, ("monitor.read",))
+    caller, caller_token = _key("caller")
+    await _publish(store, reader, caller, epoch=1)
+    gateway = await launch_gateway(access=AccessSettings(mode="enforce", metrics="authenticated"))
+    url = f"http://{gateway.server.metrics_address}/metrics"
+
+    def get(token: str | None) -> int:
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    codes = await asyncio.to_thread(lambda: [get(None), get("garbage"), get(caller_token), get(reader_token)])
+    assert codes == [401, 401, 401, 200]
