@@ -43,7 +43,15 @@ from modelyard.embedded_redis import RedisServer, RedisServerTLS
 from modelyard.membership import new_service_id
 from modelyard.processes import spawn_child
 from modelyard.settings import RedisSettings
-from modelyard.tls import CLIENT_KIND, SERVICE_KINDS, ClientTLS, LocalCA, certificate_expiry, open_channel
+from modelyard.tls import (
+    CLIENT_KIND,
+    SERVICE_KINDS,
+    ClientTLS,
+    LocalCA,
+    certificate_expiry,
+    open_channel,
+    write_private,
+)
 
 __all__ = [
     "LocalCluster",
@@ -328,11 +336,8 @@ class LocalCluster:
         return self.data_dir / "cluster.secret"
 
     def _prepare_secret(self) -> None:
-        if self.secret_file.exists():
-            return
-        fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_urlsafe(32) + "\n")
+        if not self.secret_file.exists():
+            write_private(self.secret_file, secrets.token_urlsafe(32).encode())
 
     def _access_env(self, kind: str, prefix: str) -> dict[str, str]:
         env = {f"{prefix}ACCESS__MODE": self.access}
@@ -646,30 +651,8 @@ API_KEY_ENV = "MODELYARD_API_KEY"
 """An API key for the CLI, `modelyard top` and the load tests; wins over the cluster file's."""
 
 
-def api_key_for(address: str, cluster_file: Path | None = None) -> str | None:
-    """The API key a client calls `address` with: `$MODELYARD_API_KEY`, else the admin key of
-    the running local cluster whose file names that address, else None."""
-    if os.environ.get(API_KEY_ENV):
-        return os.environ[API_KEY_ENV].strip()
-    path = cluster_file or Path(os.environ.get(CLUSTER_FILE_ENV) or Path("var") / CLUSTER_FILE_NAME)
-    try:
-        info = ClusterFile.read(path)
-    except (OSError, ValueError):
-        return None
-    if info.api_key_file is None or not info.running():
-        return None
-    hosts = {address, address.replace("localhost:", "127.0.0.1:")}
-    if not hosts & set(info.services.values()):
-        return None
-    try:
-        return info.api_key_file.read_text().strip() or None
-    except OSError:
-        return None
-
-
-def client_tls_for(address: str, cluster_file: Path | None = None) -> ClientTLS | None:
-    """How a client (the CLI, `modelyard top`) dials `address`: with the TLS material of the
-    running cluster whose file names that address, else plaintext.
+def _cluster_serving(address: str, cluster_file: Path | None) -> ClusterFile | None:
+    """The running local cluster whose file names `address`, or None.
 
     The cluster file is `cluster_file`, else `$MODELYARD_CLUSTER_FILE`, else
     `var/cluster.json` (what `modelyard up` writes with its default data dir).
@@ -679,10 +662,31 @@ def client_tls_for(address: str, cluster_file: Path | None = None) -> ClientTLS 
         info = ClusterFile.read(path)
     except (OSError, ValueError):
         return None
-    if info.tls is None or not info.running():
-        return None
     hosts = {address, address.replace("localhost:", "127.0.0.1:")}
-    return info.tls if hosts & set(info.services.values()) else None
+    if not hosts & set(info.services.values()) or not info.running():
+        return None
+    return info
+
+
+def api_key_for(address: str, cluster_file: Path | None = None) -> str | None:
+    """The API key a client calls `address` with: `$MODELYARD_API_KEY`, else the admin key of
+    the running local cluster whose file names that address, else None."""
+    if os.environ.get(API_KEY_ENV):
+        return os.environ[API_KEY_ENV].strip()
+    info = _cluster_serving(address, cluster_file)
+    if info is None or info.api_key_file is None:
+        return None
+    try:
+        return info.api_key_file.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def client_tls_for(address: str, cluster_file: Path | None = None) -> ClientTLS | None:
+    """How a client (the CLI, `modelyard top`) dials `address`: with the TLS material of the
+    running cluster whose file names that address (`_cluster_serving`), else plaintext."""
+    info = _cluster_serving(address, cluster_file)
+    return info.tls if info is not None else None
 
 
 async def _serving(address: str, client_tls: ClientTLS | None = None) -> bool:

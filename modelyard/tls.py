@@ -69,6 +69,7 @@ __all__ = [
     "peer_kind",
     "peer_kind_var",
     "server_credentials",
+    "write_private",
 ]
 
 log = logging.getLogger(__name__)
@@ -132,9 +133,10 @@ class IssuedCertificate:
     key_file: Path
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Write a file readable only by its owner, replacing it atomically (a reader, such as a
     reloading server, never sees half a key)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     partial.unlink(missing_ok=True)
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -212,8 +214,8 @@ class LocalCA:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
-        _write_private(directory / "ca-key.pem", _key_pem(key))
-        _write_private(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
+        write_private(directory / "ca-key.pem", _key_pem(key))
+        write_private(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
         return cls(directory, cert, key)
 
     @classmethod
@@ -305,8 +307,8 @@ class LocalCA:
         )
         issued = self.issued(stem)
         # Key first: a reloading server that sees the new certificate must find its key.
-        _write_private(issued.key_file, _key_pem(key))
-        _write_private(issued.cert_file, cert.public_bytes(serialization.Encoding.PEM))
+        write_private(issued.key_file, _key_pem(key))
+        write_private(issued.cert_file, cert.public_bytes(serialization.Encoding.PEM))
         return issued
 
 

@@ -29,6 +29,7 @@ from modelyard.access.grants import Grants, InvalidGrant
 from modelyard.access.keys import KeyBook, KeyRecord, hash_token, key_id_of, new_key_token
 from modelyard.coordination import CoordinationStore
 from modelyard.errors import AlreadyExists, CoordinationUnavailable, InvalidArgument, NotFound
+from modelyard.tls import write_private
 
 __all__ = ["ApiKey", "ApiKeys", "KeyStore"]
 
@@ -168,21 +169,7 @@ class KeyStore:
         for row in conn.execute("SELECT * FROM api_keys WHERE name = ?", (key.name,)).fetchall():
             if _key_from(row).active(now) and not row["revoked_at"]:
                 raise AlreadyExists(f"an active API key is named {key.name!r}; revoke or rotate it")
-        conn.execute(
-            "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                key.key_id,
-                key.name,
-                key.token_hash,
-                json.dumps(list(key.grants)),
-                key.created_at,
-                key.expires_at,
-                key.revoked_at,
-                key.created_by,
-                key.rate_per_s,
-                key.max_concurrency,
-            ),
-        )
+        _insert_row(conn, key)
 
     def _insert(self, key: ApiKey) -> int:
         assert self._conn is not None
@@ -212,22 +199,26 @@ class KeyStore:
             conn.execute("UPDATE api_keys SET revoked_at = ? WHERE key_id = ?", (revoke_at, old_id))
             old = replace(old, revoked_at=revoke_at)
             # The old key is being revoked, so the name is free for the new one.
-            conn.execute(
-                "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    new.key_id,
-                    new.name,
-                    new.token_hash,
-                    json.dumps(list(new.grants)),
-                    new.created_at,
-                    new.expires_at,
-                    0.0,
-                    new.created_by,
-                    new.rate_per_s,
-                    new.max_concurrency,
-                ),
-            )
+            _insert_row(conn, replace(new, revoked_at=0.0))
             return old, self._bump(conn)
+
+
+def _insert_row(conn: sqlite3.Connection, key: ApiKey) -> None:
+    conn.execute(
+        "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            key.key_id,
+            key.name,
+            key.token_hash,
+            json.dumps(list(key.grants)),
+            key.created_at,
+            key.expires_at,
+            key.revoked_at,
+            key.created_by,
+            key.rate_per_s,
+            key.max_concurrency,
+        ),
+    )
 
 
 class _transaction:
@@ -407,7 +398,7 @@ class ApiKeys:
             return None
         _, made = await self.create("admin", ["admin"], created_by="bootstrap", token=token)
         if write_to is not None and token is None:
-            write_private(write_to, made + "\n")
+            write_private(write_to, made.encode())
             log.info("made the admin API key; it is in %s", write_to)
         return made
 
@@ -419,14 +410,3 @@ def _check_grants(grants: list[str]) -> None:
         Grants.parse(grants)
     except InvalidGrant as exc:
         raise InvalidArgument(str(exc), field="grants") from None
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read, replacing it atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.unlink(missing_ok=True)
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    partial.replace(path)

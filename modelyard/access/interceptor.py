@@ -394,9 +394,9 @@ def _guard(handler: _Handler, rule: Rule, method: str, access: AccessControl) ->
             )
         await context.abort_with_status(to_rpc_status(error))
 
-    def admit() -> Callable[[], None] | None:
+    def admit(*, rate: bool = True) -> Callable[[], None] | None:
         principal = _principal_var.get()
-        return limits.admit(principal) if limits is not None and principal is not None else None
+        return limits.admit(principal, rate=rate) if limits is not None and principal is not None else None
 
     if handler.request_streaming:
 
@@ -415,7 +415,7 @@ def _guard(handler: _Handler, rule: Rule, method: str, access: AccessControl) ->
         if inspect.isasyncgenfunction(behavior):
 
             async def guarded_stream_stream(requests: Any, context: Any) -> Any:
-                release = _admit_or_abort(admit)
+                release = _admit_or_abort(lambda: admit(rate=False))
                 if isinstance(release, ModelyardError):
                     await refused(context, release)
                 try:

@@ -91,12 +91,14 @@ class KeyLimits:
             )
         bucket.tokens -= 1.0
 
-    def admit(self, principal: Principal) -> Callable[[], None] | None:
-        """Admit one call (rate and concurrency): the callable given back must be called when
-        it ends; None when the key has no concurrency limit. Raises RateLimited."""
+    def admit(self, principal: Principal, *, rate: bool = True) -> Callable[[], None] | None:
+        """Admit one call (its rate token unless `rate` is False, as for a stream whose
+        messages take one each, and a concurrency slot): the callable given back must be
+        called when it ends; None when the key has no concurrency limit. Raises RateLimited."""
         if principal.service:
             return None
-        self.take(principal)
+        if rate:
+            self.take(principal)
         _, concurrency = self._limits(principal)
         if concurrency <= 0:
             return None
