@@ -38,7 +38,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from modelyard import audit_chain
-from modelyard.access.client import bearer_metadata
 from modelyard.baseline import DEFAULT_BINS, compute_baseline, load_baseline_sample
 from modelyard.errors import InvalidArgument
 from modelyard.local_cluster import api_key_for, client_tls_for
@@ -98,12 +97,15 @@ def add_to(app: typer.Typer) -> None:
 def call_registry(
     registry: str, api_key: str, fn: Callable[[grpc.aio.Channel, tuple[tuple[str, str], ...]], Awaitable[T]]
 ) -> T:
-    """Run `fn(channel, metadata)` against the registry with the caller's credentials; a
-    failure prints its status and message and exits 1."""
+    """Run `fn(channel, metadata)` against the registry with the caller's credentials (on the
+    channel; `metadata` is extra call metadata); a failure prints its status and message and
+    exits 1."""
 
     async def run() -> T:
-        async with open_channel(registry, client_tls_for(registry)) as channel:
-            return await fn(channel, bearer_metadata(api_key or api_key_for(registry)))
+        # The key rides on the channel, so no call can go out without it.
+        token = api_key or api_key_for(registry)
+        async with open_channel(registry, client_tls_for(registry), token=token) as channel:
+            return await fn(channel, ())
 
     try:
         return asyncio.run(run())
@@ -289,9 +291,11 @@ def models_upload(
 
 
 @models_app.command("list")
-def models_list(registry: RegistryOpt = DEFAULT_REGISTRY, as_json: JsonOpt = False) -> None:
+def models_list(
+    registry: RegistryOpt = DEFAULT_REGISTRY, as_json: JsonOpt = False, api_key: ApiKeyOpt = ""
+) -> None:
     """Every model with its latest version and aliases."""
-    response = _call(registry, "", lambda s, md: s.ListModels(pb.ListModelsRequest()))
+    response = _call(registry, api_key, lambda s, md: s.ListModels(pb.ListModelsRequest()))
     if as_json:
         _print_json(response)
         return
@@ -303,7 +307,9 @@ def models_list(registry: RegistryOpt = DEFAULT_REGISTRY, as_json: JsonOpt = Fal
 
 
 @models_app.command("show")
-def models_show(name: str, registry: RegistryOpt = DEFAULT_REGISTRY, as_json: JsonOpt = False) -> None:
+def models_show(
+    name: str, registry: RegistryOpt = DEFAULT_REGISTRY, as_json: JsonOpt = False, api_key: ApiKeyOpt = ""
+) -> None:
     """One model: aliases and deployment."""
 
     async def both(s: _Stub, md: Any) -> tuple[pb.GetModelResponse, pb.GetDeploymentResponse]:
@@ -311,7 +317,7 @@ def models_show(name: str, registry: RegistryOpt = DEFAULT_REGISTRY, as_json: Js
             pb.GetDeploymentRequest(model=name)
         )
 
-    model, deployment = _call(registry, "", both)
+    model, deployment = _call(registry, api_key, both)
     if as_json:
         sys.stdout.write(
             json.dumps(
@@ -337,10 +343,12 @@ def models_show(name: str, registry: RegistryOpt = DEFAULT_REGISTRY, as_json: Js
 
 
 @models_app.command("versions")
-def models_versions(model: str, registry: RegistryOpt = DEFAULT_REGISTRY, as_json: JsonOpt = False) -> None:
+def models_versions(
+    model: str, registry: RegistryOpt = DEFAULT_REGISTRY, as_json: JsonOpt = False, api_key: ApiKeyOpt = ""
+) -> None:
     """A model's versions, oldest first."""
     response = _call(
-        registry, "", lambda s, md: s.ListModelVersions(pb.ListModelVersionsRequest(model=model))
+        registry, api_key, lambda s, md: s.ListModelVersions(pb.ListModelVersionsRequest(model=model))
     )
     if as_json:
         _print_json(response)
@@ -499,11 +507,12 @@ def alias_history(
     limit: Annotated[int, typer.Option(min=1, max=1000, help="Most entries to show.")] = 50,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
+    api_key: ApiKeyOpt = "",
 ) -> None:
     """Moves of a model's aliases, newest first."""
     response = _call(
         registry,
-        "",
+        api_key,
         lambda s, md: s.ListAliasHistory(
             pb.ListAliasHistoryRequest(model=model, alias=alias, page_size=limit)
         ),
@@ -551,9 +560,11 @@ def _print_deployment(d: registry_pb2.Deployment) -> None:
 
 
 @deploy_app.command("show")
-def deploy_show(model: str, registry: RegistryOpt = DEFAULT_REGISTRY, as_json: JsonOpt = False) -> None:
+def deploy_show(
+    model: str, registry: RegistryOpt = DEFAULT_REGISTRY, as_json: JsonOpt = False, api_key: ApiKeyOpt = ""
+) -> None:
     """A model's deployment, with the versions placed now."""
-    response = _call(registry, "", lambda s, md: s.GetDeployment(pb.GetDeploymentRequest(model=model)))
+    response = _call(registry, api_key, lambda s, md: s.GetDeployment(pb.GetDeploymentRequest(model=model)))
     if as_json:
         _print_json(response)
     else:
