@@ -13,6 +13,8 @@ base).
 
     .venv/bin/python bench/ab.py --base HEAD~1 --models cnn --concurrency 64
     .venv/bin/python bench/ab.py --base main --service gateway --models mlp --concurrency 1,64
+    .venv/bin/python bench/ab.py --base HEAD --service gateway --concurrency 1,64 \
+        --base-env MODELYARD_GATEWAY_ACCESS__MODE=off       # what the access check costs
 """
 
 from __future__ import annotations
@@ -42,8 +44,11 @@ REPO = Path(__file__).resolve().parents[1]
 PREFIX = {"model_server": "MODELYARD_MODEL_SERVER_", "gateway": "MODELYARD_GATEWAY_"}
 
 
-def start_base(child: Child, tree: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    """The same service as `child`, from the worktree at `tree`, joined to the same cluster."""
+def start_base(
+    child: Child, tree: Path, port: int, log: Path, extra_env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """The same service as `child`, from the worktree at `tree`, joined to the same cluster,
+    with `extra_env` on top (`--base-env`)."""
     prefix = PREFIX[child.kind]
     env = dict(child.env)
     env.update(
@@ -52,6 +57,7 @@ def start_base(child: Child, tree: Path, port: int, log: Path) -> subprocess.Pop
             f"{prefix}SERVER__PORT": str(port),
             f"{prefix}SERVER__METRICS_PORT": str(port + 1000),
             "PYTHONPATH": str(tree),
+            **extra_env,
         }
     )
     return subprocess.Popen(
@@ -108,7 +114,7 @@ async def main(args: argparse.Namespace) -> None:
         )
         specs = gb.make_models(tmp_path / "models")
         env = {"MODELYARD_LOG_LEVEL": "WARNING", **dict(item.split("=", 1) for item in args.env)}
-        cluster = LocalCluster(data_dir=tmp_path / "cluster", ports="free", env=env)
+        cluster = LocalCluster(data_dir=tmp_path / "cluster", ports="free", env=env, access=args.access)
         base: subprocess.Popen[bytes] | None = None
         points: list[dict[str, Any]] = []
         try:
@@ -116,7 +122,9 @@ async def main(args: argparse.Namespace) -> None:
             child = next(c for c in cluster.children if c.kind == args.service)
             assert child.process is not None
             port = free_port()
-            base = start_base(child, tree, port, tmp_path / "base.log")
+            base_env = dict(item.split("=", 1) for item in args.base_env)
+            base = start_base(child, tree, port, tmp_path / "base.log", base_env)
+            token = gb.cluster_tokens(cluster)[args.service]
             targets = {"this": (child.address, child.process.pid), "base": (f"127.0.0.1:{port}", base.pid)}
             models = args.models.split(",")
             for model in models:
@@ -127,10 +135,11 @@ async def main(args: argparse.Namespace) -> None:
                     model,
                     artifact.read_bytes(),
                     gb.signature(spec["input_shape"], spec["output_shape"]),
+                    token=cluster.api_key,
                 )
                 module = torch.jit.load(str(artifact)).eval()
                 for address, _ in targets.values():
-                    await gb.wait_and_check(address, model, module, spec["input_shape"])
+                    await gb.wait_and_check(address, model, module, spec["input_shape"], token=token)
             order = ["this", "base"]
             for round_ in range(args.rounds):
                 for model in models:
@@ -139,7 +148,7 @@ async def main(args: argparse.Namespace) -> None:
                             address, pid = targets[side]
                             before, started = gb.cpu_s(pid), time.monotonic()
                             result = await asyncio.to_thread(
-                                gb.run_pa, pa, address, model, concurrency, args.seconds, tmp_path
+                                gb.run_pa, pa, address, model, concurrency, args.seconds, tmp_path, token
                             )
                             elapsed = time.monotonic() - started
                             calls = max(result["throughput"] * elapsed, 1.0)
@@ -171,6 +180,8 @@ async def main(args: argparse.Namespace) -> None:
         "base": base_rev,
         "cpus": os.cpu_count(),
         "env": args.env,
+        "base_env": args.base_env,
+        "access": args.access,
         "points": points,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +194,21 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="the commit to compare against (any git revision)")
     parser.add_argument("--service", choices=sorted(PREFIX), default="model_server")
+    parser.add_argument(
+        "--base-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for the base service only, e.g. MODELYARD_GATEWAY_ACCESS__MODE=off to"
+        " measure the access check against the same commit",
+    )
+    parser.add_argument(
+        "--access",
+        choices=["enforce", "off"],
+        default="enforce",
+        help="the cluster's access control; off for a --base older than access control (its"
+        " services send no service token)",
+    )
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--concurrency", default="64")
     parser.add_argument("--rounds", type=int, default=3)

@@ -42,9 +42,11 @@ import grpc
 import numpy as np
 import torch
 
+from modelyard.access.keys import ServiceTokens
 from modelyard.demo import register_model
 from modelyard.local_cluster import LocalCluster
 from modelyard.oip import grpc_service_pb2 as oip
+from modelyard.tls import open_channel
 from modelyard.v1 import tensor_pb2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,14 +88,19 @@ def infer_request(model: str, x: np.ndarray) -> oip.ModelInferRequest:
 
 
 async def wait_and_check(
-    address: str, model: str, module: torch.jit.ScriptModule, input_shape: list[int], timeout_s: float = 120.0
+    address: str,
+    model: str,
+    module: torch.jit.ScriptModule,
+    input_shape: list[int],
+    timeout_s: float = 120.0,
+    token: str | None = None,
 ) -> float:
     """Wait until `address` serves the model; return max |diff| against in-process torch."""
     x = np.random.default_rng(1).standard_normal([2, *input_shape], dtype=np.float32)
     with torch.inference_mode():
         expected = module(torch.from_numpy(x)).numpy()
     end = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address, None, token=token) as channel:
         call = channel.unary_unary(
             "/inference.GRPCInferenceService/ModelInfer",
             request_serializer=oip.ModelInferRequest.SerializeToString,
@@ -124,7 +131,18 @@ def perf_analyzer() -> Path | None:
     return path if path.exists() else None
 
 
-def run_pa(pa: Path, address: str, model: str, concurrency: int, seconds: float, out: Path) -> dict[str, Any]:
+def cluster_tokens(cluster: LocalCluster) -> dict[str, str | None]:
+    """The credentials each path is called with: an API key at the gateway, a service token
+    (what the gateway itself sends) direct to a model server; none with access control off."""
+    if cluster.access != "enforce":
+        return {"gateway": None, "model_server": None, "direct": None}
+    service = ServiceTokens(cluster.secret_file.read_bytes().strip()).token("gateway")
+    return {"gateway": cluster.api_key, "model_server": service, "direct": service}
+
+
+def run_pa(
+    pa: Path, address: str, model: str, concurrency: int, seconds: float, out: Path, token: str | None = None
+) -> dict[str, Any]:
     csv_path = out / f"pa_{model}_{address.replace(':', '_')}_{concurrency}.csv"
     env = dict(os.environ)
     # Where ../shared/bench/peers_env.sh puts libcudart.so.12 (perf_analyzer links it).
@@ -150,6 +168,7 @@ def run_pa(pa: Path, address: str, model: str, concurrency: int, seconds: float,
             "3",
             "-f",
             str(csv_path),
+            *(["-H", f"authorization:Bearer {token}"] if token else []),
         ],
         capture_output=True,
         text=True,
@@ -260,8 +279,11 @@ async def main(args: argparse.Namespace) -> None:
         specs = make_models(tmp_path / "models")
         env = {"MODELYARD_LOG_LEVEL": "WARNING"}
         env.update(dict(item.split("=", 1) for item in args.env))
-        cluster = LocalCluster(data_dir=tmp_path / "cluster", ports="free", env=env)
+        if args.access == "enforce" and (args.floor or loader == "py"):
+            raise SystemExit("--floor and the py loader send no credentials: add --access off")
+        cluster = LocalCluster(data_dir=tmp_path / "cluster", ports="free", env=env, access=args.access)
         await cluster.start()
+        tokens = cluster_tokens(cluster)
         stack = contextlib.ExitStack()
         try:
             gateway = next(c for c in cluster.children if c.kind == "gateway")
@@ -276,14 +298,15 @@ async def main(args: argparse.Namespace) -> None:
                     model,
                     artifact,
                     signature(spec["input_shape"], spec["output_shape"]),
+                    token=cluster.api_key,
                 )
                 module = torch.jit.load(str(tmp_path / "models" / f"{model}.pt")).eval()
                 checks[model] = {
                     "gateway_max_abs_diff": await wait_and_check(
-                        cluster.gateway_address, model, module, spec["input_shape"]
+                        cluster.gateway_address, model, module, spec["input_shape"], token=tokens["gateway"]
                     ),
                     "direct_max_abs_diff": await wait_and_check(
-                        server.address, model, module, spec["input_shape"]
+                        server.address, model, module, spec["input_shape"], token=tokens["model_server"]
                     ),
                 }
             paths = [
@@ -308,7 +331,14 @@ async def main(args: argparse.Namespace) -> None:
                         before, started = sum(cpu_s(p) for p in pids), time.monotonic()
                         if pa is not None:
                             result = await asyncio.to_thread(
-                                run_pa, pa, address, model, concurrency, args.seconds, tmp_path
+                                run_pa,
+                                pa,
+                                address,
+                                model,
+                                concurrency,
+                                args.seconds,
+                                tmp_path,
+                                tokens.get(path),
                             )
                         else:
                             assert python is not None
@@ -382,6 +412,13 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=6.0, help="measured window per point")
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up per point (py loader)")
     parser.add_argument("--loader", choices=["auto", "pa", "py"], default="auto")
+    parser.add_argument(
+        "--access",
+        choices=["enforce", "off"],
+        default="enforce",
+        help="the cluster's access control (enforce: the gateway path carries the admin key, the"
+        " direct path a service token, as the gateway sends)",
+    )
     parser.add_argument(
         "--env",
         action="append",

@@ -1,6 +1,8 @@
 """Cost of each hop on the Predict path, measured in one run on this machine.
 
-Starts a local cluster (free ports), registers the demo MLP, then measures closed-loop
+Starts a local cluster (free ports, access control off: this measures the hops, and
+`ab.py --base-env ..._ACCESS__MODE=off` what the access check costs), registers the demo MLP,
+then measures closed-loop
 throughput and latency at 1 and 32 concurrent callers for:
   - in-process torch (the reference),
   - a direct Infer call to the model server,
@@ -62,7 +64,7 @@ def torch_reference(module: torch.jit.ScriptModule, seconds: float) -> dict[str,
 
 async def main(seconds: float, out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        cluster = LocalCluster(data_dir=Path(tmp), ports="free")
+        cluster = LocalCluster(data_dir=Path(tmp), ports="free", access="off")
         await cluster.start()
         try:
             module, artifact = build_demo_model()

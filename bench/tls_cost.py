@@ -128,8 +128,8 @@ async def main(seconds: float, rounds: int, concurrencies: list[int], out: Path)
     predict = inf.PredictRequest(model="bench", inputs=[tensor]).SerializeToString()
     env = {"MODELYARD_LOG_LEVEL": "WARNING"}
     with tempfile.TemporaryDirectory() as tmp:
-        plain = LocalCluster(data_dir=Path(tmp) / "plain", ports="free", env=env)
-        tls = LocalCluster(data_dir=Path(tmp) / "tls", ports="free", env=env, tls=True)
+        plain = LocalCluster(data_dir=Path(tmp) / "plain", ports="free", env=env, access="off")
+        tls = LocalCluster(data_dir=Path(tmp) / "tls", ports="free", env=env, tls=True, access="off")
         sides = [Side("plaintext", plain), Side("tls", tls)]
         try:
             for side in sides:

@@ -6,6 +6,7 @@ A Typer sub-app, so it can also be mounted on the `modelyard` command.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import Coroutine
@@ -20,7 +21,7 @@ from load_tests.runner import RunOptions, RunReport, ScenarioError, run_scenario
 from load_tests.scenarios import SCENARIOS
 from load_tests.slo import DEFAULT_SLO_FILE, load_slos
 from load_tests.stages import format_stages, parse_duration_s
-from modelyard.local_cluster import CLUSTER_FILE_NAME, ClusterFile
+from modelyard.local_cluster import API_KEY_ENV, CLUSTER_FILE_NAME, ClusterFile
 from modelyard.settings import RedisSettings
 from modelyard.telemetry import configure_logging
 
@@ -136,6 +137,8 @@ def run(
         start_cluster=start_cluster,
         tls=info.tls if info else None,
         redis_tls=info.redis_tls if info else None,
+        api_key=os.environ.get(API_KEY_ENV) or _read(info.api_key_file if info else None),
+        secret_file=info.secret_file if info else None,
     )
     console.print(f"scenario [bold]{scenario}[/]: {chosen.description}")
     try:
@@ -151,6 +154,13 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     _print_report(report)
     raise typer.Exit(0 if report.passed else EXIT_SLO_MISSED)
+
+
+def _read(path: Path | None) -> str | None:
+    try:
+        return path.read_text().strip() or None if path is not None else None
+    except OSError:
+        return None
 
 
 def _cluster_file(path: Path | None, *, host_given: bool) -> ClusterFile | None:

@@ -26,6 +26,8 @@ import grpc.experimental.gevent as grpc_gevent
 # isort: on
 import os
 
+from modelyard.access.client import bearer_metadata
+from modelyard.local_cluster import API_KEY_ENV
 from modelyard.tls import ClientTLS, open_sync_channel
 
 grpc_gevent.init_gevent()
@@ -46,8 +48,9 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
         environment: The locust environment whose `events.request` is fired.
     """
 
-    def __init__(self, environment: Environment) -> None:
+    def __init__(self, environment: Environment, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self._environment = environment
+        self._metadata = metadata
 
     def intercept_unary_unary(
         self,
@@ -58,6 +61,8 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
         exception: BaseException | None = None
         response_length = 0
         start = time.perf_counter()
+        if self._metadata:
+            client_call_details = _with_metadata(client_call_details, self._metadata)
         call = continuation(client_call_details, request)
         try:
             # The call object is a future: result() waits (cooperatively, under gevent) and
@@ -76,6 +81,22 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
             exception=exception,
         )
         return call
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method: str, timeout: float | None, metadata: Any, credentials: Any) -> None:
+        self.method = method
+        self.timeout = timeout
+        self.metadata = metadata
+        self.credentials = credentials
+
+
+def _with_metadata(
+    details: grpc.ClientCallDetails, extra: tuple[tuple[str, str], ...]
+) -> grpc.ClientCallDetails:
+    return _CallDetails(
+        details.method, details.timeout, (*(details.metadata or ()), *extra), details.credentials
+    )
 
 
 class GrpcUser(User):
@@ -107,7 +128,9 @@ class GrpcUser(User):
         target = self.host.removeprefix("grpc://").removeprefix("http://")
         # TLS when the runner passed the cluster's CA and client certificate (MODELYARD_TLS_*).
         self._channel = open_sync_channel(target, ClientTLS.from_env(os.environ))
-        intercepted = grpc.intercept_channel(self._channel, LocustInterceptor(environment))
+        # The API key the runner passed (MODELYARD_API_KEY), on every call.
+        self._metadata = bearer_metadata(os.environ.get(API_KEY_ENV))
+        intercepted = grpc.intercept_channel(self._channel, LocustInterceptor(environment, self._metadata))
         self.stub = self.stub_class(intercepted)
 
     def call(self, method: Callable[..., Any], request: Any, **kwargs: Any) -> Any | None:

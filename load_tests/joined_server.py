@@ -25,7 +25,7 @@ from typing import IO
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from load_tests.registry_actions import ACTOR, get_deployment, set_deployment, spec_of
+from load_tests.registry_actions import get_deployment, set_deployment, spec_of
 from modelyard.coordination import CoordinationStore, Deployment, ServiceRecord
 from modelyard.errors import CoordinationUnavailable
 from modelyard.membership import new_service_id
@@ -76,6 +76,9 @@ class JoinedModelServer:
         tls: The client TLS of a `modelyard up --tls` cluster: the runner dials the registry
             with it, and the server runs with the cluster's `model_server` certificate, found
             beside the CA (`LocalCA.issued_in`); None: plaintext.
+        token: The API key the runner changes the deployment with.
+        secret_file: The cluster secret: the server proves itself a model server with it
+            (downloading artifacts is internal to the cluster); None: access control off.
     """
 
     def __init__(
@@ -89,8 +92,12 @@ class JoinedModelServer:
         note: Callable[[str], None],
         env: Mapping[str, str] | None = None,
         tls: ClientTLS | None = None,
+        token: str | None = None,
+        secret_file: Path | None = None,
     ) -> None:
         self._tls = tls
+        self._token = token
+        self._secret_file = secret_file
         self._redis = redis
         self._registry = registry
         self._gateway = gateway
@@ -209,7 +216,7 @@ class JoinedModelServer:
             original, ours = self._original, self._ours
             self._original = self._ours = None
             try:
-                async with open_channel(self._registry, self._tls) as channel:
+                async with open_channel(self._registry, self._tls, token=self._token) as channel:
                     now = await get_deployment(channel, self._model)
                     if spec_of(now) != ours:
                         self._problem(
@@ -245,7 +252,7 @@ class JoinedModelServer:
             )
 
     async def _place_on_every_server(self) -> None:
-        async with open_channel(self._registry, self._tls) as channel:
+        async with open_channel(self._registry, self._tls, token=self._token) as channel:
             current = await get_deployment(channel, self._model)
             if current.replicas == 0:
                 return
@@ -265,7 +272,7 @@ class JoinedModelServer:
         self._original, self._ours = spec_of(current), ours
         self._note(
             f"SetDeployment {self._model}: replicas {current.replicas} -> 0 (every model "
-            f"server) for the run, as {ACTOR} (epoch {changed.epoch}); put back afterwards"
+            f"server) for the run (epoch {changed.epoch}); put back afterwards"
         )
 
     def _spawn(self) -> None:
@@ -282,6 +289,7 @@ class JoinedModelServer:
                 f"{prefix}SERVER__METRICS_PORT": "0",
                 f"{prefix}REGISTRY_ADDRESS": self._registry,
                 **self._tls_env(prefix),
+                **self._access_env(prefix),
                 **{
                     f"{prefix}REDIS__{name.upper()}": str(path)
                     for name, path in (
@@ -299,6 +307,14 @@ class JoinedModelServer:
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self._log_path, "ab")  # noqa: SIM115 - closed in aclose()
         self.process = spawn_child([sys.executable, "-m", "model_server"], self._log, REPO_ROOT, env)
+
+    def _access_env(self, prefix: str) -> dict[str, str]:
+        if self._secret_file is None:
+            return {}
+        return {
+            f"{prefix}ACCESS__MODE": "enforce",
+            f"{prefix}ACCESS__SERVICE_SECRET_FILE": str(self._secret_file),
+        }
 
     def _tls_env(self, prefix: str) -> dict[str, str]:
         if self._tls is None or self._tls.ca_file is None:

@@ -26,7 +26,7 @@ from load_tests.registry_actions import copy_version, promote, rollback
 from load_tests.scenarios import Action, Scenario
 from load_tests.slo import RunStats, Slo, SloMiss, check_slo, read_stats
 from load_tests.stages import format_stages
-from modelyard.local_cluster import LocalCluster
+from modelyard.local_cluster import API_KEY_ENV, LocalCluster
 from modelyard.settings import RedisSettings
 from modelyard.tasks import cancel_task
 from modelyard.tls import CLIENT_KIND, ClientTLS, open_channel
@@ -70,6 +70,8 @@ class RunOptions:
         tls: How to dial a TLS cluster (its CA and a client certificate; from the cluster
             file); None: plaintext.
         redis_tls: How to dial the cluster's `rediss://` Redis (from the cluster file).
+        api_key: The API key every call carries (the users', the probes', the registry's).
+        secret_file: The cluster secret, for server_lost's own model server.
     """
 
     scenario: Scenario
@@ -86,6 +88,8 @@ class RunOptions:
     start_cluster: bool = False
     tls: ClientTLS | None = None
     redis_tls: ClientTLS | None = None
+    api_key: str | None = None
+    secret_file: Path | None = None
 
 
 @dataclass
@@ -168,7 +172,9 @@ async def run_scenario(options: RunOptions, cluster: LocalCluster | None = None)
                 await cluster.start()
             except RuntimeError as exc:
                 raise ScenarioError(f"the local cluster did not start: {exc}") from exc
-            await _register_demo(cluster.address_of("registry"), options.model, cluster.client_tls)
+            await _register_demo(
+                cluster.address_of("registry"), options.model, cluster.client_tls, cluster.api_key
+            )
         if cluster is not None:
             options.host = cluster.gateway_address
             options.registry = cluster.address_of("registry")
@@ -176,6 +182,8 @@ async def run_scenario(options: RunOptions, cluster: LocalCluster | None = None)
             options.tls = cluster.client_tls
             options.redis_url = cluster.redis_url_of(CLIENT_KIND)
             options.redis_tls = cluster.redis_tls
+            options.api_key = cluster.api_key
+            options.secret_file = cluster.secret_file if cluster.access == "enforce" else None
         elif options.scenario.action is Action.KILL_MODEL_SERVER and options.redis_url is None:
             raise ScenarioError(
                 f"scenario {options.scenario.name} joins a model server of its own to the cluster "
@@ -188,13 +196,15 @@ async def run_scenario(options: RunOptions, cluster: LocalCluster | None = None)
             await owned.stop()
 
 
-async def _register_demo(registry: str, model: str, tls: ClientTLS | None = None) -> None:
+async def _register_demo(
+    registry: str, model: str, tls: ClientTLS | None = None, token: str | None = None
+) -> None:
     # torch is only needed to build the demo model for a cluster the runner starts.
     from modelyard.demo import build_demo_model, demo_signature, register_model
 
     _module, artifact = build_demo_model()
     await register_model(
-        registry, model, artifact, demo_signature(), description="load-test demo model", tls=tls
+        registry, model, artifact, demo_signature(), description="load-test demo model", tls=tls, token=token
     )
 
 
@@ -210,7 +220,13 @@ def _probe_request(model: str) -> inf.PredictRequest:
 
 
 async def _serving_version(
-    host: str, model: str, *, just_registered: bool, tls: ClientTLS | None = None, timeout_s: float = 60.0
+    host: str,
+    model: str,
+    *,
+    just_registered: bool,
+    tls: ClientTLS | None = None,
+    token: str | None = None,
+    timeout_s: float = 60.0,
 ) -> int:
     """Wait (bounded) until the model answers through the gateway; return the serving version.
 
@@ -221,7 +237,7 @@ async def _serving_version(
     request = _probe_request(model)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    async with open_channel(host, tls) as channel:
+    async with open_channel(host, tls, token=token) as channel:
         stub = inf_grpc.InferenceServiceStub(channel)
         while True:
             try:
@@ -238,7 +254,12 @@ async def _serving_version(
 
 
 async def _wait_routed(
-    host: str, model: str, server: JoinedModelServer, tls: ClientTLS | None = None, timeout_s: float = 60.0
+    host: str,
+    model: str,
+    server: JoinedModelServer,
+    tls: ClientTLS | None = None,
+    token: str | None = None,
+    timeout_s: float = 60.0,
 ) -> int:
     """Call the model through the gateway, a few calls at a time, until `server` has answered
     some of them: the gateway knows it and routes to it. Returns how many it answered.
@@ -249,7 +270,7 @@ async def _wait_routed(
     request = _probe_request(model)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    async with open_channel(host, tls) as channel:
+    async with open_channel(host, tls, token=token) as channel:
         stub = inf_grpc.InferenceServiceStub(channel)
         while True:
             # Failures are the load's business, not the probe's: only the count matters here.
@@ -274,12 +295,12 @@ async def _run(options: RunOptions, *, just_registered: bool) -> RunReport:
     scenario = options.scenario
     clock = _Clock()
     old_version = await _serving_version(
-        options.host, options.model, just_registered=just_registered, tls=options.tls
+        options.host, options.model, just_registered=just_registered, tls=options.tls, token=options.api_key
     )
     clock.note(f"{options.model} v{old_version} serves at {options.host}")
 
     victim: JoinedModelServer | None = None
-    channel = open_channel(options.registry, options.tls)
+    channel = open_channel(options.registry, options.tls, token=options.api_key)
     try:
         if scenario.action is Action.KILL_MODEL_SERVER:
             assert options.redis_url is not None
@@ -296,13 +317,15 @@ async def _run(options: RunOptions, *, just_registered: bool) -> RunReport:
                 model=options.model,
                 log_path=options.results_dir / "joined-model-server.log",
                 tls=options.tls,
+                token=options.api_key,
+                secret_file=options.secret_file,
                 note=clock.note,
             )
             try:
                 await victim.join(old_version)
             except JoinError as exc:
                 raise ScenarioError(str(exc)) from None
-            answered = await _wait_routed(options.host, options.model, victim, options.tls)
+            answered = await _wait_routed(options.host, options.model, victim, options.tls, options.api_key)
             clock.note(f"the gateway routes to {victim.service_id}: it answered {answered} probe calls")
 
         new_version = 0
@@ -355,6 +378,7 @@ async def _run(options: RunOptions, *, just_registered: bool) -> RunReport:
                 os.environ,
                 PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
                 **(options.tls.to_env() if options.tls else {}),
+                **({API_KEY_ENV: options.api_key} if options.api_key else {}),
             )
             process = await asyncio.create_subprocess_exec(
                 *args,

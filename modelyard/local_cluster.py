@@ -133,6 +133,8 @@ class ClusterFile:
         redis_tls: What a client dials the cluster's `rediss://` Redis with; None: plaintext.
         api_key_file: The admin API key the registry made on the cluster's first start
             (owner-only); the CLI, `modelyard top` and the load tests call with it.
+        secret_file: The cluster secret (owner-only), for tools that join a service of their
+            own to the cluster (the load tests' `server_lost` model server).
     """
 
     pid: int
@@ -142,6 +144,7 @@ class ClusterFile:
     tls: ClientTLS | None = None
     redis_tls: ClientTLS | None = None
     api_key_file: Path | None = None
+    secret_file: Path | None = None
 
     @property
     def gateway(self) -> str:
@@ -180,6 +183,8 @@ class ClusterFile:
             data["redis_tls"] = self.redis_tls.to_json()
         if self.api_key_file is not None:
             data["api_key_file"] = str(self.api_key_file)
+        if self.secret_file is not None:
+            data["secret_file"] = str(self.secret_file)
         return data
 
     @classmethod
@@ -200,6 +205,7 @@ class ClusterFile:
                 tls=ClientTLS.from_json(data["tls"]) if data.get("tls") else None,
                 redis_tls=ClientTLS.from_json(data["redis_tls"]) if data.get("redis_tls") else None,
                 api_key_file=Path(data["api_key_file"]) if data.get("api_key_file") else None,
+                secret_file=Path(data["secret_file"]) if data.get("secret_file") else None,
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"{path}: not a modelyard cluster file ({exc})") from None
@@ -477,6 +483,7 @@ class LocalCluster:
             tls=self.client_tls,
             redis_tls=self.redis_tls,
             api_key_file=self.api_key_file if self.access == "enforce" else None,
+            secret_file=self.secret_file if self.access == "enforce" else None,
         )
         # Owner-only: a Redis URL given with --redis-url may carry a password. Written then
         # renamed, so a reader never sees half a file.

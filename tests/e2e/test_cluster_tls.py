@@ -38,14 +38,16 @@ import json, sys
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-address, ca_file = sys.argv[1], sys.argv[2]
+address, ca_file, key = sys.argv[1], sys.argv[2], sys.argv[3]
 client = grpcclient.InferenceServerClient(url=address, ssl=True, root_certificates=ca_file)
+headers = {"authorization": f"Bearer {key}"}
 try:
     x = np.zeros((2, 64), dtype=np.float32)
     inp = grpcclient.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
-    result = client.infer("tls-demo", [inp])
-    print(json.dumps({"live": client.is_server_live(), "output": result.as_numpy("output").tolist()}))
+    result = client.infer("tls-demo", [inp], headers=headers)
+    live = client.is_server_live(headers=headers)
+    print(json.dumps({"live": live, "output": result.as_numpy("output").tolist()}))
 finally:
     client.close()
 """
@@ -99,9 +101,13 @@ async def test_up_with_tls_serves_the_demo_to_every_client(
     tls = info.tls
 
     module, artifact = build_demo_model(seed=11)
-    await register_model(info.registry, "tls-demo", artifact, demo_signature(), tls=tls)
+    await register_model(
+        info.registry, "tls-demo", artifact, demo_signature(), tls=tls, token=cluster.api_key
+    )
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
-    [answer] = await predict_until_served(info.gateway, "tls-demo", [x], module, tls=tls)
+    [answer] = await predict_until_served(
+        info.gateway, "tls-demo", [x], module, tls=tls, token=cluster.api_key
+    )
     torch.testing.assert_close(answer.output, answer.expected)
 
     # Plaintext is refused everywhere; the gateway takes clients with only the CA.
@@ -147,7 +153,7 @@ async def test_up_with_tls_serves_the_demo_to_every_client(
     # tritonclient with ssl=True and the CA, on the gateway's OIP endpoint.
     done = await asyncio.to_thread(
         subprocess.run,
-        [str(triton_python), "-c", TRITON_TLS_SCRIPT, info.gateway, str(tls.ca_file)],
+        [str(triton_python), "-c", TRITON_TLS_SCRIPT, info.gateway, str(tls.ca_file), str(cluster.api_key)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -165,7 +171,12 @@ def test_the_load_tests_run_over_mtls_from_the_cluster_file(cluster: LocalCluste
     _module, artifact = build_demo_model()
     asyncio.run(
         register_model(
-            cluster.address_of("registry"), "demo", artifact, demo_signature(), tls=cluster.client_tls
+            cluster.address_of("registry"),
+            "demo",
+            artifact,
+            demo_signature(),
+            tls=cluster.client_tls,
+            token=cluster.api_key,
         )
     )
     results = tmp_path / "steady"

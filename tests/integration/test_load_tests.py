@@ -21,7 +21,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from load_tests.registry_actions import get_deployment, set_deployment, spec_of
@@ -33,6 +32,7 @@ from modelyard.coordination import CoordinationStore
 from modelyard.demo import build_demo_model, demo_signature, register_model
 from modelyard.local_cluster import ClusterFile, LocalCluster
 from modelyard.settings import RedisSettings
+from modelyard.tls import open_channel
 
 RUN_TIMEOUT_S = 120
 
@@ -51,7 +51,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     try:
         asyncio.run(local.start())
         _module, artifact = build_demo_model()
-        asyncio.run(register_model(local.address_of("registry"), "demo", artifact, demo_signature()))
+        asyncio.run(
+            register_model(
+                local.address_of("registry"), "demo", artifact, demo_signature(), token=local.api_key
+            )
+        )
         yield local
     finally:
         asyncio.run(local.stop())
@@ -216,7 +220,7 @@ async def test_server_lost_joins_a_model_server_of_its_own_and_kills_it(
     # `up` writes. The deployment places the model on a fixed number of servers, so the
     # runner must widen it for the run (through the registry) and put it back.
     own_servers = await _model_servers(cluster)
-    async with grpc.aio.insecure_channel(cluster.address_of("registry")) as channel:
+    async with open_channel(cluster.address_of("registry"), None, token=cluster.api_key) as channel:
         before = await get_deployment(channel, "demo")
         fixed = spec_of(before)
         fixed.replicas = 1
@@ -260,10 +264,10 @@ async def test_server_lost_joins_a_model_server_of_its_own_and_kills_it(
         assert _pids_of_service(service_id) == []
         assert await _model_servers(cluster) == own_servers
         assert cluster.check_alive() == []
-        async with grpc.aio.insecure_channel(cluster.address_of("registry")) as channel:
+        async with open_channel(cluster.address_of("registry"), None, token=cluster.api_key) as channel:
             assert (await get_deployment(channel, "demo")).replicas == 1
     finally:
-        async with grpc.aio.insecure_channel(cluster.address_of("registry")) as channel:
+        async with open_channel(cluster.address_of("registry"), None, token=cluster.api_key) as channel:
             await set_deployment(channel, "demo", before)
 
 
