@@ -221,13 +221,16 @@ def run_py(
 class BareProxy:
     """`bench/bare_proxy.py` in a child process: the grpc.aio floor of one more hop."""
 
-    def __init__(self, upstream: str, log: Path) -> None:
+    def __init__(self, upstream: str, log: Path, token: str | None = None) -> None:
         self._log = open(log, "w")  # noqa: SIM115 - closed in kill()
+        # The token upstream (what the gateway sends), in the environment: out of `ps`.
+        env = dict(os.environ, **({"BARE_PROXY_UPSTREAM_TOKEN": token} if token else {}))
         self._process = subprocess.Popen(
             [sys.executable, str(REPO / "bench" / "bare_proxy.py"), "--upstream", upstream],
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
+            env=env,
         )
         assert self._process.stdout is not None
         line = self._process.stdout.readline()
@@ -279,8 +282,11 @@ async def main(args: argparse.Namespace) -> None:
         specs = make_models(tmp_path / "models")
         env = {"MODELYARD_LOG_LEVEL": "WARNING"}
         env.update(dict(item.split("=", 1) for item in args.env))
-        if args.access == "enforce" and (args.floor or loader == "py"):
-            raise SystemExit("--floor and the py loader send no credentials: add --access off")
+        if args.access == "enforce" and loader == "py":
+            raise SystemExit(
+                "the py loader (../shared/bench/loadgen.py) sends no credentials: add --access off,"
+                " or install perf_analyzer (../shared/bench/peers_env.sh)"
+            )
         cluster = LocalCluster(data_dir=tmp_path / "cluster", ports="free", env=env, access=args.access)
         await cluster.start()
         tokens = cluster_tokens(cluster)
@@ -314,7 +320,7 @@ async def main(args: argparse.Namespace) -> None:
                 ("gateway", cluster.gateway_address, [server.process.pid, gateway.process.pid]),
             ]
             if args.floor:
-                proxy = BareProxy(server.address, tmp_path / "bare_proxy.log")
+                proxy = BareProxy(server.address, tmp_path / "bare_proxy.log", tokens["direct"])
                 stack.callback(proxy.kill)
                 paths.append(("proxy", proxy.address, [server.process.pid, proxy.pid]))
                 for model in args.models.split(","):
@@ -395,6 +401,7 @@ async def main(args: argparse.Namespace) -> None:
         "perf_analyzer": str(pa) if pa else None,
         "seconds_per_point": args.seconds,
         "cluster_env": args.env,
+        "access": args.access,
         "correctness": checks,
         "points": points,
     }

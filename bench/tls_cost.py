@@ -9,7 +9,12 @@ median throughput, p50/p99 and CPU per call (gateway, model server, the bench's 
 the rounds, and the ratios TLS / plaintext. Also the time to open a new connection and make
 one call (the handshake's cost), plaintext and TLS.
 
+Both clusters run with access control as `modelyard up` does (`--access off` leaves it out):
+the bench calls the gateway with the admin key and the model server with the service token
+the gateway sends, the same on both sides, so the ratios are TLS's alone.
+
     .venv/bin/python bench/tls_cost.py [--seconds 3] [--rounds 3] [--concurrency 1,32]
+                                       [--access enforce|off]
                                        [--out bench/results/local/tls_cost.json]
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -29,6 +35,8 @@ from typing import Any
 
 import torch
 
+from modelyard.access.client import bearer_metadata
+from modelyard.access.keys import ServiceTokens
 from modelyard.demo import build_demo_model, demo_signature, predict_until_served, register_model
 from modelyard.local_cluster import LocalCluster
 from modelyard.tensor_codec import tensor_to_proto
@@ -92,6 +100,10 @@ class Side:
         self.gateway_tls: ClientTLS | None = None
         self.direct_tls: ClientTLS | None = None
         self.version = 0
+        self.gateway_metadata: tuple[tuple[str, str], ...] = ()
+        """The admin key, on each call to the gateway (access control on)."""
+        self.direct_metadata: tuple[tuple[str, str], ...] = ()
+        """The service token the gateway sends, on each call straight to the model server."""
 
     def service_cpu_s(self) -> dict[str, float]:
         """CPU seconds so far of the gateway and the model server."""
@@ -110,26 +122,37 @@ class Side:
             gateway = LocalCA.issued_in(self.cluster.tls_dir, "gateway")
             self.gateway_tls = ClientTLS(ca_file=ca)
             self.direct_tls = ClientTLS(ca, gateway.cert_file, gateway.key_file)
+        key = self.cluster.api_key
+        if self.cluster.access == "enforce":
+            secret = self.cluster.secret_file.read_bytes().strip()
+            self.gateway_metadata = bearer_metadata(key)
+            self.direct_metadata = bearer_metadata(ServiceTokens(secret).token("gateway"))
         self.version = await register_model(
             self.cluster.address_of("registry"),
             "bench",
             artifact,
             demo_signature(),
             tls=self.cluster.client_tls,
+            token=key,
         )
         await predict_until_served(
-            self.cluster.gateway_address, "bench", [torch.zeros(1, 64)], module, tls=self.cluster.client_tls
+            self.cluster.gateway_address,
+            "bench",
+            [torch.zeros(1, 64)],
+            module,
+            tls=self.cluster.client_tls,
+            token=key,
         )
 
 
-async def main(seconds: float, rounds: int, concurrencies: list[int], out: Path) -> None:
+async def main(seconds: float, rounds: int, concurrencies: list[int], out: Path, access: str) -> None:
     module, artifact = build_demo_model()
     tensor = tensor_to_proto("input", torch.randn(1, 64))
     predict = inf.PredictRequest(model="bench", inputs=[tensor]).SerializeToString()
     env = {"MODELYARD_LOG_LEVEL": "WARNING"}
     with tempfile.TemporaryDirectory() as tmp:
-        plain = LocalCluster(data_dir=Path(tmp) / "plain", ports="free", env=env, access="off")
-        tls = LocalCluster(data_dir=Path(tmp) / "tls", ports="free", env=env, tls=True, access="off")
+        plain = LocalCluster(data_dir=Path(tmp) / "plain", ports="free", env=env, access=access)
+        tls = LocalCluster(data_dir=Path(tmp) / "tls", ports="free", env=env, tls=True, access=access)
         sides = [Side("plaintext", plain), Side("tls", tls)]
         try:
             for side in sides:
@@ -145,8 +168,16 @@ async def main(seconds: float, rounds: int, concurrencies: list[int], out: Path)
                 infer = ms.InferRequest(
                     model="bench", version=side.version, inputs=[tensor]
                 ).SerializeToString()
-                calls[(side.name, "gateway")] = (gw.unary_unary(PREDICT), predict)
-                calls[(side.name, "direct")] = (direct.unary_unary(INFER), infer)
+                # The credentials as explicit metadata: a client interceptor would add its own
+                # cost to every measured call.
+                calls[(side.name, "gateway")] = (
+                    functools.partial(gw.unary_unary(PREDICT), metadata=side.gateway_metadata),
+                    predict,
+                )
+                calls[(side.name, "direct")] = (
+                    functools.partial(direct.unary_unary(INFER), metadata=side.direct_metadata),
+                    infer,
+                )
             for (name, path), (call, payload) in calls.items():
                 try:
                     await closed_loop(call, payload, 8, 1.0)  # warm-up: connections, caches
@@ -210,6 +241,7 @@ async def main(seconds: float, rounds: int, concurrencies: list[int], out: Path)
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "seconds_per_point": seconds,
         "rounds": rounds,
+        "access": access,
         "model": "demo MLP 64-256-256-10, batch 1, fp32",
         "points": points,
         "new_connection_plus_one_call": connect,
@@ -226,6 +258,13 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", default="1,32", help="Comma-separated concurrency levels.")
+    parser.add_argument(
+        "--access",
+        choices=["enforce", "off"],
+        default="enforce",
+        help="both clusters' access control (off: without the access check)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/local/tls_cost.json"))
     args = parser.parse_args()
-    asyncio.run(main(args.seconds, args.rounds, [int(c) for c in args.concurrency.split(",")], args.out))
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    asyncio.run(main(args.seconds, args.rounds, concurrencies, args.out, args.access))

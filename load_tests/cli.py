@@ -6,7 +6,6 @@ A Typer sub-app, so it can also be mounted on the `modelyard` command.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 from collections.abc import Coroutine
@@ -99,6 +98,25 @@ def run(
     start_cluster: Annotated[
         bool, typer.Option(help="Start a local cluster on free ports for the run (the demo model).")
     ] = False,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar=API_KEY_ENV,
+            help="The API key every call carries (the users', the probes', the registry's); "
+            "better in the environment than on the command line (default: the admin key of the "
+            "cluster file's cluster).",
+            show_default=False,
+        ),
+    ] = None,
+    secret_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="The cluster secret (DATA_DIR/cluster.secret), for what only the cluster's "
+            "services may do: server_lost's own model server, promote_rollback's copy of the "
+            "artifact (default: from the cluster file).",
+            show_default=False,
+        ),
+    ] = None,
     model: Annotated[str, typer.Option(help="The model the users call.")] = "demo",
     users: Annotated[int | None, typer.Option(min=1, help="Users at the steady level.")] = None,
     duration: Annotated[str | None, typer.Option(help="Length of the run, e.g. 60s or 5m.")] = None,
@@ -116,7 +134,7 @@ def run(
     try:
         slo = load_slos(slo_file)[scenario]
         duration_s = chosen.duration_s if duration is None else parse_duration_s(duration)
-        info = None if start_cluster else _cluster_file(cluster_file, host_given=host is not None)
+        info = None if start_cluster else _cluster_file(cluster_file, host=host)
     except KeyError:
         console.print(f"[red]error:[/] {slo_file} has no SLO for scenario {scenario!r}")
         raise typer.Exit(EXIT_CANNOT_RUN) from None
@@ -137,8 +155,8 @@ def run(
         start_cluster=start_cluster,
         tls=info.tls if info else None,
         redis_tls=info.redis_tls if info else None,
-        api_key=os.environ.get(API_KEY_ENV) or _read(info.api_key_file if info else None),
-        secret_file=info.secret_file if info else None,
+        api_key=api_key or _read(info.api_key_file if info else None),
+        secret_file=secret_file or (info.secret_file if info else None),
     )
     console.print(f"scenario [bold]{scenario}[/]: {chosen.description}")
     try:
@@ -163,16 +181,16 @@ def _read(path: Path | None) -> str | None:
         return None
 
 
-def _cluster_file(path: Path | None, *, host_given: bool) -> ClusterFile | None:
-    """The cluster file to take addresses from: `path` (it must describe a running cluster);
-    else, unless the gateway was named, the default one when it exists and its `modelyard up`
-    still runs; else None.
+def _cluster_file(path: Path | None, *, host: str | None) -> ClusterFile | None:
+    """The cluster file to take addresses and credentials from: `path` (it must describe a
+    running cluster); else the default one when it exists, its `modelyard up` still runs and,
+    if the gateway was named, it names that gateway; else None.
 
     Raises:
         OSError, ValueError: `path` cannot be read, or its cluster is not running.
     """
     if path is None:
-        if host_given or not DEFAULT_CLUSTER_FILE.exists():
+        if not DEFAULT_CLUSTER_FILE.exists():
             return None
         try:
             info = ClusterFile.read(DEFAULT_CLUSTER_FILE)
@@ -180,12 +198,18 @@ def _cluster_file(path: Path | None, *, host_given: bool) -> ClusterFile | None:
             return None
         if not info.running():
             return None
+        if host is not None and _loopback(host) not in {_loopback(a) for a in info.services.values()}:
+            return None  # another cluster: its key and secret are not this one's
         console.print(f"cluster from {DEFAULT_CLUSTER_FILE}: gateway {info.gateway}")
         return info
     info = ClusterFile.read(path)
     if not info.running():
         raise ValueError(f"{path}: the `modelyard up` that wrote it (pid {info.pid}) is not running")
     return info
+
+
+def _loopback(address: str) -> str:
+    return address.replace("localhost:", "127.0.0.1:", 1)
 
 
 async def _interruptible(run: Coroutine[Any, Any, RunReport]) -> RunReport:

@@ -55,6 +55,7 @@ class JoinedModelServer:
 
         server = JoinedModelServer(redis=settings, registry="127.0.0.1:50061", gateway=host,
                                    model="demo", log_path=results / "joined-model-server.log",
+                                   token=api_key, secret_file=data_dir / "cluster.secret",
                                    note=clock.note)
         try:
             await server.join(version)           # placed, loaded, ready in membership
@@ -76,9 +77,12 @@ class JoinedModelServer:
         tls: The client TLS of a `modelyard up --tls` cluster: the runner dials the registry
             with it, and the server runs with the cluster's `model_server` certificate, found
             beside the CA (`LocalCA.issued_in`); None: plaintext.
-        token: The API key the runner changes the deployment with.
+        token: The API key the runner changes the deployment with; None: the cluster has
+            access control off, and so does the server.
         secret_file: The cluster secret: the server proves itself a model server with it
-            (downloading artifacts is internal to the cluster); None: access control off.
+            (downloading artifacts is internal to the cluster, and the gateway calls it with
+            a service token); None: its certificate alone identifies it (TLS), or access
+            control is off.
     """
 
     def __init__(
@@ -309,12 +313,15 @@ class JoinedModelServer:
         self.process = spawn_child([sys.executable, "-m", "model_server"], self._log, REPO_ROOT, env)
 
     def _access_env(self, prefix: str) -> dict[str, str]:
-        if self._secret_file is None:
-            return {}
-        return {
-            f"{prefix}ACCESS__MODE": "enforce",
-            f"{prefix}ACCESS__SERVICE_SECRET_FILE": str(self._secret_file),
-        }
+        """Access control as the cluster has it: with the cluster secret, enforced; with
+        neither secret nor key, off (the gateway answered the runner's probe without a key);
+        with a key but no secret (a TLS cluster), enforced on its certificate alone."""
+        if self._secret_file is not None:
+            return {
+                f"{prefix}ACCESS__MODE": "enforce",
+                f"{prefix}ACCESS__SERVICE_SECRET_FILE": str(self._secret_file),
+            }
+        return {f"{prefix}ACCESS__MODE": "enforce" if self._token else "off"}
 
     def _tls_env(self, prefix: str) -> dict[str, str]:
         if self._tls is None or self._tls.ca_file is None:

@@ -19,11 +19,20 @@ __all__ = ["copy_version", "promote", "rollback", "get_deployment", "set_deploym
 CHUNK_BYTES = 1 << 20
 
 
-async def copy_version(channel: grpc.aio.Channel, model: str, version: int) -> int:
+async def copy_version(
+    channel: grpc.aio.Channel, model: str, version: int, *, download: grpc.aio.Channel | None = None
+) -> int:
     """Upload the artifact and signature of `model` v`version` again as a new version.
 
     A byte-identical copy answers exactly like the original, so a promote to it and a
     rollback from it change which version serves, never what the callers get back.
+
+    Args:
+        channel: The registry, as the caller (its API key).
+        model: The model.
+        version: The version to copy.
+        download: The registry, as one of the cluster's services: DownloadModelVersion is
+            internal to the cluster and refuses API keys. None: `channel` (access control off).
 
     Returns:
         The new version's number.
@@ -33,7 +42,8 @@ async def copy_version(channel: grpc.aio.Channel, model: str, version: int) -> i
         await stub.GetModelVersion(reg.GetModelVersionRequest(model=model, version=version))
     ).model_version
     artifact = bytearray()
-    async for part in stub.DownloadModelVersion(
+    downloads = reg_grpc.RegistryServiceStub(download) if download is not None else stub
+    async for part in downloads.DownloadModelVersion(
         reg.DownloadModelVersionRequest(model=model, version=version)
     ):
         artifact += part.chunk

@@ -26,6 +26,7 @@ from load_tests.registry_actions import copy_version, promote, rollback
 from load_tests.scenarios import Action, Scenario
 from load_tests.slo import RunStats, Slo, SloMiss, check_slo, read_stats
 from load_tests.stages import format_stages
+from modelyard.access.keys import ServiceTokens
 from modelyard.local_cluster import API_KEY_ENV, LocalCluster
 from modelyard.settings import RedisSettings
 from modelyard.tasks import cancel_task
@@ -71,7 +72,8 @@ class RunOptions:
             file); None: plaintext.
         redis_tls: How to dial the cluster's `rediss://` Redis (from the cluster file).
         api_key: The API key every call carries (the users', the probes', the registry's).
-        secret_file: The cluster secret, for server_lost's own model server.
+        secret_file: The cluster secret, for what only the cluster's services may do:
+            server_lost's own model server, promote_rollback's download of the artifact.
     """
 
     scenario: Scenario
@@ -184,16 +186,45 @@ async def run_scenario(options: RunOptions, cluster: LocalCluster | None = None)
             options.redis_tls = cluster.redis_tls
             options.api_key = cluster.api_key
             options.secret_file = cluster.secret_file if cluster.access == "enforce" else None
-        elif options.scenario.action is Action.KILL_MODEL_SERVER and options.redis_url is None:
-            raise ScenarioError(
-                f"scenario {options.scenario.name} joins a model server of its own to the cluster "
-                "(and kills it), so it needs the cluster's Redis: pass --redis-url, or "
-                "--cluster-file (`modelyard up` writes DATA_DIR/cluster.json), or --start-cluster"
-            )
+        elif options.scenario.action is Action.KILL_MODEL_SERVER:
+            if options.redis_url is None:
+                raise ScenarioError(
+                    f"scenario {options.scenario.name} joins a model server of its own to the cluster "
+                    "(and kills it), so it needs the cluster's Redis: pass --redis-url, or "
+                    "--cluster-file (`modelyard up` writes DATA_DIR/cluster.json), or --start-cluster"
+                )
+            if options.api_key and options.secret_file is None and options.tls is None:
+                # Over plaintext only the cluster secret makes a model server one: without it
+                # the registry refuses it the artifact and it refuses the gateway's calls.
+                raise _needs_secret(options.scenario, "joins a model server of its own to")
+        elif options.scenario.action is Action.PROMOTE_ROLLBACK:
+            if options.api_key and options.secret_file is None:
+                # DownloadModelVersion takes a service's token, never an API key.
+                raise _needs_secret(options.scenario, "downloads the serving version's artifact from")
         return await _run(options, just_registered=cluster is not None)
     finally:
         if owned is not None:
             await owned.stop()
+
+
+def _needs_secret(scenario: Scenario, does: str) -> ScenarioError:
+    return ScenarioError(
+        f"scenario {scenario.name} {does} a cluster with access control, which only the "
+        "cluster's services may do, so it needs the cluster secret: pass --secret-file "
+        "DATA_DIR/cluster.secret, or --cluster-file, or --start-cluster"
+    )
+
+
+def _service_token(options: RunOptions) -> str | None:
+    """What the runner downloads artifacts with: a model server's token from the cluster
+    secret (DownloadModelVersion is internal to the cluster); None: access control off."""
+    if options.secret_file is None:
+        return None
+    try:
+        secret = options.secret_file.read_bytes().strip()
+        return ServiceTokens(secret).token("model_server")
+    except (OSError, ValueError) as exc:
+        raise ScenarioError(f"cannot use the cluster secret {options.secret_file}: {exc}") from exc
 
 
 async def _register_demo(
@@ -247,10 +278,22 @@ async def _serving_version(
                 if exc.code() not in retry or loop.time() > deadline:
                     raise ScenarioError(
                         f"model {model!r} does not answer at {host}: {exc.code().name}: "
-                        f"{exc.details()} (start a cluster with `modelyard up --demo`, or pass "
-                        "--start-cluster)"
+                        f"{exc.details()} ({_hint(exc.code(), token)})"
                     ) from exc
             await asyncio.sleep(0.2)
+
+
+def _hint(code: grpc.StatusCode, token: str | None) -> str:
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        if token is None:
+            return (
+                f"the cluster wants an API key: set ${API_KEY_ENV} or pass --api-key, or "
+                "--cluster-file to call with its admin key"
+            )
+        return "the API key was refused: revoked, expired, or another cluster's"
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return "the API key lacks the grant named above: grant it, or use an admin key"
+    return "start a cluster with `modelyard up --demo`, or pass --start-cluster"
 
 
 async def _wait_routed(
@@ -330,7 +373,8 @@ async def _run(options: RunOptions, *, just_registered: bool) -> RunReport:
 
         new_version = 0
         if scenario.action is Action.PROMOTE_ROLLBACK:
-            new_version = await copy_version(channel, options.model, old_version)
+            async with open_channel(options.registry, options.tls, token=_service_token(options)) as internal:
+                new_version = await copy_version(channel, options.model, old_version, download=internal)
             clock.note(f"uploaded v{new_version} (a copy of v{old_version}), not yet loaded")
 
         stages = scenario.stages(options.users, options.duration_s)

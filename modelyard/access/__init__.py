@@ -7,7 +7,7 @@ from modelyard.access.grants import Grant, Grants, InvalidGrant
 from modelyard.access.interceptor import (
     AUTHORIZATION_METADATA_KEY,
     AccessControl,
-    AccessInterceptor,
+    AccessScreen,
     DeniedCall,
     check_listen_address,
     current_principal,
@@ -20,7 +20,7 @@ from modelyard.access.limits import KeyLimits
 __all__ = [
     "AUTHORIZATION_METADATA_KEY",
     "AccessControl",
-    "AccessInterceptor",
+    "AccessScreen",
     "DeniedCall",
     "Grant",
     "Grants",

@@ -1,4 +1,5 @@
-"""The one access check: a server interceptor every service installs, for every RPC.
+"""The one access check, every service, every RPC: run by the server interceptor
+(`modelyard.rpc.interceptors.ObservabilityInterceptor(access=...)`) for each call.
 
 For each call, before any servicer code runs and before the request bytes are parsed:
 
@@ -51,7 +52,7 @@ from modelyard.settings import AccessSettings
 __all__ = [
     "AUTHORIZATION_METADATA_KEY",
     "AccessControl",
-    "AccessInterceptor",
+    "AccessScreen",
     "DeniedCall",
     "current_principal",
     "require",
@@ -188,7 +189,7 @@ class AccessControl:
         """The /metrics check (`access.metrics`), or None when /metrics is open."""
         if not self.enforced or self.settings.metrics == "open":
             return None
-        interceptor = AccessInterceptor(self)
+        interceptor = AccessScreen(self)
 
         def authorize(header: str | None) -> bool:
             try:
@@ -199,8 +200,9 @@ class AccessControl:
 
         return authorize
 
-    def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
-        return [AccessInterceptor(self)] if self.enforced else []
+    def screen(self) -> AccessScreen | None:
+        """The per-call check for the server interceptor, or None when not enforced."""
+        return AccessScreen(self) if self.enforced else None
 
 
 def _token_from(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
@@ -220,9 +222,11 @@ _NO_KEY = (
 )
 
 
-class AccessInterceptor(grpc.aio.ServerInterceptor):
-    """See the module docstring. Wrapped handlers are cached per method; the decisions are
-    made for every call."""
+class AccessScreen:
+    """See the module docstring: the check of every call, run inside the one server
+    interceptor (`ObservabilityInterceptor(access=...)`): each interceptor layer costs grpc.aio
+    a coroutine chain per call. Wrapped handlers are cached per method; the decisions are made
+    for every call."""
 
     def __init__(self, access: AccessControl) -> None:
         self._access = access
@@ -256,18 +260,18 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         self._seen[token] = (book.epoch, principal, book.expires_at(principal.key_id))
         return principal
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
+    def screen(
+        self, handler: _Handler | None, handler_call_details: grpc.HandlerCallDetails
     ) -> _Handler | None:
+        """The handler to run for this call: `handler` itself, a wrapper that checks what
+        needs the parsed request, or one that answers the refusal. Called by the
+        observability interceptor for every call (one interceptor layer, not two)."""
+        if handler is None:
+            return None
         method = handler_call_details.method
         service, _, name = method.lstrip("/").partition("/")
         if service in OPEN_SERVICES:
-            return await continuation(handler_call_details)
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+            return handler
         if service in REFLECTION_SERVICES:
             rule: Rule | None = None if self._access.settings.reflection == "open" else Rule(AUTHENTICATED)
             if rule is None:

@@ -1,4 +1,5 @@
-"""Server interceptors: request id, RPC metrics and access log, in one pass per call.
+"""Server interceptors: access control, request id, RPC metrics and access log, in one pass
+per call.
 
 One interceptor instead of three, and the wrapped handler is cached per method: building
 method handlers per call would cost more than everything else here on the Predict path.
@@ -14,10 +15,12 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
+if TYPE_CHECKING:
+    from modelyard.access.interceptor import AccessScreen
 from modelyard.rpc.context import REQUEST_ID_METADATA_KEY, new_request_id, request_id_var
 from modelyard.telemetry import RPC_HANDLED, RPC_SECONDS
 
@@ -75,8 +78,9 @@ class _MethodObserver:
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     """Sets the request id context variable, counts and times every RPC, logs it if asked."""
 
-    def __init__(self, *, access_log_enabled: bool = False) -> None:
+    def __init__(self, *, access_log_enabled: bool = False, access: AccessScreen | None = None) -> None:
         self._access_log_enabled = access_log_enabled
+        self._access = access
         self._cache: dict[str, tuple[_Handler, _Handler]] = {}
 
     async def intercept_service(
@@ -85,6 +89,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> _Handler | None:
         handler = await continuation(handler_call_details)
+        if self._access is not None:
+            # Who is calling, and may they: before anything else (modelyard.access).
+            handler = self._access.screen(handler, handler_call_details)
         if handler is None:
             return handler
         method = handler_call_details.method

@@ -167,9 +167,11 @@ def create_server(
         peer_check.append(tls_credentials.PeerKindInterceptor(tls_credentials.CALLERS[kind]))
     server = grpc.aio.server(
         interceptors=[
-            ObservabilityInterceptor(access_log_enabled=settings.access_log_enabled),
+            ObservabilityInterceptor(
+                access_log_enabled=settings.access_log_enabled,
+                access=access.screen() if access is not None else None,
+            ),
             *peer_check,
-            *(access.interceptors() if access is not None else ()),
             *interceptors,
         ],
         options=[

@@ -1,8 +1,9 @@
 """The load-test runner on a real cluster (child processes, embedded Redis, started the way
 `modelyard up` starts it): short, tiny runs of the scenarios through the one command an SRE
 types, server_lost joining and killing a model server of its own (and cleaning up after it,
-Ctrl-C included), a run with an SLO the cluster cannot meet, and the SLO arithmetic on locust's
-statistics.
+Ctrl-C included), a run with an SLO the cluster cannot meet, the credentials a cluster with
+access control wants (its API key, and its secret for what only its services may do), and the
+SLO arithmetic on locust's statistics.
 
 Runs are kept to a few seconds and two users: the point is that each scenario runs end to end
 and gates on its SLO, not the numbers (those come from long runs on a quiet machine).
@@ -30,7 +31,7 @@ from load_tests.slo import DEFAULT_SLO_FILE, RunStats, Slo, check_slo, load_slos
 from load_tests.stages import Stage, parse_duration_s, parse_stages
 from modelyard.coordination import CoordinationStore
 from modelyard.demo import build_demo_model, demo_signature, register_model
-from modelyard.local_cluster import ClusterFile, LocalCluster
+from modelyard.local_cluster import API_KEY_ENV, ClusterFile, LocalCluster
 from modelyard.settings import RedisSettings
 from modelyard.tls import open_channel
 
@@ -61,14 +62,23 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         asyncio.run(local.stop())
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
+def _env(api_key: str | None = None) -> dict[str, str]:
+    """The runner's environment: the key only when given (not one the developer has set)."""
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    env["COLUMNS"] = "200"  # rich wraps lines at the terminal width
+    if api_key is not None:
+        env[API_KEY_ENV] = api_key
+    return env
+
+
+def _run(*args: str, api_key: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "load_tests", "run", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT_S,
-        env=dict(os.environ, COLUMNS="200"),  # rich wraps lines at the terminal width
+        env=_env(api_key),
     )
 
 
@@ -93,6 +103,7 @@ def test_scenario_passes_and_writes_locust_reports(
         "3s",
         "--results-dir",
         str(results),
+        api_key=cluster.api_key,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"PASS: scenario {scenario} met its SLO" in done.stdout
@@ -121,6 +132,8 @@ def test_impossible_slo_fails_with_a_message_naming_it(cluster: LocalCluster, tm
         "2s",
         "--slo-file",
         str(slo_file),
+        "--api-key",
+        str(cluster.api_key),
         "--results-dir",
         str(results),
     )
@@ -141,12 +154,15 @@ def test_promote_and_rollback_under_load_lose_no_request(cluster: LocalCluster, 
         cluster.gateway_address,
         "--registry",
         cluster.address_of("registry"),
+        "--secret-file",
+        str(cluster.secret_file),
         "--users",
         "2",
         "--duration",
         "5s",
         "--results-dir",
         str(results),
+        api_key=cluster.api_key,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     summary = _summary(results)
@@ -170,6 +186,44 @@ def test_server_lost_needs_the_clusters_redis(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+def test_a_run_without_the_key_says_how_to_pass_one(cluster: LocalCluster, tmp_path: Path) -> None:
+    done = _run(
+        "steady", "--host", cluster.gateway_address, "--duration", "2s", "--results-dir", str(tmp_path)
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    message = " ".join(done.stdout.split())  # rich wraps long lines
+    assert "UNAUTHENTICATED" in message
+    assert f"set ${API_KEY_ENV} or pass --api-key" in message
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("scenario", ["server_lost", "promote_rollback"])
+def test_what_only_services_may_do_needs_the_cluster_secret(
+    cluster: LocalCluster, tmp_path: Path, scenario: str
+) -> None:
+    # A key but no secret: server_lost's model server could not download the artifact, nor
+    # take the gateway's calls, and promote_rollback could not copy it; refused up front.
+    done = _run(
+        scenario,
+        "--host",
+        cluster.gateway_address,
+        "--registry",
+        cluster.address_of("registry"),
+        "--redis-url",
+        cluster.redis_url,
+        "--duration",
+        "2s",
+        "--results-dir",
+        str(tmp_path / "lost"),
+        api_key=cluster.api_key,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "needs the cluster secret: pass --secret-file" in " ".join(done.stdout.split())
+    assert not (tmp_path / "lost" / "joined-model-server.log").exists()
+    assert not (tmp_path / "lost" / "locust.log").exists()
+
+
+@pytest.mark.integration
 def test_server_lost_refuses_a_redis_of_another_cluster(
     cluster: LocalCluster, redis_url: str, tmp_path: Path
 ) -> None:
@@ -182,10 +236,13 @@ def test_server_lost_refuses_a_redis_of_another_cluster(
         cluster.address_of("registry"),
         "--redis-url",
         redis_url,
+        "--secret-file",
+        str(cluster.secret_file),
         "--duration",
         "2s",
         "--results-dir",
         str(tmp_path / "lost"),
+        api_key=cluster.api_key,
     )
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"is not the cluster of the gateway {cluster.gateway_address}" in done.stdout
@@ -287,6 +344,8 @@ async def test_server_lost_interrupted_leaves_nothing_behind(cluster: LocalClust
             cluster.address_of("registry"),
             "--redis-url",
             cluster.redis_url,
+            "--secret-file",
+            str(cluster.secret_file),
             "--users",
             "2",
             "--duration",
@@ -298,7 +357,7 @@ async def test_server_lost_interrupted_leaves_nothing_behind(cluster: LocalClust
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=dict(os.environ, COLUMNS="200"),
+        env=_env(cluster.api_key),
     )
     try:
         # Ctrl-C once the joined server is a member of the cluster.
