@@ -11,6 +11,7 @@ import io
 import json
 import math
 import random
+import statistics
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -552,24 +553,30 @@ async def test_reported_percentiles_agree_with_the_client_within_10_percent(
         x[0, 1] = rng.randint(1600, 2000) if rng.random() < 0.15 else rng.randint(400, 500)
         requests.append(ms.InferRequest(model="timed", version=version, inputs=[tensor_to_proto("input", x)]))
 
-    def load() -> list[float]:
+    def load() -> tuple[list[float], float]:
         # A blocking client on its own thread: its side of each call does not wait for the
         # test process's event loop (busy with the servers) to be scheduled.
         latencies = []
+        hops = []
         with grpc.insecure_channel(model_server.address) as channel:
             direct = ModelServerServiceStub(channel)
-            for message in requests:
+            for i, message in enumerate(requests):
                 started = time.perf_counter()
                 direct.Infer(message, timeout=30)
                 latencies.append(time.perf_counter() - started)
-        return latencies
+                if i % 5 == 0:
+                    # The hop itself, measured under the same load: a call that does no work.
+                    started = time.perf_counter()
+                    direct.GetServerStatus(ms.GetServerStatusRequest(), timeout=30)
+                    hops.append(time.perf_counter() - started)
+        return latencies, statistics.median(hops)
 
     # A full collection of this long-lived test process can pause every thread for tens of
     # milliseconds, which would land outside the server's measurement of a call.
     gc.collect()
     gc.disable()
     try:
-        latencies = await asyncio.to_thread(load)
+        latencies, hop = await asyncio.to_thread(load)
     finally:
         gc.enable()
     await monitor.collect_once()
@@ -589,8 +596,11 @@ async def test_reported_percentiles_agree_with_the_client_within_10_percent(
         (0.95, figures.latency_p95),
         (0.99, figures.latency_p99),
     ):
-        client = client_percentile(latencies, q)
+        # What the client sees, less the hop the server does not: the fixed cost of one local
+        # gRPC call, measured in the same run (it grows with the machine's load).
+        client = client_percentile(latencies, q) - hop
         print(
             f"p{q * 100:.0f}: monitor {reported.ToNanoseconds() / 1e6:.1f} ms, client {client * 1000:.1f} ms"
+            f" (after a hop of {hop * 1000:.2f} ms)"
         )
-        assert abs(reported.ToNanoseconds() / 1e9 - client) <= 0.10 * client, (q, reported, client)
+        assert abs(reported.ToNanoseconds() / 1e9 - client) <= 0.10 * client, (q, reported, client, hop)
