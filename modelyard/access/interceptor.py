@@ -24,6 +24,8 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import inspect
 import ipaddress
@@ -329,9 +331,21 @@ class AccessScreen:
                 )
             await context.abort_with_status(to_rpc_status(error))
 
+        streaming_in = handler.request_streaming
+
+        async def first_message(requests: Any) -> None:
+            # A refusal sent while the client is still writing its first message reaches it,
+            # at times, as grpc's "INTERNAL: Internal error from Core" rather than the status:
+            # take that message (unparsed, at most a second's wait) before answering.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await anext(aiter(requests), None)
+
         if handler.response_streaming:
 
             async def deny_stream(request: Any, context: Any) -> Any:
+                if streaming_in:
+                    await first_message(request)
                 await deny(context)
                 yield  # pragma: no cover - abort raises
 
@@ -339,6 +353,8 @@ class AccessScreen:
         else:
 
             async def deny_unary(request: Any, context: Any) -> Any:
+                if streaming_in:
+                    await first_message(request)
                 await deny(context)
 
             behavior = deny_unary
