@@ -296,6 +296,7 @@ class Registry:
         version: int,
         *,
         expected_version: int | None = None,
+        expected_epoch: int | None = None,
         reason: str = "",
         actor: str = "",
         request_id: str = "",
@@ -305,12 +306,13 @@ class Registry:
         Args:
             expected_version: What the alias must point at now; 0 means it must not exist yet;
                 None moves it whatever it points at.
+            expected_epoch: What the model's routing epoch must be now; None: no check.
 
         Raises:
             InvalidArgument: bad names or numbers.
             ModelNotFound / VersionNotFound: unknown model or version.
             FailedPrecondition: the version is archived.
-            Conflict: the alias moved since the caller read it (ABORTED).
+            Conflict: the alias or the model's routing moved since the caller read it (ABORTED).
         """
         _check_version_ref(model, version)
         check_name(alias, field="alias", what="alias")
@@ -319,11 +321,17 @@ class Registry:
                 "expected_version must be 0 (the alias must not exist) or a version number",
                 field="expected_version",
             )
+        if expected_epoch is not None and expected_epoch < 0:
+            raise InvalidArgument(
+                f"expected_epoch must be an epoch (0 or more), got {expected_epoch}",
+                field="expected_epoch",
+            )
         change = await self._store.set_alias(
             model,
             alias,
             version,
             expected_version=expected_version,
+            expected_epoch=expected_epoch,
             reason=reason,
             actor=actor,
             request_id=request_id,

@@ -143,6 +143,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
                 request.alias,
                 request.version,
                 expected_version=(request.expected_version if request.HasField("expected_version") else None),
+                expected_epoch=(request.expected_epoch if request.HasField("expected_epoch") else None),
                 reason=request.reason,
                 actor=audit.actor,
                 request_id=audit.request_id,

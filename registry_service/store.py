@@ -269,6 +269,7 @@ class RegistryStore:
         version: int,
         *,
         expected_version: int | None,
+        expected_epoch: int | None = None,
         reason: str = "",
         actor: str = "",
         request_id: str = "",
@@ -278,15 +279,25 @@ class RegistryStore:
         Args:
             expected_version: What the alias must point at now (0: must not exist);
                 None moves it whatever it points at.
+            expected_epoch: What the model's epoch must be now; None: no check.
 
         Raises:
             ModelNotFound / VersionNotFound: the model or version does not exist.
             FailedPrecondition: the version is archived.
-            Conflict: the alias does not point at `expected_version`.
+            Conflict: the alias does not point at `expected_version`, or the epoch is not
+                `expected_epoch`.
             InvalidArgument: the request id was used for a different move.
         """
         return await self._run(
-            self._set_alias, model, alias, version, expected_version, reason, actor, request_id
+            self._set_alias,
+            model,
+            alias,
+            version,
+            expected_version,
+            expected_epoch,
+            reason,
+            actor,
+            request_id,
         )
 
     async def alias_state(self, model: str) -> tuple[dict[str, int], int]:
@@ -587,6 +598,7 @@ class RegistryStore:
         alias: str,
         version: int,
         expected_version: int | None,
+        expected_epoch: int | None,
         reason: str,
         actor: str,
         request_id: str,
@@ -603,6 +615,8 @@ class RegistryStore:
                 ).fetchone()
                 if earlier is not None:
                     return self._replayed_move(conn, earlier, alias, version)
+            if expected_epoch is not None and expected_epoch != epoch:
+                raise _epoch_conflict(model, epoch, expected_epoch)
             target = self._version_in(conn, model, version)
             if target.state is not VersionState.ACTIVE:
                 raise FailedPrecondition(
@@ -823,13 +837,7 @@ class RegistryStore:
             if expected_epoch:
                 epoch = conn.execute("SELECT epoch FROM models WHERE name = ?", (model,)).fetchone()[0]
                 if epoch != expected_epoch:
-                    raise Conflict(
-                        f"the routing of model {model!r} changed since epoch {expected_epoch} (it is "
-                        f"at epoch {epoch} now); read the deployment again (GetDeployment), apply "
-                        "your change to it and set it with the new epoch",
-                        field="expected_epoch",
-                        metadata={"model": model, "epoch": str(epoch)},
-                    )
+                    raise _epoch_conflict(model, epoch, expected_epoch)
             versions = {
                 r["version"]: VersionState(r["state"])
                 for r in conn.execute("SELECT version, state FROM versions WHERE model = ?", (model,))
@@ -1067,6 +1075,15 @@ def _conflict(model: str, alias: str, current: int, expected: int) -> Conflict:
         f"alias {alias!r} of model {model!r} {now}, but the call expected {was}; it moved since "
         "you read it: re-read it (GetModel) and retry with the new expected_version",
         metadata={"model": model, "alias": alias, "current_version": str(current)},
+    )
+
+
+def _epoch_conflict(model: str, epoch: int, expected: int) -> Conflict:
+    return Conflict(
+        f"the routing of model {model!r} changed since epoch {expected} (it is at epoch {epoch} "
+        "now); read it again (GetDeployment), apply your change to it and retry with the new epoch",
+        field="expected_epoch",
+        metadata={"model": model, "epoch": str(epoch)},
     )
 
 

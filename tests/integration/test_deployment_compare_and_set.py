@@ -50,6 +50,35 @@ def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
     raise AssertionError(f"no ErrorInfo in {err}")
 
 
+async def test_a_set_alias_with_a_stale_epoch_is_aborted_and_moves_nothing(registry_stub: Any) -> None:
+    """SetAlias's expected_epoch: the monitor moves an alias only if nothing about the model's
+    routing (an operator's split, another alias) changed since it judged."""
+    await two_versions(registry_stub, "cas-alias")
+    judged = (await deployment_of(registry_stub, "cas-alias")).epoch
+    operator = await deployment_of(registry_stub, "cas-alias")
+    operator.traffic_split.update({"production": 80, "canary": 20})
+    await registry_stub.SetDeployment(reg.SetDeploymentRequest(model="cas-alias", deployment=operator))
+
+    move = reg.SetAliasRequest(model="cas-alias", alias="canary", version=1, expected_epoch=judged)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await registry_stub.SetAlias(move)
+    assert caught.value.code() is grpc.StatusCode.ABORTED
+    info = error_info(caught.value)
+    assert info.reason == "CONFLICT" and info.metadata["epoch"] == str(judged + 1)
+    model = (await registry_stub.GetModel(reg.GetModelRequest(name="cas-alias"))).model
+    assert {a.name: a.version for a in model.aliases}["canary"] == 2
+
+    move.expected_epoch = judged + 1
+    moved = await registry_stub.SetAlias(move)
+    assert moved.previous_version == 2 and moved.epoch == judged + 2
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await registry_stub.SetAlias(
+            reg.SetAliasRequest(model="cas-alias", alias="canary", version=2, expected_epoch=-3)
+        )
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
 async def test_a_set_deployment_with_a_stale_epoch_is_aborted_and_changes_nothing(registry_stub: Any) -> None:
     await two_versions(registry_stub, "cas")
     read = await deployment_of(registry_stub, "cas")
