@@ -5,23 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import grpc
 
 from modelyard import __version__
 from modelyard.access import AccessControl
-from modelyard.access.client import bearer
 from modelyard.access.sync import KeySync
 from modelyard.coordination import CoordinationStore, ServiceRecord
 from modelyard.errors import Unavailable
 from modelyard.membership import Heartbeat, new_service_id
 from modelyard.rpc.server import ServiceServer, create_server
 from modelyard.tasks import BackgroundTasks
-from modelyard.tls import ClientTLS, ClientTLSWatch, open_channel
+from modelyard.tls import ClientTLS
 from modelyard.v1 import monitor_service_pb2_grpc
 from modelyard.v1 import registry_service_pb2 as reg
-from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
 from monitor_service.alerting import Alert, AlertManager, AlertState, WebhookNotifier
 from monitor_service.canary import CanaryAction, CanaryAnalyzer, CanaryDecision
 from monitor_service.cluster import ClusterView
@@ -36,22 +33,16 @@ from monitor_service.metrics import (
     SCRAPE_SECONDS,
     SCRAPES,
 )
+from monitor_service.registry_client import RegistryClient
 from monitor_service.rules import RuleFile, load_rule_file
 from monitor_service.servicer import MonitorServicer
 from monitor_service.settings import MonitorSettings
-
-if TYPE_CHECKING:  # the async stub exists only in the typing stubs
-    from modelyard.v1.registry_service_pb2_grpc import RegistryServiceAsyncStub
 
 __all__ = ["MonitorApp"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "modelyard.v1.MonitorService"
-
-SPLIT_ATTEMPTS = 5
-"""Read-change-set rounds for a traffic split before a conflict is given up on (until the
-next scrape)."""
 
 
 class MonitorApp:
@@ -86,24 +77,18 @@ class MonitorApp:
         self.events = EventBus(self.store)
         self.notifier = WebhookNotifier(settings.webhook_urls)
         self.alerts = AlertManager(self.notifier, on_change=self._alert_changed)
+        self.registry = RegistryClient(
+            lambda: self.collector.services,
+            ClientTLS.from_settings(settings.tls),
+            self.access.service_token(),
+        )
         self.canary = CanaryAnalyzer(
-            settings.canary,
-            self._move_alias,
-            self._canary_decided,
-            set_split=self._set_traffic_split,
-            get_split=self._get_traffic_split,
+            settings.canary, self.registry, self._canary_decided, window_s=settings.window_s
         )
         self._baselines_fetched: set[tuple[str, int]] = set()
         self.stats: dict[tuple[str, int], VersionStats] = {}
         self.rounds = 0
         self._round_done = asyncio.Condition()
-        self._registry_channels: dict[str, grpc.aio.Channel] = {}
-        # Channels opened before the client certificate rotated: closed with the monitor (a
-        # registry call is short, and rotations are rare).
-        self._retired_channels: list[grpc.aio.Channel] = []
-        client_tls = ClientTLS.from_settings(settings.tls)
-        self._tls_watch = ClientTLSWatch(client_tls) if client_tls is not None else None
-        self._tls_generation = 0
         self._tasks = BackgroundTasks(restart_delay_s=settings.scrape_interval_s)
         servicer = MonitorServicer(
             cluster=self.cluster,
@@ -164,8 +149,7 @@ class MonitorApp:
         await self.heartbeat.aclose()
         await self.server.drain()
         await self.notifier.aclose()
-        for channel in [*self._registry_channels.values(), *self._retired_channels]:
-            await channel.close()
+        await self.registry.aclose()
         await self.store.aclose()
 
     async def wait_rounds(self, count: int = 1) -> None:
@@ -198,7 +182,7 @@ class MonitorApp:
                 INPUT_PSI.labels(model, str(version)).set(figures.input_psi)
         self.events.observe_membership(self.collector.services)
         await self.alerts.evaluate(self.rule_file.rules, stats, now)
-        await self.canary.evaluate(stats, self.collector.aliases, now)
+        await self.canary.evaluate(stats, self.collector.routing, now)
         ALERTS_FIRING.set(sum(a.state is AlertState.FIRING for a in self.alerts.alerts()))
         self.stats = stats
         async with self._round_done:
@@ -238,25 +222,6 @@ class MonitorApp:
                 self.settings.event_alert_hold_s,
             )
 
-    def _registry(self) -> RegistryServiceAsyncStub:
-        """A stub on a registry that is up (found through membership), its channel kept."""
-        registries = [s for s in self.collector.services if s.kind == "registry" and not s.draining]
-        if not registries:
-            raise Unavailable("no registry is up")
-        address = registries[0].address
-        if self._tls_watch is not None and self._tls_watch.generation() != self._tls_generation:
-            self._tls_generation = self._tls_watch.generation()
-            self._retired_channels += self._registry_channels.values()
-            self._registry_channels.clear()
-        channel = self._registry_channels.get(address)
-        if channel is None:
-            channel = self._registry_channels[address] = open_channel(
-                address,
-                ClientTLS.from_settings(self.settings.tls),
-                interceptors=bearer(self.access.service_token()),
-            )
-        return RegistryServiceStub(channel)
-
     async def _fetch_baselines(self, keys: list[tuple[str, int]]) -> None:
         """Ask the registry for the input baseline of every version not asked about yet.
 
@@ -267,7 +232,7 @@ class MonitorApp:
         if not wanted:
             return
         try:
-            stub = self._registry()
+            stub = self.registry.stub()
         except Unavailable:
             return
 
@@ -286,50 +251,3 @@ class MonitorApp:
             self._baselines_fetched.add((model, version))
 
         await asyncio.gather(*(fetch(model, version) for model, version in wanted))
-
-    async def _move_alias(self, model: str, alias: str, version: int, expected: int, reason: str) -> None:
-        await self._registry().SetAlias(
-            reg.SetAliasRequest(
-                model=model,
-                alias=alias,
-                version=version,
-                expected_version=expected,
-                reason=reason,
-                request_id=f"monitor-canary-{model}-{alias}-{expected}-{version}",
-            ),
-            timeout=10.0,
-        )
-
-    async def _get_traffic_split(self, model: str) -> dict[str, int]:
-        stub = self._registry()
-        current = (await stub.GetDeployment(reg.GetDeploymentRequest(model=model), timeout=10.0)).deployment
-        return dict(current.traffic_split)
-
-    async def _set_traffic_split(self, model: str, split: dict[str, int], request_id: str) -> None:
-        """Replace the traffic split of a model's deployment, keeping the rest of it.
-
-        Read, change, then set with compare-and-set on the epoch: an operator's concurrent
-        change (replicas, batching...) is kept, never overwritten; on a conflict, again.
-        """
-        stub = self._registry()
-        for attempt in range(1, SPLIT_ATTEMPTS + 1):
-            current = (
-                await stub.GetDeployment(reg.GetDeploymentRequest(model=model), timeout=10.0)
-            ).deployment
-            current.traffic_split.clear()
-            current.traffic_split.update(split)
-            try:
-                await stub.SetDeployment(
-                    reg.SetDeploymentRequest(
-                        model=model,
-                        deployment=current,
-                        request_id=request_id,
-                        expected_epoch=current.epoch,
-                    ),
-                    timeout=10.0,
-                )
-                return
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() is not grpc.StatusCode.ABORTED or attempt == SPLIT_ATTEMPTS:
-                    raise
-                log.info("deployment of %s changed while setting its split; again (%d)", model, attempt)

@@ -1,25 +1,34 @@
-"""Canary analysis: the canary version against the stable one, and rollback when it is worse.
+"""Canary analysis: a walk per canary the operator started, judged against the stable version.
 
-After every scrape, for each model whose canary alias points at another version than its
-stable alias: once the canary has `min_requests` requests in the window, compare
+**The lifecycle.** A walk starts when the canary alias *moves* to a version other than the
+stable alias's (SetAlias or PromoteVersion of `canary`, by whoever may move it) while the
+monitor watches, or, when the monitor starts, when the newest move of the two aliases is such a
+canary move by someone other than the monitor (it resumes). Nothing else starts one: a stable
+alias moved away from a version that the canary still points at (an operator's rollback after
+a promotion) leaves that version alone. A walk ends
 
-- error rate: canary worse when `canary > stable + max_error_rate_increase`;
-- p99 latency (only when the stable side has `min_requests` too): canary worse when
-  `canary > stable * max_latency_ratio + latency_slack_s`.
+- at its promotion or rollback (the monitor's own writes), or
+- at any change by someone else to the canary or stable alias, or (in a stepwise walk) to the
+  traffic split: an ENDED decision says what changed, and the monitor leaves the model alone
+  until the canary alias moves again.
 
-Worse: move the canary alias back to the stable version through the registry (a
-compare-and-set on the canary's version, so a human's move in between wins) and record a
-ROLLBACK decision with the figures, as an event and an alert. Within the margins: record one
-HEALTHY decision per canary version; with `promote_after_s` set, a canary healthy for that
-long is promoted (the stable alias moves to it) and a PROMOTE decision is recorded.
+Every write of the monitor is a compare-and-set on the routing epoch the walk last saw
+(`expected_epoch` of SetAlias and SetDeployment): a change that lands between the judgement
+and the write fails the write with ABORTED, and the next round judges the new state. A change
+of the epoch that leaves the aliases and the walk's split as they were (replicas, a hold
+expiring) is taken in and the walk goes on.
 
-Stepwise promotion (`promote_steps`, e.g. [0.1, 0.25, 0.5, 1.0]): as soon as a canary appears
-it gets the first step's share of the traffic that selects the stable alias, through the
-deployment's traffic split ({stable: 90, canary: 10}); after `step_after_s` at a step with
-the canary within the margins (and `min_requests` in the window) it gets the next step's
-share. The final step (1.0) is the promotion: the split is cleared and the stable alias moves
-to the canary. Every step is a STEP decision with the figures. A regression at any step is a
-rollback: the split is cleared first, then the canary alias moves back.
+**The judgement** (`monitor_service.judgement`): with `min_requests` canary requests in the
+window, an exact binomial test of the error count and a Mann-Whitney U test of the latency
+histograms, each with an effect-size margin, at a significance level spread over the
+non-overlapping windows of the judged period (one step, or `promote_after_s`).
+
+**Actions.** Worse: the split is cleared of the canary (if it names it), the canary alias moves
+back to the stable version, a ROLLBACK decision. Healthy: one HEALTHY decision per walk; with
+`promote_after_s`, promotion after that long (split cleared of the canary first, then the
+stable alias moves). Stepwise (`promote_steps`): the canary gets each step's share of the
+traffic that selects the stable alias through the split, for `step_after_s` each; the last
+step (1.0) is the promotion.
 """
 
 from __future__ import annotations
@@ -30,14 +39,28 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pydantic import BaseModel, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator
 
-from monitor_service.collector import VersionStats
+from monitor_service.collector import Routing, VersionStats
+from monitor_service.judgement import Margins, Sample, judge
 
-__all__ = ["CanaryAction", "CanaryAnalyzer", "CanaryDecision", "CanaryFigures", "CanarySettings", "MoveAlias"]
+__all__ = [
+    "AliasMove",
+    "CanaryAction",
+    "CanaryAnalyzer",
+    "CanaryDecision",
+    "CanaryFigures",
+    "CanaryRegistry",
+    "CanarySettings",
+    "StaleState",
+]
 
 log = logging.getLogger(__name__)
+
+MONITOR_REQUEST_PREFIX = "monitor-canary-"
+"""Every request id of the monitor's writes starts so (the registry's history shows it)."""
 
 
 class CanarySettings(BaseModel):
@@ -50,13 +73,20 @@ class CanarySettings(BaseModel):
     stable_alias: str = "production"
     """The alias it is compared with, and rolled back to."""
     min_requests: PositiveInt = 100
-    """Canary requests in the window before any decision."""
-    max_error_rate_increase: NonNegativeFloat = 0.05
-    """Allowed excess of the canary's error rate over the stable one (absolute, 0 to 1)."""
+    """Canary requests in the window before any judgement (and stable ones before latency is
+    judged)."""
+    max_error_rate_increase: NonNegativeFloat = 0.01
+    """The canary's error rate may exceed the stable one's by this much (absolute, 0 to 1)
+    before it counts as worse; beyond it, only when the excess is significant."""
     max_latency_ratio: PositiveFloat = 1.5
-    """Allowed ratio of the canary's p99 to the stable p99."""
+    """Allowed ratio of the canary's latency quantile to the stable one's."""
     latency_slack_s: NonNegativeFloat = 0.005
-    """Added to the allowed p99, so that sub-millisecond noise never rolls a canary back."""
+    """Added to the allowed latency, so that sub-millisecond differences never count."""
+    latency_quantile: float = 0.9
+    """The quantile whose ratio is the latency effect size (0.5 to 0.999)."""
+    confidence: float = 0.99
+    """How sure the monitor must be that the canary is worse before it rolls it back: one
+    minus the false-rollback rate each test allows over one judged period."""
     promote_after_s: PositiveFloat | None = None
     """Promote a canary that stayed healthy this long; unset: never promote automatically.
     Ignored when `promote_steps` is set."""
@@ -81,12 +111,37 @@ class CanarySettings(BaseModel):
                 raise ValueError(f"step {step} is not a share from 0.01 to 0.99 of the traffic")
         return steps
 
+    @field_validator("latency_quantile")
+    @classmethod
+    def _check_quantile(cls, q: float) -> float:
+        if not 0.5 <= q <= 0.999:
+            raise ValueError(f"latency_quantile must be from 0.5 to 0.999, got {q}")
+        return q
+
+    @field_validator("confidence")
+    @classmethod
+    def _check_confidence(cls, c: float) -> float:
+        if not 0.5 <= c < 1.0:
+            raise ValueError(f"confidence must be from 0.5 to below 1, got {c}")
+        return c
+
+    def margins(self) -> Margins:
+        return Margins(
+            min_requests=self.min_requests,
+            max_error_rate_increase=self.max_error_rate_increase,
+            max_latency_ratio=self.max_latency_ratio,
+            latency_slack_s=self.latency_slack_s,
+            latency_quantile=self.latency_quantile,
+        )
+
 
 class CanaryAction(enum.Enum):
     HEALTHY = "healthy"
     ROLLBACK = "rollback"
     PROMOTE = "promote"
     STEP = "step"
+    START = "start"
+    END = "end"
 
 
 @dataclass(frozen=True)
@@ -132,238 +187,379 @@ class CanaryDecision:
         }
 
 
-MoveAlias = Callable[[str, str, int, int, str], Awaitable[None]]
-"""(model, alias, version, expected_version, reason): moves an alias through the registry."""
+@dataclass(frozen=True)
+class AliasMove:
+    """The newest move of an alias, as the registry's history records it."""
 
-SetSplit = Callable[[str, dict[str, int], str], Awaitable[None]]
-"""(model, traffic_split, request_id): replaces the traffic split of the model's deployment
-through the registry; {} clears it."""
+    alias: str
+    to_version: int
+    epoch: int
+    by_monitor: bool
 
-GetSplit = Callable[[str], Awaitable[dict[str, int]]]
-"""(model): the traffic split of the model's deployment, read from the registry."""
+
+class StaleState(Exception):
+    """A write's compare-and-set failed: the model's routing moved since it was judged."""
+
+
+class CanaryRegistry(Protocol):
+    """The registry as the analyzer uses it; every write is a compare-and-set on the epoch."""
+
+    async def move_alias(
+        self,
+        model: str,
+        alias: str,
+        version: int,
+        *,
+        expected_version: int,
+        expected_epoch: int,
+        reason: str,
+        request_id: str,
+    ) -> int:
+        """Move an alias; the new epoch. Raises StaleState on a compare-and-set failure."""
+        ...
+
+    async def set_split(
+        self, model: str, split: dict[str, int], *, expected_epoch: int, request_id: str
+    ) -> int:
+        """Replace the deployment's traffic split ({} clears it); the new epoch. Raises
+        StaleState when the epoch is not `expected_epoch`."""
+        ...
+
+    async def last_move(self, model: str, aliases: tuple[str, str]) -> AliasMove | None:
+        """The newest move of either alias (None: neither ever moved)."""
+        ...
+
+
+@dataclass
+class Walk:
+    """One canary under judgement, and what the monitor expects the model's routing to be."""
+
+    canary: int
+    stable: int
+    epoch: int
+    """The routing epoch the walk last saw and accepted (its own writes included)."""
+    split: dict[str, int]
+    """The traffic split the walk expects."""
+    started: float
+    step: int = -1
+    """Index into `promote_steps` of the step the canary is at; -1: none (yet)."""
+    step_since: float = 0.0
+    healthy_since: float | None = None
 
 
 @dataclass
 class CanaryAnalyzer:
-    """Judges every canary after each scrape.
+    """Judges every canary walk after each scrape.
 
     Args:
-        settings: The margins.
-        move_alias: Moves an alias through the registry (compare-and-set).
+        settings: The margins and the walk's shape.
+        registry: Where the analyzer reads history and writes (compare-and-set).
         on_decision: Told of every decision (the monitor publishes an event and an alert).
-        set_split: Replaces a model's traffic split through the registry (stepwise promotion).
-        get_split: Reads a model's traffic split from the registry: a monitor that restarts
-            mid-walk resumes at the step the split shows instead of starting over.
+        window_s: The collector's window, for the significance level per look.
     """
 
     settings: CanarySettings
-    move_alias: MoveAlias
+    registry: CanaryRegistry
     on_decision: Callable[[CanaryDecision], Awaitable[None]]
-    set_split: SetSplit | None = None
-    get_split: GetSplit | None = None
+    window_s: float = 60.0
     keep: int = 500
     decisions: deque[CanaryDecision] = field(default_factory=deque)
-    _healthy_since: dict[tuple[str, int], float] = field(default_factory=dict)
-    _rolled_back: set[tuple[str, int]] = field(default_factory=set)
-    _steps: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)
-    """(model, canary version) -> (index of the step it is at, when it got there)."""
+    walks: dict[str, Walk] = field(default_factory=dict)
+    """Model -> its walk under way."""
+    _seen: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
+    """Model -> (canary, stable) versions as the previous round saw them."""
+    _written: dict[str, int] = field(default_factory=dict)
+    """Model -> the epoch of the monitor's last write of a walk that ended with it: until Redis
+    shows it, a round reads the state before the write and must not act on it."""
 
-    def __post_init__(self) -> None:
-        if self.settings.promote_steps and self.set_split is None:
-            raise ValueError("stepwise promotion (promote_steps) needs set_split")
+    @property
+    def alpha(self) -> float:
+        """The significance level of one look: 1 - confidence spread over the non-overlapping
+        windows of the period one decision covers (a step, or the time to promotion)."""
+        s = self.settings
+        period = s.step_after_s if s.promote_steps else (s.promote_after_s or self.window_s)
+        return (1.0 - s.confidence) / max(1.0, period / self.window_s)
 
     async def evaluate(
-        self, stats: dict[tuple[str, int], VersionStats], aliases: dict[str, dict[str, int]], now: float
+        self, stats: dict[tuple[str, int], VersionStats], routing: dict[str, Routing], now: float
+    ) -> None:
+        if not self.settings.enabled:
+            return
+        for model in [m for m in self.walks if m not in routing]:
+            del self.walks[model]
+        for model, state in sorted(routing.items()):
+            try:
+                await self._evaluate_model(model, state, stats, now)
+            except StaleState as exc:
+                log.info(
+                    "canary of %s: the routing moved under a write (%s); judged again next round", model, exc
+                )
+            except Exception:
+                log.exception("canary analysis of %s failed; trying again next round", model)
+
+    async def _evaluate_model(
+        self, model: str, state: Routing, stats: dict[tuple[str, int], VersionStats], now: float
     ) -> None:
         s = self.settings
-        if not s.enabled:
-            return
-        for model, pointers in sorted(aliases.items()):
-            canary_version = pointers.get(s.canary_alias)
-            stable_version = pointers.get(s.stable_alias)
-            if canary_version is None or stable_version is None or canary_version == stable_version:
-                continue
-            key = (model, canary_version)
-            if key in self._rolled_back:
-                continue
-            canary = stats.get(key)
-            stable = stats.get((model, stable_version))
-            stable = stable or VersionStats(model=model, version=stable_version)
-            if s.promote_steps and key not in self._steps:
-                # Through the split is how the canary gets traffic at all: the first step starts
-                # as soon as the canary appears, before there are figures to judge, unless the
-                # split shows a walk already under way (this monitor restarted).
-                empty = canary or VersionStats(model=model, version=canary_version)
-                figures = (CanaryFigures.of(empty), CanaryFigures.of(stable))
-                resumed = await self._resume_step(model, canary_version, figures, now)
-                if resumed is False:
-                    await self._enter_step(model, canary_version, stable_version, 0, figures, now)
-                continue
-            if canary is None or canary.request_count < s.min_requests:
-                continue
-            figures = (CanaryFigures.of(canary), CanaryFigures.of(stable))
-            problems = self._problems(canary, stable)
-            if problems:
-                reason = "; ".join(problems)
-                await self._roll_back(model, canary_version, stable_version, reason, figures, now)
-                continue
-            if key not in self._healthy_since:
-                self._healthy_since[key] = now
-                reason = (
-                    f"within margins: error rate {canary.error_rate:.3f} <= "
-                    f"{stable.error_rate:.3f} + {s.max_error_rate_increase:g}"
-                )
-                await self._record(
-                    CanaryDecision(model, CanaryAction.HEALTHY, reason, *figures, now, self._fraction(key))
-                )
-            if s.promote_steps:
-                index, since = self._steps[key]
-                if now - since >= s.step_after_s:
-                    await self._enter_step(model, canary_version, stable_version, index + 1, figures, now)
-            elif s.promote_after_s is not None and now - self._healthy_since[key] >= s.promote_after_s:
-                healthy_s = now - self._healthy_since[key]
-                reason = f"healthy for {healthy_s:.0f}s; {s.stable_alias} moves to v{canary_version}"
-                await self.move_alias(
-                    model, s.stable_alias, canary_version, stable_version, f"canary analysis: {reason}"
-                )
-                del self._healthy_since[key]
-                await self._record(CanaryDecision(model, CanaryAction.PROMOTE, reason, *figures, now))
+        pointers = (state.aliases.get(s.canary_alias), state.aliases.get(s.stable_alias))
+        if state.epoch < self._written.get(model, 0):
+            return  # the monitor's promotion or rollback is not in Redis yet
+        walk = self.walks.get(model)
+        if walk is not None:
+            if state.epoch < walk.epoch:
+                return  # the monitor's own write is not in Redis yet
+            if state.epoch > walk.epoch:
+                change = self._foreign_change(walk, pointers, state.split)
+                if change:
+                    del self.walks[model]
+                    await self._record(
+                        model,
+                        CanaryAction.END,
+                        f"walk of canary v{walk.canary} ended: {change}; "
+                        "the monitor leaves the model alone until the canary alias moves again",
+                        walk,
+                        stats,
+                        now,
+                    )
+                    walk = None
+                else:
+                    walk.epoch = state.epoch
+                    if not s.promote_steps:
+                        walk.split = dict(state.split)
+        if walk is None:
+            started = await self._start(model, pointers, state, stats, now)
+            if started is None:
+                return  # undecided (history unreadable): the same question next round
+            self._seen[model] = pointers
+            if not started:
+                return
+            walk = self.walks[model]
+        self._seen[model] = pointers
+        await self._judge(model, walk, stats, now)
 
-    def _fraction(self, key: tuple[str, int]) -> float:
-        """The canary's share of the split traffic now (0 without steps)."""
-        at = self._steps.get(key)
-        return self.settings.promote_steps[at[0]] if at is not None else 0.0
-
-    async def _resume_step(
-        self, model: str, canary_version: int, figures: tuple[CanaryFigures, CanaryFigures], now: float
-    ) -> bool | None:
-        """Take up the step the deployment's split already gives the canary (exactly one of
-        the steps before the last), as after a restart; its time at the step starts now.
-
-        Returns:
-            True when resumed, False when the walk starts at the first step, None when the
-            split could not be read (the next round asks again: a registry blip must not cut
-            a canary at 50 % back to the first step).
-        """
+    def _foreign_change(
+        self, walk: Walk, pointers: tuple[int | None, int | None], split: dict[str, int]
+    ) -> str:
+        """What someone other than the monitor changed that ends the walk ('' if nothing)."""
         s = self.settings
-        if self.get_split is None:
+        changes = []
+        for alias, was, now in (
+            (s.canary_alias, walk.canary, pointers[0]),
+            (s.stable_alias, walk.stable, pointers[1]),
+        ):
+            if now != was:
+                changes.append(
+                    f"{alias} moved from v{was} to " + (f"v{now}" if now is not None else "nowhere (deleted)")
+                )
+        if s.promote_steps and split != walk.split:
+            changes.append(f"the traffic split is {_split(split)}, the walk set {_split(walk.split)}")
+        return "; ".join(changes)
+
+    async def _start(
+        self,
+        model: str,
+        pointers: tuple[int | None, int | None],
+        state: Routing,
+        stats: dict[tuple[str, int], VersionStats],
+        now: float,
+    ) -> bool | None:
+        """Start a walk if an operator started a canary; None when that cannot be told yet."""
+        s = self.settings
+        canary, stable = pointers
+        if canary is None or stable is None or canary == stable:
             return False
-        try:
-            split = await self.get_split(model)
-        except Exception:
-            log.exception("reading the traffic split of %s failed; trying again next round", model)
-            return None
+        seen = self._seen.get(model)
+        resumed = seen is None
+        if seen is not None:
+            if seen[0] == canary:
+                return False  # the canary did not move: nothing was started
+            why = f"{s.canary_alias} moved to v{canary}"
+        else:
+            # Monitor start-up: resume only a canary the newest history entry started.
+            try:
+                move = await self.registry.last_move(model, (s.canary_alias, s.stable_alias))
+            except Exception as exc:
+                log.warning("cannot read the alias history of %s (%s); asking again next round", model, exc)
+                return None
+            if move is None or move.alias != s.canary_alias or move.to_version != canary or move.by_monitor:
+                log.info(
+                    "%s: %s v%d is not judged: the newest move of its aliases did not start it as a canary",
+                    model,
+                    s.canary_alias,
+                    canary,
+                )
+                return False
+            why = f"{s.canary_alias} moved to v{canary} (epoch {move.epoch}) before this monitor started"
+        walk = Walk(canary, stable, state.epoch, dict(state.split), now)
+        self.walks[model] = walk
+        if s.promote_steps and resumed and self._resume_step(walk, state.split, now):
+            index = walk.step
+            await self._record(
+                model,
+                CanaryAction.STEP,
+                f"resumed at step {index + 1} of {len(s.promote_steps)}: the traffic split already "
+                f"gives canary v{canary} {state.split[s.canary_alias]}% of the traffic that selects "
+                f"{s.stable_alias}",
+                walk,
+                stats,
+                now,
+            )
+            return True
+        await self._record(
+            model,
+            CanaryAction.START,
+            f"walk of canary v{canary} against v{stable} started: {why}",
+            walk,
+            stats,
+            now,
+        )
+        return True
+
+    def _resume_step(self, walk: Walk, split: dict[str, int], now: float) -> bool:
+        """Take up the step the split already gives the canary (one of the steps before the
+        last), as after a restart; its time at the step starts now."""
+        s = self.settings
         if set(split) != {s.stable_alias, s.canary_alias} or sum(split.values()) != 100:
             return False
         for index, share in enumerate(s.promote_steps[:-1]):
             if round(share * 100) == split[s.canary_alias]:
-                self._steps[(model, canary_version)] = (index, now)
-                reason = (
-                    f"resumed at step {index + 1} of {len(s.promote_steps)}: the traffic split "
-                    f"already gives canary v{canary_version} {split[s.canary_alias]}% of the "
-                    f"traffic that selects {s.stable_alias}"
-                )
-                await self._record(CanaryDecision(model, CanaryAction.STEP, reason, *figures, now, share))
+                walk.step, walk.step_since = index, now
                 return True
         return False
 
+    async def _judge(
+        self, model: str, walk: Walk, stats: dict[tuple[str, int], VersionStats], now: float
+    ) -> None:
+        s = self.settings
+        if s.promote_steps and walk.step < 0:
+            # Through the split is how the canary gets traffic at all: the first step comes
+            # before there are figures to judge.
+            await self._enter_step(model, walk, 0, stats, now)
+            return
+        canary = stats.get((model, walk.canary))
+        if canary is None or canary.request_count < s.min_requests:
+            return
+        stable = stats.get((model, walk.stable)) or VersionStats(model=model, version=walk.stable)
+        verdict = judge(_sample(canary), _sample(stable), s.margins(), self.alpha)
+        if verdict.worse:
+            await self._roll_back(model, walk, "; ".join(verdict.problems), stats, now)
+            return
+        if not verdict.within:
+            # Looks worse, but the sample cannot tell yet: no step forward, no verdict.
+            log.info("canary %s v%d inconclusive: %s", model, walk.canary, "; ".join(verdict.problems))
+            return
+        if walk.healthy_since is None:
+            walk.healthy_since = now
+            await self._record(
+                model, CanaryAction.HEALTHY, "within margins: " + "; ".join(verdict.notes), walk, stats, now
+            )
+        if s.promote_steps:
+            if now - walk.step_since >= s.step_after_s:
+                await self._enter_step(model, walk, walk.step + 1, stats, now)
+        elif s.promote_after_s is not None and now - walk.healthy_since >= s.promote_after_s:
+            await self._promote(model, walk, f"healthy for {now - walk.healthy_since:.0f}s", stats, now)
+
     async def _enter_step(
-        self,
-        model: str,
-        canary_version: int,
-        stable_version: int,
-        index: int,
-        figures: tuple[CanaryFigures, CanaryFigures],
-        now: float,
+        self, model: str, walk: Walk, index: int, stats: dict[tuple[str, int], VersionStats], now: float
     ) -> None:
         """Give the canary step `index`'s share; the last step is the promotion."""
         s = self.settings
-        assert self.set_split is not None  # checked in __post_init__
-        key = (model, canary_version)
-        share = s.promote_steps[index]
-        previous = self._fraction(key)
-        request_id = f"monitor-canary-{model}-v{canary_version}-step{index}"
-        try:
-            if index == len(s.promote_steps) - 1:
-                # Split first, alias second: if the move fails, every request goes to the
-                # stable version meanwhile, and the next round tries both again.
-                await self.set_split(model, {}, request_id)
-                reason = (
-                    f"healthy at {previous:.0%} of the traffic for {s.step_after_s:g}s; "
-                    f"{s.stable_alias} moves to v{canary_version}, traffic split cleared"
-                )
-                await self.move_alias(
-                    model, s.stable_alias, canary_version, stable_version, f"canary analysis: {reason}"
-                )
-                action, share = CanaryAction.PROMOTE, 0.0
-            else:
-                percent = round(share * 100)
-                split = {s.stable_alias: 100 - percent, s.canary_alias: percent}
-                await self.set_split(model, split, request_id)
-                reason = (
-                    f"step {index + 1} of {len(s.promote_steps)}: canary v{canary_version} gets "
-                    f"{percent}% of the traffic that selects {s.stable_alias}"
-                )
-                if index:
-                    reason += f" (healthy at {previous:.0%} for {s.step_after_s:g}s)"
-                action = CanaryAction.STEP
-        except Exception:
-            log.exception("stepping %s canary v%d to step %d failed", model, canary_version, index + 1)
-            return
-        if action is CanaryAction.PROMOTE:
-            self._steps.pop(key, None)
-            self._healthy_since.pop(key, None)
-        else:
-            self._steps[key] = (index, now)
-        await self._record(CanaryDecision(model, action, reason, *figures, now, share))
-
-    def _problems(self, canary: VersionStats, stable: VersionStats) -> list[str]:
-        s = self.settings
-        problems = []
-        if canary.error_rate > stable.error_rate + s.max_error_rate_increase:
-            problems.append(
-                f"error rate {canary.error_rate:.3f} > stable {stable.error_rate:.3f} + "
-                f"{s.max_error_rate_increase:g}"
+        if index == len(s.promote_steps) - 1:
+            previous = s.promote_steps[walk.step]
+            await self._promote(
+                model, walk, f"healthy at {previous:.0%} of the traffic for {s.step_after_s:g}s", stats, now
             )
-        if stable.request_count >= s.min_requests and not math.isnan(stable.latency_p99_s):
-            allowed = stable.latency_p99_s * s.max_latency_ratio + s.latency_slack_s
-            if canary.latency_p99_s > allowed:
-                problems.append(
-                    f"p99 {canary.latency_p99_s * 1000:.1f}ms > allowed {allowed * 1000:.1f}ms "
-                    f"(stable {stable.latency_p99_s * 1000:.1f}ms x {s.max_latency_ratio:g})"
-                )
-        return problems
+            return
+        percent = round(s.promote_steps[index] * 100)
+        split = {s.stable_alias: 100 - percent, s.canary_alias: percent}
+        await self._write_split(model, walk, split, f"step{index}")
+        previous = s.promote_steps[walk.step] if walk.step >= 0 else 0.0
+        walk.step, walk.step_since = index, now
+        reason = (
+            f"step {index + 1} of {len(s.promote_steps)}: canary v{walk.canary} gets {percent}% of the "
+            f"traffic that selects {s.stable_alias}"
+        )
+        if index:
+            reason += f" (healthy at {previous:.0%} for {s.step_after_s:g}s)"
+        await self._record(model, CanaryAction.STEP, reason, walk, stats, now)
+
+    async def _promote(
+        self, model: str, walk: Walk, why: str, stats: dict[tuple[str, int], VersionStats], now: float
+    ) -> None:
+        s = self.settings
+        cleared = await self._clear_canary_from_split(model, walk, "promote")
+        reason = f"{why}; {s.stable_alias} moves to v{walk.canary}" + (
+            "; traffic split cleared" if cleared else ""
+        )
+        await self._move(model, walk, s.stable_alias, walk.canary, walk.stable, reason, "promote")
+        del self.walks[model]
+        self._seen[model] = (walk.canary, walk.canary)
+        self._written[model] = walk.epoch
+        await self._record(model, CanaryAction.PROMOTE, reason, walk, stats, now)
 
     async def _roll_back(
+        self, model: str, walk: Walk, reason: str, stats: dict[tuple[str, int], VersionStats], now: float
+    ) -> None:
+        # The split first: from then on no request selecting the stable alias reaches the
+        # canary, whatever happens to the alias move.
+        s = self.settings
+        if await self._clear_canary_from_split(model, walk, "rollback"):
+            reason += "; traffic split cleared"
+        await self._move(model, walk, s.canary_alias, walk.stable, walk.canary, reason, "rollback")
+        del self.walks[model]
+        self._seen[model] = (walk.stable, walk.stable)
+        self._written[model] = walk.epoch
+        await self._record(model, CanaryAction.ROLLBACK, reason, walk, stats, now)
+
+    async def _clear_canary_from_split(self, model: str, walk: Walk, what: str) -> bool:
+        """Give the canary's weight in the split back to the stable alias (clearing a split
+        that is then all stable); False when the split does not name the canary."""
+        s = self.settings
+        if s.canary_alias not in walk.split:
+            return False
+        rest = {alias: w for alias, w in walk.split.items() if alias != s.canary_alias}
+        rest[s.stable_alias] = rest.get(s.stable_alias, 0) + walk.split[s.canary_alias]
+        await self._write_split(model, walk, {} if set(rest) == {s.stable_alias} else rest, what)
+        return True
+
+    async def _write_split(self, model: str, walk: Walk, split: dict[str, int], what: str) -> None:
+        request_id = f"{MONITOR_REQUEST_PREFIX}{model}-v{walk.canary}-e{walk.epoch}-{what}"
+        walk.epoch = await self.registry.set_split(
+            model, split, expected_epoch=walk.epoch, request_id=request_id
+        )
+        walk.split = dict(split)
+
+    async def _move(
+        self, model: str, walk: Walk, alias: str, version: int, expected: int, reason: str, what: str
+    ) -> None:
+        request_id = f"{MONITOR_REQUEST_PREFIX}{model}-{alias}-v{expected}-v{version}-e{walk.epoch}-{what}"
+        walk.epoch = await self.registry.move_alias(
+            model,
+            alias,
+            version,
+            expected_version=expected,
+            expected_epoch=walk.epoch,
+            reason=f"canary analysis: {reason}",
+            request_id=request_id,
+        )
+
+    async def _record(
         self,
         model: str,
-        canary_version: int,
-        stable_version: int,
+        action: CanaryAction,
         reason: str,
-        figures: tuple[CanaryFigures, CanaryFigures],
+        walk: Walk,
+        stats: dict[tuple[str, int], VersionStats],
         now: float,
     ) -> None:
         s = self.settings
-        try:
-            if (model, canary_version) in self._steps:
-                assert self.set_split is not None
-                # The split first: from then on no request selecting the stable alias reaches
-                # the canary, whatever happens to the alias move.
-                await self.set_split(model, {}, f"monitor-canary-{model}-v{canary_version}-rollback")
-            await self.move_alias(
-                model, s.canary_alias, stable_version, canary_version, f"canary analysis: {reason}"
-            )
-        except Exception:
-            # The next scrape tries again; the decision is recorded once it took effect.
-            log.exception("rolling back %s %s v%d failed", model, s.canary_alias, canary_version)
-            return
-        self._rolled_back.add((model, canary_version))
-        self._healthy_since.pop((model, canary_version), None)
-        if self._steps.pop((model, canary_version), None) is not None:
-            reason += "; traffic split cleared"
-        await self._record(CanaryDecision(model, CanaryAction.ROLLBACK, reason, *figures, now))
-
-    async def _record(self, decision: CanaryDecision) -> None:
+        canary = stats.get((model, walk.canary)) or VersionStats(model=model, version=walk.canary)
+        stable = stats.get((model, walk.stable)) or VersionStats(model=model, version=walk.stable)
+        live = self.walks.get(model) is walk and walk.step >= 0
+        share = s.promote_steps[walk.step] if live else 0.0
+        decision = CanaryDecision(
+            model, action, reason, CanaryFigures.of(canary), CanaryFigures.of(stable), now, share
+        )
         log.warning(
             "canary %s %s: %s [canary %s | stable %s]",
             decision.model,
@@ -376,3 +572,15 @@ class CanaryAnalyzer:
         while len(self.decisions) > self.keep:
             self.decisions.pop()
         await self.on_decision(decision)
+
+
+def _sample(stats: VersionStats) -> Sample:
+    return Sample(int(round(stats.request_count)), int(round(stats.error_count)), stats.latency_histogram)
+
+
+def _split(split: dict[str, int]) -> str:
+    return (
+        "{" + ", ".join(f"{alias}: {weight}" for alias, weight in sorted(split.items())) + "}"
+        if split
+        else "{}"
+    )

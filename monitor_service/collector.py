@@ -34,6 +34,7 @@ __all__ = [
     "Collector",
     "FeatureStats",
     "ProcessFigures",
+    "Routing",
     "ProcessView",
     "Snapshot",
     "VersionStats",
@@ -174,6 +175,17 @@ def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> floa
 
 
 @dataclass(frozen=True)
+class Routing:
+    """A model's routing state as the scrape read it (one atomic read of Redis)."""
+
+    aliases: dict[str, int]
+    epoch: int
+    """Grows with every change of the model's aliases or deployment."""
+    split: dict[str, int]
+    """The deployment's traffic split (alias -> weight); empty: none."""
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """One process's series at one moment."""
 
@@ -244,6 +256,10 @@ class VersionStats:
     requests_per_second: float = 0.0
     requests_by_code: dict[str, float] = field(default_factory=dict)
     error_rate: float = 0.0
+    error_count: float = 0.0
+    """Requests in the window that did not end OK."""
+    latency_histogram: list[tuple[float, float]] = field(default_factory=list)
+    """The window's latency histogram: (upper bound in s, cumulative count), ascending."""
     latency_p50_s: float = math.nan
     latency_p95_s: float = math.nan
     latency_p99_s: float = math.nan
@@ -320,12 +336,18 @@ class Collector:
         self.processes: dict[tuple[str, float], ProcessView] = {}
         self.services: list[ServiceRecord] = []
         self.aliases: dict[str, dict[str, int]] = {}
+        self.routing: dict[str, Routing] = {}
+        """Per model, its aliases, routing epoch and traffic split as one consistent read."""
         self.scrapes = 0
 
     async def scrape(self) -> None:
         """One round: membership, aliases, and every distinct metrics endpoint."""
-        self.services = await self._store.list_services()
-        self.aliases = {m: a for m, (a, _epoch) in (await self._store.all_aliases()).items()}
+        aliases, deployments, self.services = await self._store.routing_snapshot()
+        self.aliases = {model: pointers for model, (pointers, _epoch) in aliases.items()}
+        self.routing = {
+            model: Routing(pointers, epoch, dict(deployments[model].traffic_split))
+            for model, (pointers, epoch) in aliases.items()
+        }
         by_address: dict[str, list[str]] = {}
         for record in self.services:
             if record.metrics_address:
@@ -438,8 +460,10 @@ def _version_stats(
     stats.request_count = sum(by_code.values())
     stats.requests_per_second = stats.request_count / window_s
     if stats.request_count:
-        stats.error_rate = 1.0 - by_code.get("OK", 0.0) / stats.request_count
-    latency = [(float(detail), v) for (what, detail), v in values.items() if what == "lat_b"]
+        stats.error_count = stats.request_count - by_code.get("OK", 0.0)
+        stats.error_rate = stats.error_count / stats.request_count
+    latency = sorted((float(detail), v) for (what, detail), v in values.items() if what == "lat_b")
+    stats.latency_histogram = latency
     stats.latency_p50_s = histogram_quantile(0.50, latency)
     stats.latency_p95_s = histogram_quantile(0.95, latency)
     stats.latency_p99_s = histogram_quantile(0.99, latency)

@@ -52,6 +52,8 @@ _CANARY_ACTIONS = {
     CanaryAction.ROLLBACK: pb.CANARY_ACTION_ROLLBACK,
     CanaryAction.PROMOTE: pb.CANARY_ACTION_PROMOTE,
     CanaryAction.STEP: pb.CANARY_ACTION_STEP,
+    CanaryAction.START: pb.CANARY_ACTION_START,
+    CanaryAction.END: pb.CANARY_ACTION_END,
 }
 
 

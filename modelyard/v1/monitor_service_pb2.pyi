@@ -41,6 +41,8 @@ class CanaryAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CANARY_ACTION_ROLLBACK: _ClassVar[CanaryAction]
     CANARY_ACTION_PROMOTE: _ClassVar[CanaryAction]
     CANARY_ACTION_STEP: _ClassVar[CanaryAction]
+    CANARY_ACTION_START: _ClassVar[CanaryAction]
+    CANARY_ACTION_END: _ClassVar[CanaryAction]
 SERVICE_KIND_UNSPECIFIED: ServiceKind
 SERVICE_KIND_GATEWAY: ServiceKind
 SERVICE_KIND_MODEL_SERVER: ServiceKind
@@ -59,6 +61,8 @@ CANARY_ACTION_HEALTHY: CanaryAction
 CANARY_ACTION_ROLLBACK: CanaryAction
 CANARY_ACTION_PROMOTE: CanaryAction
 CANARY_ACTION_STEP: CanaryAction
+CANARY_ACTION_START: CanaryAction
+CANARY_ACTION_END: CanaryAction
 
 class GetClusterStatusRequest(_message.Message):
     __slots__ = ()

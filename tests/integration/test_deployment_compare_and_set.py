@@ -1,6 +1,6 @@
 """Two writers of one deployment, on a real registry and Redis: SetDeployment's compare-and-set
 on the routing epoch refuses a stale write with ABORTED and changes nothing; the monitor's
-traffic-split writer keeps an operator's change that lands between its read and its write;
+traffic-split write loses to an operator's change that lands between its read and its write;
 and a monitor that restarts mid-walk resumes the canary at the step the split shows instead of
 cutting the canary's traffic back to the first step."""
 
@@ -16,7 +16,7 @@ from grpc_status import rpc_status
 
 from modelyard.v1 import registry_service_pb2 as reg
 from monitor_service.app import MonitorApp
-from monitor_service.canary import CanaryAction, CanaryDecision, CanarySettings
+from monitor_service.canary import CanaryAction, CanaryDecision, CanarySettings, StaleState
 from tests.integration import test_monitor_analysis as cluster
 from tests.integration.test_monitor_analysis import StartMonitor, publish, set_alias, until
 
@@ -134,9 +134,12 @@ class OperatorFirst(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         return await continuation(details, request)
 
 
-async def test_the_monitors_split_writer_keeps_an_operators_change_made_between_its_read_and_write(
+async def test_the_monitors_split_write_loses_to_an_operators_change_made_between_its_read_and_write(
     registry: Any, registry_stub: Any, start_monitor: StartMonitor
 ) -> None:
+    """The monitor writes only onto the state it judged: a change landing between its read
+    and its write makes the write fail (StaleState, from ABORTED), and nothing is overwritten;
+    its next round judges the new state."""
     await two_versions(registry_stub, "race")
     monitor = await start_monitor(canary=CanarySettings(enabled=False))
     await until(
@@ -145,19 +148,26 @@ async def test_the_monitors_split_writer_keeps_an_operators_change_made_between_
         timeout_s=10,
         what="the monitor to see the registry",
     )
+    judged = (await deployment_of(registry_stub, "race")).epoch
     race = OperatorFirst(registry_stub, "race")
     channel = grpc.aio.insecure_channel(registry.address, interceptors=[race])
-    monitor._registry_channels[registry.address] = channel  # closed by the monitor
+    monitor.registry._channels[registry.address] = channel  # closed by the monitor
 
-    await monitor._set_traffic_split("race", {"production": 75, "canary": 25}, "split-under-race")
+    with pytest.raises(StaleState):
+        await monitor.registry.set_split(
+            "race", {"production": 75, "canary": 25}, expected_epoch=judged, request_id="split-under-race"
+        )
 
     assert race.raced == 1
     now = await deployment_of(registry_stub, "race")
-    assert now.replicas == 1, "the operator's change was overwritten"
-    assert dict(now.traffic_split) == {"production": 75, "canary": 25}
+    assert now.replicas == 1 and dict(now.traffic_split) == {}, "the operator's change was overwritten"
     audit = await registry_stub.ListAuditEntries(reg.ListAuditEntriesRequest(model="race"))
-    outcomes = [e.outcome for e in audit.entries if e.request_id == "split-under-race"]
-    assert sorted(outcomes) == ["ABORTED", "OK"]
+    assert [e.outcome for e in audit.entries if e.request_id == "split-under-race"] == ["ABORTED"]
+    # And on the state as it is now, the write goes through.
+    epoch = await monitor.registry.set_split(
+        "race", {"production": 75, "canary": 25}, expected_epoch=now.epoch, request_id="split-again"
+    )
+    assert epoch == now.epoch + 1
 
 
 async def monitor_finding(

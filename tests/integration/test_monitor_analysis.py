@@ -39,7 +39,7 @@ from modelyard.v1 import registry_service_pb2 as reg
 from modelyard.v1.model_server_service_pb2_grpc import ModelServerServiceStub
 from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
 from monitor_service.app import MonitorApp
-from monitor_service.canary import CanarySettings
+from monitor_service.canary import CanaryAction, CanarySettings
 from monitor_service.settings import MonitorSettings
 from registry_service.app import RegistryApp
 from registry_service.settings import RegistrySettings
@@ -326,7 +326,10 @@ async def test_a_canary_failing_20_percent_is_rolled_back_with_its_figures(
     started = time.monotonic()
     monitor, stable, canary = await run_canary(registry_stub, gateway, start_monitor, "flaky", failing=True)
     await until(
-        monitor, lambda: bool(monitor.canary.decisions), timeout_s=ROLLBACK_WINDOW_S, what="a canary decision"
+        monitor,
+        lambda: any(d.action is CanaryAction.ROLLBACK for d in monitor.canary.decisions),
+        timeout_s=ROLLBACK_WINDOW_S,
+        what="a rollback",
     )
     assert time.monotonic() - started < ROLLBACK_WINDOW_S + 30  # cluster start-up included
 
@@ -336,9 +339,10 @@ async def test_a_canary_failing_20_percent_is_rolled_back_with_its_figures(
     assert "canary" in monitor.stats[("flaky", canary)].requests_per_second_by_alias
     async with grpc.aio.insecure_channel(monitor.address) as channel:
         stub = mon_grpc.MonitorServiceStub(channel)
-        (decision,) = (
+        decision, start = (
             await stub.ListCanaryDecisions(mon.ListCanaryDecisionsRequest(model="flaky"))
-        ).decisions
+        ).decisions  # newest first
+        assert start.action == mon.CANARY_ACTION_START and "before this monitor started" in start.reason
         assert decision.action == mon.CANARY_ACTION_ROLLBACK
         assert decision.canary.version == canary and decision.stable.version == stable
         assert decision.canary.request_count >= CANARY.min_requests
@@ -356,8 +360,10 @@ async def test_a_canary_failing_20_percent_is_rolled_back_with_its_figures(
     # The decision is in the cluster's event log with its figures.
     entries = await monitor.store.client.xrange(monitor.store.keys.events_log())
     events = [json.loads(fields["event"]) for _id, fields in entries]
-    (event,) = [e for e in events if e.get("type") == "canary"]
-    assert event["action"] == "rollback" and event["canary"]["version"] == canary
+    start, event = [e for e in events if e.get("type") == "canary"]
+    assert (
+        start["action"] == "start" and event["action"] == "rollback" and event["canary"]["version"] == canary
+    )
     assert event["canary"]["request_count"] >= CANARY.min_requests
 
 
@@ -366,10 +372,14 @@ async def test_a_healthy_canary_keeps_its_alias_and_the_decision_shows_why(
 ) -> None:
     monitor, stable, canary = await run_canary(registry_stub, gateway, start_monitor, "steady", failing=False)
     await until(
-        monitor, lambda: bool(monitor.canary.decisions), timeout_s=ROLLBACK_WINDOW_S, what="a canary decision"
+        monitor,
+        lambda: any(d.action is CanaryAction.HEALTHY for d in monitor.canary.decisions),
+        timeout_s=ROLLBACK_WINDOW_S,
+        what="a healthy decision",
     )
     await monitor.wait_rounds(3)
-    (decision,) = monitor.canary.decisions
+    decision, start = monitor.canary.decisions  # newest first
+    assert start.action is CanaryAction.START
     assert decision.action.value == "healthy"
     assert decision.canary.request_count >= CANARY.min_requests and decision.canary.error_rate == 0.0
     assert decision.stable.version == stable and decision.stable.request_count >= CANARY.min_requests

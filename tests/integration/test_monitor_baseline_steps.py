@@ -205,13 +205,14 @@ async def test_a_healthy_canary_walks_the_traffic_split_steps_to_promotion(
     assert {"production": 75, "canary": 25} in seen_splits
     decisions = list(reversed(monitor.canary.decisions))  # oldest first
     assert [(d.action.value, d.traffic_fraction) for d in decisions] == [
+        ("start", 0.0),
         ("step", 0.25),
         ("healthy", 0.25),
         ("step", 0.5),
         ("promote", 0.0),
     ]
     # Each step after the first was taken on figures: enough canary requests, no errors.
-    for decision in decisions[1:]:
+    for decision in decisions[2:]:
         assert decision.canary.version == canary and decision.stable.version == stable
         assert decision.canary.request_count >= STEPS.min_requests and decision.canary.error_rate == 0.0
     async with grpc.aio.insecure_channel(monitor.address) as channel:
@@ -225,6 +226,7 @@ async def test_a_healthy_canary_walks_the_traffic_split_steps_to_promotion(
         mon.CANARY_ACTION_STEP,
         mon.CANARY_ACTION_HEALTHY,
         mon.CANARY_ACTION_STEP,
+        mon.CANARY_ACTION_START,
     ]
     assert listed[1].traffic_fraction == 0.5 and "step 2 of 3" in listed[1].reason
     history = (await registry_stub.ListAliasHistory(reg.ListAliasHistoryRequest(model="stepper"))).entries
@@ -251,7 +253,8 @@ async def test_a_canary_failing_20_percent_at_a_step_is_rolled_back_and_the_spli
 
     assert await aliases_of(registry_stub, "stumbler") == {"production": stable, "canary": stable}
     assert await split_of(registry_stub, "stumbler") == {}
-    rollback, step = monitor.canary.decisions  # newest first
+    rollback, step, start = monitor.canary.decisions  # newest first
+    assert start.action is CanaryAction.START
     assert step.action is CanaryAction.STEP and step.traffic_fraction == 0.25
     assert rollback.action is CanaryAction.ROLLBACK and rollback.traffic_fraction == 0.0
     assert rollback.canary.version == canary and rollback.canary.request_count >= 40

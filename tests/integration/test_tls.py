@@ -199,7 +199,7 @@ async def test_predict_chain_and_every_service_pair_under_mtls(
         admin.close()
 
     # monitor → registry (its own channel, for baselines and traffic splits).
-    listed = await cluster.monitor._registry().ListModels(reg.ListModelsRequest(), timeout=5)
+    listed = await cluster.monitor.registry.stub().ListModels(reg.ListModelsRequest(), timeout=5)
     assert [m.name for m in listed.models] == ["tls"]
 
     # /metrics is HTTPS with client certificates: plain HTTP and no certificate are refused.

@@ -1,5 +1,6 @@
 """Pure logic of the monitor: quantiles from bucket deltas, window deltas per process, the
-alert cycle, the Alertmanager payload, drift scores and canary decisions."""
+alert cycle, the Alertmanager payload and drift scores (canary walks are in
+test_monitor_canary_walks)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from typing import Any
 import pytest
 
 from monitor_service.alerting import AlertManager, AlertState, WebhookNotifier, alertmanager_payload
-from monitor_service.canary import CanaryAnalyzer, CanaryDecision, CanarySettings
 from monitor_service.collector import (
     FeatureStats,
     ProcessView,
@@ -185,64 +185,3 @@ def test_drift_is_the_largest_standardised_mean_shift() -> None:
     learner = DriftDetector(learn_items=100)
     learner.apply({("n", 1): stats("n", inputs={"x/0": FeatureStats(100, 5.0, 4.0)})})
     assert learner.learned["n"]["x"] == Baseline([5.0], [2.0])
-
-
-class Registry:
-    def __init__(self) -> None:
-        self.moves: list[tuple[str, str, int, int]] = []
-
-    async def move(self, model: str, alias: str, version: int, expected: int, reason: str) -> None:
-        self.moves.append((model, alias, version, expected))
-
-
-async def test_a_canary_worse_than_the_margin_is_rolled_back_once() -> None:
-    registry = Registry()
-    decisions: list[CanaryDecision] = []
-
-    async def record(decision: CanaryDecision) -> None:
-        decisions.append(decision)
-
-    analyzer = CanaryAnalyzer(CanarySettings(min_requests=50), registry.move, record)
-    aliases = {"m": {"production": 1, "canary": 2}}
-    figures = {
-        ("m", 1): stats(version=1, request_count=500, error_rate=0.01, latency_p99_s=0.010),
-        ("m", 2): stats(version=2, request_count=40, error_rate=0.2, latency_p99_s=0.010),
-    }
-    await analyzer.evaluate(figures, aliases, now=1.0)
-    assert decisions == []  # not enough canary requests yet
-    figures[("m", 2)].request_count = 60
-    await analyzer.evaluate(figures, aliases, now=2.0)
-    (decision,) = decisions
-    assert decision.action.value == "rollback" and registry.moves == [("m", "canary", 1, 2)]
-    assert decision.canary.request_count == 60 and decision.canary.error_rate == 0.2
-    assert decision.stable.error_rate == 0.01
-    assert "error rate 0.200 > stable 0.010 + 0.05" in decision.reason
-    await analyzer.evaluate(figures, aliases, now=3.0)
-    assert len(decisions) == 1
-
-
-async def test_a_healthy_canary_is_recorded_once_and_promoted_when_asked() -> None:
-    registry = Registry()
-    decisions: list[CanaryDecision] = []
-
-    async def record(decision: CanaryDecision) -> None:
-        decisions.append(decision)
-
-    analyzer = CanaryAnalyzer(CanarySettings(min_requests=50, promote_after_s=60), registry.move, record)
-    aliases = {"m": {"production": 1, "canary": 2}}
-    figures = {
-        ("m", 1): stats(version=1, request_count=500, error_rate=0.01, latency_p99_s=0.010),
-        ("m", 2): stats(version=2, request_count=100, error_rate=0.03, latency_p99_s=0.012),
-    }
-    await analyzer.evaluate(figures, aliases, now=0.0)
-    await analyzer.evaluate(figures, aliases, now=30.0)
-    assert [d.action.value for d in decisions] == ["healthy"] and registry.moves == []
-    await analyzer.evaluate(figures, aliases, now=60.0)
-    assert [d.action.value for d in decisions] == ["healthy", "promote"]
-    assert registry.moves == [("m", "production", 2, 1)]
-
-    # Latency beyond the ratio (plus slack) is a rollback too.
-    figures[("m", 2)].latency_p99_s = 0.030
-    analyzer = CanaryAnalyzer(CanarySettings(min_requests=50), registry.move, record)
-    await analyzer.evaluate(figures, aliases, now=0.0)
-    assert decisions[-1].action.value == "rollback" and "p99 30.0ms > allowed 20.0ms" in decisions[-1].reason
