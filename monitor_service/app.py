@@ -83,7 +83,11 @@ class MonitorApp:
             self.access.service_token(),
         )
         self.canary = CanaryAnalyzer(
-            settings.canary, self.registry, self._canary_decided, window_s=settings.window_s
+            settings.canary,
+            self.registry,
+            self._canary_decided,
+            window_s=settings.window_s,
+            figures=self.collector.version_stats,
         )
         self._baselines_fetched: set[tuple[str, int]] = set()
         self.stats: dict[tuple[str, int], VersionStats] = {}

@@ -80,7 +80,7 @@ class CanarySettings(BaseModel):
     before it counts as worse; beyond it, only when the excess is significant."""
     max_latency_ratio: PositiveFloat = 1.5
     """Allowed ratio of the canary's latency quantile to the stable one's."""
-    latency_slack_s: NonNegativeFloat = 0.005
+    latency_slack_s: NonNegativeFloat = 0.002
     """Added to the allowed latency, so that sub-millisecond differences never count."""
     latency_quantile: float = 0.9
     """The quantile whose ratio is the latency effect size (0.5 to 0.999)."""
@@ -256,12 +256,16 @@ class CanaryAnalyzer:
         registry: Where the analyzer reads history and writes (compare-and-set).
         on_decision: Told of every decision (the monitor publishes an event and an alert).
         window_s: The collector's window, for the significance level per look.
+        figures: The collector's figures over a shorter window (see the field).
     """
 
     settings: CanarySettings
     registry: CanaryRegistry
     on_decision: Callable[[CanaryDecision], Awaitable[None]]
     window_s: float = 60.0
+    figures: Callable[[float], dict[tuple[str, int], VersionStats]] | None = None
+    """Figures over the last so many seconds (the collector's): a walk is then judged on its
+    current step's traffic alone. None: on the figures `evaluate` is given."""
     keep: int = 500
     decisions: deque[CanaryDecision] = field(default_factory=deque)
     walks: dict[str, Walk] = field(default_factory=dict)
@@ -436,6 +440,11 @@ class CanaryAnalyzer:
             # before there are figures to judge.
             await self._enter_step(model, walk, 0, stats, now)
             return
+        if self.figures is not None:
+            # Both sides over the same stretch of the walk: since the step began (the split,
+            # hence each side's load, is what it is now), at most the collector's window.
+            since = walk.step_since if walk.step >= 0 else walk.started
+            stats = self.figures(min(self.window_s, max(now - since, 1e-3)))
         canary = stats.get((model, walk.canary))
         if canary is None or canary.request_count < s.min_requests:
             return

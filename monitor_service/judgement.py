@@ -65,7 +65,7 @@ class Margins:
     min_requests: int = 100
     max_error_rate_increase: float = 0.01
     max_latency_ratio: float = 1.5
-    latency_slack_s: float = 0.005
+    latency_slack_s: float = 0.002
     latency_quantile: float = 0.9
 
 
