@@ -140,12 +140,16 @@ def _print_cluster(cluster: LocalCluster) -> None:
     table = Table(title="Modelyard cluster")
     table.add_column("service")
     table.add_column("gRPC")
+    table.add_column("/metrics")
     table.add_column("log")
-    table.add_row("redis", re.sub(r":[^:/@]+@", ":***@", cluster.redis_url), str(cluster.data_dir / "redis"))
+    redis_url = re.sub(r":[^:/@]+@", ":***@", cluster.redis_url)
+    table.add_row("redis", redis_url, "-", str(cluster.data_dir / "redis"))
     for child in cluster.children:
-        table.add_row(child.name, child.address, str(child.log_path))
+        table.add_row(child.name, child.address, child.metrics_url or "-", str(child.log_path))
     console.print(table)
-    console.print(f"addresses and Redis URL for tools (e.g. the load tests): {cluster.cluster_file}")
+    console.print(
+        f"addresses, /metrics URLs and Redis URL for tools (e.g. the load tests): {cluster.cluster_file}"
+    )
     if cluster.client_tls is not None:
         t = cluster.client_tls
         console.print(
