@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import math
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -124,7 +125,7 @@ class ShadowDiffs:
     A histogram gives a window's maximum only to its bucket's bound; the monitor wants the
     value itself, so each label set keeps its maxima per whole second of the last `window_s`
     (at most `window_s` entries, however many comparisons) and the gauge reads them when
-    /metrics is scraped.
+    /metrics is scraped. That read runs on the metrics server's thread, hence the lock.
 
     Args:
         gauge: The labelled gauge to publish through (SHADOW_ABS_DIFF_MAX).
@@ -143,6 +144,7 @@ class ShadowDiffs:
         self._window_s = window_s
         self._clock = clock
         self._seconds: dict[tuple[str, str, str], collections.deque[tuple[int, float]]] = {}
+        self._lock = threading.Lock()
 
     def observe(self, model: str, version: str, shadow_version: str, diff: float) -> None:
         """Record one comparison's largest absolute difference (NaN is ignored)."""
@@ -150,23 +152,25 @@ class ShadowDiffs:
             return
         key = (model, version, shadow_version)
         second = int(self._clock())
-        entries = self._seconds.get(key)
-        if entries is None:
-            entries = self._seconds[key] = collections.deque()
-            self._gauge.labels(*key).set_function(lambda: self.max(*key))
-        if entries and entries[-1][0] == second:
-            entries[-1] = (second, max(entries[-1][1], diff))
-        else:
-            entries.append((second, diff))
-        self._prune(entries)
+        with self._lock:
+            entries = self._seconds.get(key)
+            if entries is None:
+                entries = self._seconds[key] = collections.deque()
+                self._gauge.labels(*key).set_function(lambda: self.max(*key))
+            if entries and entries[-1][0] == second:
+                entries[-1] = (second, max(entries[-1][1], diff))
+            else:
+                entries.append((second, diff))
+            self._prune(entries)
 
     def max(self, model: str, version: str, shadow_version: str) -> float:
         """The largest difference of the last `window_s` seconds, or NaN."""
-        entries = self._seconds.get((model, version, shadow_version))
-        if not entries:
-            return math.nan
-        self._prune(entries)
-        return max((diff for _second, diff in entries), default=math.nan)
+        with self._lock:
+            entries = self._seconds.get((model, version, shadow_version))
+            if not entries:
+                return math.nan
+            self._prune(entries)
+            return max((diff for _second, diff in entries), default=math.nan)
 
     def _prune(self, entries: collections.deque[tuple[int, float]]) -> None:
         oldest = self._clock() - self._window_s
