@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from modelyard import cli_keys, cli_registry, cli_top
+from modelyard import cli_events, cli_keys, cli_registry, cli_top
 from modelyard.local_cluster import LocalCluster
 from modelyard.telemetry import configure_logging
 from modelyard.tls import CLIENT_KIND, SERVICE_KINDS, LocalCA
@@ -22,6 +22,7 @@ console = Console()
 cli_registry.add_to(app)
 app.add_typer(cli_keys.keys_app, name="keys")
 app.command(name="top")(cli_top.top)
+app.command(name="events")(cli_events.events)
 
 
 @app.command(

@@ -15,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from gateway.app import GatewayApp
+from modelyard.cli import app as cli_app
 from modelyard.cli_top import app as top_app
 from modelyard.coordination import CoordinationStore, Deployment
 from modelyard.settings import RedisSettings, ServerSettings, load_settings
@@ -27,7 +28,6 @@ from modelyard.v1 import tensor_pb2
 from monitor_service.app import MonitorApp
 from monitor_service.settings import MonitorSettings
 from tests.integration.conftest import ClusterSource, LaunchGateway, LaunchModelServer, converge
-from tests.integration.test_monitor_events import subscribed
 
 pytestmark = pytest.mark.integration
 
@@ -84,6 +84,16 @@ async def cluster(
     return gateway
 
 
+async def subscribed(store: CoordinationStore, watchers: int = 1) -> None:
+    """Wait until this many watches of the monitor have subscribed to the events channel."""
+    channel = store.keys.events_channel()
+    for _ in range(500):
+        if (await store.client.pubsub_numsub(channel))[0][1] >= watchers:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{watchers} watches never subscribed")
+
+
 async def send(gateway: GatewayApp, inputs: list[torch.Tensor]) -> None:
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         stub = inf_grpc.InferenceServiceStub(channel)
@@ -120,6 +130,26 @@ async def test_a_shadow_with_other_weights_mismatches_by_what_torch_computes(
         stub = mon_grpc.MonitorServiceStub(channel)
         watch = stub.WatchEvents(mon.WatchEventsRequest(model=MODEL))
         await subscribed(store)
+        # `modelyard events` watching too (a second subscriber on the channel).
+        listing = asyncio.create_task(
+            asyncio.to_thread(
+                CliRunner().invoke,
+                cli_app,
+                [
+                    "events",
+                    "--monitor",
+                    monitor.address,
+                    "--model",
+                    MODEL,
+                    "--type",
+                    "shadow",
+                    "--count",
+                    "1",
+                ],
+                env={"COLUMNS": "200"},
+            )
+        )
+        await subscribed(store, watchers=2)
         await monitor.wait_rounds(1)  # a scrape before the traffic
 
         await send(cluster, inputs)
@@ -139,6 +169,9 @@ async def test_a_shadow_with_other_weights_mismatches_by_what_torch_computes(
         assert payload["mismatch_rate"] == 1.0
         assert payload["max_abs_diff"] == pytest.approx(expected, rel=1e-5)
         assert "shadow shadowed v2 mismatching: 100.0% of 12" in event.summary
+        listed = await asyncio.wait_for(listing, timeout=10)
+        assert listed.exit_code == 0, listed.output
+        assert f"shadow   {MODEL}" in listed.output and event.summary in listed.output
         # Once per change of state, not once per scrape: the log holds one for v2.
         await monitor.wait_rounds(3)
         logged = [
