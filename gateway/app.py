@@ -120,6 +120,7 @@ class GatewayApp:
             kind="gateway",
             address=self.server.address,
             metrics_address=self.server.metrics_address,
+            metrics_scheme=self.server.metrics_scheme,
             software_version=__version__,
             start_time=self.heartbeat.start_time,
             draining=False,

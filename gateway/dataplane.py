@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,13 @@ from google.protobuf.message import DecodeError
 from gateway.coalescer import Coalescer, coalesce_key
 from gateway.dispatch import Dispatcher
 from gateway.forwarder import ChannelPool, append_version
-from gateway.metrics import SHADOW_COMPARISONS, RequestMetrics
+from gateway.metrics import (
+    SHADOW_ABS_DIFF,
+    SHADOW_ABS_DIFF_MAX,
+    SHADOW_COMPARISONS,
+    RequestMetrics,
+    ShadowDiffs,
+)
 from gateway.outlier import PassiveHealth
 from gateway.replica_picker import ReplicaPicker
 from gateway.router import Route, Router
@@ -396,7 +403,13 @@ class GatewayDataPlane:
             await self.coalescer.aclose()
 
 
+_SHADOW_DIFFS = ShadowDiffs(SHADOW_ABS_DIFF_MAX)
+"""One per process, like the metrics it publishes through."""
+
+
 def _count_shadow(record: ShadowRecord) -> None:
-    SHADOW_COMPARISONS.labels(
-        record.model, str(record.version), str(record.shadow_version), record.outcome
-    ).inc()
+    labels = (record.model, str(record.version), str(record.shadow_version))
+    SHADOW_COMPARISONS.labels(*labels, record.outcome).inc()
+    if record.max_abs_diff is not None and not math.isnan(record.max_abs_diff):
+        SHADOW_ABS_DIFF.labels(*labels).observe(record.max_abs_diff)
+        _SHADOW_DIFFS.observe(*labels, record.max_abs_diff)

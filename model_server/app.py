@@ -133,6 +133,7 @@ class ModelServerApp:
             kind="model_server",
             address=self.server.address,
             metrics_address=self.server.metrics_address,
+            metrics_scheme=self.server.metrics_scheme,
             software_version=__version__,
             start_time=self.heartbeat.start_time,
             draining=self._draining,

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from modelyard import cli_keys, cli_registry, cli_top
+from modelyard import cli_events, cli_keys, cli_registry, cli_top
 from modelyard.local_cluster import LocalCluster
 from modelyard.telemetry import configure_logging
 from modelyard.tls import CLIENT_KIND, SERVICE_KINDS, LocalCA
@@ -22,6 +22,7 @@ console = Console()
 cli_registry.add_to(app)
 app.add_typer(cli_keys.keys_app, name="keys")
 app.command(name="top")(cli_top.top)
+app.command(name="events")(cli_events.events)
 
 
 @app.command(
@@ -140,12 +141,16 @@ def _print_cluster(cluster: LocalCluster) -> None:
     table = Table(title="Modelyard cluster")
     table.add_column("service")
     table.add_column("gRPC")
+    table.add_column("/metrics")
     table.add_column("log")
-    table.add_row("redis", re.sub(r":[^:/@]+@", ":***@", cluster.redis_url), str(cluster.data_dir / "redis"))
+    redis_url = re.sub(r":[^:/@]+@", ":***@", cluster.redis_url)
+    table.add_row("redis", redis_url, "-", str(cluster.data_dir / "redis"))
     for child in cluster.children:
-        table.add_row(child.name, child.address, str(child.log_path))
+        table.add_row(child.name, child.address, child.metrics_url or "-", str(child.log_path))
     console.print(table)
-    console.print(f"addresses and Redis URL for tools (e.g. the load tests): {cluster.cluster_file}")
+    console.print(
+        f"addresses, /metrics URLs and Redis URL for tools (e.g. the load tests): {cluster.cluster_file}"
+    )
     if cluster.client_tls is not None:
         t = cluster.client_tls
         console.print(

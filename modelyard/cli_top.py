@@ -63,6 +63,25 @@ def _gpu_memory(process: pb.ProcessStats | None) -> str:
     return f"{allocated} ({_bytes(process.gpu_memory_reserved_bytes)} resv)"
 
 
+def _metrics(service: pb.ServiceStatus) -> str:
+    """Where a service's /metrics is (scheme://host:port), or "-"."""
+    if not service.metrics_address:
+        return "-"
+    return f"{service.metrics_scheme or 'http'}://{service.metrics_address}"
+
+
+def _shadow(version: pb.VersionStats) -> RenderableType:
+    """A shadow version's comparisons: mismatch rate, how many, and the largest difference."""
+    if not version.HasField("shadow"):
+        return "-"
+    shadow = version.shadow
+    if not shadow.comparisons:
+        return Text(f"{shadow.errors} errors", style="yellow")
+    diff = f" max|Δ| {shadow.max_abs_diff:.2e}" if shadow.HasField("max_abs_diff") else ""
+    text = f"{shadow.mismatch_rate * 100:.0f}% of {shadow.comparisons}{diff}"
+    return Text(text, style="red" if shadow.mismatches else "green")
+
+
 def _since(ts: object, now: float) -> str:
     seconds = max(now - ts.ToNanoseconds() / 1e9, 0)  # type: ignore[attr-defined]  # a protobuf Timestamp
     if seconds < 120:
@@ -81,13 +100,14 @@ def render(
 ) -> Group:
     """One frame: services, model versions and firing alerts.
 
-    The services table has a "gpu mem" column only when some process reports GPU memory.
+    The services table has a "gpu mem" column only when some process reports GPU memory; the
+    models table has a "shadow" column only when some version was mirrored to in the window.
     """
     now = time.time() if now is None else now
     process_of = {sid: p for p in stats.processes for sid in p.service_ids}
     show_gpu = any(p.gpu_memory_bytes or p.gpu_memory_reserved_bytes for p in stats.processes)
     services = Table(title="services", expand=True, title_justify="left")
-    for column in ("id", "kind", "address", "state", "up for", "versions", "version"):
+    for column in ("id", "kind", "address", "metrics", "state", "up for", "versions", "version"):
         services.add_column(column)
     if show_gpu:
         services.add_column("gpu mem", justify="right")
@@ -99,6 +119,7 @@ def render(
             s.id,
             kind,
             s.address,
+            _metrics(s),
             Text(label, style=style),
             _since(s.start_time, now),
             held or "-",
@@ -108,6 +129,7 @@ def render(
             cells.append(_gpu_memory(process_of.get(s.id)))
         services.add_row(*cells)
 
+    show_shadow = any(v.HasField("shadow") for v in stats.versions)
     window = stats.window.ToNanoseconds() / 1e9 if stats.HasField("window") else 0
     models = Table(title=f"models (last {window:.0f}s)", expand=True, title_justify="left")
     for column in (
@@ -127,9 +149,11 @@ def render(
         "psi",
     ):
         models.add_column(column, justify="left" if column in ("model", "aliases") else "right")
+    if show_shadow:
+        models.add_column("shadow", justify="right")
     for v in stats.versions:
         errors = f"{v.error_rate * 100:.1f}%" if v.request_count else "-"
-        models.add_row(
+        row: list[RenderableType] = [
             v.model,
             str(v.version),
             ",".join(v.aliases) or "-",
@@ -144,7 +168,10 @@ def render(
             Text(str(v.replicas_ready), style="red" if v.aliases and not v.replicas_ready else ""),
             f"{v.input_drift:.2f}" if v.input_drift else "-",
             Text(f"{v.input_psi:.2f}", style="red" if v.input_psi > 0.25 else "") if v.input_psi else "-",
-        )
+        ]
+        if show_shadow:
+            row.append(_shadow(v))
+        models.add_row(*row)
 
     firing = [a for a in alerts.alerts if a.state == pb.ALERT_STATE_FIRING]
     alert_table = Table(title=f"firing alerts ({len(firing)})", expand=True, title_justify="left")

@@ -112,6 +112,9 @@ class ServiceRecord(BaseModel):
     address: str
     """host:port of its gRPC listener, as other services should dial it."""
     metrics_address: str = ""
+    """host:port of its Prometheus /metrics endpoint; empty: none."""
+    metrics_scheme: str = ""
+    """"http", or "https" when its TLS is on; empty in records of older services."""
     software_version: str = ""
     start_time: float = 0.0
     heartbeat_time: float = 0.0

@@ -6,7 +6,9 @@ child is told its service id; the supervisor finds its address in Redis membersh
 works) and waits until its grpc.health.v1 says SERVING. Stopping goes in reverse order.
 
 A started cluster describes itself in `DATA_DIR/cluster.json` (`ClusterFile`): the addresses
-of its services, its Redis URL and key prefix, and the pid of the process that supervises it.
+of its services and the URLs of their Prometheus `/metrics` (each as the service registered
+it: with `--free-ports` on a free port, not the gRPC port + 1000), its Redis URL and key
+prefix, and the pid of the process that supervises it.
 Tools that act on a running `modelyard up` read it (the load tests' `server_lost` joins a model
 server of its own through the Redis it names). The file is removed when the cluster stops.
 
@@ -38,7 +40,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from modelyard.coordination import CoordinationStore
+from modelyard.coordination import CoordinationStore, ServiceRecord
 from modelyard.embedded_redis import RedisServer, RedisServerTLS
 from modelyard.membership import new_service_id
 from modelyard.processes import spawn_child
@@ -95,6 +97,8 @@ class Child:
     service_id: str
     process: subprocess.Popen[bytes] | None = None
     address: str = ""
+    metrics_url: str = ""
+    """Its Prometheus endpoint (`scheme://host:port/metrics`), from its membership record."""
     started_at: float = 0.0
     """Monotonic time its current process was started."""
     restarts: int = 0
@@ -135,6 +139,8 @@ class ClusterFile:
             (owner-only); the CLI, `modelyard top` and the load tests call with it.
         secret_file: The cluster secret (owner-only), for tools that join a service of their
             own to the cluster (the load tests' `server_lost` model server).
+        metrics: Service name to the URL of its Prometheus endpoint
+            (`http[s]://host:port/metrics`, HTTPS when the cluster's TLS is on).
     """
 
     pid: int
@@ -145,6 +151,7 @@ class ClusterFile:
     redis_tls: ClientTLS | None = None
     api_key_file: Path | None = None
     secret_file: Path | None = None
+    metrics: dict[str, str] = field(default_factory=dict)
 
     @property
     def gateway(self) -> str:
@@ -176,6 +183,7 @@ class ClusterFile:
             "redis_url": self.redis_url,
             "key_prefix": self.key_prefix,
             "services": self.services,
+            "metrics": self.metrics,
         }
         if self.tls is not None:
             data["tls"] = self.tls.to_json()
@@ -206,6 +214,7 @@ class ClusterFile:
                 redis_tls=ClientTLS.from_json(data["redis_tls"]) if data.get("redis_tls") else None,
                 api_key_file=Path(data["api_key_file"]) if data.get("api_key_file") else None,
                 secret_file=Path(data["secret_file"]) if data.get("secret_file") else None,
+                metrics={str(k): str(v) for k, v in data.get("metrics", {}).items()},
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"{path}: not a modelyard cluster file ({exc})") from None
@@ -480,6 +489,7 @@ class LocalCluster:
             redis_url=self.redis_url_of(CLIENT_KIND),
             key_prefix=self.key_prefix,
             services={c.name: c.address for c in self.children},
+            metrics={c.name: c.metrics_url for c in self.children if c.metrics_url},
             tls=self.client_tls,
             redis_tls=self.redis_tls,
             api_key_file=self.api_key_file if self.access == "enforce" else None,
@@ -555,6 +565,7 @@ class LocalCluster:
                 child.restart_at = None
                 child.restarts += 1
                 child.address = ""
+                child.metrics_url = ""
                 await self._spawn(child)
                 assert child.process is not None
                 notes.append(
@@ -580,6 +591,7 @@ class LocalCluster:
             record = records.get(child.service_id)
             if record is not None and record.address and await _serving(record.address, self.client_tls):
                 child.address = record.address
+                child.metrics_url = self._metrics_url(record)
                 notes.append(f"{child.name} serves again at {child.address}")
         if notes and self._wrote_cluster_file:
             self._write_cluster_file()
@@ -601,9 +613,16 @@ class LocalCluster:
                 for record in await store.list_services():
                     if record.id == child.service_id:
                         child.address = record.address
+                        child.metrics_url = self._metrics_url(record)
             if child.address and await _serving(child.address, self.client_tls):
                 return
             await asyncio.sleep(0.1)
+
+    def _metrics_url(self, record: ServiceRecord) -> str:
+        if not record.metrics_address:
+            return ""
+        scheme = record.metrics_scheme or ("https" if self.tls else "http")
+        return f"{scheme}://{record.metrics_address}/metrics"
 
     @property
     def gateway_address(self) -> str:

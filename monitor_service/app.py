@@ -37,6 +37,7 @@ from monitor_service.registry_client import RegistryClient
 from monitor_service.rules import RuleFile, load_rule_file
 from monitor_service.servicer import MonitorServicer
 from monitor_service.settings import MonitorSettings
+from monitor_service.shadow import ShadowWatch
 
 __all__ = ["MonitorApp"]
 
@@ -89,6 +90,7 @@ class MonitorApp:
             window_s=settings.window_s,
             figures=self.collector.version_stats,
         )
+        self.shadow_watch = ShadowWatch(settings.shadow_mismatch_threshold)
         self._baselines_fetched: set[tuple[str, int]] = set()
         self.stats: dict[tuple[str, int], VersionStats] = {}
         self.rounds = 0
@@ -102,6 +104,7 @@ class MonitorApp:
             decisions=lambda: self.canary.decisions,
             events=self.events,
             window_s=settings.window_s,
+            metrics_scheme="https" if settings.tls.enabled else "http",
         )
         self.server: ServiceServer = create_server(
             settings.server,
@@ -118,6 +121,7 @@ class MonitorApp:
                 kind="monitor",
                 address=self.server.address,
                 metrics_address=self.server.metrics_address,
+                metrics_scheme=self.server.metrics_scheme,
                 software_version=__version__,
                 start_time=self.heartbeat.start_time,
             ),
@@ -187,6 +191,8 @@ class MonitorApp:
         self.events.observe_membership(self.collector.services)
         await self.alerts.evaluate(self.rule_file.rules, stats, now)
         await self.canary.evaluate(stats, self.collector.routing, now)
+        for event in self.shadow_watch.observe(stats):
+            await self.events.publish(event)
         ALERTS_FIRING.set(sum(a.state is AlertState.FIRING for a in self.alerts.alerts()))
         self.stats = stats
         async with self._round_done:

@@ -8,6 +8,12 @@ over processes: a restarted process (its counters went down) or one that started
 window counts from zero. Percentiles come from histogram bucket deltas with the linear
 interpolation of Prometheus' `histogram_quantile`, never from averages.
 
+Shadow comparisons (the gateways' `modelyard_gateway_shadow_*`) are filed under the *shadow*
+version: its figures say how its answers compared with those of the version that served.
+Their window maximum is the largest `..._shadow_abs_diff_max` gauge value (the largest of
+its last 30 s) at the window's scrapes, no more than the bound of the highest histogram bucket
+that filled in the window (`_shadow_max`).
+
 Processes, not services: several services in one process (as in the tests, or `modelyard up`
 in one interpreter) share one metrics registry, so scraping each would count every figure
 several times. Scrapes whose `process_start_time_seconds` and host agree are one process.
@@ -49,7 +55,7 @@ Key = tuple[str, str, int, str]
 
 _PREFIX = "modelyard_model_server_"
 # Gauges: their latest value is the figure; everything else is a cumulative counter.
-_GAUGES = frozenset({"depth", "rss", "gpu", "gpu_res"})
+_GAUGES = frozenset({"depth", "rss", "gpu", "gpu_res", "sh_max"})
 _GPU_KINDS = {"allocated": "gpu", "reserved": "gpu_res"}
 """`kind` label of modelyard_model_server_device_memory_bytes -> what (detail: the device)."""
 
@@ -84,6 +90,16 @@ def parse_snapshot(text: str) -> dict[Key, float]:
                     continue
                 key = ("gw_req", labels["model"], gw_version, labels.get("alias", ""))
                 out[key] = out.get(key, 0.0) + value  # summed over status codes
+                continue
+            shadow = _shadow_series(name, labels)
+            if shadow is not None:
+                before = out.get(shadow)
+                if before is None or math.isnan(before):
+                    out[shadow] = value
+                elif shadow[0] == "sh_max":  # the largest over the versions that served
+                    out[shadow] = before if math.isnan(value) else max(before, value)
+                else:  # counts: summed over the versions that served
+                    out[shadow] = before + value
                 continue
             if not name.startswith(_PREFIX) or "model" not in labels:
                 continue
@@ -138,6 +154,26 @@ def _series(short: str, labels: dict[str, str]) -> tuple[str, str] | None:
         case "input_bin_items_total":
             return "in_b", f"{labels.get('input', '')}/{labels.get('feature', '')}/{labels.get('bin', '')}"
     return None
+
+
+_SHADOW = {
+    "modelyard_gateway_shadow_comparisons_total": "sh_n",
+    "modelyard_gateway_shadow_abs_diff_bucket": "sh_b",
+    "modelyard_gateway_shadow_abs_diff_max": "sh_max",
+}
+"""Gateway shadow series -> what (detail: the outcome, or the bucket bound)."""
+
+
+def _shadow_series(name: str, labels: dict[str, str]) -> Key | None:
+    """The key of a gateway shadow sample, under the shadow version; None for other samples."""
+    what = _SHADOW.get(name)
+    if what is None or "model" not in labels:
+        return None
+    version = _version(labels.get("shadow_version", ""))
+    if version is None:
+        return None
+    detail = labels.get("outcome", "") if what == "sh_n" else labels.get("le", "")
+    return what, labels["model"], version, detail
 
 
 def _start_time(body: str) -> float:
@@ -282,6 +318,21 @@ class VersionStats:
     requests_per_second_by_alias: dict[str, float] = field(default_factory=dict)
     """From the gateways' metrics: calls per second by the alias the caller selected ("" for
     calls that named the version)."""
+    shadow_comparisons: float = 0.0
+    """Calls mirrored to this version (as a shadow) whose answers were compared."""
+    shadow_mismatches: float = 0.0
+    """Compared calls whose outputs were not all close (or not of the same names and shapes)."""
+    shadow_errors: float = 0.0
+    """Mirrored calls that could not be compared (a call failed)."""
+    shadow_mismatch_rate: float = 0.0
+    """shadow_mismatches / shadow_comparisons; 0 without comparisons."""
+    shadow_max_abs_diff: float = math.nan
+    """The largest absolute output difference of the window's comparisons; NaN when none."""
+
+    @property
+    def shadowed(self) -> bool:
+        """Whether the version received mirrored calls in the window."""
+        return bool(self.shadow_comparisons or self.shadow_errors)
 
 
 Fetch = Callable[[str], Awaitable[str]]
@@ -418,7 +469,44 @@ class Collector:
         for model, aliases in self.aliases.items():
             for alias, version in sorted(aliases.items()):
                 stats[(model, version)].aliases.append(alias)
+        self._apply_shadow(stats, grouped, length)
         return stats
+
+    def _apply_shadow(
+        self,
+        stats: dict[tuple[str, int], VersionStats],
+        grouped: dict[tuple[str, int], dict[tuple[str, str], float]],
+        window_s: float,
+    ) -> None:
+        """Fill in the shadow figures of the versions that were mirrored to."""
+        maxima = self._shadow_max(self._clock() - window_s)
+        for key, values in grouped.items():
+            by_outcome = {detail: n for (what, detail), n in values.items() if what == "sh_n"}
+            figures = stats[key]
+            figures.shadow_mismatches = by_outcome.get("mismatch", 0.0)
+            figures.shadow_comparisons = by_outcome.get("match", 0.0) + figures.shadow_mismatches
+            figures.shadow_errors = by_outcome.get("error", 0.0)
+            if figures.shadow_comparisons:
+                figures.shadow_mismatch_rate = figures.shadow_mismatches / figures.shadow_comparisons
+            buckets = [(float(detail), n) for (what, detail), n in values.items() if what == "sh_b"]
+            bound = _highest_filled_bound(buckets)
+            if math.isnan(bound):
+                continue  # no comparison with a difference in the window
+            figures.shadow_max_abs_diff = min(maxima.get(key, bound), bound)
+
+    def _shadow_max(self, since: float) -> dict[tuple[str, int], float]:
+        """The largest shadow difference gauge value at the scrapes since `since`, per version,
+        over every process."""
+        out: dict[tuple[str, int], float] = {}
+        for process in self.processes.values():
+            for snapshot in process.snapshots:
+                if snapshot.time < since and snapshot is not process.snapshots[-1]:
+                    continue
+                for (what, model, version, _detail), value in snapshot.values.items():
+                    if what == "sh_max" and not math.isnan(value):
+                        key = (model, version)
+                        out[key] = max(out.get(key, value), value)
+        return out
 
     def process_stats(self) -> list[ProcessFigures]:
         """CPU use, resident memory and GPU memory per process."""
@@ -501,6 +589,17 @@ def _version_stats(
                 counts.extend([0.0] * (bin_index + 1 - len(counts)))
             counts[bin_index] = n
     return stats
+
+
+def _highest_filled_bound(buckets: list[tuple[float, float]]) -> float:
+    """The upper bound of the highest bucket that gained observations (cumulative counts in),
+    or NaN when none did."""
+    previous, highest = 0.0, math.nan
+    for bound, count in sorted(buckets):
+        if count > previous:
+            highest = bound
+        previous = max(previous, count)
+    return highest
 
 
 def _ratio(total: float | None, count: float | None) -> float:

@@ -1,9 +1,9 @@
 """The event feed of WatchEvents: the cluster's Redis events channel plus the monitor's own.
 
-Alert and canary events are decisions worth keeping: they are appended to the Redis events
-log and published on the channel (`{"v": 1, "type": "alert" | "canary", ...}`; other services
-skip types they do not know). Version loads and unloads are what the monitor infers from
-membership; they are only fanned out to this monitor's watchers.
+Alert, canary and shadow events are decisions worth keeping: they are appended to the Redis
+events log and published on the channel (`{"v": 1, "type": "alert" | "canary" | "shadow",
+...}`; other services skip types they do not know). Version loads and unloads are what the
+monitor infers from membership; they are only fanned out to this monitor's watchers.
 """
 
 from __future__ import annotations
@@ -55,6 +55,14 @@ def summarize(payload: dict[str, Any]) -> FeedEvent:
             summary = f"alert {payload.get('name')} {payload.get('state')}: {payload.get('summary', '')}"
         case "canary":
             summary = f"canary {model}: {payload.get('action')}: {payload.get('reason', '')}"
+        case "shadow":
+            diff = payload.get("max_abs_diff")
+            size = f"{diff:.3g}" if isinstance(diff, int | float) else "-"
+            summary = (
+                f"shadow {model} v{payload.get('version')} {payload.get('state')}: "
+                f"{float(payload.get('mismatch_rate') or 0.0):.1%} of {payload.get('comparisons')} "
+                f"comparisons mismatch, max |diff| {size}"
+            )
         case _:
             summary = kind
     return FeedEvent(time.time(), kind, model, summary, payload)

@@ -92,6 +92,20 @@ def _version_stats(stats: VersionStats) -> pb.VersionStats:
         input_drift=stats.input_drift,
         input_psi=stats.input_psi,
         requests_per_second_by_alias=stats.requests_per_second_by_alias,
+        shadow=_shadow_stats(stats),
+    )
+
+
+def _shadow_stats(stats: VersionStats) -> pb.ShadowStats | None:
+    """The shadow figures, or None (field unset) for a version nothing was mirrored to."""
+    if not stats.shadowed:
+        return None
+    return pb.ShadowStats(
+        comparisons=int(stats.shadow_comparisons),
+        mismatches=int(stats.shadow_mismatches),
+        errors=int(stats.shadow_errors),
+        mismatch_rate=stats.shadow_mismatch_rate,
+        max_abs_diff=None if math.isnan(stats.shadow_max_abs_diff) else stats.shadow_max_abs_diff,
     )
 
 
@@ -151,6 +165,8 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
         decisions: The canary decisions, newest first.
         events: The change events to watch.
         window_s: The window the figures cover.
+        metrics_scheme: The scheme reported for services whose record names none (older
+            services): the one the monitor scrapes them with.
     """
 
     def __init__(
@@ -163,8 +179,10 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
         decisions: Callable[[], Sequence[CanaryDecision]],
         events: EventBus,
         window_s: float,
+        metrics_scheme: str = "http",
     ) -> None:
         self._cluster = cluster
+        self._metrics_scheme = metrics_scheme
         self._stats = stats
         self._processes = processes
         self._alerts = alerts
@@ -201,6 +219,10 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
                     start_time=_timestamp(record.start_time),
                     heartbeat_time=_timestamp(record.heartbeat_time),
                     loaded_versions=loaded,
+                    metrics_address=record.metrics_address,
+                    metrics_scheme=(record.metrics_scheme or self._metrics_scheme)
+                    if record.metrics_address
+                    else "",
                 )
             )
         return pb.GetClusterStatusResponse(services=services)

@@ -201,6 +201,7 @@ class RegistryApp:
             kind="registry",
             address=self._server.address,
             metrics_address=self._server.metrics_address,
+            metrics_scheme=self._server.metrics_scheme,
             software_version=__version__,
             start_time=self._start_time,
         )

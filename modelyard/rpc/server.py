@@ -90,6 +90,11 @@ class ServiceServer:
     def metrics_address(self) -> str:
         return f"{self.address.rsplit(':', 1)[0]}:{self.metrics.port}" if self.metrics else ""
 
+    @property
+    def metrics_scheme(self) -> str:
+        """The scheme of /metrics: "https" when served with the service's certificate, else "http"."""
+        return "https" if self._tls.enabled else "http"
+
     async def start(self) -> None:
         """Start serving and the /metrics endpoint; every service reports NOT_SERVING until
         `set_serving(True)`."""

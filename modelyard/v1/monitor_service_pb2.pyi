@@ -75,7 +75,7 @@ class GetClusterStatusResponse(_message.Message):
     def __init__(self, services: _Optional[_Iterable[_Union[ServiceStatus, _Mapping]]] = ...) -> None: ...
 
 class ServiceStatus(_message.Message):
-    __slots__ = ("id", "kind", "address", "state", "software_version", "start_time", "heartbeat_time", "loaded_versions")
+    __slots__ = ("id", "kind", "address", "state", "software_version", "start_time", "heartbeat_time", "loaded_versions", "metrics_address", "metrics_scheme")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,8 @@ class ServiceStatus(_message.Message):
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_TIME_FIELD_NUMBER: _ClassVar[int]
     LOADED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_SCHEME_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: ServiceKind
     address: str
@@ -92,7 +94,9 @@ class ServiceStatus(_message.Message):
     start_time: _timestamp_pb2.Timestamp
     heartbeat_time: _timestamp_pb2.Timestamp
     loaded_versions: _containers.RepeatedCompositeFieldContainer[_model_server_service_pb2.LoadedVersion]
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[ServiceKind, str]] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ServiceState, str]] = ..., software_version: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., loaded_versions: _Optional[_Iterable[_Union[_model_server_service_pb2.LoadedVersion, _Mapping]]] = ...) -> None: ...
+    metrics_address: str
+    metrics_scheme: str
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[ServiceKind, str]] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ServiceState, str]] = ..., software_version: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., loaded_versions: _Optional[_Iterable[_Union[_model_server_service_pb2.LoadedVersion, _Mapping]]] = ..., metrics_address: _Optional[str] = ..., metrics_scheme: _Optional[str] = ...) -> None: ...
 
 class GetModelStatsRequest(_message.Message):
     __slots__ = ("model",)
@@ -111,7 +115,7 @@ class GetModelStatsResponse(_message.Message):
     def __init__(self, window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[VersionStats, _Mapping]]] = ..., processes: _Optional[_Iterable[_Union[ProcessStats, _Mapping]]] = ...) -> None: ...
 
 class VersionStats(_message.Message):
-    __slots__ = ("model", "version", "aliases", "request_count", "requests_per_second", "error_rate", "requests_by_code", "latency_p50", "latency_p95", "latency_p99", "queue_time_mean", "compute_time_mean", "batch_size_mean", "batch_sizes", "queue_depth", "replicas_ready", "input_drift", "requests_per_second_by_alias", "input_psi")
+    __slots__ = ("model", "version", "aliases", "request_count", "requests_per_second", "error_rate", "requests_by_code", "latency_p50", "latency_p95", "latency_p99", "queue_time_mean", "compute_time_mean", "batch_size_mean", "batch_sizes", "queue_depth", "replicas_ready", "input_drift", "requests_per_second_by_alias", "input_psi", "shadow")
     class RequestsByCodeEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +149,7 @@ class VersionStats(_message.Message):
     INPUT_DRIFT_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_PER_SECOND_BY_ALIAS_FIELD_NUMBER: _ClassVar[int]
     INPUT_PSI_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     aliases: _containers.RepeatedScalarFieldContainer[str]
@@ -164,7 +169,22 @@ class VersionStats(_message.Message):
     input_drift: float
     requests_per_second_by_alias: _containers.ScalarMap[str, float]
     input_psi: float
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., request_count: _Optional[int] = ..., requests_per_second: _Optional[float] = ..., error_rate: _Optional[float] = ..., requests_by_code: _Optional[_Mapping[str, int]] = ..., latency_p50: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., latency_p95: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., latency_p99: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., queue_time_mean: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., compute_time_mean: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., batch_size_mean: _Optional[float] = ..., batch_sizes: _Optional[_Iterable[_Union[HistogramBucket, _Mapping]]] = ..., queue_depth: _Optional[float] = ..., replicas_ready: _Optional[int] = ..., input_drift: _Optional[float] = ..., requests_per_second_by_alias: _Optional[_Mapping[str, float]] = ..., input_psi: _Optional[float] = ...) -> None: ...
+    shadow: ShadowStats
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., request_count: _Optional[int] = ..., requests_per_second: _Optional[float] = ..., error_rate: _Optional[float] = ..., requests_by_code: _Optional[_Mapping[str, int]] = ..., latency_p50: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., latency_p95: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., latency_p99: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., queue_time_mean: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., compute_time_mean: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., batch_size_mean: _Optional[float] = ..., batch_sizes: _Optional[_Iterable[_Union[HistogramBucket, _Mapping]]] = ..., queue_depth: _Optional[float] = ..., replicas_ready: _Optional[int] = ..., input_drift: _Optional[float] = ..., requests_per_second_by_alias: _Optional[_Mapping[str, float]] = ..., input_psi: _Optional[float] = ..., shadow: _Optional[_Union[ShadowStats, _Mapping]] = ...) -> None: ...
+
+class ShadowStats(_message.Message):
+    __slots__ = ("comparisons", "mismatches", "errors", "mismatch_rate", "max_abs_diff")
+    COMPARISONS_FIELD_NUMBER: _ClassVar[int]
+    MISMATCHES_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    MISMATCH_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    comparisons: int
+    mismatches: int
+    errors: int
+    mismatch_rate: float
+    max_abs_diff: float
+    def __init__(self, comparisons: _Optional[int] = ..., mismatches: _Optional[int] = ..., errors: _Optional[int] = ..., mismatch_rate: _Optional[float] = ..., max_abs_diff: _Optional[float] = ...) -> None: ...
 
 class HistogramBucket(_message.Message):
     __slots__ = ("upper_bound", "count")

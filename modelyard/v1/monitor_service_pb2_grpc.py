@@ -96,7 +96,7 @@ class MonitorServiceServicer:
 
     def WatchEvents(self, request, context):
         """WatchEvents streams the cluster's events as they happen: alias moves, services up and
-        down, version loads and unloads, alerts and canary decisions.
+        down, version loads and unloads, alerts, canary decisions and shadow mismatches.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

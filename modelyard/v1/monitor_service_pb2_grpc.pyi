@@ -43,7 +43,7 @@ class MonitorServiceStub:
     """ListCanaryDecisions lists the canary analysis decisions, newest first."""
     WatchEvents: _grpc.UnaryStreamMultiCallable[_monitor_service_pb2.WatchEventsRequest, _monitor_service_pb2.WatchEventsResponse]
     """WatchEvents streams the cluster's events as they happen: alias moves, services up and
-    down, version loads and unloads, alerts and canary decisions.
+    down, version loads and unloads, alerts, canary decisions and shadow mismatches.
     """
 
 @_typing.type_check_only
@@ -61,7 +61,7 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
     """ListCanaryDecisions lists the canary analysis decisions, newest first."""
     WatchEvents: _aio.UnaryStreamMultiCallable[_monitor_service_pb2.WatchEventsRequest, _monitor_service_pb2.WatchEventsResponse]  # type: ignore[assignment]
     """WatchEvents streams the cluster's events as they happen: alias moves, services up and
-    down, version loads and unloads, alerts and canary decisions.
+    down, version loads and unloads, alerts, canary decisions and shadow mismatches.
     """
 
 class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -106,7 +106,7 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_monitor_service_pb2.WatchEventsResponse], _abc.AsyncIterator[_monitor_service_pb2.WatchEventsResponse]]:
         """WatchEvents streams the cluster's events as they happen: alias moves, services up and
-        down, version loads and unloads, alerts and canary decisions.
+        down, version loads and unloads, alerts, canary decisions and shadow mismatches.
         """
 
 def add_MonitorServiceServicer_to_server(servicer: MonitorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

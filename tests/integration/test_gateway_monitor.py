@@ -136,3 +136,27 @@ async def test_a_just_written_alias_routes_without_waiting_for_the_event(
     # Routed as far as the (missing) replica: the gateway knew the alias.
     assert err.value.code() is grpc.StatusCode.UNAVAILABLE
     assert _reason(err.value) == "NO_READY_REPLICA"
+
+
+async def test_cluster_status_says_where_every_services_metrics_are(
+    gateway: GatewayApp, monitor: MonitorApp
+) -> None:
+    async with grpc.aio.insecure_channel(monitor.address) as channel:
+        status = await mon_grpc.MonitorServiceStub(channel).GetClusterStatus(mon.GetClusterStatusRequest())
+    by_id = {s.id: s for s in status.services}
+    for app in (gateway, monitor):
+        service = by_id[app.service_id]
+        # Port 0 for /metrics: a free port, not the gRPC port + 1000.
+        assert service.metrics_address == app.server.metrics_address
+        assert service.metrics_address != f"127.0.0.1:{app.port + 1000}"
+        assert service.metrics_scheme == "http"
+        url = f"{service.metrics_scheme}://{service.metrics_address}/metrics"
+        body = await asyncio.to_thread(_get, url)
+        assert "# TYPE process_start_time_seconds gauge" in body
+        assert "modelyard_rpc_server_handled" in body
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body: bytes = response.read()
+    return body.decode()

@@ -47,3 +47,50 @@ def test_no_gpu_column_when_no_process_reports_gpu_memory() -> None:
     )
     text = text_of(stats)
     assert "gpu mem" not in text and "psi" in text
+
+
+def test_metrics_addresses_are_shown_per_service() -> None:
+    status = pb.GetClusterStatusResponse(
+        services=[
+            pb.ServiceStatus(
+                id="gw-1",
+                kind=pb.SERVICE_KIND_GATEWAY,
+                state=pb.SERVICE_STATE_UP,
+                address="127.0.0.1:41001",
+                metrics_address="127.0.0.1:39555",
+                metrics_scheme="https",
+            ),
+            pb.ServiceStatus(id="old", kind=pb.SERVICE_KIND_REGISTRY, state=pb.SERVICE_STATE_UP),
+        ]
+    )
+    console = Console(width=240, record=True, color_system=None)
+    console.print(render(status, pb.GetModelStatsResponse(), pb.ListAlertsResponse(), now=0.0))
+    text = console.export_text()
+    assert "metrics" in text
+    gateway_row = next(line for line in text.splitlines() if "gw-1" in line)
+    assert "https://127.0.0.1:39555" in gateway_row
+
+
+def test_a_shadow_column_only_when_a_version_was_mirrored_to() -> None:
+    plain = pb.VersionStats(model="mlp", version=1, aliases=["production"])
+    assert "shadow" not in text_of(pb.GetModelStatsResponse(versions=[plain]))
+    mirrored = pb.VersionStats(
+        model="mlp",
+        version=2,
+        aliases=["shadow"],
+        shadow=pb.ShadowStats(comparisons=40, mismatches=10, mismatch_rate=0.25, max_abs_diff=0.0312),
+    )
+    identical = pb.VersionStats(
+        model="mlp",
+        version=3,
+        shadow=pb.ShadowStats(comparisons=8, mismatches=0, mismatch_rate=0.0, max_abs_diff=0.0),
+    )
+    text = text_of(pb.GetModelStatsResponse(versions=[plain, mirrored, identical]))
+    header = next(line for line in text.splitlines() if "psi" in line)
+    assert header.index("psi") < header.index("shadow")
+    rows = {
+        line.split("│")[2].strip(): line for line in text.splitlines() if line.lstrip("│ ").startswith("mlp")
+    }
+    assert "25% of 40 max|Δ| 3.12e-02" in rows["2"]
+    assert "0% of 8 max|Δ| 0.00e+00" in rows["3"]
+    assert rows["1"].rstrip(" │").endswith("-")
