@@ -25,7 +25,7 @@ from typing import IO
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from load_tests.registry_actions import get_deployment, set_deployment, spec_of
+from load_tests.registry_actions import LOAD_TEST_CLIENT, get_deployment, set_deployment, spec_of
 from modelyard.coordination import CoordinationStore, Deployment, ServiceRecord
 from modelyard.errors import CoordinationUnavailable
 from modelyard.membership import new_service_id
@@ -77,8 +77,8 @@ class JoinedModelServer:
         tls: The client TLS of a `modelyard up --tls` cluster: the runner dials the registry
             with it, and the server runs with the cluster's `model_server` certificate, found
             beside the CA (`LocalCA.issued_in`); None: plaintext.
-        token: The API key the runner changes the deployment with; None: the cluster has
-            access control off, and so does the server.
+        token: The API key (or the load tests' service token) the runner changes the
+            deployment with; None: the cluster has access control off, and so does the server.
         secret_file: The cluster secret: the server proves itself a model server with it
             (downloading artifacts is internal to the cluster, and the gateway calls it with
             a service token); None: its certificate alone identifies it (TLS), or access
@@ -220,7 +220,9 @@ class JoinedModelServer:
             original, ours = self._original, self._ours
             self._original = self._ours = None
             try:
-                async with open_channel(self._registry, self._tls, token=self._token) as channel:
+                async with open_channel(
+                    self._registry, self._tls, token=self._token, client=LOAD_TEST_CLIENT
+                ) as channel:
                     now = await get_deployment(channel, self._model)
                     if spec_of(now) != ours:
                         self._problem(
@@ -256,7 +258,9 @@ class JoinedModelServer:
             )
 
     async def _place_on_every_server(self) -> None:
-        async with open_channel(self._registry, self._tls, token=self._token) as channel:
+        async with open_channel(
+            self._registry, self._tls, token=self._token, client=LOAD_TEST_CLIENT
+        ) as channel:
             current = await get_deployment(channel, self._model)
             if current.replicas == 0:
                 return

@@ -14,9 +14,20 @@ from modelyard.v1 import registry_pb2 as reg_pb2
 from modelyard.v1 import registry_service_pb2 as reg
 from modelyard.v1 import registry_service_pb2_grpc as reg_grpc
 
-__all__ = ["copy_version", "promote", "rollback", "get_deployment", "set_deployment", "spec_of"]
+__all__ = [
+    "LOAD_TEST_CLIENT",
+    "copy_version",
+    "promote",
+    "rollback",
+    "get_deployment",
+    "set_deployment",
+    "spec_of",
+]
 
 CHUNK_BYTES = 1 << 20
+LOAD_TEST_CLIENT = "load-test"
+"""The load tests' name: their service token's kind with the cluster secret (`service:load-test`
+in the registry's audit), and the client they claim in their user-agent."""
 
 
 async def copy_version(

@@ -22,12 +22,12 @@ from pathlib import Path
 import grpc
 
 from load_tests.joined_server import JoinedModelServer, JoinError
-from load_tests.registry_actions import copy_version, promote, rollback
+from load_tests.registry_actions import LOAD_TEST_CLIENT, copy_version, promote, rollback
 from load_tests.scenarios import Action, Scenario
 from load_tests.slo import RunStats, Slo, SloMiss, check_slo, read_stats
 from load_tests.stages import format_stages
 from modelyard.access.keys import ServiceTokens
-from modelyard.local_cluster import API_KEY_ENV, LocalCluster
+from modelyard.local_cluster import API_KEY_ENV, LocalCluster, tool_token
 from modelyard.settings import RedisSettings
 from modelyard.tasks import cancel_task
 from modelyard.tls import CLIENT_KIND, ClientTLS, open_channel
@@ -174,8 +174,12 @@ async def run_scenario(options: RunOptions, cluster: LocalCluster | None = None)
                 await cluster.start()
             except RuntimeError as exc:
                 raise ScenarioError(f"the local cluster did not start: {exc}") from exc
+            secret = cluster.secret_file if cluster.access == "enforce" else None
             await _register_demo(
-                cluster.address_of("registry"), options.model, cluster.client_tls, cluster.api_key
+                cluster.address_of("registry"),
+                options.model,
+                cluster.client_tls,
+                tool_token(secret, LOAD_TEST_CLIENT) or cluster.api_key,
             )
         if cluster is not None:
             options.host = cluster.gateway_address
@@ -215,6 +219,18 @@ def _needs_secret(scenario: Scenario, does: str) -> ScenarioError:
     )
 
 
+def _registry_token(options: RunOptions) -> str | None:
+    """What the runner calls the registry with: with the cluster secret, the load tests' own
+    service token, so the audit log and the alias history name them (`service:load-test`);
+    else the API key it was given (whose name the registry records)."""
+    if options.secret_file is None:
+        return options.api_key
+    try:
+        return tool_token(options.secret_file, LOAD_TEST_CLIENT)
+    except (OSError, ValueError) as exc:
+        raise ScenarioError(f"cannot use the cluster secret {options.secret_file}: {exc}") from exc
+
+
 def _service_token(options: RunOptions) -> str | None:
     """What the runner downloads artifacts with: a model server's token from the cluster
     secret (DownloadModelVersion is internal to the cluster); None: access control off."""
@@ -235,7 +251,14 @@ async def _register_demo(
 
     _module, artifact = build_demo_model()
     await register_model(
-        registry, model, artifact, demo_signature(), description="load-test demo model", tls=tls, token=token
+        registry,
+        model,
+        artifact,
+        demo_signature(),
+        description="load-test demo model",
+        tls=tls,
+        token=token,
+        client=LOAD_TEST_CLIENT,
     )
 
 
@@ -343,7 +366,9 @@ async def _run(options: RunOptions, *, just_registered: bool) -> RunReport:
     clock.note(f"{options.model} v{old_version} serves at {options.host}")
 
     victim: JoinedModelServer | None = None
-    channel = open_channel(options.registry, options.tls, token=options.api_key)
+    channel = open_channel(
+        options.registry, options.tls, token=_registry_token(options), client=LOAD_TEST_CLIENT
+    )
     try:
         if scenario.action is Action.KILL_MODEL_SERVER:
             assert options.redis_url is not None
@@ -360,7 +385,7 @@ async def _run(options: RunOptions, *, just_registered: bool) -> RunReport:
                 model=options.model,
                 log_path=options.results_dir / "joined-model-server.log",
                 tls=options.tls,
-                token=options.api_key,
+                token=_registry_token(options),
                 secret_file=options.secret_file,
                 note=clock.note,
             )
@@ -373,7 +398,9 @@ async def _run(options: RunOptions, *, just_registered: bool) -> RunReport:
 
         new_version = 0
         if scenario.action is Action.PROMOTE_ROLLBACK:
-            async with open_channel(options.registry, options.tls, token=_service_token(options)) as internal:
+            async with open_channel(
+                options.registry, options.tls, token=_service_token(options), client=LOAD_TEST_CLIENT
+            ) as internal:
                 new_version = await copy_version(channel, options.model, old_version, download=internal)
             clock.note(f"uploaded v{new_version} (a copy of v{old_version}), not yet loaded")
 

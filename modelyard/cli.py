@@ -175,8 +175,12 @@ async def _run_demo(cluster: LocalCluster) -> None:
     import torch  # the CLI loads torch only for the demo
 
     from modelyard.demo import build_demo_model, demo_signature, predict_until_served, register_model
+    from modelyard.local_cluster import tool_token
 
     module, artifact = build_demo_model()
+    # The demo's registry calls carry its own service token, so the audit log and the alias
+    # history name it (service:demo), not the admin key.
+    secret = cluster.secret_file if cluster.access == "enforce" else None
     version = await register_model(
         cluster.address_of("registry"),
         "demo",
@@ -184,7 +188,7 @@ async def _run_demo(cluster: LocalCluster) -> None:
         demo_signature(),
         description="demo MLP 64-256-256-10",
         tls=cluster.client_tls,
-        token=cluster.api_key,
+        token=tool_token(secret, "demo") or cluster.api_key,
     )
     console.print(f"\nregistered [bold]demo[/] v{version} and pointed [bold]production[/] at it")
     generator = torch.Generator().manual_seed(1234)

@@ -31,7 +31,7 @@ from typing import Annotated, Any, TypeVar, cast
 
 import grpc
 import typer
-from google.protobuf import duration_pb2, json_format, timestamp_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, json_format, timestamp_pb2
 from google.protobuf.message import Message
 from rich.console import Console
 from rich.markup import escape
@@ -104,7 +104,7 @@ def call_registry(
     async def run() -> T:
         # The key rides on the channel, so no call can go out without it.
         token = api_key or api_key_for(registry)
-        async with open_channel(registry, client_tls_for(registry), token=token) as channel:
+        async with open_channel(registry, client_tls_for(registry), token=token, client="cli") as channel:
             return await fn(channel, ())
 
     try:
@@ -132,6 +132,32 @@ def time_text(ts: timestamp_pb2.Timestamp) -> str:
 
 def _state(state: int) -> str:
     return registry_pb2.ModelVersionState.Name(state).removeprefix("MODEL_VERSION_STATE_").lower()
+
+
+MOVE_KINDS: dict[str, registry_pb2.AliasMoveKind] = {
+    # cast: the enum wrapper's items() is typed with int values; they are AliasMoveKind values.
+    name.removeprefix("ALIAS_MOVE_KIND_").lower().replace("_", "-"): cast("registry_pb2.AliasMoveKind", value)
+    for name, value in registry_pb2.AliasMoveKind.items()
+    if value != registry_pb2.ALIAS_MOVE_KIND_UNSPECIFIED
+}
+"""`--kind` names: set, promote, rollback, canary-promote, canary-rollback."""
+
+
+def move_kind_text(kind: int) -> str:
+    """An AliasMoveKind as the CLI shows it ("-" for a move recorded before moves were typed)."""
+    return next((name for name, value in MOVE_KINDS.items() if value == kind), "-")
+
+
+def parse_move_kind(text: str, *, param: str = "--kind") -> registry_pb2.AliasMoveKind:
+    """`--kind rollback` -> ALIAS_MOVE_KIND_ROLLBACK.
+
+    Raises:
+        typer.BadParameter: not one of `MOVE_KINDS`.
+    """
+    kind = MOVE_KINDS.get(text.strip().lower().replace("_", "-"))
+    if kind is None:
+        raise typer.BadParameter(f"{text!r}: one of {', '.join(MOVE_KINDS)}", param_hint=param)
+    return kind
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -431,12 +457,21 @@ def alias_set(
         int | None, typer.Option(help="Compare-and-set: the version it must point at now (0: new).")
     ] = None,
     reason: Annotated[str, typer.Option(help="Why, for the history.")] = "",
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="What the move is, for the history: set, rollback (back to an earlier version), "
+            "canary-promote or canary-rollback. Who made it comes from your credentials."
+        ),
+    ] = "set",
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
     api_key: ApiKeyOpt = "",
 ) -> None:
     """Point an alias at a version at once (use `promote` to wait for readiness first)."""
-    request = pb.SetAliasRequest(model=model, alias=alias, version=version, reason=reason)
+    request = pb.SetAliasRequest(
+        model=model, alias=alias, version=version, reason=reason, kind=parse_move_kind(kind)
+    )
     if expect is not None:
         request.expected_version = expect
     response = _call(registry, api_key, lambda s, md: s.SetAlias(request, metadata=md))
@@ -504,32 +539,36 @@ def alias_rollback(
 def alias_history(
     model: str,
     alias: Annotated[str, typer.Argument(help="Only this alias; all when omitted.")] = "",
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="Only moves of this kind: set, promote, rollback, canary-promote, canary-rollback."
+        ),
+    ] = "",
     limit: Annotated[int, typer.Option(min=1, max=1000, help="Most entries to show.")] = 50,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
     api_key: ApiKeyOpt = "",
 ) -> None:
-    """Moves of a model's aliases, newest first."""
-    response = _call(
-        registry,
-        api_key,
-        lambda s, md: s.ListAliasHistory(
-            pb.ListAliasHistoryRequest(model=model, alias=alias, page_size=limit)
-        ),
-    )
+    """Moves of a model's aliases, newest first: what kind of move, who made it, and why."""
+    request = pb.ListAliasHistoryRequest(model=model, alias=alias, page_size=limit)
+    if kind:
+        request.kind = parse_move_kind(kind)
+    response = _call(registry, api_key, lambda s, md: s.ListAliasHistory(request))
     if as_json:
         _print_json(response)
         return
-    table = Table("when", "alias", "from", "to", "epoch", "who", "why", "request id")
+    table = Table("when", "alias", "kind", "from", "to", "epoch", "who", "why", "request id")
     for e in response.entries:
         table.add_row(
             time_text(e.time),
             e.alias,
+            move_kind_text(e.kind),
             str(e.from_version or "-"),
             str(e.to_version),
             str(e.epoch),
-            e.actor,
-            e.reason,
+            escape(e.actor),
+            escape(e.reason),
             e.request_id,
         )
     console.print(table)
@@ -574,65 +613,120 @@ def deploy_show(
 @deploy_app.command("set")
 def deploy_set(
     model: str,
-    pin: Annotated[list[int] | None, typer.Option(help="Version to keep loaded, repeatable.")] = None,
-    replicas: Annotated[int, typer.Option(min=0, help="Model servers per version; 0: all.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "",
-    precision: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "",
-    max_batch_size: Annotated[int, typer.Option(min=0)] = 0,
-    max_queue_delay_ms: Annotated[float | None, typer.Option(min=0)] = None,
-    max_queue_size: Annotated[int, typer.Option(min=0)] = 0,
-    instances: Annotated[int, typer.Option(min=0)] = 0,
-    preferred_batch_sizes: Annotated[
-        str,
-        typer.Option(help="Comma-separated batch sizes sent as soon as they fill, such as 8,16,32."),
-    ] = "",
-    execution: Annotated[
-        str, typer.Option(help="Where batches run: auto, loop (needs --instances 1) or thread.")
-    ] = "",
-    split: Annotated[
-        list[str] | None, typer.Option(help="alias=weight, repeatable; weights sum to 100.")
+    pin: Annotated[
+        list[int] | None,
+        typer.Option(help="Version to keep loaded, repeatable (--reset pinned_versions unpins all)."),
     ] = None,
-    shadow: Annotated[str, typer.Option(help="Alias that gets a copy of traffic.")] = "",
-    shadow_fraction: Annotated[float, typer.Option(min=0, max=1)] = 0.0,
+    replicas: Annotated[int | None, typer.Option(min=0, help="Model servers per version; 0: all.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto; '': the default.")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32, fp16 or bf16; '': the default.")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(min=0, help="0: the default.")] = None,
+    max_queue_delay_ms: Annotated[float | None, typer.Option(min=0)] = None,
+    max_queue_size: Annotated[int | None, typer.Option(min=0, help="0: the default.")] = None,
+    instances: Annotated[int | None, typer.Option(min=0, help="0: the default.")] = None,
+    preferred_batch_sizes: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated batch sizes sent as soon as they fill, such as 8,16,32; '': none."
+        ),
+    ] = None,
+    execution: Annotated[
+        str | None, typer.Option(help="Where batches run: auto, loop (needs --instances 1) or thread.")
+    ] = None,
+    split: Annotated[
+        list[str] | None,
+        typer.Option(help="alias=weight, repeatable; weights sum to 100. --split '' clears the split."),
+    ] = None,
+    shadow: Annotated[
+        str | None, typer.Option(help="Alias that gets a copy of traffic; '' removes the shadow.")
+    ] = None,
+    shadow_fraction: Annotated[float | None, typer.Option(min=0, max=1)] = None,
+    reset: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A setting to put back to its default, by its Deployment field name "
+            "(pinned_versions, max_queue_delay_ms, traffic_split, ...), repeatable."
+        ),
+    ] = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Replace the whole deployment: every setting not given goes back to its default.",
+        ),
+    ] = False,
     expected_epoch: Annotated[
         int,
-        typer.Option(min=0, help="Only if the model's epoch (deploy get) is still this one; 0: always."),
+        typer.Option(
+            min=0, help="Only if the model's epoch (`modelyard deploy show`) is still this one; 0: always."
+        ),
     ] = 0,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
     api_key: ApiKeyOpt = "",
 ) -> None:
-    """Replace a model's deployment (every setting not given goes back to its default)."""
-    traffic: dict[str, int] = {}
-    for item in split or []:
-        name, _, weight = item.partition("=")
-        if not weight.isdigit():
-            raise typer.BadParameter(f"--split {item!r}: expected alias=weight, such as production=90")
-        traffic[name] = int(weight)
-    deployment = registry_pb2.Deployment(
-        preferred_batch_sizes=parse_batch_sizes(preferred_batch_sizes),
-        execution=execution,
-        pinned_versions=pin or [],
-        replicas=replicas,
-        device=device,
-        precision=precision,
-        max_batch_size=max_batch_size,
-        max_queue_size=max_queue_size,
-        instances=instances,
-        traffic_split=traffic,
-        shadow_alias=shadow,
-        shadow_fraction=shadow_fraction,
-    )
+    """Change the settings given and keep every other one (the registry applies them as an
+    update mask, in one transaction); --replace replaces the whole deployment."""
+    deployment = registry_pb2.Deployment()
+    paths: list[str] = []
+
+    def given(path: str) -> None:
+        if path not in paths:
+            paths.append(path)
+
+    if pin is not None:
+        deployment.pinned_versions.extend(pin)
+        given("pinned_versions")
+    scalars = {
+        "replicas": replicas,
+        "device": device,
+        "precision": precision,
+        "max_batch_size": max_batch_size,
+        "max_queue_size": max_queue_size,
+        "instances": instances,
+        "execution": execution,
+        "shadow_alias": shadow,
+        "shadow_fraction": shadow_fraction,
+    }
+    for path, value in scalars.items():
+        if value is not None:
+            setattr(deployment, path, value)
+            given(path)
+    if shadow == "":
+        given("shadow_fraction")  # no shadow, so nothing mirrored to it either
     if max_queue_delay_ms is not None:
         deployment.max_queue_delay_ms = max_queue_delay_ms
-    response = _call(
-        registry,
-        api_key,
-        lambda s, md: s.SetDeployment(
-            pb.SetDeploymentRequest(model=model, deployment=deployment, expected_epoch=expected_epoch),
-            metadata=md,
-        ),
+        given("max_queue_delay_ms")
+    if preferred_batch_sizes is not None:
+        deployment.preferred_batch_sizes.extend(parse_batch_sizes(preferred_batch_sizes))
+        given("preferred_batch_sizes")
+    if split is not None:
+        for item in split:
+            if not item.strip():
+                continue  # --split '': the split is cleared
+            name, _, weight = item.partition("=")
+            if not weight.isdigit():
+                raise typer.BadParameter(f"--split {item!r}: expected alias=weight, such as production=90")
+            deployment.traffic_split[name] = int(weight)
+        given("traffic_split")
+    for path in reset or []:
+        if path in paths:
+            raise typer.BadParameter(f"{path} is both given and reset", param_hint="--reset")
+        given(path)
+    if replace:
+        paths = ["*"]
+    elif not paths:
+        raise typer.BadParameter(
+            "nothing to change: give a setting (see --help), --reset FIELD, or --replace",
+            param_hint="MODEL",
+        )
+    request = pb.SetDeploymentRequest(
+        model=model,
+        deployment=deployment,
+        expected_epoch=expected_epoch,
+        update_mask=field_mask_pb2.FieldMask(paths=paths),
     )
+    response = _call(registry, api_key, lambda s, md: s.SetDeployment(request, metadata=md))
     if as_json:
         _print_json(response)
     else:

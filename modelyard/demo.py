@@ -89,6 +89,7 @@ async def register_model(
     baseline_sample: Mapping[str, torch.Tensor] | None = None,
     tls: ClientTLS | None = None,
     token: str | None = None,
+    client: str = "demo",
 ) -> int:
     """Create the model if needed, upload a version with its input baseline, point `alias` at
     it; return the version.
@@ -97,11 +98,14 @@ async def register_model(
         baseline_sample: Input name -> items the drift baseline is computed from; None: 2000
             items of the demo's synthetic inputs (`demo_inputs`), the distribution the demo sends.
         tls: How to dial a TLS registry (None: plaintext).
-        token: The API key to call with (registry.write and alias.move on the model).
+        token: The API key or service token to call with (registry.write and alias.move on
+            the model); `modelyard up --demo` uses the demo's own (`local_cluster.tool_token`).
+        client: The name the calls claim in their user-agent (shown by the registry's audit
+            only with access control off, labelled as a claim).
     """
     sample = baseline_sample if baseline_sample is not None else demo_inputs(signature, 2000)
     baselines = compute_baseline(sample)
-    async with open_channel(registry_address, tls, token=token) as channel:
+    async with open_channel(registry_address, tls, token=token, client=client) as channel:
         stub = reg_grpc.RegistryServiceStub(channel)
         try:
             await stub.CreateModel(reg.CreateModelRequest(name=model, description=description))
@@ -153,7 +157,7 @@ async def predict_until_served(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     answers = []
-    async with open_channel(gateway_address, tls, token=token) as channel:
+    async with open_channel(gateway_address, tls, token=token, client="demo") as channel:
         stub = inf_grpc.InferenceServiceStub(channel)
         for x in inputs:
             request = inf.PredictRequest(model=model, inputs=[tensor_to_proto("input", x)])

@@ -40,6 +40,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from modelyard.access.keys import ServiceTokens
 from modelyard.coordination import CoordinationStore, ServiceRecord
 from modelyard.embedded_redis import RedisServer, RedisServerTLS
 from modelyard.membership import new_service_id
@@ -64,6 +65,7 @@ __all__ = [
     "CLUSTER_FILE_ENV",
     "client_tls_for",
     "api_key_for",
+    "tool_token",
     "API_KEY_ENV",
 ]
 
@@ -706,6 +708,23 @@ def api_key_for(address: str, cluster_file: Path | None = None) -> str | None:
         return info.api_key_file.read_text().strip() or None
     except OSError:
         return None
+
+
+def tool_token(secret_file: Path | None, kind: str) -> str | None:
+    """A service token for one of the cluster's own tools (`kind`: "demo", "load-test"), made
+    from the cluster secret, so that what the tool does is recorded in the registry's audit
+    log and alias history as `service:<kind>` rather than under the admin key it was given.
+    None without a secret (access control off: the tool then only claims its name, see
+    `modelyard.rpc.client_name`). Whoever holds the secret can make any service's token, so
+    a tool's own kind adds no power, only a truthful name.
+
+    Raises:
+        OSError: the secret file cannot be read.
+        ValueError: the secret is shorter than 16 bytes.
+    """
+    if secret_file is None:
+        return None
+    return ServiceTokens(secret_file.read_bytes().strip()).token(kind)
 
 
 def client_tls_for(address: str, cluster_file: Path | None = None) -> ClientTLS | None:

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client import Gauge
 
+from modelyard.rpc.client_name import user_agent_options
 from modelyard.settings import TLSSettings
 
 __all__ = [
@@ -592,9 +593,13 @@ def open_channel(
     options: Sequence[tuple[str, Any]] = (),
     interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
     token: str | None = None,
+    client: str | None = None,
 ) -> grpc.aio.Channel:
     """An asyncio channel to `address`: TLS when `client_tls` is given, else plaintext; with
-    `token`, every call carries it as a bearer token (an API key or a service token)."""
+    `token`, every call carries it as a bearer token (an API key or a service token); with
+    `client`, every call's user-agent names the client ("monitor", "demo"...): a claim the
+    registry shows only with access control off, labelled (`modelyard.rpc.client_name`)."""
+    options = [*options, *user_agent_options(client)]
     if token:
         from modelyard.access.client import bearer  # access imports this module
 
@@ -610,9 +615,14 @@ def open_channel(
 
 
 def open_sync_channel(
-    address: str, client_tls: ClientTLS | None, *, options: Sequence[tuple[str, Any]] = ()
+    address: str,
+    client_tls: ClientTLS | None,
+    *,
+    options: Sequence[tuple[str, Any]] = (),
+    client: str | None = None,
 ) -> grpc.Channel:
     """A blocking channel (locust users, the container health check), as `open_channel`."""
+    options = [*options, *user_agent_options(client)]
     if client_tls is None:
         return grpc.insecure_channel(address, options=list(options))
     return grpc.secure_channel(

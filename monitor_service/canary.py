@@ -214,8 +214,10 @@ class CanaryRegistry(Protocol):
         expected_epoch: int,
         reason: str,
         request_id: str,
+        promotion: bool,
     ) -> int:
-        """Move an alias; the new epoch. Raises StaleState on a compare-and-set failure."""
+        """Move an alias (a canary's promotion, or else its rollback, as the history records
+        it); the new epoch. Raises StaleState on a compare-and-set failure."""
         ...
 
     async def set_split(
@@ -550,6 +552,7 @@ class CanaryAnalyzer:
             expected_epoch=walk.epoch,
             reason=f"canary analysis: {reason}",
             request_id=request_id,
+            promotion=what == "promote",
         )
 
     async def _record(

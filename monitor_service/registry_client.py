@@ -8,11 +8,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import grpc
+from google.protobuf import field_mask_pb2
 
 from modelyard.access.client import bearer
 from modelyard.coordination import ServiceRecord
 from modelyard.errors import Unavailable
 from modelyard.tls import ClientTLS, ClientTLSWatch, open_channel
+from modelyard.v1 import registry_pb2
 from modelyard.v1 import registry_service_pb2 as reg
 from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
 from monitor_service.canary import MONITOR_REQUEST_PREFIX, AliasMove, StaleState
@@ -66,7 +68,7 @@ class RegistryClient:
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = open_channel(
-                address, self._tls, interceptors=bearer(self._token)
+                address, self._tls, interceptors=bearer(self._token), client="monitor"
             )
         return RegistryServiceStub(channel)
 
@@ -84,7 +86,13 @@ class RegistryClient:
         expected_epoch: int,
         reason: str,
         request_id: str,
+        promotion: bool,
     ) -> int:
+        kind = (
+            registry_pb2.ALIAS_MOVE_KIND_CANARY_PROMOTE
+            if promotion
+            else registry_pb2.ALIAS_MOVE_KIND_CANARY_ROLLBACK
+        )
         request = reg.SetAliasRequest(
             model=model,
             alias=alias,
@@ -93,6 +101,7 @@ class RegistryClient:
             expected_epoch=expected_epoch,
             reason=reason,
             request_id=request_id,
+            kind=kind,
         )
         try:
             response = await self.stub().SetAlias(request, timeout=TIMEOUT_S)
@@ -105,20 +114,16 @@ class RegistryClient:
     async def set_split(
         self, model: str, split: dict[str, int], *, expected_epoch: int, request_id: str
     ) -> int:
-        """Read the deployment, and write it back with only the split changed, both at
-        `expected_epoch`: a change by anyone in between is never overwritten."""
-        stub = self.stub()
-        current = (
-            await stub.GetDeployment(reg.GetDeploymentRequest(model=model), timeout=TIMEOUT_S)
-        ).deployment
-        if current.epoch != expected_epoch:
-            raise StaleState(f"the routing of {model} is at epoch {current.epoch}, not {expected_epoch}")
-        current.traffic_split.clear()
-        current.traffic_split.update(split)
+        """Set only the deployment's split (an update mask), at `expected_epoch`: a change by
+        anyone since the walk judged is never overwritten."""
         try:
-            response = await stub.SetDeployment(
+            response = await self.stub().SetDeployment(
                 reg.SetDeploymentRequest(
-                    model=model, deployment=current, request_id=request_id, expected_epoch=expected_epoch
+                    model=model,
+                    deployment=registry_pb2.Deployment(traffic_split=split),
+                    update_mask=field_mask_pb2.FieldMask(paths=["traffic_split"]),
+                    request_id=request_id,
+                    expected_epoch=expected_epoch,
                 ),
                 timeout=TIMEOUT_S,
             )

@@ -16,6 +16,7 @@ from registry_service.records import (
     DeploymentSpec,
     HistoryEntry,
     ModelRecord,
+    MoveKind,
     RoutingState,
     UploadMetadata,
     VersionRecord,
@@ -26,6 +27,8 @@ __all__ = [
     "FORMAT_TO_PROTO",
     "FORMAT_FROM_PROTO",
     "STATE_TO_PROTO",
+    "MOVE_KIND_TO_PROTO",
+    "MOVE_KIND_FROM_PROTO",
     "timestamp",
     "alias_to_proto",
     "model_to_proto",
@@ -33,6 +36,7 @@ __all__ = [
     "upload_metadata_from_proto",
     "set_alias_response",
     "history_entry_to_proto",
+    "move_kind_from_proto",
     "deployment_to_proto",
     "deployment_spec_from_proto",
     "audit_to_proto",
@@ -50,6 +54,29 @@ STATE_TO_PROTO: dict[VersionState, registry_pb2.ModelVersionState] = {
     VersionState.ACTIVE: registry_pb2.MODEL_VERSION_STATE_ACTIVE,
     VersionState.ARCHIVED: registry_pb2.MODEL_VERSION_STATE_ARCHIVED,
 }
+
+
+MOVE_KIND_TO_PROTO: dict[MoveKind, registry_pb2.AliasMoveKind] = {
+    MoveKind.UNSPECIFIED: registry_pb2.ALIAS_MOVE_KIND_UNSPECIFIED,
+    MoveKind.SET: registry_pb2.ALIAS_MOVE_KIND_SET,
+    MoveKind.PROMOTE: registry_pb2.ALIAS_MOVE_KIND_PROMOTE,
+    MoveKind.ROLLBACK: registry_pb2.ALIAS_MOVE_KIND_ROLLBACK,
+    MoveKind.CANARY_PROMOTE: registry_pb2.ALIAS_MOVE_KIND_CANARY_PROMOTE,
+    MoveKind.CANARY_ROLLBACK: registry_pb2.ALIAS_MOVE_KIND_CANARY_ROLLBACK,
+}
+MOVE_KIND_FROM_PROTO: dict[int, MoveKind] = {int(v): k for k, v in MOVE_KIND_TO_PROTO.items()}
+
+
+def move_kind_from_proto(value: int) -> MoveKind:
+    """The core's MoveKind of a request's AliasMoveKind.
+
+    Raises:
+        InvalidArgument: a value this registry does not know.
+    """
+    kind = MOVE_KIND_FROM_PROTO.get(value)
+    if kind is None:
+        raise InvalidArgument(f"kind {value} is not an AliasMoveKind this registry knows", field="kind")
+    return kind
 
 
 def timestamp(unix_s: float) -> timestamp_pb2.Timestamp:
@@ -131,6 +158,7 @@ def history_entry_to_proto(entry: HistoryEntry) -> registry_pb2.AliasHistoryEntr
         actor=entry.actor,
         request_id=entry.request_id,
         time=timestamp(entry.time),
+        kind=MOVE_KIND_TO_PROTO[entry.kind],
     )
 
 

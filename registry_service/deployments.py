@@ -1,17 +1,31 @@
 """Deployment rules, as pure functions: what a valid deployment is, which versions it places,
+how an update mask applies to one (AIP-134), what changed between two (for the audit log),
 and the live form (`modelyard.coordination.Deployment`) that Redis carries."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from modelyard.coordination import Deployment
 from modelyard.errors import FailedPrecondition, InvalidArgument
 from registry_service.records import DeploymentSpec, RoutingState, VersionState
 
-__all__ = ["PRECISIONS", "EXECUTIONS", "check_deployment", "placed_versions", "live_deployment"]
+__all__ = [
+    "PRECISIONS",
+    "EXECUTIONS",
+    "SPEC_FIELDS",
+    "OUTPUT_ONLY_FIELDS",
+    "check_deployment",
+    "check_update_mask",
+    "apply_update_mask",
+    "deployment_diff",
+    "placed_versions",
+    "live_deployment",
+]
 
 PRECISIONS = frozenset({"", "fp32", "fp16", "bf16"})
 """Accepted `precision` values ("" is the model server's default, fp32)."""
@@ -20,8 +34,90 @@ EXECUTIONS = frozenset({"", "auto", "loop", "thread"})
 """Accepted `execution` values ("" is the model server's default); the model server's
 `model_server.batching.EXECUTIONS`, which the registry does not import."""
 
+SPEC_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DeploymentSpec))
+"""The settable fields of a deployment, in `modelyard.v1.Deployment` order: the paths an
+update mask may name (the names are the same in the message and in `DeploymentSpec`)."""
+
+OUTPUT_ONLY_FIELDS = frozenset({"placed_versions", "epoch"})
+"""Fields of `modelyard.v1.Deployment` that the registry computes; a mask naming one is refused."""
+
+MAX_DIFF_CHARS = 1000
+"""The longest `deployment_diff` text; a longer one is cut, ending with "…"."""
+
+_MAX_VALUE_CHARS = 160
 _DEVICE_PATTERN = re.compile(r"cpu|cuda|cuda:\d{1,3}|auto")
 _TOTAL_WEIGHT = 100
+
+
+def check_update_mask(paths: Collection[str]) -> frozenset[str] | None:
+    """The fields an update mask names, or None when it means the whole deployment ("*", or
+    no path at all: the replace-all meaning SetDeployment had before the mask).
+
+    Raises:
+        InvalidArgument: a path is unknown, output-only, a sub-path (`traffic_split.canary`),
+            or "*" next to other paths; the message lists the paths allowed.
+    """
+    if not paths or list(paths) == ["*"]:
+        return None
+    allowed = ", ".join(SPEC_FIELDS)
+    for path in paths:
+        shown = repr(path[:80])
+        if path == "*":
+            raise InvalidArgument(
+                "update_mask: '*' (the whole deployment) stands alone, not next to other paths",
+                field="update_mask",
+            )
+        if path in OUTPUT_ONLY_FIELDS:
+            raise InvalidArgument(
+                f"update_mask names {shown}, which is output only (the registry computes it); "
+                f"the paths allowed are {allowed}, or '*'",
+                field="update_mask",
+            )
+        if path not in SPEC_FIELDS:
+            what = "a sub-path, and masks name whole fields" if "." in path else "not a Deployment field"
+            raise InvalidArgument(
+                f"update_mask names {shown}, {what}; the paths allowed are {allowed}, or '*'",
+                field="update_mask",
+            )
+    return frozenset(paths)
+
+
+def apply_update_mask(
+    current: DeploymentSpec, given: DeploymentSpec, fields: frozenset[str] | None
+) -> DeploymentSpec:
+    """`current` with the fields named in `fields` taken from `given` (all of them: None)."""
+    if fields is None:
+        return given
+    return dataclasses.replace(current, **{name: getattr(given, name) for name in fields})
+
+
+def deployment_diff(old: DeploymentSpec, new: DeploymentSpec, *, max_chars: int = MAX_DIFF_CHARS) -> str:
+    """What changed from `old` to `new`, field by field in message order, for the audit log
+    and the registry's log: `traffic_split {} -> {canary: 10, production: 90}; shadow_alias
+    "" -> "canary"`, or "no change". At most `max_chars` characters."""
+    parts = [
+        f"{name} {_value_text(getattr(old, name))} -> {_value_text(getattr(new, name))}"
+        for name in SPEC_FIELDS
+        if getattr(old, name) != getattr(new, name)
+    ]
+    text = "; ".join(parts) or "no change"
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
+def _value_text(value: object) -> str:
+    if value is None:
+        text = "unset"
+    elif isinstance(value, str):
+        text = json.dumps(value)
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    elif isinstance(value, Mapping):
+        text = "{" + ", ".join(f"{k}: {_value_text(v)}" for k, v in sorted(value.items())) + "}"
+    elif isinstance(value, (tuple, list)):
+        text = "[" + ", ".join(_value_text(v) for v in value) + "]"
+    else:
+        text = str(value)
+    return text if len(text) <= _MAX_VALUE_CHARS else text[: _MAX_VALUE_CHARS - 1] + "…"
 
 
 def check_deployment(

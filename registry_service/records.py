@@ -19,6 +19,7 @@ __all__ = [
     "check_name",
     "ArtifactFormat",
     "VersionState",
+    "MoveKind",
     "AliasRecord",
     "ModelRecord",
     "VersionRecord",
@@ -26,6 +27,7 @@ __all__ = [
     "AliasChange",
     "DeploymentSpec",
     "RoutingState",
+    "DeploymentChange",
     "HistoryEntry",
     "AuditRecord",
     "AuditFilter",
@@ -64,6 +66,18 @@ class VersionState(enum.Enum):
 
     ACTIVE = "active"
     ARCHIVED = "archived"
+
+
+class MoveKind(enum.Enum):
+    """What an alias move was (`modelyard.v1.AliasMoveKind`); the value is what the
+    database stores ("" on moves recorded before moves were typed)."""
+
+    UNSPECIFIED = ""
+    SET = "set"
+    PROMOTE = "promote"
+    ROLLBACK = "rollback"
+    CANARY_PROMOTE = "canary_promote"
+    CANARY_ROLLBACK = "canary_rollback"
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +232,16 @@ class RoutingState:
 
 
 @dataclass(frozen=True, slots=True)
+class DeploymentChange:
+    """The outcome of a set-deployment call: the deployment before, and the state after."""
+
+    previous: DeploymentSpec
+    """The deployment as it was before the call (the defaults if none was ever set)."""
+    state: RoutingState
+    """The model's whole routing state after the call."""
+
+
+@dataclass(frozen=True, slots=True)
 class HistoryEntry:
     """One recorded move of an alias."""
 
@@ -231,6 +255,8 @@ class HistoryEntry:
     actor: str
     request_id: str
     time: float
+    kind: MoveKind = MoveKind.UNSPECIFIED
+    """What the move was; UNSPECIFIED on moves recorded before moves were typed."""
 
 
 @dataclass(frozen=True, slots=True)

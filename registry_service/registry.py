@@ -17,7 +17,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 from modelyard.baseline import MAX_BIN_EDGES, MAX_FEATURES
@@ -34,15 +34,17 @@ from modelyard.errors import (
 from modelyard.model_signatures import SignaturePolicy, SignatureVerifier
 from modelyard.v1 import registry_pb2, tensor_pb2
 from registry_service.artifacts import SHA256_PATTERN, ArtifactStore
-from registry_service.deployments import live_deployment
+from registry_service.deployments import check_update_mask, deployment_diff, live_deployment
 from registry_service.formats import check_archive
 from registry_service.records import (
     AliasChange,
     AuditFilter,
     AuditRecord,
+    DeploymentChange,
     DeploymentSpec,
     HistoryEntry,
     ModelRecord,
+    MoveKind,
     RoutingState,
     UploadMetadata,
     VersionRecord,
@@ -56,6 +58,12 @@ __all__ = ["AliasSink", "Registry", "PromoteOutcome", "resolve_page_size"]
 log = logging.getLogger(__name__)
 
 _KNOWN_DATA_TYPES = frozenset(tensor_pb2.DataType.values()) - {tensor_pb2.DATA_TYPE_UNSPECIFIED}
+
+SET_ALIAS_KINDS = frozenset(
+    {MoveKind.SET, MoveKind.ROLLBACK, MoveKind.CANARY_PROMOTE, MoveKind.CANARY_ROLLBACK}
+)
+"""What a SetAlias may declare its move to be; PROMOTE is only what PromoteVersion records
+(it waits for readiness, a SetAlias does not)."""
 
 
 class AliasSink(Protocol):
@@ -300,6 +308,7 @@ class Registry:
         reason: str = "",
         actor: str = "",
         request_id: str = "",
+        kind: MoveKind = MoveKind.SET,
     ) -> AliasChange:
         """Point an alias at a version (compare-and-set), record the move, and publish it.
 
@@ -307,9 +316,11 @@ class Registry:
             expected_version: What the alias must point at now; 0 means it must not exist yet;
                 None moves it whatever it points at.
             expected_epoch: What the model's routing epoch must be now; None: no check.
+            kind: What the move is, for the history (UNSPECIFIED: SET); one of
+                `SET_ALIAS_KINDS`.
 
         Raises:
-            InvalidArgument: bad names or numbers.
+            InvalidArgument: bad names or numbers, or a kind a SetAlias may not declare.
             ModelNotFound / VersionNotFound: unknown model or version.
             FailedPrecondition: the version is archived.
             Conflict: the alias or the model's routing moved since the caller read it (ABORTED).
@@ -326,6 +337,39 @@ class Registry:
                 f"expected_epoch must be an epoch (0 or more), got {expected_epoch}",
                 field="expected_epoch",
             )
+        kind = MoveKind.SET if kind is MoveKind.UNSPECIFIED else kind
+        if kind not in SET_ALIAS_KINDS:
+            raise InvalidArgument(
+                f"a SetAlias cannot be of kind {kind.name}: that is what PromoteVersion records "
+                "(it waits until the version is ready); declare SET, ROLLBACK, CANARY_PROMOTE "
+                "or CANARY_ROLLBACK, or call PromoteVersion",
+                field="kind",
+            )
+        return await self._set_alias(
+            model,
+            alias,
+            version,
+            expected_version=expected_version,
+            expected_epoch=expected_epoch,
+            reason=reason,
+            actor=actor,
+            request_id=request_id,
+            kind=kind,
+        )
+
+    async def _set_alias(
+        self,
+        model: str,
+        alias: str,
+        version: int,
+        *,
+        expected_version: int | None,
+        expected_epoch: int | None,
+        reason: str,
+        actor: str,
+        request_id: str,
+        kind: MoveKind,
+    ) -> AliasChange:
         change = await self._store.set_alias(
             model,
             alias,
@@ -335,15 +379,18 @@ class Registry:
             reason=reason,
             actor=actor,
             request_id=request_id,
+            kind=kind,
         )
         if change.changed:
             log.info(
-                "alias %r of model %r: version %d -> %d (epoch %d)",
+                "alias %r of model %r: version %d -> %d (epoch %d, %s by %s)",
                 alias,
                 model,
                 change.previous_version,
                 version,
                 change.epoch,
+                kind.value,
+                actor or "-",
             )
             assert change.state is not None
             await self._publish(change.state)
@@ -396,14 +443,21 @@ class Registry:
         return change
 
     async def list_alias_history(
-        self, model: str, alias: str = "", *, page_size: int = 100, before_id: int = 0
+        self,
+        model: str,
+        alias: str = "",
+        *,
+        page_size: int = 100,
+        before_id: int = 0,
+        kind: MoveKind | None = None,
     ) -> list[HistoryEntry]:
-        """Moves of a model's aliases, newest first. Raises InvalidArgument or ModelNotFound."""
+        """Moves of a model's aliases (only of `kind` if given), newest first. Raises
+        InvalidArgument or ModelNotFound."""
         check_name(model, field="model", what="model")
         if alias:
             check_name(alias, field="alias", what="alias")
         return await self._store.list_alias_history(
-            model, alias, page_size=resolve_page_size(page_size), before_id=before_id
+            model, alias, page_size=resolve_page_size(page_size), before_id=before_id, kind=kind
         )
 
     async def promote(
@@ -452,14 +506,16 @@ class Registry:
         self._holds_changed.set()
         try:
             ready = await self._wait_until_ready(model, version, max(1, state.spec.replicas), timeout_s)
-            change = await self.set_alias(
+            change = await self._set_alias(
                 model,
                 alias,
                 version,
                 expected_version=expected_version,
+                expected_epoch=None,
                 reason=reason,
                 actor=actor,
                 request_id=request_id,
+                kind=MoveKind.PROMOTE,
             )
         except BaseException:
             # Stop placing a version nobody moved to (a no-op once the alias points at it).
@@ -512,14 +568,30 @@ class Registry:
     # -- deployments -----------------------------------------------------------------------
 
     async def set_deployment(
-        self, model: str, spec: DeploymentSpec, *, expected_epoch: int = 0
-    ) -> RoutingState:
-        """Replace a model's deployment and publish it; with `expected_epoch` (non-zero), only
+        self,
+        model: str,
+        spec: DeploymentSpec,
+        *,
+        expected_epoch: int = 0,
+        update_mask: Sequence[str] = (),
+        actor: str = "",
+    ) -> DeploymentChange:
+        """Change a model's deployment and publish it; with `expected_epoch` (non-zero), only
         while the model's routing epoch is still that one (compare-and-set).
+
+        Args:
+            spec: The new deployment, or the new values of the fields `update_mask` names.
+            update_mask: The fields to change (AIP-134 paths, such as "traffic_split"); the
+                others keep their values. Empty or ["*"]: replace the whole deployment.
+            actor: Who asks (for the log line).
+
+        Returns:
+            The deployment before the call and the routing state after it.
 
         Raises:
             InvalidArgument: a field is out of range, or the split or shadow names an unknown
-                alias, or the weights do not sum to 100, or `expected_epoch` is negative.
+                alias, or the weights do not sum to 100, or `expected_epoch` is negative, or
+                the mask names a path that is not a settable field.
             ModelNotFound: unknown model.
             FailedPrecondition: a pinned version is archived.
             Conflict: the epoch is not `expected_epoch` any more.
@@ -530,10 +602,19 @@ class Registry:
                 f"expected_epoch must be 0 (no check) or an epoch, got {expected_epoch}",
                 field="expected_epoch",
             )
-        state = await self._store.set_deployment(model, spec, expected_epoch=expected_epoch)
-        log.info("deployment of model %r set (epoch %d): %s", model, state.epoch, spec)
+        fields = check_update_mask(update_mask)
+        change = await self._store.set_deployment(model, spec, expected_epoch=expected_epoch, fields=fields)
+        state = change.state
+        log.info(
+            "deployment of model %r set by %s (epoch %d, placed versions %s): %s",
+            model,
+            actor or "-",
+            state.epoch,
+            list(state.placed_versions),
+            deployment_diff(change.previous, state.spec),
+        )
         await self._publish(state)
-        return state
+        return change
 
     async def get_deployment(self, model: str) -> RoutingState:
         """A model's deployment with the versions placed now. Raises ModelNotFound."""

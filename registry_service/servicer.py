@@ -19,12 +19,14 @@ import grpc
 
 from modelyard.access import current_principal, visible
 from modelyard.errors import InvalidArgument, ModelyardError
+from modelyard.rpc.client_name import claimed_name
 from modelyard.rpc.context import current_request_id
 from modelyard.rpc.errors import rpc_errors, status_code_for
 from modelyard.v1 import registry_pb2, registry_service_pb2_grpc
 from modelyard.v1 import registry_service_pb2 as pb
 from registry_service import convert
-from registry_service.records import AuditFilter, AuditRecord, DeploymentSpec
+from registry_service.deployments import deployment_diff
+from registry_service.records import AuditFilter, AuditRecord, MoveKind
 from registry_service.registry import Registry, resolve_page_size
 
 __all__ = ["RegistryServicer", "SERVICE_NAME", "audited", "actor_of"]
@@ -138,6 +140,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         async with audited(
             self._registry, context, "SetAlias", request.model, target, request.request_id
         ) as audit:
+            kind = convert.move_kind_from_proto(request.kind)
             change = await self._registry.set_alias(
                 request.model,
                 request.alias,
@@ -147,10 +150,13 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
                 reason=request.reason,
                 actor=audit.actor,
                 request_id=audit.request_id,
+                kind=kind,
             )
             audit.message = _moved(
                 change.previous_version, change.alias.version, change.epoch, change.changed
             )
+            if kind not in (MoveKind.UNSPECIFIED, MoveKind.SET):
+                audit.message += f"; declared a {kind.value.replace('_', ' ')}"
         return convert.set_alias_response(change)
 
     @rpc_errors
@@ -188,6 +194,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             request.alias,
             page_size=page_size,
             before_id=convert.page_token_to_id(request.page_token),
+            kind=(convert.move_kind_from_proto(request.kind) if request.kind else None),
         )
         return pb.ListAliasHistoryResponse(
             entries=[convert.history_entry_to_proto(e) for e in entries],
@@ -233,14 +240,23 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         self, request: pb.SetDeploymentRequest, context: _Context
     ) -> pb.SetDeploymentResponse:
         spec = convert.deployment_spec_from_proto(request.deployment)
+        paths = list(request.update_mask.paths)
+        target = "deployment" + (f" [{', '.join(p[:40] for p in paths[:16])}]" if paths else "")
         async with audited(
-            self._registry, context, "SetDeployment", request.model, "deployment", request.request_id
+            self._registry, context, "SetDeployment", request.model, target, request.request_id
         ) as audit:
-            state = await self._registry.set_deployment(
-                request.model, spec, expected_epoch=request.expected_epoch
+            change = await self._registry.set_deployment(
+                request.model,
+                spec,
+                expected_epoch=request.expected_epoch,
+                update_mask=paths,
+                actor=audit.actor,
             )
-            placed = f"placed versions {list(state.placed_versions)} (epoch {state.epoch})"
-            audit.message = placed + _batching_text(spec)
+            state = change.state
+            audit.message = (
+                f"{deployment_diff(change.previous, state.spec)}; placed versions "
+                f"{list(state.placed_versions)} (epoch {state.epoch})"
+            )
         return pb.SetDeploymentResponse(deployment=convert.deployment_to_proto(state))
 
     @rpc_errors
@@ -342,12 +358,17 @@ async def audited(
 
 
 def actor_of(context: _Context) -> str:
-    """The audit log's actor: the authenticated principal; with access control off, nobody is
-    authenticated, and the entry says so with the peer's address."""
+    """The audit log's actor: the authenticated principal. With access control off nobody is
+    authenticated, and the entry says so, with the peer's address and the name the client
+    claims in its user-agent, if any (`modelyard.rpc.client_name`), labelled as a claim."""
     principal = current_principal()
     if principal is not None:
         return principal.name
-    return f"anonymous (access control off) at {context.peer() or 'an unknown peer'}"
+    peer = context.peer() or "an unknown peer"
+    name = claimed_name(context.invocation_metadata())
+    if name is not None:
+        return f"{name} (claimed; access control off) at {peer}"
+    return f"anonymous (access control off) at {peer}"
 
 
 def _baseline_summary(baselines: tuple[registry_pb2.InputBaseline, ...]) -> str:
@@ -360,16 +381,6 @@ def _baseline_summary(baselines: tuple[registry_pb2.InputBaseline, ...]) -> str:
         for b in baselines
     )
     return f"; input baseline: {described}"
-
-
-def _batching_text(spec: DeploymentSpec) -> str:
-    """The deployment's batching choices for the audit message ("" when all are defaults)."""
-    parts = []
-    if spec.preferred_batch_sizes:
-        parts.append(f"preferred batch sizes {list(spec.preferred_batch_sizes)}")
-    if spec.execution:
-        parts.append(f"execution {spec.execution}")
-    return "; " + ", ".join(parts) if parts else ""
 
 
 def _moved(previous: int, version: int, epoch: int, changed: bool) -> str:

@@ -40,7 +40,7 @@ from modelyard.errors import (
     VersionNotFound,
 )
 from modelyard.v1 import registry_pb2, tensor_pb2
-from registry_service.deployments import check_deployment, placed_versions
+from registry_service.deployments import apply_update_mask, check_deployment, placed_versions
 from registry_service.records import (
     AliasChange,
     AliasRecord,
@@ -48,9 +48,11 @@ from registry_service.records import (
     AuditFilter,
     AuditRecord,
     DeleteOutcome,
+    DeploymentChange,
     DeploymentSpec,
     HistoryEntry,
     ModelRecord,
+    MoveKind,
     RoutingState,
     UploadMetadata,
     VersionRecord,
@@ -59,11 +61,11 @@ from registry_service.records import (
 
 __all__ = ["RegistryStore", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Kept in `PRAGMA user_version`; a database from a newer registry is refused, not guessed at.
 2 -> 3 added `versions.input_baselines`, 3 -> 4 `models.require_signature`, `versions.signer`
 and `versions.model_signature`, 4 -> 5 `audit_log.prev_hash` and `audit_log.entry_hash` (the
-hash chain; each upgraded in place on open)."""
+hash chain), 5 -> 6 `alias_history.kind` (each upgraded in place on open)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -115,7 +117,8 @@ CREATE TABLE IF NOT EXISTS alias_history (
     reason       TEXT    NOT NULL,
     actor        TEXT    NOT NULL,
     request_id   TEXT    NOT NULL,
-    time         REAL    NOT NULL
+    time         REAL    NOT NULL,
+    kind         TEXT    NOT NULL DEFAULT ''  -- a MoveKind value, '' on moves from before schema 6
 );
 CREATE INDEX IF NOT EXISTS alias_history_by_alias ON alias_history (model, alias, id);
 CREATE UNIQUE INDEX IF NOT EXISTS alias_history_by_request_id
@@ -273,6 +276,7 @@ class RegistryStore:
         reason: str = "",
         actor: str = "",
         request_id: str = "",
+        kind: MoveKind = MoveKind.SET,
     ) -> AliasChange:
         """Point `alias` at `version` in one transaction: compare, move, record, bump the epoch.
 
@@ -280,6 +284,7 @@ class RegistryStore:
             expected_version: What the alias must point at now (0: must not exist);
                 None moves it whatever it points at.
             expected_epoch: What the model's epoch must be now; None: no check.
+            kind: What the move is, for the history.
 
         Raises:
             ModelNotFound / VersionNotFound: the model or version does not exist.
@@ -298,6 +303,7 @@ class RegistryStore:
             reason,
             actor,
             request_id,
+            kind,
         )
 
     async def alias_state(self, model: str) -> tuple[dict[str, int], int]:
@@ -340,11 +346,17 @@ class RegistryStore:
         )
 
     async def list_alias_history(
-        self, model: str, alias: str = "", *, page_size: int = 100, before_id: int = 0
+        self,
+        model: str,
+        alias: str = "",
+        *,
+        page_size: int = 100,
+        before_id: int = 0,
+        kind: MoveKind | None = None,
     ) -> list[HistoryEntry]:
-        """Moves of a model's aliases (of one alias if named), newest first, with ids below
-        `before_id` when it is set. Raises ModelNotFound."""
-        return await self._run(self._list_alias_history, model, alias, page_size, before_id)
+        """Moves of a model's aliases (of one alias if named, of one kind if given), newest
+        first, with ids below `before_id` when it is set. Raises ModelNotFound."""
+        return await self._run(self._list_alias_history, model, alias, page_size, before_id, kind)
 
     async def routing_state(self, model: str) -> RoutingState:
         """A model's aliases, epoch and deployment. Raises ModelNotFound."""
@@ -355,16 +367,28 @@ class RegistryStore:
         return await self._run(self._all_routing_states)
 
     async def set_deployment(
-        self, model: str, spec: DeploymentSpec, *, expected_epoch: int = 0
-    ) -> RoutingState:
-        """Replace a model's deployment (validated against its aliases and versions) and bump
-        its epoch; with `expected_epoch`, only while the model's epoch is still that one.
+        self,
+        model: str,
+        spec: DeploymentSpec,
+        *,
+        expected_epoch: int = 0,
+        fields: frozenset[str] | None = None,
+    ) -> DeploymentChange:
+        """Change a model's deployment (validated against its aliases and versions) and bump
+        its epoch, in one transaction; with `expected_epoch`, only while the model's epoch is
+        still that one.
+
+        Args:
+            spec: The new deployment, or the new values of `fields`.
+            fields: The fields to take from `spec` (the others keep their current values);
+                None replaces the whole deployment. Checked by `check_update_mask`.
 
         Raises:
-            ModelNotFound, InvalidArgument, FailedPrecondition: see `check_deployment`.
+            ModelNotFound, InvalidArgument, FailedPrecondition: see `check_deployment` (on
+                the deployment as it would be after the change).
             Conflict: `expected_epoch` is set and the epoch moved on.
         """
-        return await self._run(self._set_deployment, model, spec, expected_epoch)
+        return await self._run(self._set_deployment, model, spec, expected_epoch, fields)
 
     async def hold_version(self, model: str, version: int, *, until: float, why: str) -> RoutingState:
         """Place a version until `until` (unix s) whatever the aliases say; bumps the epoch.
@@ -602,6 +626,7 @@ class RegistryStore:
         reason: str,
         actor: str,
         request_id: str,
+        kind: MoveKind,
     ) -> AliasChange:
         with self._transaction() as conn:
             model_row = conn.execute("SELECT epoch FROM models WHERE name = ?", (model,)).fetchone()
@@ -641,7 +666,7 @@ class RegistryStore:
                     changed=False,
                     state=self._state_in(conn, model),
                 )
-            return self._move_alias(conn, model, alias, current, version, reason, actor, request_id)
+            return self._move_alias(conn, model, alias, current, version, reason, actor, request_id, kind)
 
     def _move_alias(
         self,
@@ -653,6 +678,7 @@ class RegistryStore:
         reason: str,
         actor: str,
         request_id: str,
+        kind: MoveKind,
     ) -> AliasChange:
         now = self._clock()
         epoch = self._bump(conn, model)
@@ -664,8 +690,8 @@ class RegistryStore:
         )
         conn.execute(
             "INSERT INTO alias_history (model, alias, from_version, to_version, epoch, reason, "
-            "actor, request_id, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (model, alias, current, version, epoch, reason, actor, request_id, now),
+            "actor, request_id, time, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (model, alias, current, version, epoch, reason, actor, request_id, now, kind.value),
         )
         # The new target is aliased now; the old one stays placed for the retention window
         # (unless another alias still points at it), so a rollback finds it loaded and warm.
@@ -788,10 +814,12 @@ class RegistryStore:
                     field="alias",
                 )
             why = reason or f"rollback from version {current}"
-            return self._move_alias(conn, model, alias, current, target, why, actor, request_id)
+            return self._move_alias(
+                conn, model, alias, current, target, why, actor, request_id, MoveKind.ROLLBACK
+            )
 
     def _list_alias_history(
-        self, model: str, alias: str, page_size: int, before_id: int
+        self, model: str, alias: str, page_size: int, before_id: int, kind: MoveKind | None
     ) -> list[HistoryEntry]:
         with self._read() as conn:
             self._require_model(conn, model)
@@ -800,6 +828,9 @@ class RegistryStore:
             if alias:
                 query += " AND alias = ?"
                 args.append(alias)
+            if kind is not None:
+                query += " AND kind = ?"
+                args.append(kind.value)
             if before_id:
                 query += " AND id < ?"
                 args.append(before_id)
@@ -817,6 +848,7 @@ class RegistryStore:
                     actor=r["actor"],
                     request_id=r["request_id"],
                     time=r["time"],
+                    kind=MoveKind(r["kind"]),
                 )
                 for r in conn.execute(query, args)
             ]
@@ -831,13 +863,19 @@ class RegistryStore:
             names = [r["name"] for r in conn.execute("SELECT name FROM models WHERE epoch > 0")]
             return {name: self._state_in(conn, name) for name in names}
 
-    def _set_deployment(self, model: str, spec: DeploymentSpec, expected_epoch: int) -> RoutingState:
+    def _set_deployment(
+        self, model: str, given: DeploymentSpec, expected_epoch: int, fields: frozenset[str] | None
+    ) -> DeploymentChange:
         with self._transaction() as conn:
             self._require_model(conn, model)
             if expected_epoch:
                 epoch = conn.execute("SELECT epoch FROM models WHERE name = ?", (model,)).fetchone()[0]
                 if epoch != expected_epoch:
                     raise _epoch_conflict(model, epoch, expected_epoch)
+            # Read, overlay and write in the one IMMEDIATE transaction: no other writer can
+            # change a field the mask leaves alone in between.
+            previous = self._spec_in(conn, model)
+            spec = apply_update_mask(previous, given, fields)
             versions = {
                 r["version"]: VersionState(r["state"])
                 for r in conn.execute("SELECT version, state FROM versions WHERE model = ?", (model,))
@@ -850,7 +888,7 @@ class RegistryStore:
                 (model, spec.to_json(), self._clock()),
             )
             self._bump(conn, model)
-            return self._state_in(conn, model)
+            return DeploymentChange(previous=previous, state=self._state_in(conn, model))
 
     def _hold_version(self, model: str, version: int, until: float, why: str) -> RoutingState:
         with self._transaction() as conn:
@@ -994,11 +1032,18 @@ class RegistryStore:
     def _list_audit(self, where: AuditFilter, page_size: int, before_id: int) -> list[AuditRecord]:
         query = "SELECT * FROM audit_log WHERE 1 = 1"
         args: list[Any] = []
-        for column in ("model", "actor", "method", "outcome"):
+        for column in ("model", "method", "outcome"):
             value = getattr(where, column)
             if value:
                 query += f" AND {column} = ?"
                 args.append(value)
+        if where.actor:
+            # The whole name as recorded, or a bare name: its key, its service, and the caller
+            # so named with access control off ("monitor (claimed; access control off) at
+            # ...", "anonymous (access control off) at ...").
+            query += " AND (actor IN (?, ?, ?) OR substr(actor, 1, ?) = ?)"
+            labelled = f"{where.actor} ("
+            args += [where.actor, f"key:{where.actor}", f"service:{where.actor}", len(labelled), labelled]
         if where.start_time:
             query += " AND time >= ?"
             args.append(where.start_time)
@@ -1121,6 +1166,11 @@ def _upgrade_columns(conn: sqlite3.Connection) -> None:
     for column in ("prev_hash", "entry_hash"):
         if column not in audit_columns:
             conn.execute(f"ALTER TABLE audit_log ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+    # Schema 5 -> 6: moves already recorded stay untyped ('': ALIAS_MOVE_KIND_UNSPECIFIED);
+    # what they were is not guessed from their reason.
+    history_columns = {row["name"] for row in conn.execute("PRAGMA table_info(alias_history)")}
+    if "kind" not in history_columns:
+        conn.execute("ALTER TABLE alias_history ADD COLUMN kind TEXT NOT NULL DEFAULT ''")
 
 
 def _audit_chain_entry(record: AuditRecord, time_us: int) -> audit_chain.ChainEntry:

@@ -22,12 +22,27 @@ class ModelVersionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_VERSION_STATE_UNSPECIFIED: _ClassVar[ModelVersionState]
     MODEL_VERSION_STATE_ACTIVE: _ClassVar[ModelVersionState]
     MODEL_VERSION_STATE_ARCHIVED: _ClassVar[ModelVersionState]
+
+class AliasMoveKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ALIAS_MOVE_KIND_UNSPECIFIED: _ClassVar[AliasMoveKind]
+    ALIAS_MOVE_KIND_SET: _ClassVar[AliasMoveKind]
+    ALIAS_MOVE_KIND_PROMOTE: _ClassVar[AliasMoveKind]
+    ALIAS_MOVE_KIND_ROLLBACK: _ClassVar[AliasMoveKind]
+    ALIAS_MOVE_KIND_CANARY_PROMOTE: _ClassVar[AliasMoveKind]
+    ALIAS_MOVE_KIND_CANARY_ROLLBACK: _ClassVar[AliasMoveKind]
 ARTIFACT_FORMAT_UNSPECIFIED: ArtifactFormat
 ARTIFACT_FORMAT_TORCHSCRIPT: ArtifactFormat
 ARTIFACT_FORMAT_TORCH_EXPORT: ArtifactFormat
 MODEL_VERSION_STATE_UNSPECIFIED: ModelVersionState
 MODEL_VERSION_STATE_ACTIVE: ModelVersionState
 MODEL_VERSION_STATE_ARCHIVED: ModelVersionState
+ALIAS_MOVE_KIND_UNSPECIFIED: AliasMoveKind
+ALIAS_MOVE_KIND_SET: AliasMoveKind
+ALIAS_MOVE_KIND_PROMOTE: AliasMoveKind
+ALIAS_MOVE_KIND_ROLLBACK: AliasMoveKind
+ALIAS_MOVE_KIND_CANARY_PROMOTE: AliasMoveKind
+ALIAS_MOVE_KIND_CANARY_ROLLBACK: AliasMoveKind
 
 class Model(_message.Message):
     __slots__ = ("name", "description", "create_time", "latest_version", "aliases", "require_signature")
@@ -126,7 +141,7 @@ class Alias(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class AliasHistoryEntry(_message.Message):
-    __slots__ = ("model", "alias", "from_version", "to_version", "epoch", "reason", "actor", "request_id", "time")
+    __slots__ = ("model", "alias", "from_version", "to_version", "epoch", "reason", "actor", "request_id", "time", "kind")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +151,7 @@ class AliasHistoryEntry(_message.Message):
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     model: str
     alias: str
     from_version: int
@@ -145,7 +161,8 @@ class AliasHistoryEntry(_message.Message):
     actor: str
     request_id: str
     time: _timestamp_pb2.Timestamp
-    def __init__(self, model: _Optional[str] = ..., alias: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., epoch: _Optional[int] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., request_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    kind: AliasMoveKind
+    def __init__(self, model: _Optional[str] = ..., alias: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., epoch: _Optional[int] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., request_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[_Union[AliasMoveKind, str]] = ...) -> None: ...
 
 class Deployment(_message.Message):
     __slots__ = ("pinned_versions", "replicas", "device", "precision", "max_batch_size", "max_queue_delay_ms", "max_queue_size", "instances", "traffic_split", "shadow_alias", "shadow_fraction", "placed_versions", "epoch", "preferred_batch_sizes", "execution")

@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from modelyard.v1 import registry_pb2 as _registry_pb2
 from modelyard.v1 import tensor_pb2 as _tensor_pb2
@@ -149,7 +150,7 @@ class DownloadModelVersionResponse(_message.Message):
     def __init__(self, chunk: _Optional[bytes] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class SetAliasRequest(_message.Message):
-    __slots__ = ("model", "alias", "version", "expected_version", "reason", "request_id", "expected_epoch")
+    __slots__ = ("model", "alias", "version", "expected_version", "reason", "request_id", "expected_epoch", "kind")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +158,7 @@ class SetAliasRequest(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     model: str
     alias: str
     version: int
@@ -164,7 +166,8 @@ class SetAliasRequest(_message.Message):
     reason: str
     request_id: str
     expected_epoch: int
-    def __init__(self, model: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ..., expected_version: _Optional[int] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ..., expected_epoch: _Optional[int] = ...) -> None: ...
+    kind: _registry_pb2.AliasMoveKind
+    def __init__(self, model: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ..., expected_version: _Optional[int] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ..., expected_epoch: _Optional[int] = ..., kind: _Optional[_Union[_registry_pb2.AliasMoveKind, str]] = ...) -> None: ...
 
 class SetAliasResponse(_message.Message):
     __slots__ = ("alias", "previous_version", "epoch")
@@ -201,16 +204,18 @@ class RollbackAliasResponse(_message.Message):
     def __init__(self, alias: _Optional[_Union[_registry_pb2.Alias, _Mapping]] = ..., previous_version: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class ListAliasHistoryRequest(_message.Message):
-    __slots__ = ("model", "alias", "page_size", "page_token")
+    __slots__ = ("model", "alias", "page_size", "page_token", "kind")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     model: str
     alias: str
     page_size: int
     page_token: str
-    def __init__(self, model: _Optional[str] = ..., alias: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    kind: _registry_pb2.AliasMoveKind
+    def __init__(self, model: _Optional[str] = ..., alias: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., kind: _Optional[_Union[_registry_pb2.AliasMoveKind, str]] = ...) -> None: ...
 
 class ListAliasHistoryResponse(_message.Message):
     __slots__ = ("entries", "next_page_token")
@@ -251,16 +256,18 @@ class PromoteVersionResponse(_message.Message):
     def __init__(self, alias: _Optional[_Union[_registry_pb2.Alias, _Mapping]] = ..., previous_version: _Optional[int] = ..., epoch: _Optional[int] = ..., ready_replicas: _Optional[int] = ...) -> None: ...
 
 class SetDeploymentRequest(_message.Message):
-    __slots__ = ("model", "deployment", "request_id", "expected_epoch")
+    __slots__ = ("model", "deployment", "request_id", "expected_epoch", "update_mask")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
     model: str
     deployment: _registry_pb2.Deployment
     request_id: str
     expected_epoch: int
-    def __init__(self, model: _Optional[str] = ..., deployment: _Optional[_Union[_registry_pb2.Deployment, _Mapping]] = ..., request_id: _Optional[str] = ..., expected_epoch: _Optional[int] = ...) -> None: ...
+    update_mask: _field_mask_pb2.FieldMask
+    def __init__(self, model: _Optional[str] = ..., deployment: _Optional[_Union[_registry_pb2.Deployment, _Mapping]] = ..., request_id: _Optional[str] = ..., expected_epoch: _Optional[int] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
 
 class SetDeploymentResponse(_message.Message):
     __slots__ = ("deployment",)

@@ -212,8 +212,9 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetDeployment(self, request, context):
-        """SetDeployment replaces how a model is served: pinned versions, replicas, device,
-        precision, batching, traffic split and shadow.
+        """SetDeployment changes how a model is served: pinned versions, replicas, device,
+        precision, batching, traffic split and shadow. With an `update_mask`, only the fields it
+        names change; without one, the whole deployment is replaced.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -74,8 +74,9 @@ class RegistryServiceStub:
     and with FAILED_PRECONDITION when no model server can load it.
     """
     SetDeployment: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.SetDeploymentRequest, _registry_service_pb2.SetDeploymentResponse]
-    """SetDeployment replaces how a model is served: pinned versions, replicas, device,
-    precision, batching, traffic split and shadow.
+    """SetDeployment changes how a model is served: pinned versions, replicas, device,
+    precision, batching, traffic split and shadow. With an `update_mask`, only the fields it
+    names change; without one, the whole deployment is replaced.
     """
     GetDeployment: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetDeploymentRequest, _registry_service_pb2.GetDeploymentResponse]
     """GetDeployment returns how a model is served, with the versions placed now."""
@@ -136,8 +137,9 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     and with FAILED_PRECONDITION when no model server can load it.
     """
     SetDeployment: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.SetDeploymentRequest, _registry_service_pb2.SetDeploymentResponse]  # type: ignore[assignment]
-    """SetDeployment replaces how a model is served: pinned versions, replicas, device,
-    precision, batching, traffic split and shadow.
+    """SetDeployment changes how a model is served: pinned versions, replicas, device,
+    precision, batching, traffic split and shadow. With an `update_mask`, only the fields it
+    names change; without one, the whole deployment is replaced.
     """
     GetDeployment: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetDeploymentRequest, _registry_service_pb2.GetDeploymentResponse]  # type: ignore[assignment]
     """GetDeployment returns how a model is served, with the versions placed now."""
@@ -267,8 +269,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_service_pb2.SetDeploymentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.SetDeploymentResponse, _abc.Awaitable[_registry_service_pb2.SetDeploymentResponse]]:
-        """SetDeployment replaces how a model is served: pinned versions, replicas, device,
-        precision, batching, traffic split and shadow.
+        """SetDeployment changes how a model is served: pinned versions, replicas, device,
+        precision, batching, traffic split and shadow. With an `update_mask`, only the fields it
+        names change; without one, the whole deployment is replaced.
         """
 
     @_abc_1.abstractmethod

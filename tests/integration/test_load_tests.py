@@ -34,6 +34,9 @@ from modelyard.demo import build_demo_model, demo_signature, register_model
 from modelyard.local_cluster import API_KEY_ENV, ClusterFile, LocalCluster
 from modelyard.settings import RedisSettings
 from modelyard.tls import open_channel
+from modelyard.v1 import registry_pb2
+from modelyard.v1 import registry_service_pb2 as reg
+from modelyard.v1 import registry_service_pb2_grpc as reg_grpc
 
 RUN_TIMEOUT_S = 120
 
@@ -174,6 +177,25 @@ def test_promote_and_rollback_under_load_lose_no_request(cluster: LocalCluster, 
     # Both the promoted copy and the original answered: the flips reached the callers.
     served = summary["served_versions"]
     assert isinstance(served, dict) and len(served) >= 2, served
+
+    # The registry names the load tests (their own service token), not the admin key.
+    async def audit_and_history() -> tuple[list[tuple[str, str]], list[tuple[str, int]]]:
+        async with open_channel(cluster.address_of("registry"), None, token=cluster.api_key) as channel:
+            stub = reg_grpc.RegistryServiceStub(channel)
+            audit = await stub.ListAuditEntries(reg.ListAuditEntriesRequest(model="demo", actor="load-test"))
+            history = await stub.ListAliasHistory(reg.ListAliasHistoryRequest(model="demo", page_size=2))
+        return [(e.actor, e.method) for e in audit.entries], [(e.actor, e.kind) for e in history.entries]
+
+    audit, history = asyncio.run(audit_and_history())
+    assert audit[:3] == [
+        ("service:load-test", "RollbackAlias"),
+        ("service:load-test", "PromoteVersion"),
+        ("service:load-test", "UploadModelVersion"),
+    ], audit
+    assert history == [
+        ("service:load-test", registry_pb2.ALIAS_MOVE_KIND_ROLLBACK),
+        ("service:load-test", registry_pb2.ALIAS_MOVE_KIND_PROMOTE),
+    ]
 
 
 @pytest.mark.integration

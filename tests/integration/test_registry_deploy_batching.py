@@ -190,7 +190,9 @@ async def test_batching_settings_go_from_the_cli_to_a_serving_model_server(
     live = (await store.all_deployments())[MODEL]
     assert (live.preferred_batch_sizes, live.execution) == ([2, 4], "thread")
     audit = await stub.ListAuditEntries(pb.ListAuditEntriesRequest(model=MODEL, method="SetDeployment"))
-    assert "preferred batch sizes [2, 4], execution thread" in audit.entries[0].message
+    assert audit.entries[0].message.startswith(
+        'max_batch_size 0 -> 8; preferred_batch_sizes [] -> [2, 4]; execution "" -> "thread"; placed versions'
+    ), audit.entries[0].message
 
     first = await served(model_server, lambda v: v.serving.batch.preferred_batch_sizes == (2, 4))
     assert first.batcher is not None and first.batcher.execution == "thread"

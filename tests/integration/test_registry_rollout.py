@@ -372,6 +372,11 @@ async def test_promote_then_rollback_under_steady_predict_traffic_loses_nothing(
     history = await stub.ListAliasHistory(pb.ListAliasHistoryRequest(model=MODEL, alias="production"))
     assert [(e.from_version, e.to_version) for e in history.entries] == [(2, 1), (1, 2), (0, 1)]
     assert history.entries[1].reason == "v2 is better"
+    assert [e.kind for e in history.entries] == [
+        registry_pb2.ALIAS_MOVE_KIND_ROLLBACK,
+        registry_pb2.ALIAS_MOVE_KIND_PROMOTE,
+        registry_pb2.ALIAS_MOVE_KIND_SET,
+    ]
 
 
 async def test_promote_times_out_without_moving_the_alias_when_no_model_server_runs(

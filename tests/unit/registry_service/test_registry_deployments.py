@@ -170,8 +170,8 @@ async def test_replaced_versions_are_held_for_the_retention_window(
 async def test_pins_holds_archive_and_delete(store: RegistryStore) -> None:
     await with_versions(store, 3)
     await store.set_alias("demo", "production", 2, expected_version=0)
-    state = await store.set_deployment("demo", DeploymentSpec(pinned_versions=(3,), replicas=2))
-    assert state.placed_versions == (2, 3)
+    change = await store.set_deployment("demo", DeploymentSpec(pinned_versions=(3,), replicas=2))
+    assert change.previous == DeploymentSpec() and change.state.placed_versions == (2, 3)
     for call in (store.archive_version, store.delete_version):
         for version in (2, 3):  # aliased, pinned
             with pytest.raises(FailedPrecondition):
