@@ -76,12 +76,12 @@ class AliasSink(Protocol):
         """Replace the model's alias map and deployment if `epoch` is newer; False if not."""
         ...
 
-    async def all_aliases(self) -> dict[str, tuple[dict[str, int], int]]:
-        """Every model's live alias map and epoch."""
-        ...
-
-    async def all_deployments(self) -> dict[str, Deployment]:
-        """Every model's live deployment."""
+    async def routing_snapshot(
+        self,
+    ) -> tuple[dict[str, tuple[dict[str, int], int]], dict[str, Deployment], list[ServiceRecord]]:
+        """Every model's live alias map and epoch, its deployment, and every live service,
+        read at one instant (a resync comparing a torn read would take a FLUSHALL in between
+        for a Redis ahead of the registry, and bump the epoch for nothing)."""
         ...
 
     async def list_services(self) -> list[ServiceRecord]:
@@ -733,8 +733,7 @@ class Registry:
             CoordinationUnavailable: Redis cannot be reached.
         """
         local = await self._store.all_routing_states()
-        live = await self._aliases.all_aliases()
-        live_deployments = await self._aliases.all_deployments()
+        live, live_deployments, _services = await self._aliases.routing_snapshot()
         rewritten = 0
         for model, state in sorted(local.items()):
             live_state = live.get(model, ({}, 0))

@@ -60,6 +60,11 @@ class FakeAliasSink:
         self.writes += 1
         return True
 
+    async def routing_snapshot(
+        self,
+    ) -> tuple[dict[str, tuple[dict[str, int], int]], dict[str, Deployment], list[ServiceRecord]]:
+        return await self.all_aliases(), await self.all_deployments(), await self.list_services()
+
     async def all_aliases(self) -> dict[str, tuple[dict[str, int], int]]:
         if self.down:
             raise CoordinationUnavailable("redis is down")

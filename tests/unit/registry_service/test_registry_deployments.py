@@ -232,6 +232,11 @@ class FakeCluster:
             self.deployments[model] = deployment
         return True
 
+    async def routing_snapshot(
+        self,
+    ) -> tuple[dict[str, tuple[dict[str, int], int]], dict[str, Deployment], list[ServiceRecord]]:
+        return await self.all_aliases(), await self.all_deployments(), await self.list_services()
+
     async def all_aliases(self) -> dict[str, tuple[dict[str, int], int]]:
         return dict(self.live)
 
