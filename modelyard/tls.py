@@ -46,6 +46,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client import Gauge
 
 from modelyard.rpc.client_name import user_agent_options
+from modelyard.rpc.handlers import behavior_of, factory_of
 from modelyard.settings import TLSSettings
 
 __all__ = [
@@ -699,18 +700,7 @@ class PeerKindInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _guard(handler: _Handler, kinds: frozenset[str], method: str) -> _Handler:
-    # grpc.aio handlers hold coroutine (or async generator) functions, not the sync callables
-    # the stubs describe, so the behaviour is typed as Any.
-    behavior: Any
-    factory: Callable[..., _Handler]
-    if handler.unary_unary is not None:
-        behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
-    elif handler.unary_stream is not None:
-        behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-    elif handler.stream_unary is not None:
-        behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-    else:
-        behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    behavior, factory = behavior_of(handler), factory_of(handler)
     allowed = ", ".join(sorted(kinds))
 
     async def refuse_unless_allowed(context: Any) -> None:

@@ -49,6 +49,7 @@ from modelyard.access.rules import (
 )
 from modelyard.errors import ModelyardError, PermissionDenied, Unauthenticated
 from modelyard.rpc.errors import to_rpc_status
+from modelyard.rpc.handlers import behavior_of, factory_of
 from modelyard.settings import AccessSettings
 
 __all__ = [
@@ -358,7 +359,7 @@ class AccessScreen:
                 await deny(context)
 
             behavior = deny_unary
-        factory = _factory(handler)
+        factory = factory_of(handler)
         return factory(behavior, request_deserializer=None, response_serializer=handler.response_serializer)
 
 
@@ -366,24 +367,10 @@ def _actor_of(error: ModelyardError) -> str:
     return error.metadata.get("principal", "anonymous")
 
 
-def _factory(handler: _Handler) -> Callable[..., _Handler]:
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler
-    return grpc.stream_stream_rpc_method_handler
-
-
-def _behavior(handler: _Handler) -> Any:
-    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
-
-
 def _guard(handler: _Handler, rule: Rule, method: str, access: AccessControl) -> _Handler:
     """Wrap a handler with the checks that need the parsed request: the model of each
     message, the handler's own check (`in_handler`), and the key's limits."""
-    behavior = _behavior(handler)
+    behavior = behavior_of(handler)
     read_model = rule.model
     verb = rule.verb
     limits = access.limits if rule.limited else None
@@ -489,7 +476,7 @@ def _guard(handler: _Handler, rule: Rule, method: str, access: AccessControl) ->
 
         wrapped = guarded
 
-    return _factory(handler)(
+    return factory_of(handler)(
         wrapped,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,

@@ -22,6 +22,7 @@ import grpc
 if TYPE_CHECKING:
     from modelyard.access.interceptor import AccessScreen
 from modelyard.rpc.context import REQUEST_ID_METADATA_KEY, new_request_id, request_id_var
+from modelyard.rpc.handlers import behavior_of, factory_of
 from modelyard.telemetry import RPC_HANDLED, RPC_SECONDS
 
 __all__ = ["ObservabilityInterceptor"]
@@ -104,18 +105,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
     @staticmethod
     def _wrap(handler: _Handler, observer: _MethodObserver) -> _Handler:
-        # grpc.aio handlers hold coroutine (or async generator) functions, not the sync callables
-        # the stubs describe, so the behaviour is typed as Any.
-        behavior: Any
-        factory: Callable[..., _Handler]
-        if handler.unary_unary is not None:
-            behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
-        elif handler.unary_stream is not None:
-            behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-        elif handler.stream_unary is not None:
-            behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-        else:
-            behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+        behavior, factory = behavior_of(handler), factory_of(handler)
 
         deserializer = handler.request_deserializer
         if deserializer is not None:
