@@ -47,3 +47,28 @@ def test_no_gpu_column_when_no_process_reports_gpu_memory() -> None:
     )
     text = text_of(stats)
     assert "gpu mem" not in text and "psi" in text
+
+
+def test_no_data_alerts_are_listed_with_the_firing_ones_and_the_drift_p_value_is_shown() -> None:
+    status = pb.GetClusterStatusResponse()
+    stats = pb.GetModelStatsResponse(
+        versions=[
+            pb.VersionStats(model="mlp", version=2, input_drift_p=2e-7),
+            pb.VersionStats(model="idle", version=1),
+        ]
+    )
+    alerts = pb.ListAlertsResponse(
+        alerts=[
+            pb.Alert(name="InputDrift", state=pb.ALERT_STATE_NO_DATA, labels={"model": "mlp"}),
+            pb.Alert(name="SlowP99", state=pb.ALERT_STATE_FIRING, labels={"model": "mlp"}),
+            pb.Alert(name="Later", state=pb.ALERT_STATE_PENDING, labels={"model": "mlp"}),
+        ]
+    )
+    console = Console(width=240, record=True, color_system=None)
+    console.print(render(status, stats, alerts, now=0.0))
+    text = console.export_text()
+    assert "firing alerts (2)" in text and "Later" not in text
+    assert "no data" in next(line for line in text.splitlines() if "InputDrift" in line)
+    assert "2e-07" in next(line for line in text.splitlines() if line.lstrip("│ ").startswith("mlp"))
+    idle_row = next(line for line in text.splitlines() if line.lstrip("│ ").startswith("idle"))
+    assert "e-" not in idle_row
