@@ -43,4 +43,5 @@ class MonitorSettings(ServiceSettings):
     drift_learn_items: PositiveInt = 1000
     """Sampled items a model's input baseline is learned from when the rule file gives none."""
     drift_min_items: PositiveInt = 50
-    """Sampled items a version needs in the window before it gets a drift score."""
+    """Sampled items a feature needs in the window before it is scored and tested for drift;
+    with fewer, the drift figures have no data (a firing drift alert goes to no data)."""

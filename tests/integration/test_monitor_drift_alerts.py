@@ -4,7 +4,7 @@ its baseline:
 
 - traffic drawn from the baseline's own distribution, in windows of the sizes where the PSI
   rule fired (about 50 to 150 sampled items), does not fire the drift rule of
-  deploy/monitor/rules.yaml (`input_drift_p < 0.0001`); a +1σ shift of one feature does,
+  deploy/monitor/rules.yaml (`input_drift_p < 1e-5`); a +1σ shift of one feature does,
   within seconds of the window filling with it;
 - when the traffic stops, the firing drift alert goes to no data (the webhook is told, still
   as firing, annotated), not resolved; it resolves once identical traffic is back and tested.
@@ -61,7 +61,7 @@ SIGNATURE = tensor_pb2.Signature(
 )
 RULES = (
     "rules:\n"
-    "  - {name: InputDrift, metric: input_drift_p, op: '<', threshold: 0.0001, for: 0s, model: wide}\n"
+    "  - {name: InputDrift, metric: input_drift_p, op: '<', threshold: 0.00001, for: 0s, model: wide}\n"
 )
 
 
@@ -169,7 +169,7 @@ async def test_identical_traffic_never_fires_the_drift_test_and_a_one_sigma_shif
             record()
             await monitor.wait_rounds(1)
         assert len(tested) >= 40 and min(items for items, _p in tested) < 100
-        assert min(p for _items, p in tested) > 0.0001
+        assert min(p for _items, p in tested) > 0.00001
         assert not monitor.alerts.alerts()
 
         traffic.shift = 1.0
@@ -181,7 +181,7 @@ async def test_identical_traffic_never_fires_the_drift_test_and_a_one_sigma_shif
         )
         assert took < 15.0  # the window is 5 s
         (alert,) = monitor.alerts.alerts()
-        assert alert.labels["model"] == "wide" and alert.value < 0.0001
+        assert alert.labels["model"] == "wide" and alert.value < 0.00001
         worst = monitor.drift.tests[("wide", version)][0]
         assert worst.feature == f"input/{SHIFTED}" and worst.test == "chi2"
     finally:
@@ -221,7 +221,7 @@ async def test_a_drift_alert_whose_traffic_stops_goes_to_no_data_and_resolves_on
     assert math.isnan(monitor.stats[("wide", version)].input_drift_p)
     await monitor.wait_rounds(10)  # and it stays there
     (alert,) = monitor.alerts.alerts()
-    assert alert.state is AlertState.NO_DATA and alert.resolved_at is None and alert.value < 0.0001
+    assert alert.state is AlertState.NO_DATA and alert.resolved_at is None and alert.value < 0.00001
     assert webhook.statuses("InputDrift") == ["firing", "firing"]  # receivers keep it firing
     assert webhook.payloads[-1]["alerts"][0]["annotations"]["state"] == "no_data"
     async with grpc.aio.insecure_channel(monitor.address) as channel:
@@ -244,5 +244,5 @@ async def test_a_drift_alert_whose_traffic_stops_goes_to_no_data_and_resolves_on
     finally:
         await traffic.stop()
     (past,) = monitor.alerts.alerts(include_resolved=True)
-    assert past.state is AlertState.RESOLVED and past.value > 0.0001
+    assert past.state is AlertState.RESOLVED and past.value > 0.00001
     assert "state" not in webhook.payloads[-1]["alerts"][0]["annotations"]
