@@ -6,8 +6,9 @@ its baseline:
   rule fired (about 50 to 150 sampled items), does not fire the drift rule of
   deploy/monitor/rules.yaml (`input_drift_p < 1e-5`); a +1σ shift of one feature does,
   within seconds of the window filling with it;
-- when the traffic stops, the firing drift alert goes to no data (the webhook is told, still
-  as firing, annotated), not resolved; it resolves once identical traffic is back and tested.
+- when the traffic stops, a firing alert goes to no data (the webhook is told, still as
+  firing, annotated), not resolved: a drift alert, and an error-rate alert whose errors never
+  stopped; each resolves once traffic is back and shows the condition false.
 """
 
 from __future__ import annotations
@@ -246,3 +247,66 @@ async def test_a_drift_alert_whose_traffic_stops_goes_to_no_data_and_resolves_on
     (past,) = monitor.alerts.alerts(include_resolved=True)
     assert past.state is AlertState.RESOLVED and past.value > 0.00001
     assert "state" not in webhook.payloads[-1]["alerts"][0]["annotations"]
+
+
+async def test_an_error_rate_alert_whose_traffic_stops_goes_to_no_data_not_resolved(
+    registry_stub: Any, gateway: Any, start_monitor: StartMonitor, webhook: WebhookReceiver, tmp_path: Path
+) -> None:
+    version = await cluster.publish(registry_stub, "stopper", cluster.Flaky(fail=True), create=True)
+    await set_alias(registry_stub, "stopper", "production", version)
+    await cluster.until_served(gateway, "stopper", ["production"])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "rules:\n"
+        "  - {name: HighErrorRate, metric: error_rate, threshold: 0.2, for: 0s, model: stopper,"
+        " min_requests: 10}\n"
+    )
+    monitor = await start_monitor(rules_file=rules, webhook_urls=[webhook.url], window_s=2.0)
+    await monitor.wait_rounds(1)
+    rng = random.Random(4)
+    failing = True
+
+    async def traffic() -> None:
+        i = 0
+        while True:
+            i += 1
+            x = cluster.POISONED if failing and i % 2 else cluster.good(rng)
+            await cluster.predict(gateway, "stopper", "production", x)
+            await asyncio.sleep(0.01)
+
+    sender = asyncio.create_task(traffic())
+    try:
+        await until(
+            monitor, lambda: webhook.statuses("HighErrorRate") == ["firing"], timeout_s=15, what="the alert"
+        )
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+
+    # The errors have not stopped: the traffic has. Fewer than min_requests in the window.
+    await until(
+        monitor,
+        lambda: webhook.statuses("HighErrorRate") == ["firing", "firing"],
+        timeout_s=15,
+        what="the no-data notification",
+    )
+    await monitor.wait_rounds(10)
+    (alert,) = monitor.alerts.alerts()
+    assert alert.state is AlertState.NO_DATA and alert.value > 0.2  # the last value on data
+    assert webhook.payloads[-1]["alerts"][0]["annotations"]["state"] == "no_data"
+    assert webhook.statuses("HighErrorRate") == ["firing", "firing"]
+
+    failing = False  # traffic back, healthy: that is evidence
+    sender = asyncio.create_task(traffic())
+    try:
+        await until(
+            monitor,
+            lambda: webhook.statuses("HighErrorRate") == ["firing", "firing", "resolved"],
+            timeout_s=15,
+            what="the resolution on healthy traffic",
+        )
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+    (past,) = monitor.alerts.alerts(include_resolved=True)
+    assert past.state is AlertState.RESOLVED and past.value <= 0.2
