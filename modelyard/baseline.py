@@ -3,8 +3,9 @@
 A baseline describes each input feature (a column of the input flattened to
 `[items, features]`, the first `MAX_FEATURES` only, as the model servers export them) by its
 mean and standard deviation, and by quantile bins: inner bin edges and the fraction of the
-sample in each bin. The monitor compares sampled traffic with it: the standardised mean shift
-(`input_drift`) and the population stability index per feature (`input_psi`).
+sample in each bin. The monitor compares sampled traffic with it: a chi-square test of the bin
+counts per feature (`input_drift_p`), the standardised mean shift (`input_drift`) and the
+population stability index per feature (`input_psi`).
 
 Bin convention, shared by the baseline, the model servers' counters and the monitor (it is
 `torch.searchsorted(edges, values, side="left")`): with inner edges `e[0] <= ... <= e[k-1]`,
@@ -37,6 +38,7 @@ __all__ = [
     "MAX_BIN_EDGES",
     "MAX_FEATURES",
     "PSI_FLOOR",
+    "PSI_SMOOTHING",
     "compute_baseline",
     "feature_matrix",
     "load_baseline_sample",
@@ -52,9 +54,13 @@ DEFAULT_BINS = 10
 MAX_BIN_EDGES = 63
 """The most inner edges a feature may carry (bounds the model servers' counter series)."""
 
+PSI_SMOOTHING = 0.5
+"""Items added to every bin before the PSI takes fractions (Jeffreys' add-one-half), so one
+empty bin in a small window does not dominate the index."""
+
 PSI_FLOOR = 1e-4
-"""Fractions are floored at this before the logarithm, so an empty bin on one side gives a
-large but finite term."""
+"""The least fraction a bin of a baseline of unknown size counts for in the PSI (its
+logarithm must stay finite)."""
 
 
 def feature_matrix(tensor: torch.Tensor) -> torch.Tensor | None:
@@ -130,14 +136,31 @@ def compute_baseline(
     return out
 
 
-def population_stability_index(expected: Sequence[float], actual: Sequence[float]) -> float:
-    """PSI = sum over bins of (a - e) * ln(a / e), with both sides normalised to fractions and
-    floored at `PSI_FLOOR`. 0 for identical distributions; about 0.1 is a moderate shift and
-    0.25 a large one by the usual rule of thumb.
+def population_stability_index(
+    expected: Sequence[float],
+    actual: Sequence[float],
+    *,
+    expected_items: float = 0.0,
+    smoothing: float = PSI_SMOOTHING,
+) -> float:
+    """PSI = sum over bins of (a - e) * ln(a / e), `a` and `e` the window's and the baseline's
+    fractions of items per bin. 0 for identical distributions; about 0.1 is a moderate shift
+    and 0.25 a large one by the usual rule of thumb.
+
+    Counts are smoothed before the fractions are taken: `smoothing` items are added to every
+    bin of the window (and of the baseline, when its size is known), so an empty bin is a
+    bin that held fewer items than expected rather than one with a fraction of 0 (whose
+    logarithm would be infinite). The index still grows as the window shrinks (its noise
+    floor is about `(bins - 1) * (1 / items + 1 / expected_items)`): it describes how far a
+    distribution moved, it does not test whether it did (`monitor_service.significance` does).
 
     Args:
         expected: The baseline's fraction (or count) per bin.
-        actual: The observed count (or fraction) per bin, same length.
+        actual: The window's count of items per bin, same length.
+        expected_items: The size of the baseline's sample (its fractions are smoothed like
+            the window's counts); 0 when unknown (its fractions are then floored at
+            `PSI_FLOOR`).
+        smoothing: Items added to every bin before taking fractions (0.5: Jeffreys).
 
     Returns:
         The index; NaN when either side is empty or the lengths differ.
@@ -147,10 +170,16 @@ def population_stability_index(expected: Sequence[float], actual: Sequence[float
     expected_total, actual_total = float(sum(expected)), float(sum(actual))
     if expected_total <= 0 or actual_total <= 0:
         return math.nan
+    bins = len(expected)
     total = 0.0
     for e, a in zip(expected, actual, strict=True):
-        ef = max(e / expected_total, PSI_FLOOR)
-        af = max(a / actual_total, PSI_FLOOR)
+        if expected_items > 0:
+            ef = (e / expected_total * expected_items + smoothing) / (expected_items + bins * smoothing)
+        else:
+            ef = max(e / expected_total, PSI_FLOOR)
+        af = (a + smoothing) / (actual_total + bins * smoothing)
+        if smoothing <= 0:
+            af = max(af, PSI_FLOOR)
         total += (af - ef) * math.log(af / ef)
     return total
 

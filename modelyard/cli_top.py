@@ -147,6 +147,7 @@ def render(
         "ready",
         "drift",
         "psi",
+        "drift p",
     ):
         models.add_column(column, justify="left" if column in ("model", "aliases") else "right")
     if show_shadow:
@@ -168,18 +169,26 @@ def render(
             Text(str(v.replicas_ready), style="red" if v.aliases and not v.replicas_ready else ""),
             f"{v.input_drift:.2f}" if v.input_drift else "-",
             Text(f"{v.input_psi:.2f}", style="red" if v.input_psi > 0.25 else "") if v.input_psi else "-",
+            (
+                Text(f"{v.input_drift_p:.2g}", style="red" if v.input_drift_p < 0.001 else "")
+                if v.HasField("input_drift_p")
+                else "-"
+            ),
         ]
         if show_shadow:
             row.append(_shadow(v))
         models.add_row(*row)
 
-    firing = [a for a in alerts.alerts if a.state == pb.ALERT_STATE_FIRING]
+    # A no-data alert has fired and not resolved: it is listed with the firing ones.
+    firing = [a for a in alerts.alerts if a.state in (pb.ALERT_STATE_FIRING, pb.ALERT_STATE_NO_DATA)]
     alert_table = Table(title=f"firing alerts ({len(firing)})", expand=True, title_justify="left")
-    for column in ("alert", "model", "version", "severity", "value", "summary", "for"):
+    for column in ("alert", "state", "model", "version", "severity", "value", "summary", "for"):
         alert_table.add_column(column)
     for a in firing:
+        no_data = a.state == pb.ALERT_STATE_NO_DATA
         alert_table.add_row(
             Text(a.name, style="bold red"),
+            Text("no data", style="yellow") if no_data else "firing",
             a.labels.get("model", ""),
             a.labels.get("version", ""),
             a.labels.get("severity", ""),

@@ -1,11 +1,27 @@
-"""Alert rule evaluation (pending → firing → resolved) and delivery to the log and webhooks.
+"""Alert rule evaluation (pending → firing ⇄ no data → resolved) and delivery to the log and
+webhooks.
 
 Each rule is evaluated against every model version it selects after every scrape; one
 (rule, model, version) is one alert instance. An instance whose condition holds is pending;
-after the rule's `for` it fires; when the condition stops holding a firing alert resolves
-(a pending one is simply forgotten). Firing and resolution are delivered to the log, to the
-events channel, and to every webhook as an Alertmanager webhook payload (version "4"), so
-anything that receives Alertmanager notifications receives these.
+after the rule's `for` it fires. Each later evaluation finds the condition true, false, or
+without data (the figure is NaN: too few requests or sampled items in the window, no
+baseline; or the version is no longer in the figures at all):
+
+- false, on data: the alert resolves (after the rule's `keep_firing_for`, if any: that long
+  of false evaluations in a row);
+- no data: a firing alert goes to **no data**, not resolved: data running out is not
+  evidence of recovery. It stays there until an evaluation on data finds the condition true
+  (firing again) or false (resolved, as above);
+- a pending alert that does not hold, for either reason, is forgotten silently.
+
+A version that the rule no longer selects (its alias moved to another version) ends its
+alert as resolved, with the annotation `resolution` saying so.
+
+State changes are delivered to the log, to the events channel, and to every webhook as an
+Alertmanager webhook payload (version "4"), so anything that receives Alertmanager
+notifications receives these. Alertmanager knows only "firing" and "resolved": a no-data
+alert is sent as firing (it has not resolved), with the annotations `state: no_data` and
+`no_data_since`.
 """
 
 from __future__ import annotations
@@ -36,7 +52,18 @@ _ZERO_TIME = "0001-01-01T00:00:00Z"
 class AlertState(enum.Enum):
     PENDING = "pending"
     FIRING = "firing"
+    NO_DATA = "no_data"
+    """It fired, and its expression has had no data since: neither firing nor resolved."""
     RESOLVED = "resolved"
+
+
+class _Outcome(enum.Enum):
+    """What one evaluation found for one (rule, model, version)."""
+
+    HOLDS = "holds"
+    CLEAR = "clear"
+    NO_DATA = "no_data"
+    UNSELECTED = "unselected"
 
 
 @dataclass
@@ -54,6 +81,18 @@ class Alert:
     resolved_at: float | None = None
     ends_at: float | None = None
     """For one-shot alerts (canary rollbacks): when they resolve by themselves."""
+    keep_firing_for_s: float = 0.0
+    """From the rule: how long the condition must be false on data before it resolves."""
+    no_data_at: float | None = None
+    """Since when its expression has had no data (state NO_DATA)."""
+    clear_since: float | None = None
+    """Since when its condition has been false on data, evaluation after evaluation, while
+    it is still firing (keep_firing_for)."""
+
+    @property
+    def active(self) -> bool:
+        """Firing or without data: receivers hold it as firing."""
+        return self.state in (AlertState.FIRING, AlertState.NO_DATA)
 
     @property
     def fingerprint(self) -> str:
@@ -80,6 +119,8 @@ def rule_value(rule: AlertRule, stats: VersionStats) -> float:
             return stats.input_drift
         case "input_psi":
             return stats.input_psi
+        case "input_drift_p":
+            return stats.input_drift_p
     raise ValueError(f"unknown metric {rule.metric!r}")
 
 
@@ -91,7 +132,7 @@ def _rfc3339(seconds: float | None) -> str:
 
 def alertmanager_payload(alerts: Sequence[Alert], *, receiver: str, external_url: str = "") -> dict[str, Any]:
     """The Alertmanager webhook body (version "4") for alerts of one group (one alertname)."""
-    status = "firing" if any(a.state is AlertState.FIRING for a in alerts) else "resolved"
+    status = "firing" if any(a.active for a in alerts) else "resolved"
     common_labels = dict(alerts[0].labels)
     for alert in alerts[1:]:
         common_labels = {k: v for k, v in common_labels.items() if alert.labels.get(k) == v}
@@ -111,7 +152,7 @@ def alertmanager_payload(alerts: Sequence[Alert], *, receiver: str, external_url
         "externalURL": external_url,
         "alerts": [
             {
-                "status": "firing" if a.state is AlertState.FIRING else "resolved",
+                "status": "firing" if a.active else "resolved",
                 "labels": a.labels,
                 "annotations": a.annotations,
                 "startsAt": _rfc3339(a.fired_at or a.active_at),
@@ -184,7 +225,8 @@ class AlertManager:
 
     Args:
         notifier: Webhook delivery.
-        on_change: Called on firing and on resolution (the monitor publishes an event).
+        on_change: Called on every change of state after pending: firing, no data, firing
+            again, resolved (the monitor publishes an event).
         keep_resolved: How many resolved alerts `alerts(include_resolved=True)` remembers.
     """
 
@@ -198,59 +240,122 @@ class AlertManager:
         self, rules: Sequence[AlertRule], stats: dict[tuple[str, int], VersionStats], now: float
     ) -> None:
         """One evaluation of every rule against every version's figures."""
-        seen: set[tuple[str, str, int]] = set()
+        outcomes: dict[tuple[str, str, int], tuple[_Outcome, float]] = {}
         changed: list[Alert] = []
         for rule in rules:
             for (model, version), figures in stats.items():
-                if rule.model not in ("*", model):
-                    continue
-                if rule.alias and rule.alias not in figures.aliases:
+                key = (rule.name, model, version)
+                if rule.model not in ("*", model) or (rule.alias and rule.alias not in figures.aliases):
+                    outcomes.setdefault(key, (_Outcome.UNSELECTED, math.nan))
                     continue
                 value = rule_value(rule, figures)
-                key = (rule.name, model, version)
-                if not rule.matches(value):
-                    continue
-                seen.add(key)
+                if rule.matches(value):
+                    outcomes[key] = (_Outcome.HOLDS, value)
+                    if key not in self._active:
+                        self._active[key] = self._new_alert(rule, model, version, value, now)
+                else:
+                    outcomes[key] = (_Outcome.NO_DATA if math.isnan(value) else _Outcome.CLEAR, value)
                 alert = self._active.get(key)
-                if alert is None:
-                    labels = {
-                        "alertname": rule.name,
-                        "severity": rule.severity,
-                        "model": model,
-                        "version": str(version),
-                        **rule.labels,
-                    }
-                    annotations = {
-                        "summary": f"{rule.metric} {rule.op} {rule.threshold:g} on {model} v{version}",
-                        **rule.annotations,
-                    }
-                    alert = self._active[key] = Alert(
-                        rule.name, labels, annotations, value, rule.threshold, AlertState.PENDING, now
-                    )
-                alert.value = value
-                alert.annotations["value"] = f"{value:.6g}"
-                if alert.state is AlertState.PENDING and now - alert.active_at >= rule.for_s:
-                    alert.state = AlertState.FIRING
-                    alert.fired_at = now
-                    changed.append(alert)
+                if alert is not None and outcomes[key][0] is _Outcome.HOLDS:
+                    alert.keep_firing_for_s = rule.keep_firing_for_s
+                    if alert.state is AlertState.PENDING and now - alert.active_at >= rule.for_s:
+                        alert.state = AlertState.FIRING
+                        alert.fired_at = now
+                        changed.append(alert)
         for key, alert in list(self._active.items()):
-            if key in seen or alert.ends_at is not None:
+            if alert.ends_at is not None:
+                if alert.ends_at <= now:
+                    self._end(key, alert, now, changed)
                 continue
-            del self._active[key]
-            if alert.state is AlertState.FIRING:
-                alert.state = AlertState.RESOLVED
-                alert.resolved_at = now
-                self._remember(alert)
-                changed.append(alert)
-        for key, alert in list(self._active.items()):
-            if alert.ends_at is not None and alert.ends_at <= now:
-                del self._active[key]
-                alert.state = AlertState.RESOLVED
-                alert.resolved_at = now
-                self._remember(alert)
-                changed.append(alert)
+            # A version missing from the figures altogether has no data either.
+            outcome, value = outcomes.get(key, (_Outcome.NO_DATA, math.nan))
+            if self._step(alert, outcome, value, now):
+                if alert.state is AlertState.RESOLVED:
+                    self._end(key, alert, now, changed)
+                elif alert.state is AlertState.PENDING:
+                    del self._active[key]  # a pending alert that does not hold is forgotten
+                else:
+                    changed.append(alert)
         for alert in changed:
             await self._deliver(alert)
+
+    @staticmethod
+    def _new_alert(rule: AlertRule, model: str, version: int, value: float, now: float) -> Alert:
+        labels = {
+            "alertname": rule.name,
+            "severity": rule.severity,
+            "model": model,
+            "version": str(version),
+            **rule.labels,
+        }
+        annotations = {
+            "summary": f"{rule.metric} {rule.op} {rule.threshold:g} on {model} v{version}",
+            **rule.annotations,
+        }
+        return Alert(
+            rule.name,
+            labels,
+            annotations,
+            value,
+            rule.threshold,
+            AlertState.PENDING,
+            now,
+            keep_firing_for_s=rule.keep_firing_for_s,
+        )
+
+    @staticmethod
+    def _step(alert: Alert, outcome: _Outcome, value: float, now: float) -> bool:
+        """Move one alert by one evaluation's outcome; whether its state changed (or, for a
+        pending alert, whether it is to be forgotten)."""
+        if outcome is not _Outcome.NO_DATA and outcome is not _Outcome.UNSELECTED:
+            alert.value = value
+            alert.annotations["value"] = f"{value:.6g}"
+        if alert.state is AlertState.PENDING:
+            return outcome is not _Outcome.HOLDS
+        if outcome is _Outcome.HOLDS:
+            alert.clear_since = None
+            if alert.state is AlertState.NO_DATA:
+                alert.state = AlertState.FIRING
+                alert.no_data_at = None
+                alert.annotations.pop("state", None)
+                alert.annotations.pop("no_data_since", None)
+                return True
+            return False
+        if outcome is _Outcome.UNSELECTED:
+            alert.state = AlertState.RESOLVED
+            alert.annotations["resolution"] = "the rule no longer selects this version (its alias moved)"
+            return True
+        if outcome is _Outcome.NO_DATA:
+            alert.clear_since = None  # recovery must be seen without a gap
+            if alert.state is AlertState.NO_DATA:
+                return False
+            alert.state = AlertState.NO_DATA
+            alert.no_data_at = now
+            alert.annotations["state"] = "no_data"
+            alert.annotations["no_data_since"] = _rfc3339(now)
+            return True
+        # CLEAR: false, on data.
+        if alert.clear_since is None:
+            alert.clear_since = now
+        if now - alert.clear_since >= alert.keep_firing_for_s:
+            alert.state = AlertState.RESOLVED
+            alert.annotations.pop("state", None)
+            alert.annotations.pop("no_data_since", None)
+            return True
+        if alert.state is AlertState.NO_DATA:  # data is back; not yet clear for long enough
+            alert.state = AlertState.FIRING
+            alert.no_data_at = None
+            alert.annotations.pop("state", None)
+            alert.annotations.pop("no_data_since", None)
+            return True
+        return False
+
+    def _end(self, key: tuple[str, str, int], alert: Alert, now: float, changed: list[Alert]) -> None:
+        del self._active[key]
+        alert.state = AlertState.RESOLVED
+        alert.resolved_at = now
+        self._remember(alert)
+        changed.append(alert)
 
     async def fire_once(
         self,
@@ -290,7 +395,7 @@ class AlertManager:
             self._resolved.popleft()
 
     async def _deliver(self, alert: Alert) -> None:
-        level = logging.WARNING if alert.state is AlertState.FIRING else logging.INFO
+        level = logging.WARNING if alert.active else logging.INFO
         log.log(
             level,
             "alert %s %s: %s (value %.6g, threshold %g)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 import grpc
@@ -27,8 +28,10 @@ from monitor_service.drift import DriftDetector
 from monitor_service.events import EventBus
 from monitor_service.metrics import (
     ALERTS_FIRING,
+    ALERTS_NO_DATA,
     CANARY_DECISIONS,
     INPUT_DRIFT,
+    INPUT_DRIFT_P,
     INPUT_PSI,
     SCRAPE_SECONDS,
     SCRAPES,
@@ -44,6 +47,10 @@ __all__ = ["MonitorApp"]
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "modelyard.v1.MonitorService"
+
+
+def _known(value: float) -> float:
+    return 0.0 if math.isnan(value) else value
 
 
 class MonitorApp:
@@ -186,14 +193,18 @@ class MonitorApp:
         self.drift.apply(stats)
         for (model, version), figures in stats.items():
             if figures.inputs:
-                INPUT_DRIFT.labels(model, str(version)).set(figures.input_drift)
-                INPUT_PSI.labels(model, str(version)).set(figures.input_psi)
+                # 0 when unknown, as these two always were; the p-value is NaN then.
+                INPUT_DRIFT.labels(model, str(version)).set(_known(figures.input_drift))
+                INPUT_PSI.labels(model, str(version)).set(_known(figures.input_psi))
+                INPUT_DRIFT_P.labels(model, str(version)).set(figures.input_drift_p)
         self.events.observe_membership(self.collector.services)
         await self.alerts.evaluate(self.rule_file.rules, stats, now)
         await self.canary.evaluate(stats, self.collector.routing, now)
         for event in self.shadow_watch.observe(stats):
             await self.events.publish(event)
-        ALERTS_FIRING.set(sum(a.state is AlertState.FIRING for a in self.alerts.alerts()))
+        active = self.alerts.alerts()
+        ALERTS_FIRING.set(sum(a.state is AlertState.FIRING for a in active))
+        ALERTS_NO_DATA.set(sum(a.state is AlertState.NO_DATA for a in active))
         self.stats = stats
         async with self._round_done:
             self.rounds += 1
@@ -210,6 +221,7 @@ class MonitorApp:
                 "summary": alert.annotations.get("summary", ""),
                 "value": alert.value,
                 "threshold": alert.threshold,
+                **({"no_data_since": alert.no_data_at} if alert.no_data_at is not None else {}),
             }
         )
 

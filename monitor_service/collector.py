@@ -315,6 +315,9 @@ class VersionStats:
     """Filled in by the drift detector: the largest standardised mean shift."""
     input_psi: float = 0.0
     """Filled in by the drift detector: the largest population stability index of a feature."""
+    input_drift_p: float = math.nan
+    """Filled in by the drift detector: the smallest p-value of its per-feature tests,
+    corrected for their number (NaN: no feature had enough items to test)."""
     requests_per_second_by_alias: dict[str, float] = field(default_factory=dict)
     """From the gateways' metrics: calls per second by the alias the caller selected ("" for
     calls that named the version)."""

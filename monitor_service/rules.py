@@ -8,6 +8,7 @@ The file::
         op: ">"                      # >, >=, <, <= (default >)
         threshold: 0.05
         for: 30s                     # how long the condition must hold before firing
+        keep_firing_for: 1m          # how long it must be seen false, on data, to resolve
         model: "*"                   # a model name, or "*" (default) for every model
         alias: production            # only the version this alias points at (optional)
         min_requests: 20             # rate rules: fewer requests in the window never match
@@ -44,6 +45,8 @@ METRICS = {
     "no_ready_replica": "1 when an aliased version has no ready replica, else 0",
     "input_drift": "largest standardised mean shift of an input feature vs the baseline",
     "input_psi": "largest population stability index of an input feature vs the registry baseline",
+    "input_drift_p": "smallest p-value of the per-feature drift tests, corrected for their number "
+    "(test it with op '<', e.g. 0.001)",
 }
 """Every metric a rule can test, with its unit."""
 
@@ -54,6 +57,7 @@ _FIELDS = {
     "op",
     "threshold",
     "for",
+    "keep_firing_for",
     "model",
     "alias",
     "min_requests",
@@ -78,6 +82,9 @@ class AlertRule:
     threshold: float
     op: str = ">"
     for_s: float = 0.0
+    keep_firing_for_s: float = 0.0
+    """A firing alert resolves once its condition has been false on data this long (0: at
+    the first evaluation that finds it false); evaluations without data restart the count."""
     model: str = "*"
     alias: str = ""
     min_requests: int = 1
@@ -236,6 +243,8 @@ def _check_field(name: str, value: Any) -> dict[str, Any]:
             return {"threshold": float(value)}
         case "for":
             return {"for_s": parse_duration(value)}
+        case "keep_firing_for":
+            return {"keep_firing_for_s": parse_duration(value)}
         case "model" | "alias" | "severity":
             if not isinstance(value, str) or not value:
                 raise ValueError(f"must be a non-empty string, not {value!r}")

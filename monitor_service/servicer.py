@@ -45,6 +45,7 @@ _VERSION_STATES = {
 _ALERT_STATES = {
     AlertState.PENDING: pb.ALERT_STATE_PENDING,
     AlertState.FIRING: pb.ALERT_STATE_FIRING,
+    AlertState.NO_DATA: pb.ALERT_STATE_NO_DATA,
     AlertState.RESOLVED: pb.ALERT_STATE_RESOLVED,
 }
 _CANARY_ACTIONS = {
@@ -71,6 +72,10 @@ def _duration(seconds: float) -> duration_pb2.Duration | None:
     return duration_pb2.Duration(seconds=nanos // 1_000_000_000, nanos=nanos % 1_000_000_000)
 
 
+def _known(value: float) -> float:
+    return 0.0 if math.isnan(value) else value
+
+
 def _version_stats(stats: VersionStats) -> pb.VersionStats:
     return pb.VersionStats(
         model=stats.model,
@@ -89,8 +94,11 @@ def _version_stats(stats: VersionStats) -> pb.VersionStats:
         batch_sizes=[pb.HistogramBucket(upper_bound=b, count=int(n)) for b, n in stats.batch_sizes],
         queue_depth=stats.queue_depth,
         replicas_ready=stats.replicas_ready,
-        input_drift=stats.input_drift,
-        input_psi=stats.input_psi,
+        # NaN inside the monitor (no data) is 0 on the wire for these two, as it always was;
+        # the p-value is left unset instead (0 would read "certainly drifted").
+        input_drift=_known(stats.input_drift),
+        input_psi=_known(stats.input_psi),
+        input_drift_p=None if math.isnan(stats.input_drift_p) else stats.input_drift_p,
         requests_per_second_by_alias=stats.requests_per_second_by_alias,
         shadow=_shadow_stats(stats),
     )
@@ -130,6 +138,7 @@ def _alert(alert: Alert) -> pb.Alert:
         active_time=_timestamp(alert.active_at),
         fire_time=_timestamp(alert.fired_at) if alert.fired_at is not None else None,
         resolve_time=_timestamp(alert.resolved_at) if alert.resolved_at is not None else None,
+        no_data_time=_timestamp(alert.no_data_at) if alert.no_data_at is not None else None,
     )
 
 

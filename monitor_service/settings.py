@@ -43,7 +43,8 @@ class MonitorSettings(ServiceSettings):
     drift_learn_items: PositiveInt = 1000
     """Sampled items a model's input baseline is learned from when the rule file gives none."""
     drift_min_items: PositiveInt = 50
-    """Sampled items a version needs in the window before it gets a drift score."""
+    """Sampled items a feature needs in the window before it is scored and tested for drift;
+    with fewer, the drift figures have no data (a firing drift alert goes to no data)."""
     shadow_mismatch_threshold: float = Field(default=0.0, ge=0.0, lt=1.0)
     """The shadow mismatch rate over the window above which a `shadow` event says a shadow
     version is mismatching (and, once at or below it again, matching); 0: any mismatch."""

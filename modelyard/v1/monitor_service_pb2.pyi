@@ -33,6 +33,7 @@ class AlertState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ALERT_STATE_PENDING: _ClassVar[AlertState]
     ALERT_STATE_FIRING: _ClassVar[AlertState]
     ALERT_STATE_RESOLVED: _ClassVar[AlertState]
+    ALERT_STATE_NO_DATA: _ClassVar[AlertState]
 
 class CanaryAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -56,6 +57,7 @@ ALERT_STATE_UNSPECIFIED: AlertState
 ALERT_STATE_PENDING: AlertState
 ALERT_STATE_FIRING: AlertState
 ALERT_STATE_RESOLVED: AlertState
+ALERT_STATE_NO_DATA: AlertState
 CANARY_ACTION_UNSPECIFIED: CanaryAction
 CANARY_ACTION_HEALTHY: CanaryAction
 CANARY_ACTION_ROLLBACK: CanaryAction
@@ -115,7 +117,7 @@ class GetModelStatsResponse(_message.Message):
     def __init__(self, window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[VersionStats, _Mapping]]] = ..., processes: _Optional[_Iterable[_Union[ProcessStats, _Mapping]]] = ...) -> None: ...
 
 class VersionStats(_message.Message):
-    __slots__ = ("model", "version", "aliases", "request_count", "requests_per_second", "error_rate", "requests_by_code", "latency_p50", "latency_p95", "latency_p99", "queue_time_mean", "compute_time_mean", "batch_size_mean", "batch_sizes", "queue_depth", "replicas_ready", "input_drift", "requests_per_second_by_alias", "input_psi", "shadow")
+    __slots__ = ("model", "version", "aliases", "request_count", "requests_per_second", "error_rate", "requests_by_code", "latency_p50", "latency_p95", "latency_p99", "queue_time_mean", "compute_time_mean", "batch_size_mean", "batch_sizes", "queue_depth", "replicas_ready", "input_drift", "requests_per_second_by_alias", "input_psi", "input_drift_p", "shadow")
     class RequestsByCodeEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +151,7 @@ class VersionStats(_message.Message):
     INPUT_DRIFT_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_PER_SECOND_BY_ALIAS_FIELD_NUMBER: _ClassVar[int]
     INPUT_PSI_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DRIFT_P_FIELD_NUMBER: _ClassVar[int]
     SHADOW_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
@@ -169,8 +172,9 @@ class VersionStats(_message.Message):
     input_drift: float
     requests_per_second_by_alias: _containers.ScalarMap[str, float]
     input_psi: float
+    input_drift_p: float
     shadow: ShadowStats
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., request_count: _Optional[int] = ..., requests_per_second: _Optional[float] = ..., error_rate: _Optional[float] = ..., requests_by_code: _Optional[_Mapping[str, int]] = ..., latency_p50: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., latency_p95: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., latency_p99: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., queue_time_mean: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., compute_time_mean: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., batch_size_mean: _Optional[float] = ..., batch_sizes: _Optional[_Iterable[_Union[HistogramBucket, _Mapping]]] = ..., queue_depth: _Optional[float] = ..., replicas_ready: _Optional[int] = ..., input_drift: _Optional[float] = ..., requests_per_second_by_alias: _Optional[_Mapping[str, float]] = ..., input_psi: _Optional[float] = ..., shadow: _Optional[_Union[ShadowStats, _Mapping]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., request_count: _Optional[int] = ..., requests_per_second: _Optional[float] = ..., error_rate: _Optional[float] = ..., requests_by_code: _Optional[_Mapping[str, int]] = ..., latency_p50: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., latency_p95: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., latency_p99: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., queue_time_mean: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., compute_time_mean: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., batch_size_mean: _Optional[float] = ..., batch_sizes: _Optional[_Iterable[_Union[HistogramBucket, _Mapping]]] = ..., queue_depth: _Optional[float] = ..., replicas_ready: _Optional[int] = ..., input_drift: _Optional[float] = ..., requests_per_second_by_alias: _Optional[_Mapping[str, float]] = ..., input_psi: _Optional[float] = ..., input_drift_p: _Optional[float] = ..., shadow: _Optional[_Union[ShadowStats, _Mapping]] = ...) -> None: ...
 
 class ShadowStats(_message.Message):
     __slots__ = ("comparisons", "mismatches", "errors", "mismatch_rate", "max_abs_diff")
@@ -221,7 +225,7 @@ class ListAlertsResponse(_message.Message):
     def __init__(self, alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ...) -> None: ...
 
 class Alert(_message.Message):
-    __slots__ = ("name", "state", "labels", "annotations", "value", "threshold", "active_time", "fire_time", "resolve_time")
+    __slots__ = ("name", "state", "labels", "annotations", "value", "threshold", "active_time", "fire_time", "resolve_time", "no_data_time")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +249,7 @@ class Alert(_message.Message):
     ACTIVE_TIME_FIELD_NUMBER: _ClassVar[int]
     FIRE_TIME_FIELD_NUMBER: _ClassVar[int]
     RESOLVE_TIME_FIELD_NUMBER: _ClassVar[int]
+    NO_DATA_TIME_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: AlertState
     labels: _containers.ScalarMap[str, str]
@@ -254,7 +259,8 @@ class Alert(_message.Message):
     active_time: _timestamp_pb2.Timestamp
     fire_time: _timestamp_pb2.Timestamp
     resolve_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[AlertState, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., annotations: _Optional[_Mapping[str, str]] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ..., active_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resolve_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    no_data_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[AlertState, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., annotations: _Optional[_Mapping[str, str]] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ..., active_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resolve_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., no_data_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CanaryFigures(_message.Message):
     __slots__ = ("version", "request_count", "error_rate", "latency_p99")

@@ -94,3 +94,28 @@ def test_a_shadow_column_only_when_a_version_was_mirrored_to() -> None:
     assert "25% of 40 max|Δ| 3.12e-02" in rows["2"]
     assert "0% of 8 max|Δ| 0.00e+00" in rows["3"]
     assert rows["1"].rstrip(" │").endswith("-")
+
+
+def test_no_data_alerts_are_listed_with_the_firing_ones_and_the_drift_p_value_is_shown() -> None:
+    status = pb.GetClusterStatusResponse()
+    stats = pb.GetModelStatsResponse(
+        versions=[
+            pb.VersionStats(model="mlp", version=2, input_drift_p=2e-7),
+            pb.VersionStats(model="idle", version=1),
+        ]
+    )
+    alerts = pb.ListAlertsResponse(
+        alerts=[
+            pb.Alert(name="InputDrift", state=pb.ALERT_STATE_NO_DATA, labels={"model": "mlp"}),
+            pb.Alert(name="SlowP99", state=pb.ALERT_STATE_FIRING, labels={"model": "mlp"}),
+            pb.Alert(name="Later", state=pb.ALERT_STATE_PENDING, labels={"model": "mlp"}),
+        ]
+    )
+    console = Console(width=240, record=True, color_system=None)
+    console.print(render(status, stats, alerts, now=0.0))
+    text = console.export_text()
+    assert "firing alerts (2)" in text and "Later" not in text
+    assert "no data" in next(line for line in text.splitlines() if "InputDrift" in line)
+    assert "2e-07" in next(line for line in text.splitlines() if line.lstrip("│ ").startswith("mlp"))
+    idle_row = next(line for line in text.splitlines() if line.lstrip("│ ").startswith("idle"))
+    assert "e-" not in idle_row

@@ -4,6 +4,8 @@ baseline the registry recorded, with rule file > registry > learned for the mean
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
@@ -85,14 +87,15 @@ def test_psi_against_the_registry_baseline_is_small_unshifted_and_large_shifted(
     steady, shifted = psi_figures(0.0), psi_figures(1.0)
     detector.apply({("m", 1): steady, ("m", 2): shifted})
     # Version 2 has no registry baseline: no PSI, and its mean shift uses the learned one (none yet).
-    assert shifted.input_psi == 0.0 and shifted.input_drift == 0.0
+    assert math.isnan(shifted.input_psi) and math.isnan(shifted.input_drift)
+    assert math.isnan(shifted.input_drift_p)
     detector.apply({("m", 1): shifted})
     assert steady.input_psi < 0.05 and steady.input_drift < 0.1
     assert shifted.input_psi > 0.25 and shifted.input_drift == pytest.approx(1.0, abs=0.1)
 
     few = psi_figures(1.0, items=50)
     detector.apply({("m", 1): few})
-    assert few.input_psi == 0.0  # fewer binned items than min_items: no score
+    assert math.isnan(few.input_psi)  # fewer binned items than min_items: no score
 
 
 def test_the_rule_file_baseline_wins_over_the_registry_for_the_mean_shift() -> None:
