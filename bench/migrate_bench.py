@@ -4,7 +4,7 @@ For each size, two fresh registries (`python -m registry_service`, each with its
 Redis) are started; a TorchScript module whose buffer makes its artifact that large is
 uploaded to the first; then the CLI runs `models export` (registry -> file), `models import`
 (file -> second registry) and `models migrate` (first registry -> a third, fresh one,
-streamed). Reported per step: MB/s, the CLI process's peak RSS (`wait4`'s ru_maxrss) and the
+streamed). Reported per step: MB/s, the CLI process's peak RSS (its VmHWM) and the
 registries' peak RSS (VmHWM), so that running two sizes shows whether memory grows with the
 artifact (it must not: everything is streamed in chunks of at most 1 MiB).
 
@@ -94,22 +94,33 @@ class Registry:
 
 
 def cli(*args: str) -> tuple[float, float, str]:
-    """Run the CLI; (wall s, peak RSS MiB, output)."""
+    """Run the CLI; (wall s, peak RSS MiB, output).
+
+    The peak is the child's VmHWM, polled until it exits: `wait4`'s ru_maxrss would not do,
+    as Linux carries the forking parent's high-water mark (this process holds torch) across exec.
+    """
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [*CLI, *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "MODELYARD_API_KEY": "none"},
-    )
-    assert proc.stdout is not None
-    output = proc.stdout.read().decode(errors="replace")
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.monotonic() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{output}")
-    return elapsed, usage.ru_maxrss / 1024, output
+    with tempfile.TemporaryFile() as output:
+        proc = subprocess.Popen(
+            [*CLI, *args],
+            cwd=REPO,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MODELYARD_API_KEY": "none"},
+        )
+        peak_kib = 0
+        while proc.poll() is None:
+            try:
+                peak_kib = max(peak_kib, vm_hwm_kib(proc.pid))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+            time.sleep(0.01)
+        elapsed = time.monotonic() - started
+        output.seek(0)
+        text = output.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{text}")
+    return elapsed, peak_kib / 1024, text
 
 
 def run_size(size_mib: int, root: Path) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
 from registry_service import bundle
 from registry_service.app import RegistryApp
 from registry_service.settings import RegistrySettings
+from tests.integration.conftest import ClusterSource, LaunchModelServer
 
 if TYPE_CHECKING:  # the async stub exists only in the typing stubs
     from modelyard.v1.registry_service_pb2_grpc import RegistryServiceAsyncStub
@@ -230,6 +231,45 @@ async def test_two_versions_and_aliases_move_to_another_cluster_and_answer_ident
         # Without --with-aliases nothing moves; one alias carries only what it points at.
         only = await export(src, "mlp", aliases=["fallback"])
         assert [v["version"] for v in json.loads(only[512 : 512 + int(only[124:135], 8)])["versions"]] == [1]
+
+
+async def test_with_aliases_moves_by_the_zero_downtime_promote_when_a_model_server_runs(
+    redis_settings: RedisSettings,
+    second_redis_url: str,
+    tmp_path: Path,
+    cluster_source: ClusterSource,
+    launch_model_server: LaunchModelServer,
+) -> None:
+    # Here the target is the cluster with the model server (on the session's Redis).
+    import redis
+
+    client = redis.Redis.from_url(second_redis_url)
+    client.flushdb()
+    client.close()
+    source_app = RegistryApp(_settings(RedisSettings(url=second_redis_url), tmp_path / "source"))
+    target_app = RegistryApp(_settings(redis_settings, tmp_path / "target"))
+    await source_app.start()
+    await target_app.start()
+    try:
+        async with (
+            grpc.aio.insecure_channel(source_app.address) as a,
+            grpc.aio.insecure_channel(target_app.address) as b,
+        ):
+            src, dst = RegistryServiceStub(a), RegistryServiceStub(b)
+            _, v2 = await _populated_source(src)
+            data = await export(src, "mlp", aliases=["production"])
+            # What the target's model server will load as its version 1 (the import's number).
+            cluster_source.add("mlp", 1, torch.jit.load(io.BytesIO(v2)), SIGNATURE)
+            await launch_model_server()
+            response = await import_bytes(dst, data, with_aliases=True)
+            assert [(a.alias, a.version, a.moved_by) for a in response.aliases] == [
+                ("production", 1, "promote")
+            ]
+            history = await dst.ListAliasHistory(pb.ListAliasHistoryRequest(model="mlp"))
+            assert [e.kind for e in history.entries] == [registry_pb2.ALIAS_MOVE_KIND_PROMOTE]
+    finally:
+        await target_app.aclose()
+        await source_app.aclose()
 
 
 # -- hostile bundles ---------------------------------------------------------------------------
