@@ -316,14 +316,22 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
     async def ExportModel(
         self, request: pb.ExportModelRequest, context: _Context
     ) -> AsyncIterator[pb.ExportModelResponse]:
-        manifest, chunks = await self._registry.export_model(
-            request.model, list(request.versions), list(request.aliases)
-        )
-        async with contextlib.aclosing(chunks):
-            async for chunk in chunks:
-                # The manifest's member may be larger than a message should be.
-                for start in range(0, len(chunk), _EXPORT_CHUNK_BYTES):
-                    yield pb.ExportModelResponse(chunk=chunk[start : start + _EXPORT_CHUNK_BYTES])
+        # Audited although it changes nothing: it takes a model's artifacts out of the cluster.
+        async with audited(self._registry, context, "ExportModel", request.model, "bundle", "") as audit:
+            manifest, chunks = await self._registry.export_model(
+                request.model, list(request.versions), list(request.aliases)
+            )
+            sent = 0
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    sent += len(chunk)
+                    # The manifest's member may be larger than a message should be.
+                    for start in range(0, len(chunk), _EXPORT_CHUNK_BYTES):
+                        yield pb.ExportModelResponse(chunk=chunk[start : start + _EXPORT_CHUNK_BYTES])
+            audit.message = (
+                f"versions {[v.version for v in manifest.versions]}, aliases "
+                f"{[a.name for a in manifest.aliases]}, {sent} bytes"
+            )
 
     @rpc_errors
     async def ImportModel(

@@ -228,7 +228,13 @@ async def test_two_versions_and_aliases_move_to_another_cluster_and_answer_ident
         after_epoch = (await dst.GetDeployment(pb.GetDeploymentRequest(model="mlp"))).deployment.epoch
         assert (after.latest_version, after_epoch) == (3, epoch)
 
-        # Without --with-aliases nothing moves; one alias carries only what it points at.
+        audit = await src.ListAuditEntries(pb.ListAuditEntriesRequest(method="ExportModel"))
+        assert audit.entries[0].outcome == "OK" and "versions [1, 2]" in audit.entries[0].message
+        audit = await dst.ListAuditEntries(pb.ListAuditEntriesRequest(method="ImportModel"))
+        assert [e.model for e in audit.entries] == ["mlp", "mlp"]
+        assert "v1 -> v2, v2 -> v3" in audit.entries[1].message
+
+        # One alias carries only what it points at.
         only = await export(src, "mlp", aliases=["fallback"])
         assert [v["version"] for v in json.loads(only[512 : 512 + int(only[124:135], 8)])["versions"]] == [1]
 
