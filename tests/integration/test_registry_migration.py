@@ -20,13 +20,17 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+import redis
 import torch
 import typer
 from typer.testing import CliRunner
 
 from modelyard import cli_registry
+from modelyard.access.client import bearer
+from modelyard.access.keys import new_key_token
 from modelyard.embedded_redis import RedisServer
-from modelyard.settings import RedisSettings, ServerSettings, load_settings
+from modelyard.settings import AccessSettings, RedisSettings, ServerSettings, load_settings
+from modelyard.tls import open_channel
 from modelyard.v1 import registry_pb2, tensor_pb2
 from modelyard.v1 import registry_service_pb2 as pb
 from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
@@ -89,8 +93,6 @@ async def source(redis_settings: RedisSettings, tmp_path: Path) -> AsyncIterator
 
 @pytest.fixture
 async def target(second_redis_url: str, tmp_path: Path) -> AsyncIterator[RegistryApp]:
-    import redis
-
     client = redis.Redis.from_url(second_redis_url)
     client.flushdb()
     client.close()
@@ -247,8 +249,6 @@ async def test_with_aliases_moves_by_the_zero_downtime_promote_when_a_model_serv
     launch_model_server: LaunchModelServer,
 ) -> None:
     # Here the target is the cluster with the model server (on the session's Redis).
-    import redis
-
     client = redis.Redis.from_url(second_redis_url)
     client.flushdb()
     client.close()
@@ -569,3 +569,54 @@ async def test_cli_export_import_and_migrate(
             "models", "import", str(tmp_path / "bad.bundle"), "--registry", target.address
         )
         assert code == 1 and "INVALID_ARGUMENT" in output
+
+
+# -- access control ----------------------------------------------------------------------------
+
+
+async def test_with_access_on_export_and_import_need_the_admin_grant(
+    redis_settings: RedisSettings, tmp_path: Path
+) -> None:
+    secret = tmp_path / "cluster.secret"
+    secret.write_bytes(b"s" * 32)
+    _, admin_token = new_key_token()
+    app = RegistryApp(
+        load_settings(
+            RegistrySettings,
+            server=ServerSettings(port=0, drain_grace_s=1.0),
+            redis=redis_settings,
+            data_dir=tmp_path / "registry",
+            access=AccessSettings(mode="enforce", service_secret_file=secret),
+            admin_key=admin_token,
+        )
+    )
+    await app.start()
+    try:
+        assert app.keys is not None
+        _, alice_token = await app.keys.create(
+            "alice", ["registry.read:*", "registry.write:*", "alias.move:*"]
+        )
+        async with (
+            open_channel(app.address, None, interceptors=bearer(admin_token), client="cli") as a,
+            open_channel(app.address, None, interceptors=bearer(alice_token), client="cli") as b,
+        ):
+            admin, alice = RegistryServiceStub(a), RegistryServiceStub(b)
+            await admin.CreateModel(pb.CreateModelRequest(name="mlp"))
+            await upload(admin, "mlp", torchscript_artifact(seed=0))
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await export(alice, "mlp")
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            data = await export(admin, "mlp")
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await import_bytes(alice, data)
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            # A bundle back into its own cluster (a restore) is a copy, numbered after the rest.
+            response = await import_bytes(admin, data)
+            assert [(v.model_version.version, v.created) for v in response.versions] == [(2, True)]
+            audit = await admin.ListAuditEntries(pb.ListAuditEntriesRequest(method="ImportModel"))
+            assert [(e.actor, e.outcome) for e in audit.entries] == [
+                ("key:admin", "OK"),
+                ("key:alice", "PERMISSION_DENIED"),
+            ]
+    finally:
+        await app.aclose()
