@@ -58,6 +58,8 @@ MAX_MANIFEST_BYTES = 8 * 1024 * 1024
 """A manifest is metadata: a larger one is refused before it is read."""
 MAX_VERSIONS = 10_000
 BLOCK_BYTES = 512
+_MAX_TRAILER_BYTES = 64 * 1024
+"""Zeros allowed after the end-of-archive block (tar tools pad to a 10 KiB record)."""
 _MAX_OCTAL_SIZE = 8**11 - 1
 _HEX = frozenset("0123456789abcdef")
 
@@ -317,9 +319,11 @@ class BundleReader:
         at = self._offset
         block = await self._read_exact(BLOCK_BYTES, "a member header")
         if not any(block):
-            # The end-of-archive marker: a second zero block should follow (some writers
-            # stop after one; that is still a complete archive).
+            # The end-of-archive marker. Tar tools pad an archive with zeros to a whole record
+            # (10 KiB by default); anything else after the marker is refused, so a bundle
+            # cannot smuggle bytes past the reader.
             self._ended = True
+            await self._check_trailer()
             return None
         member = _parse_header(block, at)
         self._pending = member
@@ -358,6 +362,24 @@ class BundleReader:
                 metadata={"member": member.name, "max_bytes": str(limit)},
             )
         return b"".join([piece async for piece in self.member_chunks(member)])
+
+    async def _check_trailer(self) -> None:
+        trailing = len(self._buffer)
+        clean = not any(self._buffer)
+        self._buffer.clear()
+        async for chunk in self._chunks:
+            trailing += len(chunk)
+            clean = clean and not any(chunk)
+            if not clean or trailing > _MAX_TRAILER_BYTES:
+                break
+        if not clean or trailing > _MAX_TRAILER_BYTES:
+            raise BundleInvalid(
+                f"the bundle carries data after the end of its archive (at byte {self._offset}); "
+                "nothing was stored",
+                field="chunk",
+                metadata={"offset": str(self._offset)},
+            )
+        self._offset += trailing
 
     async def _read_exact(self, n: int, what: str) -> bytes:
         while len(self._buffer) < n:

@@ -348,6 +348,8 @@ def _hostile(valid: bytes, case: str) -> bytes:
         )
     if case == "unknown_member":
         return _bundle(manifest, [*members, _member("notes.txt", b"hello")])
+    if case == "data_after_end":
+        return valid + _member("notes.txt", b"smuggled")
     if case == "missing_artifact":
         return _bundle(manifest, members[1:])
     if case == "oversize_manifest":
@@ -377,6 +379,7 @@ HOSTILE = {
     "hardlink": "BUNDLE_INVALID",
     "unknown_member": "BUNDLE_INVALID",
     "missing_artifact": "BUNDLE_INVALID",
+    "data_after_end": "BUNDLE_INVALID",
     "oversize_manifest": "TOO_LARGE",
     "unsafe_artifact": "UNSAFE_ARTIFACT",
 }

@@ -124,6 +124,15 @@ async def test_a_damaged_header_or_an_early_end_is_refused() -> None:
         await BundleReader(_chunks(b"\x01" * 100)).next_member()
 
 
+async def test_zero_padding_after_the_end_is_accepted_anything_else_refused() -> None:
+    data = b"abc"
+    manifest = _manifest(data)
+    written = _write(manifest, {manifest.versions[0].sha256: data})
+    assert len(await _read_all(written + b"\0" * 9216)) == 2  # padded to a 10 KiB record
+    with pytest.raises(BundleInvalid, match="after the end"):
+        await _read_all(written + _raw("readme.txt", data=b"hi"))
+
+
 async def test_an_oversize_manifest_is_refused_before_it_is_read() -> None:
     info = tarfile.TarInfo(bundle.MANIFEST_NAME)
     info.size = bundle.MAX_MANIFEST_BYTES + 1
