@@ -92,6 +92,10 @@ def add_to(app: typer.Typer) -> None:
     app.add_typer(alias_app, name="alias")
     app.add_typer(deploy_app, name="deploy")
     app.add_typer(audit_app, name="audit")
+    # Imported here: cli_migrate registers on models_app, defined above.
+    from modelyard import cli_migrate
+
+    cli_migrate.register(models_app)
 
 
 def call_registry(

@@ -64,6 +64,7 @@ __all__ = [
     "RateLimited",
     "Unauthenticated",
     "PermissionDenied",
+    "BundleInvalid",
 ]
 
 
@@ -127,6 +128,13 @@ class ModelFailedOnInput(InvalidArgument):
 
 class ChecksumMismatch(InvalidArgument):
     reason = "CHECKSUM_MISMATCH"
+
+
+class BundleInvalid(InvalidArgument):
+    """A migration bundle is malformed or lies: a bad tar member, a manifest that does not
+    parse or does not match the artifacts, or a truncated stream. Nothing of it is stored."""
+
+    reason = "BUNDLE_INVALID"
 
 
 class TooLarge(InvalidArgument):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -24,7 +25,7 @@ from typing import IO
 
 from modelyard.errors import ArtifactCorrupt, ChecksumMismatch, InvalidArgument, TooLarge
 
-__all__ = ["ArtifactStore", "SHA256_PATTERN"]
+__all__ = ["ArtifactStore", "SHA256_PATTERN", "StagedArtifact"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,15 @@ SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 # does not cost a thread hop each.
 _WRITE_BATCH_BYTES = 1024 * 1024
 _HASH_BLOCK_BYTES = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StagedArtifact:
+    """An artifact written, hashed and checked into `tmp/`, not yet stored."""
+
+    path: Path
+    sha256: str
+    size: int
 
 
 class ArtifactStore:
@@ -96,12 +106,32 @@ class ArtifactStore:
             ChecksumMismatch: the bytes do not hash to `expected_sha256`.
             Whatever `check` or `chunks` raise. In every case nothing is stored.
         """
+        staged = await self.stage(chunks, expected_sha256=expected_sha256, max_bytes=max_bytes, check=check)
+        try:
+            await self.install(staged)
+        except BaseException:
+            await self.discard(staged)
+            raise
+        return staged.sha256, staged.size
+
+    async def stage(
+        self,
+        chunks: AsyncIterator[bytes],
+        *,
+        expected_sha256: str,
+        max_bytes: int,
+        check: Callable[[Path], None] | None = None,
+    ) -> StagedArtifact:
+        """Write, hash and check the bytes of `chunks` into a temporary file without storing
+        them: `install` stores it, `discard` drops it. An import stages every artifact of a
+        bundle first and installs none until all have passed. Arguments and errors are those
+        of `write`; on an error nothing is left behind."""
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="upload-", suffix=".part")
         tmp_path = Path(tmp_name)
         # Buffered: its close waits for a write still running in a worker thread (a cancelled
         # upload), where closing a raw descriptor could let that write land in a reused one.
         file = os.fdopen(fd, "wb")
-        stored = False
+        staged = False
         try:
             digest = hashlib.sha256()
             size = 0
@@ -138,14 +168,21 @@ class ArtifactStore:
                 )
             if check is not None:
                 await asyncio.to_thread(check, tmp_path)
-            await asyncio.to_thread(self._install, tmp_path, actual)
-            stored = True
-            return actual, size
+            staged = True
+            return StagedArtifact(path=tmp_path, sha256=actual, size=size)
         finally:
-            if not stored:
+            if not staged:
                 file.close()
                 with contextlib.suppress(FileNotFoundError):
                     tmp_path.unlink()
+
+    async def install(self, staged: StagedArtifact) -> None:
+        """Store a staged artifact under its hash (an atomic, fsynced rename)."""
+        await asyncio.to_thread(self._install, staged.path, staged.sha256)
+
+    async def discard(self, staged: StagedArtifact) -> None:
+        """Drop a staged artifact that will not be installed (nothing happens if it was)."""
+        await asyncio.to_thread(staged.path.unlink, missing_ok=True)
 
     async def read_verified(self, sha256: str, chunk_bytes: int) -> AsyncGenerator[bytes, None]:
         """Stream an artifact in chunks of `chunk_bytes`, after checking that it still hashes to

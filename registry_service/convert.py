@@ -8,6 +8,7 @@ from google.protobuf import timestamp_pb2
 from modelyard import audit_chain
 from modelyard.errors import InvalidArgument
 from modelyard.v1 import registry_pb2, registry_service_pb2
+from registry_service.migration import ImportOutcome
 from registry_service.records import (
     AliasChange,
     AliasRecord,
@@ -120,6 +121,36 @@ def version_to_proto(version: VersionRecord) -> registry_pb2.ModelVersion:
         input_baselines=version.input_baselines,
         signer=version.signer,
         model_signature=version.model_signature,
+        origin=(
+            registry_pb2.VersionOrigin(
+                source_cluster=version.origin.source_cluster,
+                source_version=version.origin.source_version,
+                source_sha256=version.origin.source_sha256,
+            )
+            if version.origin is not None
+            else None
+        ),
+    )
+
+
+def import_outcome_to_proto(outcome: ImportOutcome) -> registry_service_pb2.ImportModelResponse:
+    """What an import did, for ImportModel's answer."""
+    return registry_service_pb2.ImportModelResponse(
+        model=outcome.manifest.model,
+        source_cluster=outcome.manifest.source_cluster,
+        versions=[
+            registry_service_pb2.ImportedVersion(
+                source_version=v.source_version, model_version=version_to_proto(v.version), created=v.created
+            )
+            for v in outcome.versions
+        ],
+        aliases=[
+            registry_service_pb2.ImportedAlias(
+                alias=a.alias, version=a.version, previous_version=a.previous_version, moved_by=a.moved_by
+            )
+            for a in outcome.aliases
+        ],
+        bundle_bytes=outcome.bytes_read,
     )
 
 

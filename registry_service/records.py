@@ -32,6 +32,8 @@ __all__ = [
     "AuditRecord",
     "AuditFilter",
     "DeleteOutcome",
+    "VersionOrigin",
+    "ImportItem",
 ]
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
@@ -107,6 +109,15 @@ class ModelRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class VersionOrigin:
+    """Where an imported version came from: the cluster, its number and hash there."""
+
+    source_cluster: str
+    source_version: int
+    source_sha256: str
+
+
+@dataclass(frozen=True, slots=True)
 class VersionRecord:
     """One immutable, numbered version of a model."""
 
@@ -128,6 +139,8 @@ class VersionRecord:
     """Who signed the artifact, as verified at upload; empty when unsigned."""
     model_signature: bytes = b""
     """The OpenSSF model signing bundle uploaded with the version; empty when unsigned."""
+    origin: VersionOrigin | None = None
+    """Where the version was imported from (a migration bundle); None when uploaded here."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +160,17 @@ class UploadMetadata:
     """Optional input statistics to record with the version (checked by the registry)."""
     model_signature: bytes = b""
     """Optional OpenSSF model signing bundle of the artifact (verified by the registry)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImportItem:
+    """One version of a migration bundle, checked and with its artifact stored, to record."""
+
+    metadata: UploadMetadata
+    size_bytes: int
+    signer: str
+    """Who signed it, as verified by this registry ("" when unsigned)."""
+    origin: VersionOrigin
 
 
 @dataclass(frozen=True, slots=True)

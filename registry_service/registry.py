@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 from modelyard.baseline import MAX_BIN_EDGES, MAX_FEATURES
@@ -33,7 +34,9 @@ from modelyard.errors import (
 )
 from modelyard.model_signatures import SignaturePolicy, SignatureVerifier
 from modelyard.v1 import registry_pb2, tensor_pb2
-from registry_service.artifacts import SHA256_PATTERN, ArtifactStore
+from registry_service import migration
+from registry_service.artifacts import SHA256_PATTERN, ArtifactStore, StagedArtifact
+from registry_service.bundle import Manifest
 from registry_service.deployments import check_update_mask, deployment_diff, live_deployment
 from registry_service.formats import check_archive
 from registry_service.records import (
@@ -43,6 +46,7 @@ from registry_service.records import (
     DeploymentChange,
     DeploymentSpec,
     HistoryEntry,
+    ImportItem,
     ModelRecord,
     MoveKind,
     RoutingState,
@@ -294,6 +298,89 @@ class Registry:
                     "(it replaces the damaged copy) or restore it from backup",
                     metadata={"model": record.model, "version": str(record.version), **exc.metadata},
                 ) from exc
+
+    # -- migration -------------------------------------------------------------------------
+
+    @property
+    def cluster_id(self) -> str:
+        """This registry's stable identity, which bundles it exports name as their source."""
+        return self._store.cluster_id
+
+    async def export_model(
+        self, model: str, versions: Sequence[int] = (), aliases: Sequence[str] = ()
+    ) -> tuple[Manifest, AsyncGenerator[bytes, None]]:
+        """A model's migration bundle (`migration.export_bundle`)."""
+        return await migration.export_bundle(self, model, versions, aliases)
+
+    async def import_model(
+        self, chunks: AsyncIterator[bytes], *, with_aliases: bool = False, actor: str = ""
+    ) -> migration.ImportOutcome:
+        """Import a migration bundle, all or nothing (`migration.import_bundle`)."""
+        return await migration.import_bundle(self, chunks, with_aliases=with_aliases, actor=actor)
+
+    def artifact_chunks(self, sha256: str) -> AsyncGenerator[bytes, None]:
+        """A stored artifact's bytes, verified against its hash before the first chunk."""
+        return self._artifacts.read_verified(sha256, self._download_chunk_bytes)
+
+    async def verify_signature(self, bundle: bytes, *, sha256: str, required: bool, field: str) -> str:
+        """The signer of a model signature over `sha256`, as an upload verifies it ("" if none)."""
+        return await asyncio.to_thread(
+            self._signatures.check, bundle, sha256=sha256, required=required, field=field
+        )
+
+    async def stage_artifact(
+        self, chunks: AsyncIterator[bytes], *, expected_sha256: str, check: Callable[[Path], None]
+    ) -> StagedArtifact:
+        """Write, hash and check an artifact as an upload does, without storing it yet."""
+        return await self._artifacts.stage(
+            chunks, expected_sha256=expected_sha256, max_bytes=self._max_artifact_bytes, check=check
+        )
+
+    async def discard_staged(self, staged: StagedArtifact) -> None:
+        """Drop a staged artifact."""
+        await self._artifacts.discard(staged)
+
+    async def commit_import(
+        self,
+        model: ModelRecord,
+        items: Sequence[ImportItem],
+        staged: Sequence[StagedArtifact],
+        *,
+        actor: str,
+    ) -> list[tuple[VersionRecord, bool]]:
+        """Store the staged artifacts, then record every imported version in one transaction.
+
+        As in an upload, the files go first and the rows second (a crash in between leaves
+        unreferenced files, never a version without its bytes), under the content locks so a
+        concurrent delete cannot remove a file about to be referenced.
+        """
+        async with contextlib.AsyncExitStack() as locks:
+            for sha256 in sorted({a.sha256 for a in staged}):
+                await locks.enter_async_context(self._content_lock(sha256))
+            for artifact in staged:
+                await self._artifacts.install(artifact)
+            return await self._store.import_versions(model, items, created_by=actor)
+
+    async def move_imported_alias(
+        self, model: str, alias: str, version: int, *, reason: str, actor: str
+    ) -> migration.AliasOutcome:
+        """Point an alias at an imported version: by the zero-downtime promote when a model
+        server runs here to make it ready, else with SetAlias semantics (nothing would ever
+        report it ready, and a registry-only cluster serves nothing anyway)."""
+        current = (await self._store.routing_state(model)).aliases.get(alias, 0)
+        if current == version:
+            return migration.AliasOutcome(alias, version, "unchanged", current)
+        try:
+            servers = [
+                s for s in await self._aliases.list_services() if s.kind == "model_server" and not s.draining
+            ]
+        except CoordinationUnavailable:
+            servers = []
+        if servers:
+            outcome = await self.promote(model, alias, version, reason=reason, actor=actor)
+            return migration.AliasOutcome(alias, version, "promote", outcome.change.previous_version)
+        change = await self.set_alias(model, alias, version, reason=reason, actor=actor, kind=MoveKind.SET)
+        return migration.AliasOutcome(alias, version, "set", change.previous_version)
 
     # -- aliases ---------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RegistryService"].full_name
 """The full name of the service ("modelyard.v1.RegistryService"), for health and reflection."""
 
 _Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+_EXPORT_CHUNK_BYTES = 1024 * 1024
 
 
 @dataclasses.dataclass
@@ -311,6 +312,54 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             next_page_token=convert.next_page_token([e.id for e in entries], page_size),
         )
 
+    @rpc_errors
+    async def ExportModel(
+        self, request: pb.ExportModelRequest, context: _Context
+    ) -> AsyncIterator[pb.ExportModelResponse]:
+        # Audited although it changes nothing: it takes a model's artifacts out of the cluster.
+        async with audited(self._registry, context, "ExportModel", request.model, "bundle", "") as audit:
+            manifest, chunks = await self._registry.export_model(
+                request.model, list(request.versions), list(request.aliases)
+            )
+            sent = 0
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    sent += len(chunk)
+                    # The manifest's member may be larger than a message should be.
+                    for start in range(0, len(chunk), _EXPORT_CHUNK_BYTES):
+                        yield pb.ExportModelResponse(chunk=chunk[start : start + _EXPORT_CHUNK_BYTES])
+            audit.message = (
+                f"versions {[v.version for v in manifest.versions]}, aliases "
+                f"{[a.name for a in manifest.aliases]}, {sent} bytes"
+            )
+
+    @rpc_errors
+    async def ImportModel(
+        self, request_iterator: AsyncIterator[pb.ImportModelRequest], context: _Context
+    ) -> pb.ImportModelResponse:
+        first = await anext(request_iterator, None)
+        if first is None or first.WhichOneof("content") != "options":
+            raise InvalidArgument(
+                "the first message of an import must carry the options, the next ones the bundle",
+                field="options",
+            )
+        options = first.options
+        # The model is known only once the manifest is read; the audit entry learns it then.
+        async with audited(self._registry, context, "ImportModel", "", "bundle", options.request_id) as audit:
+            outcome = await self._registry.import_model(
+                _import_chunks(request_iterator), with_aliases=options.with_aliases, actor=audit.actor
+            )
+            audit.model = outcome.manifest.model
+            audit.message = (
+                f"from cluster {outcome.manifest.source_cluster}, {outcome.bytes_read} bytes: "
+                + ", ".join(
+                    f"v{v.source_version} -> v{v.version.version}{'' if v.created else ' (already here)'}"
+                    for v in outcome.versions
+                )
+                + "".join(f"; alias {a.alias} -> {a.version} ({a.moved_by})" for a in outcome.aliases)
+            )
+        return convert.import_outcome_to_proto(outcome)
+
 
 @contextlib.asynccontextmanager
 async def audited(
@@ -395,5 +444,13 @@ async def _chunks(request_iterator: AsyncIterator[pb.UploadModelVersionRequest])
             raise InvalidArgument(
                 "an upload carries its metadata in the first message only", field="metadata"
             )
+        if message.chunk:
+            yield message.chunk
+
+
+async def _import_chunks(request_iterator: AsyncIterator[pb.ImportModelRequest]) -> AsyncIterator[bytes]:
+    async for message in request_iterator:
+        if message.WhichOneof("content") == "options":
+            raise InvalidArgument("an import carries its options in the first message only", field="options")
         if message.chunk:
             yield message.chunk

@@ -22,7 +22,8 @@ import functools
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,21 +52,24 @@ from registry_service.records import (
     DeploymentChange,
     DeploymentSpec,
     HistoryEntry,
+    ImportItem,
     ModelRecord,
     MoveKind,
     RoutingState,
     UploadMetadata,
+    VersionOrigin,
     VersionRecord,
     VersionState,
 )
 
 __all__ = ["RegistryStore", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """Kept in `PRAGMA user_version`; a database from a newer registry is refused, not guessed at.
 2 -> 3 added `versions.input_baselines`, 3 -> 4 `models.require_signature`, `versions.signer`
 and `versions.model_signature`, 4 -> 5 `audit_log.prev_hash` and `audit_log.entry_hash` (the
-hash chain), 5 -> 6 `alias_history.kind` (each upgraded in place on open)."""
+hash chain), 5 -> 6 `alias_history.kind`, 6 -> 7 the `cluster` identity and the
+`versions.origin_*` columns of imported versions (each upgraded in place on open)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -94,6 +98,9 @@ CREATE TABLE IF NOT EXISTS versions (
     input_baselines TEXT NOT NULL DEFAULT '[]',  -- JSON list of modelyard.v1.InputBaseline
     signer      TEXT    NOT NULL DEFAULT '',     -- who signed it, as verified at upload
     model_signature BLOB NOT NULL DEFAULT x'',   -- the OpenSSF model signing bundle (JSON)
+    origin_cluster TEXT NOT NULL DEFAULT '',     -- imported: the source cluster's id, else ''
+    origin_version INTEGER NOT NULL DEFAULT 0,   -- imported: its number there
+    origin_sha256  TEXT NOT NULL DEFAULT '',     -- imported: its sha256 there
     PRIMARY KEY (model, version)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS versions_by_request_id
@@ -150,6 +157,16 @@ CREATE TABLE IF NOT EXISTS audit_log (
     entry_hash   TEXT    NOT NULL DEFAULT ''   -- (both '' on rows from before the chain)
 );
 CREATE INDEX IF NOT EXISTS audit_log_by_model ON audit_log (model, id);
+CREATE TABLE IF NOT EXISTS cluster (  -- one row: this registry's stable identity
+    id          TEXT NOT NULL,  -- a random UUID, made when the database is created
+    create_time REAL NOT NULL
+);
+"""
+
+# Created after `_upgrade_columns`, which adds the columns to a database of an older schema.
+_ORIGIN_INDEX = """
+CREATE UNIQUE INDEX IF NOT EXISTS versions_by_origin
+    ON versions (model, origin_cluster, origin_version, origin_sha256) WHERE origin_cluster != ''
 """
 
 T = TypeVar("T")
@@ -186,11 +203,17 @@ class RegistryStore:
         # and a single writer is what SQLite supports anyway.
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        self._cluster_id = ""
 
     @property
     def path(self) -> Path:
         """The database file."""
         return self._path
+
+    @property
+    def cluster_id(self) -> str:
+        """This registry's stable identity (a UUID made with the database; "" before open)."""
+        return self._cluster_id
 
     async def open(self) -> RegistryStore:
         """Create or migrate the database and connect.
@@ -254,6 +277,18 @@ class RegistryStore:
         """
         assert metadata.format is not None, "validated by the registry"
         return await self._run(self._insert_version, metadata, sha256, size_bytes, created_by, signer)
+
+    async def import_versions(
+        self, model: ModelRecord, items: Sequence[ImportItem], *, created_by: str
+    ) -> list[tuple[VersionRecord, bool]]:
+        """Record imported versions in one transaction: all of them or none. The model is
+        created if it does not exist; a version whose origin is already recorded for the model
+        is not recorded again (an import is idempotent). Their artifacts must be stored.
+
+        Returns:
+            For each item, in order: the version here, and whether this call created it.
+        """
+        return await self._run(self._import_versions, model, list(items), created_by)
 
     async def get_version(self, model: str, version: int) -> VersionRecord:
         """One version. Raises ModelNotFound or VersionNotFound."""
@@ -470,6 +505,12 @@ class RegistryStore:
                 if statement.strip():
                     conn.execute(statement)
             _upgrade_columns(conn)
+            conn.execute(_ORIGIN_INDEX)
+            if conn.execute("SELECT id FROM cluster").fetchone() is None:
+                conn.execute(
+                    "INSERT INTO cluster (id, create_time) VALUES (?, ?)", (str(uuid.uuid4()), self._clock())
+                )
+            self._cluster_id = conn.execute("SELECT id FROM cluster").fetchone()["id"]
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -590,6 +631,64 @@ class RegistryStore:
             )
             conn.execute("UPDATE models SET latest_version = ? WHERE name = ?", (version, metadata.model))
             return self._version_in(conn, metadata.model, version)
+
+    def _import_versions(
+        self, model: ModelRecord, items: list[ImportItem], created_by: str
+    ) -> list[tuple[VersionRecord, bool]]:
+        with self._transaction() as conn:
+            row = conn.execute("SELECT latest_version FROM models WHERE name = ?", (model.name,)).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO models (name, description, create_time, require_signature) "
+                    "VALUES (?, ?, ?, ?)",
+                    (model.name, model.description, self._clock(), int(model.require_signature)),
+                )
+                latest = 0
+            else:
+                latest = row["latest_version"]
+            results: list[tuple[VersionRecord, bool]] = []
+            for item in items:
+                origin = item.origin
+                earlier = conn.execute(
+                    "SELECT * FROM versions WHERE model = ? AND origin_cluster = ? AND origin_version = ? "
+                    "AND origin_sha256 = ?",
+                    (model.name, origin.source_cluster, origin.source_version, origin.source_sha256),
+                ).fetchone()
+                if earlier is not None:
+                    results.append((_version_from(earlier), False))
+                    continue
+                latest += 1
+                meta = item.metadata
+                assert meta.format is not None
+                conn.execute(
+                    "INSERT INTO versions (model, version, format, sha256, size_bytes, signature, "
+                    "description, labels, metrics, created_by, create_time, state, request_id, "
+                    "input_baselines, signer, model_signature, origin_cluster, origin_version, "
+                    "origin_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?)",
+                    (
+                        model.name,
+                        latest,
+                        meta.format.value,
+                        meta.sha256,
+                        item.size_bytes,
+                        meta.signature.SerializeToString(deterministic=True),
+                        meta.description,
+                        json.dumps(meta.labels, sort_keys=True),
+                        json.dumps(meta.metrics, sort_keys=True),
+                        created_by,
+                        self._clock(),
+                        VersionState.ACTIVE.value,
+                        _baselines_to_json(meta.input_baselines),
+                        item.signer,
+                        meta.model_signature,
+                        origin.source_cluster,
+                        origin.source_version,
+                        origin.source_sha256,
+                    ),
+                )
+                results.append((self._version_in(conn, model.name, latest), True))
+            conn.execute("UPDATE models SET latest_version = ? WHERE name = ?", (latest, model.name))
+            return results
 
     def _get_version(self, model: str, version: int) -> VersionRecord:
         with self._read() as conn:
@@ -1168,6 +1267,10 @@ def _upgrade_columns(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE audit_log ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
     # Schema 5 -> 6: moves already recorded stay untyped ('': ALIAS_MOVE_KIND_UNSPECIFIED);
     # what they were is not guessed from their reason.
+    if "origin_cluster" not in columns:  # schema 6 -> 7
+        conn.execute("ALTER TABLE versions ADD COLUMN origin_cluster TEXT NOT NULL DEFAULT ''")
+        conn.execute("ALTER TABLE versions ADD COLUMN origin_version INTEGER NOT NULL DEFAULT 0")
+        conn.execute("ALTER TABLE versions ADD COLUMN origin_sha256 TEXT NOT NULL DEFAULT ''")
     history_columns = {row["name"] for row in conn.execute("PRAGMA table_info(alias_history)")}
     if "kind" not in history_columns:
         conn.execute("ALTER TABLE alias_history ADD COLUMN kind TEXT NOT NULL DEFAULT ''")
@@ -1218,4 +1321,9 @@ def _version_from(row: sqlite3.Row) -> VersionRecord:
         input_baselines=_baselines_from_json(row["input_baselines"]),
         signer=row["signer"],
         model_signature=bytes(row["model_signature"]),
+        origin=(
+            VersionOrigin(row["origin_cluster"], row["origin_version"], row["origin_sha256"])
+            if row["origin_cluster"]
+            else None
+        ),
     )

@@ -123,6 +123,12 @@ RULES: Mapping[str, Mapping[str, Mapping[str, Rule]]] = {
             "ArchiveModelVersion": Rule("registry.write", _MODEL, mutating=True),
             "DeleteModelVersion": Rule("registry.write", _MODEL, mutating=True),
             "ListAuditEntries": Rule("audit.read"),
+            # An export hands out artifacts, which DownloadModelVersion keeps to the cluster's
+            # own services: only an admin key may take a model's bytes out of the cluster.
+            "ExportModel": Rule("admin"),
+            # An import creates models and versions and may move aliases: the model is known
+            # only from the manifest, so it takes the cluster-wide admin grant.
+            "ImportModel": Rule("admin", mutating=True),
         },
         "modelyard.v1.AccessService": {
             "CreateApiKey": Rule("admin", mutating=True),

@@ -61,7 +61,7 @@ class Model(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., latest_version: _Optional[int] = ..., aliases: _Optional[_Iterable[_Union[Alias, _Mapping]]] = ..., require_signature: _Optional[bool] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("model", "version", "format", "sha256", "size_bytes", "signature", "description", "labels", "metrics", "created_by", "create_time", "state", "input_baselines", "signer", "model_signature")
+    __slots__ = ("model", "version", "format", "sha256", "size_bytes", "signature", "description", "labels", "metrics", "created_by", "create_time", "state", "input_baselines", "signer", "model_signature", "origin")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class ModelVersion(_message.Message):
     INPUT_BASELINES_FIELD_NUMBER: _ClassVar[int]
     SIGNER_FIELD_NUMBER: _ClassVar[int]
     MODEL_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     format: ArtifactFormat
@@ -106,7 +107,8 @@ class ModelVersion(_message.Message):
     input_baselines: _containers.RepeatedCompositeFieldContainer[InputBaseline]
     signer: str
     model_signature: bytes
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[_Union[ArtifactFormat, str]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., signature: _Optional[_Union[_tensor_pb2.Signature, _Mapping]] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_by: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., input_baselines: _Optional[_Iterable[_Union[InputBaseline, _Mapping]]] = ..., signer: _Optional[str] = ..., model_signature: _Optional[bytes] = ...) -> None: ...
+    origin: VersionOrigin
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[_Union[ArtifactFormat, str]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., signature: _Optional[_Union[_tensor_pb2.Signature, _Mapping]] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_by: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., input_baselines: _Optional[_Iterable[_Union[InputBaseline, _Mapping]]] = ..., signer: _Optional[str] = ..., model_signature: _Optional[bytes] = ..., origin: _Optional[_Union[VersionOrigin, _Mapping]] = ...) -> None: ...
 
 class InputBaseline(_message.Message):
     __slots__ = ("input", "item_count", "features")
@@ -232,3 +234,13 @@ class AuditEntry(_message.Message):
     prev_hash: str
     entry_hash: str
     def __init__(self, id: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[str] = ..., target: _Optional[str] = ..., request_id: _Optional[str] = ..., outcome: _Optional[str] = ..., error_reason: _Optional[str] = ..., message: _Optional[str] = ..., prev_hash: _Optional[str] = ..., entry_hash: _Optional[str] = ...) -> None: ...
+
+class VersionOrigin(_message.Message):
+    __slots__ = ("source_cluster", "source_version", "source_sha256")
+    SOURCE_CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    source_cluster: str
+    source_version: int
+    source_sha256: str
+    def __init__(self, source_cluster: _Optional[str] = ..., source_version: _Optional[int] = ..., source_sha256: _Optional[str] = ...) -> None: ...

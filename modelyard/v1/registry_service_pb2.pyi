@@ -344,3 +344,71 @@ class ListAuditEntriesResponse(_message.Message):
     entries: _containers.RepeatedCompositeFieldContainer[_registry_pb2.AuditEntry]
     next_page_token: str
     def __init__(self, entries: _Optional[_Iterable[_Union[_registry_pb2.AuditEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ExportModelRequest(_message.Message):
+    __slots__ = ("model", "versions", "aliases")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    versions: _containers.RepeatedScalarFieldContainer[int]
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExportModelResponse(_message.Message):
+    __slots__ = ("chunk",)
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    chunk: bytes
+    def __init__(self, chunk: _Optional[bytes] = ...) -> None: ...
+
+class ImportModelOptions(_message.Message):
+    __slots__ = ("with_aliases", "request_id")
+    WITH_ALIASES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    with_aliases: bool
+    request_id: str
+    def __init__(self, with_aliases: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ImportModelRequest(_message.Message):
+    __slots__ = ("options", "chunk")
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    options: ImportModelOptions
+    chunk: bytes
+    def __init__(self, options: _Optional[_Union[ImportModelOptions, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class ImportedVersion(_message.Message):
+    __slots__ = ("source_version", "model_version", "created")
+    SOURCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    source_version: int
+    model_version: _registry_pb2.ModelVersion
+    created: bool
+    def __init__(self, source_version: _Optional[int] = ..., model_version: _Optional[_Union[_registry_pb2.ModelVersion, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class ImportedAlias(_message.Message):
+    __slots__ = ("alias", "version", "previous_version", "moved_by")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MOVED_BY_FIELD_NUMBER: _ClassVar[int]
+    alias: str
+    version: int
+    previous_version: int
+    moved_by: str
+    def __init__(self, alias: _Optional[str] = ..., version: _Optional[int] = ..., previous_version: _Optional[int] = ..., moved_by: _Optional[str] = ...) -> None: ...
+
+class ImportModelResponse(_message.Message):
+    __slots__ = ("model", "source_cluster", "versions", "aliases", "bundle_bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    source_cluster: str
+    versions: _containers.RepeatedCompositeFieldContainer[ImportedVersion]
+    aliases: _containers.RepeatedCompositeFieldContainer[ImportedAlias]
+    bundle_bytes: int
+    def __init__(self, model: _Optional[str] = ..., source_cluster: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ImportedVersion, _Mapping]]] = ..., aliases: _Optional[_Iterable[_Union[ImportedAlias, _Mapping]]] = ..., bundle_bytes: _Optional[int] = ...) -> None: ...

@@ -116,6 +116,16 @@ class RegistryServiceStub:
                 request_serializer=modelyard_dot_v1_dot_registry__service__pb2.ListAuditEntriesRequest.SerializeToString,
                 response_deserializer=modelyard_dot_v1_dot_registry__service__pb2.ListAuditEntriesResponse.FromString,
                 _registered_method=True)
+        self.ExportModel = channel.unary_stream(
+                '/modelyard.v1.RegistryService/ExportModel',
+                request_serializer=modelyard_dot_v1_dot_registry__service__pb2.ExportModelRequest.SerializeToString,
+                response_deserializer=modelyard_dot_v1_dot_registry__service__pb2.ExportModelResponse.FromString,
+                _registered_method=True)
+        self.ImportModel = channel.stream_unary(
+                '/modelyard.v1.RegistryService/ImportModel',
+                request_serializer=modelyard_dot_v1_dot_registry__service__pb2.ImportModelRequest.SerializeToString,
+                response_deserializer=modelyard_dot_v1_dot_registry__service__pb2.ImportModelResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -250,6 +260,28 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportModel(self, request, context):
+        """ExportModel streams a model's migration bundle (docs/migration.md): a tar of a manifest
+        (the versions' metadata, hashes and sizes, the aliases with their history, the
+        deployment, this cluster's id) and the artifacts by sha256. Each artifact is verified
+        against its hash before its bytes are sent; a damaged one fails the stream with DATA_LOSS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportModel(self, request_iterator, context):
+        """ImportModel reads a migration bundle and records its versions, all or nothing: every
+        artifact is hashed and statically inspected as an upload is, and nothing is stored until
+        all have passed; then the versions are recorded in one transaction, numbered here, with
+        their origin. A version already imported from the same origin is not recorded again. A
+        malformed or lying bundle fails with INVALID_ARGUMENT (reasons BUNDLE_INVALID,
+        CHECKSUM_MISMATCH, UNSAFE_ARTIFACT, TOO_LARGE, MODEL_SIGNATURE_INVALID) and stores nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -332,6 +364,16 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEntries,
                     request_deserializer=modelyard_dot_v1_dot_registry__service__pb2.ListAuditEntriesRequest.FromString,
                     response_serializer=modelyard_dot_v1_dot_registry__service__pb2.ListAuditEntriesResponse.SerializeToString,
+            ),
+            'ExportModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportModel,
+                    request_deserializer=modelyard_dot_v1_dot_registry__service__pb2.ExportModelRequest.FromString,
+                    response_serializer=modelyard_dot_v1_dot_registry__service__pb2.ExportModelResponse.SerializeToString,
+            ),
+            'ImportModel': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportModel,
+                    request_deserializer=modelyard_dot_v1_dot_registry__service__pb2.ImportModelRequest.FromString,
+                    response_serializer=modelyard_dot_v1_dot_registry__service__pb2.ImportModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -768,6 +810,60 @@ class RegistryService:
             '/modelyard.v1.RegistryService/ListAuditEntries',
             modelyard_dot_v1_dot_registry__service__pb2.ListAuditEntriesRequest.SerializeToString,
             modelyard_dot_v1_dot_registry__service__pb2.ListAuditEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelyard.v1.RegistryService/ExportModel',
+            modelyard_dot_v1_dot_registry__service__pb2.ExportModelRequest.SerializeToString,
+            modelyard_dot_v1_dot_registry__service__pb2.ExportModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportModel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/modelyard.v1.RegistryService/ImportModel',
+            modelyard_dot_v1_dot_registry__service__pb2.ImportModelRequest.SerializeToString,
+            modelyard_dot_v1_dot_registry__service__pb2.ImportModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -90,6 +90,20 @@ class RegistryServiceStub:
     """
     ListAuditEntries: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListAuditEntriesRequest, _registry_service_pb2.ListAuditEntriesResponse]
     """ListAuditEntries returns the audit log of mutating calls, newest first, filtered and paged."""
+    ExportModel: _grpc.UnaryStreamMultiCallable[_registry_service_pb2.ExportModelRequest, _registry_service_pb2.ExportModelResponse]
+    """ExportModel streams a model's migration bundle (docs/migration.md): a tar of a manifest
+    (the versions' metadata, hashes and sizes, the aliases with their history, the
+    deployment, this cluster's id) and the artifacts by sha256. Each artifact is verified
+    against its hash before its bytes are sent; a damaged one fails the stream with DATA_LOSS.
+    """
+    ImportModel: _grpc.StreamUnaryMultiCallable[_registry_service_pb2.ImportModelRequest, _registry_service_pb2.ImportModelResponse]
+    """ImportModel reads a migration bundle and records its versions, all or nothing: every
+    artifact is hashed and statically inspected as an upload is, and nothing is stored until
+    all have passed; then the versions are recorded in one transaction, numbered here, with
+    their origin. A version already imported from the same origin is not recorded again. A
+    malformed or lying bundle fails with INVALID_ARGUMENT (reasons BUNDLE_INVALID,
+    CHECKSUM_MISMATCH, UNSAFE_ARTIFACT, TOO_LARGE, MODEL_SIGNATURE_INVALID) and stores nothing.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -153,6 +167,20 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """
     ListAuditEntries: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListAuditEntriesRequest, _registry_service_pb2.ListAuditEntriesResponse]  # type: ignore[assignment]
     """ListAuditEntries returns the audit log of mutating calls, newest first, filtered and paged."""
+    ExportModel: _aio.UnaryStreamMultiCallable[_registry_service_pb2.ExportModelRequest, _registry_service_pb2.ExportModelResponse]  # type: ignore[assignment]
+    """ExportModel streams a model's migration bundle (docs/migration.md): a tar of a manifest
+    (the versions' metadata, hashes and sizes, the aliases with their history, the
+    deployment, this cluster's id) and the artifacts by sha256. Each artifact is verified
+    against its hash before its bytes are sent; a damaged one fails the stream with DATA_LOSS.
+    """
+    ImportModel: _aio.StreamUnaryMultiCallable[_registry_service_pb2.ImportModelRequest, _registry_service_pb2.ImportModelResponse]  # type: ignore[assignment]
+    """ImportModel reads a migration bundle and records its versions, all or nothing: every
+    artifact is hashed and statically inspected as an upload is, and nothing is stored until
+    all have passed; then the versions are recorded in one transaction, numbered here, with
+    their origin. A version already imported from the same origin is not recorded again. A
+    malformed or lying bundle fails with INVALID_ARGUMENT (reasons BUNDLE_INVALID,
+    CHECKSUM_MISMATCH, UNSAFE_ARTIFACT, TOO_LARGE, MODEL_SIGNATURE_INVALID) and stores nothing.
+    """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """RegistryService is the source of truth for models, their versions, artifacts and aliases.
@@ -309,5 +337,31 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.ListAuditEntriesResponse, _abc.Awaitable[_registry_service_pb2.ListAuditEntriesResponse]]:
         """ListAuditEntries returns the audit log of mutating calls, newest first, filtered and paged."""
+
+    @_abc_1.abstractmethod
+    def ExportModel(
+        self,
+        request: _registry_service_pb2.ExportModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_registry_service_pb2.ExportModelResponse], _abc.AsyncIterator[_registry_service_pb2.ExportModelResponse]]:
+        """ExportModel streams a model's migration bundle (docs/migration.md): a tar of a manifest
+        (the versions' metadata, hashes and sizes, the aliases with their history, the
+        deployment, this cluster's id) and the artifacts by sha256. Each artifact is verified
+        against its hash before its bytes are sent; a damaged one fails the stream with DATA_LOSS.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportModel(
+        self,
+        request_iterator: _MaybeAsyncIterator[_registry_service_pb2.ImportModelRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ImportModelResponse, _abc.Awaitable[_registry_service_pb2.ImportModelResponse]]:
+        """ImportModel reads a migration bundle and records its versions, all or nothing: every
+        artifact is hashed and statically inspected as an upload is, and nothing is stored until
+        all have passed; then the versions are recorded in one transaction, numbered here, with
+        their origin. A version already imported from the same origin is not recorded again. A
+        malformed or lying bundle fails with INVALID_ARGUMENT (reasons BUNDLE_INVALID,
+        CHECKSUM_MISMATCH, UNSAFE_ARTIFACT, TOO_LARGE, MODEL_SIGNATURE_INVALID) and stores nothing.
+        """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
