@@ -6,7 +6,7 @@
 Checks that deploy/prometheus/alerts.yml parses and that every rule has an alert name, an
 expression, a `for` duration and a severity label; that prometheus.yml lists it in
 `rule_files`; that compose.yaml mounts this very file where prometheus.yml looks; and that the
-Kubernetes ConfigMap carries it byte for byte.
+Kubernetes ConfigMap carries it byte for byte and the Kubernetes Prometheus mounts it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy/prometheus/alerts.yml"
 CONFIG = ROOT / "deploy/prometheus/prometheus.yml"
 K8S_RULES = ROOT / "deploy/k8s/prometheus-rules.yaml"
+K8S_PROMETHEUS = ROOT / "deploy/k8s/prometheus.yaml"
 K8S_NAME = "modelyard-prometheus-rules"
 # Where compose.yaml (and a Kubernetes Prometheus, from the ConfigMap) put the rule file.
 RULES_DIR = "/etc/prometheus/rules"
@@ -96,6 +97,26 @@ def mount_errors(compose_config: dict[str, Any], rule_files: list[str]) -> list[
     return errors
 
 
+def k8s_prometheus_errors() -> list[str]:
+    """What keeps deploy/k8s/prometheus.yaml's Prometheus from loading the rules ConfigMap."""
+    where = K8S_PROMETHEUS.relative_to(ROOT)
+    docs = [d for d in yaml.safe_load_all(K8S_PROMETHEUS.read_text()) if d]
+    configs = [d for d in docs if d["kind"] == "ConfigMap"]
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    if len(configs) != 1 or len(deployments) != 1:
+        return [f"{where}: expected one ConfigMap (prometheus.yml) and one Deployment"]
+    errors = []
+    config = yaml.safe_load(configs[0]["data"]["prometheus.yml"]) or {}
+    if f"{RULES_DIR}/alerts.yml" not in (config.get("rule_files") or []):
+        errors.append(f"{where}: prometheus.yml's rule_files does not list {RULES_DIR}/alerts.yml")
+    pod = deployments[0]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v.get("configMap", {}).get("name") for v in pod.get("volumes", [])}
+    mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+    if volumes.get(mounts.get(RULES_DIR, "")) != K8S_NAME:
+        errors.append(f"{where}: the ConfigMap {K8S_NAME} is not mounted at {RULES_DIR}")
+    return errors
+
+
 def main(argv: list[str]) -> int:
     rules_text = RULES.read_text()
     if argv == ["--write-k8s"]:
@@ -114,6 +135,7 @@ def main(argv: list[str]) -> int:
             f"{K8S_RULES.relative_to(ROOT)} differs from deploy/prometheus/alerts.yml:"
             " run scripts/check_alert_rules.py --write-k8s"
         )
+    errors += k8s_prometheus_errors()
     for error in errors:
         print(error, file=sys.stderr)
     if not errors:

@@ -96,6 +96,12 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str]] = {
         ),
         "does not mount deploy/prometheus/alerts.yml",
     ),
+    "the Kubernetes Prometheus does not mount the rules": (
+        lambda c: edit(
+            c / "deploy/k8s/prometheus.yaml", "mountPath: /etc/prometheus/rules", "mountPath: /rules"
+        ),
+        "is not mounted at /etc/prometheus/rules",
+    ),
     "the Kubernetes rules drift from alerts.yml": (
         lambda c: edit(c / "deploy/k8s/prometheus-rules.yaml", "for: 2m", "for: 3m"),
         "prometheus-rules.yaml differs",
