@@ -18,6 +18,7 @@ from model_server.batching import BatchConfig
 from model_server.dataplane import ModelServerDataPlane
 from model_server.loader import ArtifactSource, RegistryArtifactSource
 from model_server.oip_servicer import OIP_SERVICE_NAME, OipServicer
+from model_server.optimization import CompileCache, Optimizer
 from model_server.reconciler import Backoff, Reconciler
 from model_server.repository import ModelRepository, VersionState
 from model_server.servicer import SERVICE_NAME, ModelServerServicer
@@ -92,6 +93,7 @@ class ModelServerApp:
             precision=settings.precision,
             on_change=self._held_changed,
             signatures=SignaturePolicy.from_settings(settings.signing),
+            optimizer=Optimizer(CompileCache(settings.compile_cache_dir)),
         )
         self.reconciler = Reconciler(
             self.store,

@@ -102,6 +102,7 @@ RULES: Mapping[str, Mapping[str, Mapping[str, Rule]]] = {
         "modelyard.v1.ModelServerService": {
             "Infer": Rule(INTERNAL),
             "GetServerStatus": Rule(INTERNAL),
+            "EvaluateOptimizations": Rule("deploy", _MODEL),
         },
         "inference.GRPCInferenceService": {name: Rule(INTERNAL) for name in _OIP_METHODS},
     },
@@ -123,6 +124,7 @@ RULES: Mapping[str, Mapping[str, Mapping[str, Rule]]] = {
             "ArchiveModelVersion": Rule("registry.write", _MODEL, mutating=True),
             "DeleteModelVersion": Rule("registry.write", _MODEL, mutating=True),
             "ListAuditEntries": Rule("audit.read"),
+            "RecordOptimizationReports": Rule("deploy", _MODEL, mutating=True),
         },
         "modelyard.v1.AccessService": {
             "CreateApiKey": Rule("admin", mutating=True),

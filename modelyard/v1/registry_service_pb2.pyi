@@ -344,3 +344,21 @@ class ListAuditEntriesResponse(_message.Message):
     entries: _containers.RepeatedCompositeFieldContainer[_registry_pb2.AuditEntry]
     next_page_token: str
     def __init__(self, entries: _Optional[_Iterable[_Union[_registry_pb2.AuditEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class RecordOptimizationReportsRequest(_message.Message):
+    __slots__ = ("model", "version", "reports", "request_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    reports: _containers.RepeatedCompositeFieldContainer[_registry_pb2.OptimizationReport]
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., reports: _Optional[_Iterable[_Union[_registry_pb2.OptimizationReport, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class RecordOptimizationReportsResponse(_message.Message):
+    __slots__ = ("model_version",)
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_version: _registry_pb2.ModelVersion
+    def __init__(self, model_version: _Optional[_Union[_registry_pb2.ModelVersion, _Mapping]] = ...) -> None: ...

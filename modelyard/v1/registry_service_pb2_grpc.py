@@ -116,6 +116,11 @@ class RegistryServiceStub:
                 request_serializer=modelyard_dot_v1_dot_registry__service__pb2.ListAuditEntriesRequest.SerializeToString,
                 response_deserializer=modelyard_dot_v1_dot_registry__service__pb2.ListAuditEntriesResponse.FromString,
                 _registered_method=True)
+        self.RecordOptimizationReports = channel.unary_unary(
+                '/modelyard.v1.RegistryService/RecordOptimizationReports',
+                request_serializer=modelyard_dot_v1_dot_registry__service__pb2.RecordOptimizationReportsRequest.SerializeToString,
+                response_deserializer=modelyard_dot_v1_dot_registry__service__pb2.RecordOptimizationReportsResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -250,6 +255,14 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordOptimizationReports(self, request, context):
+        """RecordOptimizationReports stores measured optimisation reports with a version (GetModelVersion
+        returns them); a report replaces the one of the same profile, precision and device.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -332,6 +345,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEntries,
                     request_deserializer=modelyard_dot_v1_dot_registry__service__pb2.ListAuditEntriesRequest.FromString,
                     response_serializer=modelyard_dot_v1_dot_registry__service__pb2.ListAuditEntriesResponse.SerializeToString,
+            ),
+            'RecordOptimizationReports': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordOptimizationReports,
+                    request_deserializer=modelyard_dot_v1_dot_registry__service__pb2.RecordOptimizationReportsRequest.FromString,
+                    response_serializer=modelyard_dot_v1_dot_registry__service__pb2.RecordOptimizationReportsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -768,6 +786,33 @@ class RegistryService:
             '/modelyard.v1.RegistryService/ListAuditEntries',
             modelyard_dot_v1_dot_registry__service__pb2.ListAuditEntriesRequest.SerializeToString,
             modelyard_dot_v1_dot_registry__service__pb2.ListAuditEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordOptimizationReports(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.v1.RegistryService/RecordOptimizationReports',
+            modelyard_dot_v1_dot_registry__service__pb2.RecordOptimizationReportsRequest.SerializeToString,
+            modelyard_dot_v1_dot_registry__service__pb2.RecordOptimizationReportsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -90,6 +90,10 @@ class RegistryServiceStub:
     """
     ListAuditEntries: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListAuditEntriesRequest, _registry_service_pb2.ListAuditEntriesResponse]
     """ListAuditEntries returns the audit log of mutating calls, newest first, filtered and paged."""
+    RecordOptimizationReports: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.RecordOptimizationReportsRequest, _registry_service_pb2.RecordOptimizationReportsResponse]
+    """RecordOptimizationReports stores measured optimisation reports with a version (GetModelVersion
+    returns them); a report replaces the one of the same profile, precision and device.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -153,6 +157,10 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """
     ListAuditEntries: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListAuditEntriesRequest, _registry_service_pb2.ListAuditEntriesResponse]  # type: ignore[assignment]
     """ListAuditEntries returns the audit log of mutating calls, newest first, filtered and paged."""
+    RecordOptimizationReports: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.RecordOptimizationReportsRequest, _registry_service_pb2.RecordOptimizationReportsResponse]  # type: ignore[assignment]
+    """RecordOptimizationReports stores measured optimisation reports with a version (GetModelVersion
+    returns them); a report replaces the one of the same profile, precision and device.
+    """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """RegistryService is the source of truth for models, their versions, artifacts and aliases.
@@ -309,5 +317,15 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.ListAuditEntriesResponse, _abc.Awaitable[_registry_service_pb2.ListAuditEntriesResponse]]:
         """ListAuditEntries returns the audit log of mutating calls, newest first, filtered and paged."""
+
+    @_abc_1.abstractmethod
+    def RecordOptimizationReports(
+        self,
+        request: _registry_service_pb2.RecordOptimizationReportsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.RecordOptimizationReportsResponse, _abc.Awaitable[_registry_service_pb2.RecordOptimizationReportsResponse]]:
+        """RecordOptimizationReports stores measured optimisation reports with a version (GetModelVersion
+        returns them); a report replaces the one of the same profile, precision and device.
+        """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
