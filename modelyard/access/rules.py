@@ -102,7 +102,7 @@ RULES: Mapping[str, Mapping[str, Mapping[str, Rule]]] = {
         "modelyard.v1.ModelServerService": {
             "Infer": Rule(INTERNAL),
             "GetServerStatus": Rule(INTERNAL),
-            "EvaluateOptimizations": Rule("deploy", _MODEL),
+            "EvaluateOptimizations": Rule(INTERNAL),
         },
         "inference.GRPCInferenceService": {name: Rule(INTERNAL) for name in _OIP_METHODS},
     },
