@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 import torch.export.passes  # a submodule `import torch` does not load (move_to_device_pass)
+from google.protobuf import duration_pb2
 
 from modelyard.errors import FailedPrecondition
 from modelyard.tensor_codec import DTYPE_BY_DATA_TYPE
@@ -187,6 +188,30 @@ class OptimizationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def to_proto(self, server_id: str) -> registry_pb2.OptimizationReport:
+        """The report as the registry stores it, stamped with who measured it, and now."""
+        nanos = int(self.load_s * 1e9)
+        message = registry_pb2.OptimizationReport(
+            optimization=self.profile,
+            precision=self.precision,
+            device=self.device,
+            max_abs_error=self.max_abs_error,
+            max_rel_error=self.max_rel_error,
+            items_per_s_batch1=self.items_per_s_batch1,
+            items_per_s_max_batch=self.items_per_s_max_batch,
+            max_batch=self.max_batch,
+            load_time=duration_pb2.Duration(seconds=nanos // 1_000_000_000, nanos=nanos % 1_000_000_000),
+            sample=self.sample,
+            sample_items=self.sample_items,
+            compile_cache_hit=self.compile_cache_hit,
+            error=self.error,
+            server_id=server_id,
+        )
+        if self.top1_agreement is not None:
+            message.top1_agreement = self.top1_agreement
+        message.time.GetCurrentTime()
+        return message
 
 
 def _flat_outputs(result: Any) -> list[torch.Tensor]:

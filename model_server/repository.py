@@ -11,7 +11,7 @@ import enum
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,6 +143,8 @@ class ModelRepository:
             none (tests that build their own artifacts).
         optimizer: Applies deployments' optimisation profiles; unset: one without a compile
             cache (`compile` is refused).
+        report_sink: Given each report measured at load (passed or refused by the gate), to
+            store it in the registry; its failures are logged, never fail the load.
     """
 
     def __init__(
@@ -155,7 +157,9 @@ class ModelRepository:
         on_change: Callable[[], None] | None = None,
         signatures: SignaturePolicy | None = None,
         optimizer: Optimizer | None = None,
+        report_sink: Callable[[str, int, OptimizationReport], Awaitable[None]] | None = None,
     ) -> None:
+        self._report_sink = report_sink
         self._source = source
         self.optimizer = optimizer or Optimizer()
         self._signatures = signatures
@@ -369,6 +373,11 @@ class ModelRepository:
                 batching=batching,
             )
             del reference, as_saved
+            if self._report_sink is not None:
+                try:
+                    await self._report_sink(model, version, loaded.report)
+                except Exception as exc:  # noqa: BLE001 - the report is for operators, not the load
+                    log.warning("could not record the report of %s v%d: %s", model, version, exc)
             violation = serving.tolerance.violation(loaded.report)
             if violation is not None:
                 raise FailedPrecondition(

@@ -11,7 +11,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from model_server.batching import BatchTiming
 from model_server.dataplane import ModelServerDataPlane
-from model_server.optimization import PROFILES, OptimizationReport
+from model_server.optimization import PROFILES
 from model_server.repository import LoadedVersion, VersionState
 from modelyard.rpc.context import current_request_id
 from modelyard.rpc.errors import rpc_errors
@@ -20,11 +20,10 @@ from modelyard.v1 import (
     inference_service_pb2,
     model_server_service_pb2,
     model_server_service_pb2_grpc,
-    registry_pb2,
 )
 from modelyard.validation import WireTensor
 
-__all__ = ["ModelServerServicer", "SERVICE_NAME", "report_to_proto"]
+__all__ = ["ModelServerServicer", "SERVICE_NAME"]
 
 SERVICE_NAME = model_server_service_pb2.DESCRIPTOR.services_by_name["ModelServerService"].full_name
 
@@ -47,30 +46,6 @@ def _timing(timing: BatchTiming) -> inference_service_pb2.ServerTiming:
         compute=_duration(timing.compute_s),
         batch_size=timing.batch_size,
     )
-
-
-def report_to_proto(report: OptimizationReport, server_id: str) -> registry_pb2.OptimizationReport:
-    """An optimisation report as the registry stores it, stamped with who measured it, when."""
-    message = registry_pb2.OptimizationReport(
-        optimization=report.profile,
-        precision=report.precision,
-        device=report.device,
-        max_abs_error=report.max_abs_error,
-        max_rel_error=report.max_rel_error,
-        items_per_s_batch1=report.items_per_s_batch1,
-        items_per_s_max_batch=report.items_per_s_max_batch,
-        max_batch=report.max_batch,
-        load_time=_duration(report.load_s),
-        sample=report.sample,
-        sample_items=report.sample_items,
-        compile_cache_hit=report.compile_cache_hit,
-        error=report.error,
-        server_id=server_id,
-    )
-    if report.top1_agreement is not None:
-        message.top1_agreement = report.top1_agreement
-    message.time.GetCurrentTime()
-    return message
 
 
 def _loaded_version(loaded: LoadedVersion) -> model_server_service_pb2.LoadedVersion:
@@ -160,5 +135,5 @@ class ModelServerServicer(model_server_service_pb2_grpc.ModelServerServiceServic
             max_batch=request.max_batch,
         )
         return model_server_service_pb2.EvaluateOptimizationsResponse(
-            reports=[report_to_proto(r, self._server_id) for r in reports]
+            reports=[r.to_proto(self._server_id) for r in reports]
         )

@@ -24,6 +24,7 @@ from model_server.app import ModelServerApp
 from model_server.repository import LoadedVersion, VersionState
 from model_server.settings import ModelServerSettings
 from modelyard import cli_optimize, cli_registry
+from modelyard.baseline import compute_baseline
 from modelyard.coordination import CoordinationStore
 from modelyard.settings import RedisSettings, ServerSettings, load_settings
 from modelyard.v1 import registry_pb2, tensor_pb2
@@ -119,11 +120,21 @@ def exported(module: torch.nn.Module) -> bytes:
     return buffer.getvalue()
 
 
-async def upload(stub: RegistryServiceAsyncStub, model: str, data: bytes, fmt: int) -> None:
+async def upload(
+    stub: RegistryServiceAsyncStub,
+    model: str,
+    data: bytes,
+    fmt: int,
+    baselines: list[registry_pb2.InputBaseline] | None = None,
+) -> None:
     async def requests() -> AsyncIterator[pb.UploadModelVersionRequest]:
         yield pb.UploadModelVersionRequest(
             metadata=pb.UploadModelVersionMetadata(
-                model=model, format=fmt, sha256=hashlib.sha256(data).hexdigest(), signature=SIGNATURE
+                model=model,
+                format=fmt,
+                sha256=hashlib.sha256(data).hexdigest(),
+                signature=SIGNATURE,
+                input_baselines=baselines or [],
             )
         )
         yield pb.UploadModelVersionRequest(chunk=data)
@@ -175,7 +186,12 @@ async def test_a_profile_beyond_the_tolerance_is_refused_and_the_served_copy_kee
 ) -> None:
     server = await launch()
     await stub.CreateModel(pb.CreateModelRequest(name=MODEL))
-    await upload(stub, MODEL, torchscript(sensitive_model()), registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT)
+    baselines = compute_baseline(
+        {"x": torch.randn(512, 16, generator=torch.Generator().manual_seed(3)) * 2 + 1}
+    )
+    await upload(
+        stub, MODEL, torchscript(sensitive_model()), registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT, baselines
+    )
     await stub.SetAlias(pb.SetAliasRequest(model=MODEL, alias="production", version=1))
     first = await served(server)
     assert first.serving.optimization == "none" and first.report is None
@@ -200,11 +216,20 @@ async def test_a_profile_beyond_the_tolerance_is_refused_and_the_served_copy_kee
         assert loop.time() < deadline, records
         await asyncio.sleep(0.05)
 
+    # What the gate measured is in the registry, even for the refused profile.
+    version = (await stub.GetModelVersion(pb.GetModelVersionRequest(model=MODEL, version=1))).model_version
+    (report,) = version.optimization_reports
+    assert (report.optimization, report.precision, report.device) == ("int8_dynamic", "fp32", "cpu")
+    assert (
+        report.max_abs_error > 1e-3 and report.sample == "baseline" and report.server_id == server.service_id
+    )
+
     # A tolerance the profile meets: it loads, and its report says what it measured.
     await set_deployment(stub, ["max_abs_error"], max_abs_error=1e6)
     second = await served(server, lambda v: v.serving.optimization == "int8_dynamic")
     assert second.report is not None and second.report.max_abs_error > 1e-3
-    assert second.report.sample == "synthetic" and second.report.items_per_s_max_batch > 0
+    assert second.report.sample == "baseline" and second.report.items_per_s_max_batch > 0
+    assert second.record().optimization["profile"] == "int8_dynamic"
 
 
 async def test_optimize_measures_records_and_applies_the_fastest_within_tolerance(
