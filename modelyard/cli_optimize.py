@@ -63,7 +63,9 @@ def recommend(
 ) -> str:
     """The profile with the most items/s at the largest batch within tolerance ("none" when
     nothing is)."""
-    fits = [r for r in reports if within_tolerance(r, max_abs_error, min_top1)]
+    # Only fp32 reports: a profile is recommended for the precision it was measured at, and
+    # the deployment's precision is not what `--apply` changes.
+    fits = [r for r in reports if r.precision == "fp32" and within_tolerance(r, max_abs_error, min_top1)]
     if not fits:
         return "none"
     return max(fits, key=lambda r: r.items_per_s_max_batch).optimization
@@ -89,6 +91,10 @@ def optimize(
     apply: Annotated[
         bool, typer.Option("--apply", help="Set the recommended profile in the deployment.")
     ] = False,
+    stored: Annotated[
+        bool,
+        typer.Option("--stored", help="Show the reports the registry holds instead of measuring."),
+    ] = False,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
     api_key: ApiKeyOpt = "",
@@ -100,6 +106,9 @@ def optimize(
     async def run(channel: grpc.aio.Channel, md: Any) -> tuple[registry_pb2.Deployment, list[Any]]:
         stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
         deployment = (await stub.GetDeployment(pb.GetDeploymentRequest(model=model))).deployment
+        if stored:
+            got = await stub.GetModelVersion(pb.GetModelVersionRequest(model=model, version=version))
+            return deployment, list(got.model_version.optimization_reports)
         token = api_key or api_key_for(registry)
         async with open_channel(
             server, client_tls_for(registry), token=token, client="cli"
@@ -151,18 +160,23 @@ def optimize(
         sys.stdout.write(json.dumps(answer, indent=2) + "\n")
         return
     console = cli_registry.console
-    none = next((r for r in reports if r.optimization == "none" and not r.error), None)
+    none = next(
+        (r for r in reports if r.optimization == "none" and r.precision == "fp32" and not r.error), None
+    )
     table = Table(
-        "profile", "device", "max abs err", "max rel err", "top-1", "items/s b1", "items/s max", "×none",
-        "load s", "ok", title=f"{model} v{version}",
+        "profile", "precision", "device", "max abs err", "max rel err", "top-1", "items/s b1",
+        "items/s max", "×none", "load s", "ok", title=f"{model} v{version}",
     )  # fmt: skip
     for r in reports:
         if r.error:
-            table.add_row(r.optimization, r.device, "", "", "", "", "", "", "", f"[red]{r.error}[/red]")
+            table.add_row(
+                r.optimization, r.precision, r.device, "", "", "", "", "", "", "", f"[red]{r.error}[/red]"
+            )
             continue
         ratio = r.items_per_s_max_batch / none.items_per_s_max_batch if none else 0.0
         table.add_row(
             r.optimization,
+            r.precision,
             r.device,
             f"{r.max_abs_error:.2e}",
             f"{r.max_rel_error:.2e}",

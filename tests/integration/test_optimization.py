@@ -262,6 +262,8 @@ async def test_optimize_measures_records_and_applies_the_fastest_within_toleranc
     assert set(stored) == {"none", "int8_dynamic", "freeze", "compile"}
     assert stored["int8_dynamic"].device == "cpu" and stored["int8_dynamic"].server_id == server.service_id
 
+    code, out = await cli(registry, "optimize", MODEL, "1", "--stored")
+    assert code == 0 and "int8_dynamic" in out and "beyond tolerance" not in out, out  # no limit set
     code, out = await cli(
         registry, "optimize", MODEL, "1", "--profiles", "freeze", "--server", server.address, "--apply"
     )
