@@ -468,11 +468,18 @@ class ModelRepository:
                 )
 
     async def evaluate(
-        self, model: str, version: int, profiles: Iterable[str], *, max_batch: int = 0
+        self,
+        model: str,
+        version: int,
+        profiles: Iterable[str],
+        *,
+        precisions: Iterable[str] = ("fp32",),
+        max_batch: int = 0,
     ) -> list[OptimizationReport]:
-        """Measure a version under each profile against fp32 eager, on this server's default
-        device, without changing what is served. A profile the version cannot take comes back
-        refused (its `error` set); compiled packages go to the compile cache as at load.
+        """Measure a version under each profile at each precision against fp32 eager, on this
+        server's default device, without changing what is served. A combination the version
+        cannot take comes back refused (its `error` set); compiled packages go to the compile
+        cache as at load.
 
         Raises:
             ModelyardError: the artifact cannot be fetched or loaded as it is.
@@ -485,20 +492,22 @@ class ModelRepository:
         as_saved = await asyncio.to_thread(load_module, artifact, device, signatures=self._signatures)
         reference = forward_fn(as_saved, device, None, output_dtypes)
         reports = []
-        for profile in profiles:
+        for profile, precision in [(p, q) for p in profiles for q in precisions]:
             try:
-                check_profile(profile, artifact.platform, device)
+                compute_dtype = check_precision(precision, device)
+                check_profile(profile, artifact.platform, device, precision)
                 started = time.perf_counter()
                 module = await asyncio.to_thread(load_module, artifact, device)
+                module = cast_module(module, compute_dtype)
                 module, hit = await asyncio.to_thread(self._optimize, module, artifact, profile, device)
                 load_s = time.perf_counter() - started
                 report = await asyncio.to_thread(
                     report_for,
                     profile=profile,
-                    precision="fp32",
+                    precision=precision,
                     device=device,
                     reference=reference,
-                    candidate=forward_fn(module, device, None, output_dtypes),
+                    candidate=forward_fn(module, device, compute_dtype, output_dtypes),
                     signature=artifact.signature,
                     baselines=artifact.input_baselines,
                     max_batch=max_batch,
@@ -507,11 +516,11 @@ class ModelRepository:
                     batching=check.batching,
                 )
             except ModelyardError as exc:
-                report = OptimizationReport.refused(profile, "fp32", device, exc.message)
+                report = OptimizationReport.refused(profile, precision, device, exc.message)
             except Exception as exc:  # noqa: BLE001 - a profile torch cannot apply is reported
                 log.warning("evaluating %s v%d with %s failed", model, version, profile, exc_info=True)
                 report = OptimizationReport.refused(
-                    profile, "fp32", device, f"{type(exc).__name__}: {exc}"[:300]
+                    profile, precision, device, f"{type(exc).__name__}: {exc}"[:300]
                 )
             reports.append(report)
         return reports

@@ -132,6 +132,7 @@ class ModelServerServicer(model_server_service_pb2_grpc.ModelServerServiceServic
             request.model,
             request.version,
             list(request.optimizations) or list(PROFILES),
+            precisions=list(request.precisions) or ["fp32"],
             max_batch=request.max_batch,
         )
         return model_server_service_pb2.EvaluateOptimizationsResponse(

@@ -5,10 +5,12 @@ The model server (`--server`, default the local cluster's first, 127.0.0.1:50081
 version under each profile on its own device and measures it against fp32 eager on the
 version's baseline sample (`ModelServerService.EvaluateOptimizations`); what it serves does not
 change. The reports go to the registry (`RecordOptimizationReports`; `modelyard models
-versions` and GetModelVersion show them). The recommendation is the profile with the most
+versions` and GetModelVersion show them). Each profile is tried at each of `--precisions`
+(default fp32). The recommendation is the profile and precision with the most
 items/s at the largest batch among those within `--max-abs-error` / `--min-top1-agreement`
 (default: the deployment's own tolerance). `--apply` sets the deployment's `optimization`
-only (an update mask), compare-and-set on the epoch read before measuring.
+(and `precision` when the recommended one differs) through an update mask naming only those,
+compare-and-set on the epoch read before measuring.
 
 Wiring (in `modelyard/cli.py`)::
 
@@ -60,15 +62,14 @@ def within_tolerance(
 
 def recommend(
     reports: list[registry_pb2.OptimizationReport], max_abs_error: float | None, min_top1: float | None
-) -> str:
-    """The profile with the most items/s at the largest batch within tolerance ("none" when
-    nothing is)."""
-    # Only fp32 reports: a profile is recommended for the precision it was measured at, and
-    # the deployment's precision is not what `--apply` changes.
-    fits = [r for r in reports if r.precision == "fp32" and within_tolerance(r, max_abs_error, min_top1)]
+) -> tuple[str, str]:
+    """(profile, precision) of the report with the most items/s at the largest batch within
+    tolerance; ("none", "fp32") when nothing is."""
+    fits = [r for r in reports if within_tolerance(r, max_abs_error, min_top1)]
     if not fits:
-        return "none"
-    return max(fits, key=lambda r: r.items_per_s_max_batch).optimization
+        return "none", "fp32"
+    best = max(fits, key=lambda r: r.items_per_s_max_batch)
+    return best.optimization, best.precision or "fp32"
 
 
 def optimize(
@@ -87,6 +88,9 @@ def optimize(
         float | None,
         typer.Option(min=0, max=1, help="Tolerance; default: the deployment's min_top1_agreement."),
     ] = None,
+    precisions: Annotated[
+        str, typer.Option(help="Comma-separated precisions to try each profile at, such as fp32,bf16.")
+    ] = "fp32",
     max_batch: Annotated[int, typer.Option(min=0, help="Largest batch measured; 0: the server's.")] = 0,
     apply: Annotated[
         bool, typer.Option("--apply", help="Set the recommended profile in the deployment.")
@@ -117,7 +121,11 @@ def optimize(
                 server_channel
             ).EvaluateOptimizations(
                 model_server_service_pb2.EvaluateOptimizationsRequest(
-                    model=model, version=version, optimizations=wanted, max_batch=max_batch
+                    model=model,
+                    version=version,
+                    optimizations=wanted,
+                    precisions=[p.strip() for p in precisions.split(",") if p.strip()],
+                    max_batch=max_batch,
                 ),
                 timeout=EVALUATE_TIMEOUT_S,
             )
@@ -133,14 +141,23 @@ def optimize(
     top1_limit = min_top1_agreement
     if top1_limit is None and deployment.HasField("min_top1_agreement"):
         top1_limit = deployment.min_top1_agreement
-    best = recommend(reports, abs_limit, top1_limit)
+    best, best_precision = recommend(reports, abs_limit, top1_limit)
+    # Only what differs is written: a profile alone changes `optimization` and nothing else.
+    paths = [
+        path
+        for path, now, wanted_value in (
+            ("optimization", deployment.optimization or "none", best),
+            ("precision", deployment.precision or "fp32", best_precision),
+        )
+        if now != wanted_value
+    ]
     applied = False
-    if apply and best != (deployment.optimization or "none"):
+    if apply and paths:
         request = pb.SetDeploymentRequest(
             model=model,
-            deployment=registry_pb2.Deployment(optimization=best),
+            deployment=registry_pb2.Deployment(optimization=best, precision=best_precision),
             expected_epoch=deployment.epoch,
-            update_mask=field_mask_pb2.FieldMask(paths=["optimization"]),
+            update_mask=field_mask_pb2.FieldMask(paths=paths),
         )
         call_registry(
             registry,
@@ -156,7 +173,12 @@ def optimize(
             )
             row["within_tolerance"] = within_tolerance(r, abs_limit, top1_limit)
             rows.append(row)
-        answer = {"reports": rows, "recommended": best, "applied": applied}
+        answer = {
+            "reports": rows,
+            "recommended": best,
+            "recommended_precision": best_precision,
+            "applied": applied,
+        }
         sys.stdout.write(json.dumps(answer, indent=2) + "\n")
         return
     console = cli_registry.console
@@ -196,4 +218,7 @@ def optimize(
         f"min_top1_agreement {top1_limit if top1_limit is not None else 'any'}"
     )
     verb = "applied" if applied else "recommended"
-    console.print(f"{verb}: [bold]{best}[/bold]" + ("" if applied or not apply else " (already set)"))
+    console.print(
+        f"{verb}: [bold]{best}[/bold] at {best_precision}"
+        + ("" if applied or not apply else " (already set)")
+    )

@@ -27,16 +27,18 @@ VERSION_STATE_UNLOADING: VersionState
 VERSION_STATE_FAILED: VersionState
 
 class EvaluateOptimizationsRequest(_message.Message):
-    __slots__ = ("model", "version", "optimizations", "max_batch")
+    __slots__ = ("model", "version", "optimizations", "max_batch", "precisions")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZATIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    PRECISIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     optimizations: _containers.RepeatedScalarFieldContainer[str]
     max_batch: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., optimizations: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    precisions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., optimizations: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., precisions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EvaluateOptimizationsResponse(_message.Message):
     __slots__ = ("reports",)

@@ -247,19 +247,24 @@ async def test_optimize_measures_records_and_applies_the_fastest_within_toleranc
 
     code, out = await cli(
         registry, "optimize", MODEL, "1", "--profiles", "none,int8_dynamic,freeze,compile",
-        "--max-abs-error", "1e-3", "--server", server.address, "--json",
+        "--precisions", "fp32,bf16", "--max-abs-error", "1e-3", "--server", server.address, "--json",
     )  # fmt: skip
     assert code == 0, out
     answer = json.loads(out)
-    by_profile = {r["optimization"]: r for r in answer["reports"]}
+    bf16 = {r["optimization"]: r for r in answer["reports"] if r["precision"] == "bf16"}
+    assert set(bf16) == {"none", "int8_dynamic", "freeze", "compile"}
+    assert bf16["none"]["max_abs_error"] > 1e-3 and not bf16["none"]["within_tolerance"]
+    assert "precision fp32" in bf16["int8_dynamic"]["error"]
+    by_profile = {r["optimization"]: r for r in answer["reports"] if r["precision"] == "fp32"}
     assert by_profile["int8_dynamic"]["max_abs_error"] > 1e-3
     assert not by_profile["int8_dynamic"]["within_tolerance"]
     assert "torch.export" in by_profile["compile"]["error"]
-    assert answer["recommended"] in ("none", "freeze")
+    assert answer["recommended"] in ("none", "freeze") and answer["recommended_precision"] == "fp32"
 
     version = (await stub.GetModelVersion(pb.GetModelVersionRequest(model=MODEL, version=1))).model_version
-    stored = {r.optimization: r for r in version.optimization_reports}
+    stored = {r.optimization: r for r in version.optimization_reports if r.precision == "fp32"}
     assert set(stored) == {"none", "int8_dynamic", "freeze", "compile"}
+    assert len(version.optimization_reports) == 8
     assert stored["int8_dynamic"].device == "cpu" and stored["int8_dynamic"].server_id == server.service_id
 
     code, out = await cli(registry, "optimize", MODEL, "1", "--stored")
@@ -269,7 +274,11 @@ async def test_optimize_measures_records_and_applies_the_fastest_within_toleranc
     )
     assert code == 0 and "freeze" in out, out
     got = (await stub.GetDeployment(pb.GetDeploymentRequest(model=MODEL))).deployment
-    assert got.optimization == "freeze"
+    assert got.optimization == "freeze" and got.precision == ""  # only the profile was written
+    audit = await stub.ListAuditEntries(pb.ListAuditEntriesRequest(model=MODEL, method="SetDeployment"))
+    assert audit.entries[0].message.startswith('optimization "" -> "freeze"; placed'), audit.entries[
+        0
+    ].message
     await served(server, lambda v: v.serving.optimization == "freeze")
 
 

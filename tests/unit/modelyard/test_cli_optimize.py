@@ -29,21 +29,22 @@ def test_the_fastest_within_tolerance_is_recommended() -> None:
         report("int8_dynamic", 300, max_abs=0.05, top1=0.97),
         report("freeze", 200),
     ]
-    assert recommend(reports, None, None) == "int8_dynamic"
-    assert recommend(reports, 0.01, None) == "freeze"
-    assert recommend(reports, None, 0.99) == "freeze"
-    assert recommend(reports, 0.1, 0.95) == "int8_dynamic"
+    assert recommend(reports, None, None) == ("int8_dynamic", "fp32")
+    assert recommend(reports, 0.01, None) == ("freeze", "fp32")
+    assert recommend(reports, None, 0.99) == ("freeze", "fp32")
+    assert recommend(reports, 0.1, 0.95) == ("int8_dynamic", "fp32")
 
 
-def test_refused_and_reduced_precision_reports_are_never_recommended() -> None:
+def test_a_refused_report_is_never_recommended_and_a_precision_comes_with_its_profile() -> None:
     reports = [
         report("none", 100),
         report("compile", 900, error="compile builds torch.export programs"),
-        report("none", 500, precision="bf16"),
+        report("freeze", 500, max_abs=0.004, precision="bf16"),
     ]
-    assert recommend(reports, None, None) == "none"
     assert not within_tolerance(reports[1], None, None)
-    assert recommend([], None, None) == "none"
+    assert recommend(reports, None, None) == ("freeze", "bf16")
+    assert recommend(reports, 0.001, None) == ("none", "fp32")
+    assert recommend([], None, None) == ("none", "fp32")
 
 
 def test_top1_is_judged_only_where_it_was_measured() -> None:
