@@ -7,7 +7,10 @@ cast, at the same place (`model_server.repository.ModelRepository._build`):
 - `int8_dynamic`: dynamic int8 quantisation of Linear (and LSTM) layers, CPU only. Only
   TorchScript takes it, through the graph-mode `quantize_dynamic_jit`: eager
   `quantize_dynamic` swaps `nn.Linear` submodules, and a ScriptModule or an exported
-  program's module has none, so it would return the model unchanged without a word.
+  program's module has none, so it would return the model unchanged without a word. It runs
+  in a child process (`model_server.quantize_worker`): the graph-mode quantiser is native code
+  that segfaults on some graphs (a scripted TransformerEncoder), and a crash must fail the
+  load, not the server.
 - `freeze`: TorchScript only: `torch.jit.freeze` (weights become constants) then
   `torch.jit.optimize_for_inference` (conv-bn folding, MKLDNN layouts on CPU).
 - `compile`: torch.export only: AOTInductor compiles the program for the server's device
@@ -469,8 +472,9 @@ def report_for(
     budget_s: float = 0.3,
     batching: bool = True,
 ) -> OptimizationReport:
-    """Measure `candidate` against `reference` (fp32 eager) on a baseline sample; blocking."""
-    items = sample_items if batching else 1
+    """Measure `candidate` against `reference` (fp32 eager) on a baseline sample of
+    `sample_items` (at least `max_batch`) items, fed in chunks of `max_batch`; blocking."""
+    items = max(sample_items, max_batch) if batching else 1
     inputs, kind = sample_inputs(signature, baselines, items)
     chunk = max_batch if batching else 1
     reference_out: list[list[torch.Tensor]] = []
