@@ -182,7 +182,7 @@ async def cli(registry: RegistryApp, *args: str) -> tuple[int, str]:
 
 
 async def test_a_profile_beyond_the_tolerance_is_refused_and_the_served_copy_keeps_its_settings(
-    stub: RegistryServiceAsyncStub, launch: Callable[[], Any], store: CoordinationStore
+    registry: RegistryApp, stub: RegistryServiceAsyncStub, launch: Callable[[], Any], store: CoordinationStore
 ) -> None:
     server = await launch()
     await stub.CreateModel(pb.CreateModelRequest(name=MODEL))
@@ -224,8 +224,10 @@ async def test_a_profile_beyond_the_tolerance_is_refused_and_the_served_copy_kee
         report.max_abs_error > 1e-3 and report.sample == "baseline" and report.server_id == server.service_id
     )
 
-    # A tolerance the profile meets: it loads, and its report says what it measured.
-    await set_deployment(stub, ["max_abs_error"], max_abs_error=1e6)
+    # A tolerance the profile meets (set from the CLI): it loads, and its report says what it
+    # measured.
+    code, out = await cli(registry, "deploy", "set", MODEL, "--max-abs-error", "1e6")
+    assert code == 0 and "int8_dynamic" in out and "max_abs_error 1000000.0" in out, out
     second = await served(server, lambda v: v.serving.optimization == "int8_dynamic")
     assert second.report is not None and second.report.max_abs_error > 1e-3
     assert second.report.sample == "baseline" and second.report.items_per_s_max_batch > 0
