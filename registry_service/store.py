@@ -61,12 +61,13 @@ from registry_service.records import (
 
 __all__ = ["RegistryStore", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """Kept in `PRAGMA user_version`; a database from a newer registry is refused, not guessed at.
 2 -> 3 added `versions.input_baselines`, 3 -> 4 `models.require_signature`, `versions.signer`
 and `versions.model_signature`, 4 -> 5 `audit_log.prev_hash` and `audit_log.entry_hash` (the
-hash chain), 5 -> 6 `alias_history.kind`, 6 -> 7 the `optimization_reports` table (each
-upgraded in place on open)."""
+hash chain), 5 -> 6 `alias_history.kind`, 7 -> 8 the `optimization_reports` table (7 is the
+migration work's `cluster` identity and `versions.origin_*`, merged separately; each upgraded
+in place on open)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (

@@ -209,7 +209,7 @@ async def test_a_schema_5_database_is_upgraded_and_its_moves_stay_untyped(tmp_pa
     finally:
         await store.aclose()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
     conn.close()
 
 
