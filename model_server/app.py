@@ -18,6 +18,7 @@ from model_server.batching import BatchConfig
 from model_server.dataplane import ModelServerDataPlane
 from model_server.loader import ArtifactSource, RegistryArtifactSource
 from model_server.oip_servicer import OIP_SERVICE_NAME, OipServicer
+from model_server.optimization import CompileCache, OptimizationReport, Optimizer
 from model_server.reconciler import Backoff, Reconciler
 from model_server.repository import ModelRepository, VersionState
 from model_server.servicer import SERVICE_NAME, ModelServerServicer
@@ -92,6 +93,8 @@ class ModelServerApp:
             precision=settings.precision,
             on_change=self._held_changed,
             signatures=SignaturePolicy.from_settings(settings.signing),
+            optimizer=Optimizer(CompileCache(settings.compile_cache_dir)),
+            report_sink=self._record_report if self._registry is not None else None,
         )
         self.reconciler = Reconciler(
             self.store,
@@ -139,6 +142,10 @@ class ModelServerApp:
             draining=self._draining,
             versions=self.repository.records(),
         )
+
+    async def _record_report(self, model: str, version: int, report: OptimizationReport) -> None:
+        if self._registry is not None:
+            await self._registry.record_reports(model, version, [report.to_proto(self.service_id)])
 
     def _held_changed(self) -> None:
         # Only meaningful once the heartbeat knows our address.

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from model_server.batching import BatchConfig
+from model_server.optimization import Tolerance
 from modelyard.errors import FailedPrecondition
 
 __all__ = [
@@ -55,6 +56,10 @@ class ServingConfig:
     precision: str = "fp32"
     """"fp32", "fp16" (GPU only) or "bf16"."""
     batch: BatchConfig = field(default_factory=BatchConfig)
+    optimization: str = "none"
+    """A `model_server.optimization.PROFILES` name, applied after the precision cast."""
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    """How far a reduced precision or an optimisation may stray from fp32 eager."""
 
 
 def resolve_device(device: str) -> str:

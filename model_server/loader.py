@@ -233,6 +233,34 @@ class RegistryArtifactSource:
             signature_required=model_record.model.require_signature,
         )
 
+    async def record_reports(
+        self,
+        model: str,
+        version: int,
+        reports: list[registry_pb2.OptimizationReport],
+        *,
+        timeout_s: float = 5.0,
+    ) -> None:
+        """Store measured optimisation reports with the version in the registry.
+
+        Raises:
+            Unavailable: the registry did not take them.
+        """
+        stale = self._watch is not None and self._watch.generation() != self._generation
+        stub = self._open() if self._stub is None or stale else self._stub
+        try:
+            await stub.RecordOptimizationReports(
+                registry_service_pb2.RecordOptimizationReportsRequest(
+                    model=model, version=version, reports=reports
+                ),
+                timeout=timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(
+                f"cannot record the optimisation reports of model {model!r} version {version}: "
+                f"{exc.code().name} {exc.details()}"
+            ) from None
+
 
 def verify_artifact(artifact: Artifact) -> None:
     """Check the bytes against the sha256 the registry recorded.

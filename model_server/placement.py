@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from model_server.batching import BatchConfig
 from model_server.devices import ServingConfig
+from model_server.optimization import Tolerance
 from modelyard.coordination import Deployment
 from modelyard.errors import FailedPrecondition
 
@@ -124,6 +125,10 @@ def serving_config(deployment: Deployment | None, defaults: ServingConfig) -> Se
         device=deployment.device or defaults.device,
         precision=deployment.precision or defaults.precision,
         batch=batch,
+        optimization=deployment.optimization or defaults.optimization,
+        tolerance=Tolerance(
+            max_abs_error=deployment.max_abs_error, min_top1_agreement=deployment.min_top1_agreement
+        ),
     )
 
 

@@ -11,7 +11,7 @@ import enum
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,8 @@ from google.protobuf import json_format
 
 from model_server.batching import BatchConfig, Batcher
 from model_server.devices import ServingConfig, cast_module, check_precision, forward_fn, resolve_device
-from model_server.loader import ArtifactSource, load_module
+from model_server.loader import Artifact, ArtifactSource, load_exported_program, load_module
+from model_server.optimization import OptimizationReport, Optimizer, check_profile, report_for
 from model_server.stats import register_input_bins
 from modelyard.coordination import VersionRecord
 from modelyard.errors import FailedPrecondition, ModelyardError, VersionNotReady
@@ -67,6 +68,9 @@ class LoadedVersion:
     """Wall-clock time it became ready."""
     check: InputCheck = field(default_factory=lambda: InputCheck("", (), ()))
     """Its signature compiled for checking requests (built once at load, for the hot path)."""
+    report: OptimizationReport | None = None
+    """Its accuracy and speed against fp32 eager, measured at load when it runs optimised (a
+    reduced precision or an optimisation profile); None when it runs as saved."""
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -89,6 +93,7 @@ class LoadedVersion:
             error=self.error,
             signature=json_format.MessageToDict(self.signature),
             platform=self.platform,
+            optimization=self.report.to_dict() if self.report is not None else {},
         )
 
 
@@ -136,6 +141,10 @@ class ModelRepository:
         on_change: Called after every state change (the app pokes its heartbeat).
         signatures: Checks each version's model signature before it is loaded; unset checks
             none (tests that build their own artifacts).
+        optimizer: Applies deployments' optimisation profiles; unset: one without a compile
+            cache (`compile` is refused).
+        report_sink: Given each report measured at load (passed or refused by the gate), to
+            store it in the registry; its failures are logged, never fail the load.
     """
 
     def __init__(
@@ -147,8 +156,12 @@ class ModelRepository:
         precision: str = "fp32",
         on_change: Callable[[], None] | None = None,
         signatures: SignaturePolicy | None = None,
+        optimizer: Optimizer | None = None,
+        report_sink: Callable[[str, int, OptimizationReport], Awaitable[None]] | None = None,
     ) -> None:
+        self._report_sink = report_sink
         self._source = source
+        self.optimizer = optimizer or Optimizer()
         self._signatures = signatures
         self.default_serving = ServingConfig(device=device, precision=precision, batch=config)
         """What a version is served with when its deployment sets nothing."""
@@ -299,12 +312,13 @@ class ModelRepository:
         loaded.ready_time = time.time()
         self._versions[key] = loaded
         log.info(
-            "loaded %s v%d (%s on %s, %s) in %.2fs",
+            "loaded %s v%d (%s on %s, %s, optimization %s) in %.2fs",
             model,
             version,
             loaded.platform,
             loaded.device,
             serving.precision,
+            serving.optimization,
             time.monotonic() - started,
         )
         self._on_change()
@@ -325,16 +339,54 @@ class ModelRepository:
         loaded.signature = artifact.signature
         loaded.platform = artifact.platform
         self._check_signature(loaded)
+        check_profile(serving.optimization, artifact.platform, device, serving.precision)
         loaded.check = InputCheck.from_proto(model, artifact.signature)
         register_input_bins(model, version, artifact.input_baselines)
-        module = await asyncio.to_thread(load_module, artifact, device, signatures=self._signatures)
-        del artifact  # its bytes are no longer needed
-        loaded.module = cast_module(module, compute_dtype)
-        del module
         batching = loaded.check.batching
         output_dtypes = [DTYPE_BY_DATA_TYPE[spec.data_type] for spec in loaded.signature.outputs]
+        started = time.perf_counter()
+        module = await asyncio.to_thread(load_module, artifact, device, signatures=self._signatures)
+        module, hit = await asyncio.to_thread(
+            self._optimize, cast_module(module, compute_dtype), artifact, serving.optimization, device
+        )
+        load_s = time.perf_counter() - started
+        loaded.module = module
+        del module
+        forward = forward_fn(loaded.module, device, compute_dtype, output_dtypes)
+        if serving.optimization != "none" or compute_dtype is not None:
+            # Measured before the version takes traffic, and refused here when beyond the
+            # deployment's tolerance: a copy already serving keeps its settings.
+            as_saved = await asyncio.to_thread(load_module, artifact, device)
+            reference = forward_fn(as_saved, device, None, output_dtypes)
+            loaded.report = await asyncio.to_thread(
+                report_for,
+                profile=serving.optimization,
+                precision=serving.precision,
+                device=device,
+                reference=reference,
+                candidate=forward,
+                signature=artifact.signature,
+                baselines=artifact.input_baselines,
+                max_batch=serving.batch.max_batch_size,
+                load_s=load_s,
+                compile_cache_hit=hit,
+                batching=batching,
+            )
+            del reference, as_saved
+            if self._report_sink is not None:
+                try:
+                    await self._report_sink(model, version, loaded.report)
+                except Exception as exc:  # noqa: BLE001 - the report is for operators, not the load
+                    log.warning("could not record the report of %s v%d: %s", model, version, exc)
+            violation = serving.tolerance.violation(loaded.report)
+            if violation is not None:
+                raise FailedPrecondition(
+                    f"model {model!r} version {version}: optimization {serving.optimization!r} at "
+                    f"{serving.precision} on {device} is beyond the deployment's tolerance: {violation}"
+                )
+        del artifact  # its bytes are no longer needed
         loaded.batcher = Batcher(
-            forward_fn(loaded.module, device, compute_dtype, output_dtypes),
+            forward,
             serving.batch,
             model_name=model,
             version=version,
@@ -355,6 +407,19 @@ class ModelRepository:
             version,
             "event loop" if execution == "loop" else "worker thread",
             timings,
+        )
+
+    def _optimize(self, module: Any, artifact: Artifact, profile: str, device: str) -> tuple[Any, bool]:
+        """Apply `profile` to a loaded module; blocking (compiling takes a while)."""
+        return self.optimizer.apply(
+            module,
+            profile=profile,
+            platform=artifact.platform,
+            device=device,
+            sha256=artifact.sha256,
+            exported=lambda: load_exported_program(artifact.data),
+            example_inputs=_synthetic_inputs(artifact.signature, 2),
+            data=artifact.data,
         )
 
     @staticmethod
@@ -401,6 +466,64 @@ class ModelRepository:
                     f"{where}: output {spec.name!r} has shape {list(tensor.shape)}, its signature "
                     f"says {list(spec.shape)}"
                 )
+
+    async def evaluate(
+        self,
+        model: str,
+        version: int,
+        profiles: Iterable[str],
+        *,
+        precisions: Iterable[str] = ("fp32",),
+        max_batch: int = 0,
+    ) -> list[OptimizationReport]:
+        """Measure a version under each profile at each precision against fp32 eager, on this
+        server's default device, without changing what is served. A combination the version
+        cannot take comes back refused (its `error` set); compiled packages go to the compile
+        cache as at load.
+
+        Raises:
+            ModelyardError: the artifact cannot be fetched or loaded as it is.
+        """
+        device = resolve_device(self.default_serving.device)
+        max_batch = max_batch or self.default_serving.batch.max_batch_size
+        artifact = await self._source.fetch(model, version)
+        check = InputCheck.from_proto(model, artifact.signature)
+        output_dtypes = [DTYPE_BY_DATA_TYPE[spec.data_type] for spec in artifact.signature.outputs]
+        as_saved = await asyncio.to_thread(load_module, artifact, device, signatures=self._signatures)
+        reference = forward_fn(as_saved, device, None, output_dtypes)
+        reports = []
+        for profile, precision in [(p, q) for p in profiles for q in precisions]:
+            try:
+                compute_dtype = check_precision(precision, device)
+                check_profile(profile, artifact.platform, device, precision)
+                started = time.perf_counter()
+                module = await asyncio.to_thread(load_module, artifact, device)
+                module = cast_module(module, compute_dtype)
+                module, hit = await asyncio.to_thread(self._optimize, module, artifact, profile, device)
+                load_s = time.perf_counter() - started
+                report = await asyncio.to_thread(
+                    report_for,
+                    profile=profile,
+                    precision=precision,
+                    device=device,
+                    reference=reference,
+                    candidate=forward_fn(module, device, compute_dtype, output_dtypes),
+                    signature=artifact.signature,
+                    baselines=artifact.input_baselines,
+                    max_batch=max_batch,
+                    load_s=load_s,
+                    compile_cache_hit=hit,
+                    batching=check.batching,
+                )
+            except ModelyardError as exc:
+                report = OptimizationReport.refused(profile, precision, device, exc.message)
+            except Exception as exc:  # noqa: BLE001 - a profile torch cannot apply is reported
+                log.warning("evaluating %s v%d with %s failed", model, version, profile, exc_info=True)
+                report = OptimizationReport.refused(
+                    profile, precision, device, f"{type(exc).__name__}: {exc}"[:300]
+                )
+            reports.append(report)
+        return reports
 
     def fail(self, model: str, version: int, error: str) -> None:
         """Mark a version FAILED with `error` without loading it (its deployment cannot be

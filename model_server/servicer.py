@@ -11,6 +11,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from model_server.batching import BatchTiming
 from model_server.dataplane import ModelServerDataPlane
+from model_server.optimization import PROFILES
 from model_server.repository import LoadedVersion, VersionState
 from modelyard.rpc.context import current_request_id
 from modelyard.rpc.errors import rpc_errors
@@ -119,4 +120,21 @@ class ModelServerServicer(model_server_service_pb2_grpc.ModelServerServiceServic
             server_id=self._server_id,
             loaded_versions=[_loaded_version(v) for v in self._dataplane.repository.versions()],
             draining=self._draining(),
+        )
+
+    @rpc_errors
+    async def EvaluateOptimizations(
+        self,
+        request: model_server_service_pb2.EvaluateOptimizationsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> model_server_service_pb2.EvaluateOptimizationsResponse:
+        reports = await self._dataplane.repository.evaluate(
+            request.model,
+            request.version,
+            list(request.optimizations) or list(PROFILES),
+            precisions=list(request.precisions) or ["fp32"],
+            max_batch=request.max_batch,
+        )
+        return model_server_service_pb2.EvaluateOptimizationsResponse(
+            reports=[r.to_proto(self._server_id) for r in reports]
         )

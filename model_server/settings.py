@@ -7,6 +7,7 @@ For example `MODELYARD_MODEL_SERVER_MAX_BATCH_SIZE=32` or
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationInfo, field_validator
@@ -32,6 +33,9 @@ class ModelServerSettings(ServiceSettings):
     "auto" (the first CUDA device if there is one, else the CPU)."""
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     """Compute precision unless a deployment says otherwise: fp16 on GPU only, bf16 on both."""
+    compile_cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "modelyard" / "compiled")
+    """Where `compile` deployments keep their AOTInductor packages, one per artifact sha256,
+    device, torch version and profile; a restart loads them instead of compiling again."""
     torch_threads: PositiveInt | None = None
     """Torch intra-op threads; unset means one per core left after the event loop's, divided
     among the instances (at least 1)."""

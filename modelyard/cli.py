@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from modelyard import cli_events, cli_keys, cli_registry, cli_top
+from modelyard import cli_events, cli_keys, cli_optimize, cli_registry, cli_top
 from modelyard.local_cluster import LocalCluster
 from modelyard.telemetry import configure_logging
 from modelyard.tls import CLIENT_KIND, SERVICE_KINDS, LocalCA
@@ -23,6 +23,7 @@ cli_registry.add_to(app)
 app.add_typer(cli_keys.keys_app, name="keys")
 app.command(name="top")(cli_top.top)
 app.command(name="events")(cli_events.events)
+app.command(name="optimize")(cli_optimize.optimize)
 
 
 @app.command(

@@ -588,6 +588,13 @@ def _print_deployment(d: registry_pb2.Deployment) -> None:
     table.add_row("replicas", str(d.replicas or "all model servers"))
     table.add_row("device", d.device or "default")
     table.add_row("precision", d.precision or "fp32")
+    table.add_row("optimization", d.optimization or "none")
+    if d.HasField("max_abs_error") or d.HasField("min_top1_agreement"):
+        table.add_row(
+            "tolerance",
+            f"max_abs_error {d.max_abs_error if d.HasField('max_abs_error') else 'any'}, "
+            f"min_top1_agreement {d.min_top1_agreement if d.HasField('min_top1_agreement') else 'any'}",
+        )
     table.add_row("max batch size", str(d.max_batch_size or "default"))
     table.add_row(
         "max queue delay", f"{d.max_queue_delay_ms:g} ms" if d.HasField("max_queue_delay_ms") else "default"
@@ -624,6 +631,15 @@ def deploy_set(
     replicas: Annotated[int | None, typer.Option(min=0, help="Model servers per version; 0: all.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto; '': the default.")] = None,
     precision: Annotated[str | None, typer.Option(help="fp32, fp16 or bf16; '': the default.")] = None,
+    optimization: Annotated[
+        str | None, typer.Option(help="none, int8_dynamic, freeze or compile; '': none.")
+    ] = None,
+    max_abs_error: Annotated[
+        float | None, typer.Option(min=0, help="Tolerance of an optimised load against fp32 eager.")
+    ] = None,
+    min_top1_agreement: Annotated[
+        float | None, typer.Option(min=0, max=1, help="Tolerance: least top-1 agreement with fp32 eager.")
+    ] = None,
     max_batch_size: Annotated[int | None, typer.Option(min=0, help="0: the default.")] = None,
     max_queue_delay_ms: Annotated[float | None, typer.Option(min=0)] = None,
     max_queue_size: Annotated[int | None, typer.Option(min=0, help="0: the default.")] = None,
@@ -685,6 +701,9 @@ def deploy_set(
         "replicas": replicas,
         "device": device,
         "precision": precision,
+        "optimization": optimization,
+        "max_abs_error": max_abs_error,
+        "min_top1_agreement": min_top1_agreement,
         "max_batch_size": max_batch_size,
         "max_queue_size": max_queue_size,
         "instances": instances,

@@ -65,6 +65,8 @@ class VersionRecord(BaseModel):
     signature: dict[str, Any] = Field(default_factory=dict)
     """The version's signature as protobuf JSON (json_format.MessageToDict)."""
     platform: str = ""
+    optimization: dict[str, Any] = Field(default_factory=dict)
+    """The accuracy and speed report of its optimisation, measured at load (empty: none)."""
 
 
 class Deployment(BaseModel):
@@ -100,6 +102,12 @@ class Deployment(BaseModel):
     default."""
     execution: str | None = None
     """Where batches run: "auto", "loop" or "thread"; unset: the model server's default."""
+    optimization: str | None = None
+    """"none", "int8_dynamic", "freeze" or "compile"; unset: none."""
+    max_abs_error: float | None = None
+    """The largest absolute error against fp32 eager an optimised load may show; unset: any."""
+    min_top1_agreement: float | None = None
+    """The least top-1 agreement with fp32 eager an optimised load may show; unset: any."""
 
 
 class ServiceRecord(BaseModel):

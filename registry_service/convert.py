@@ -121,6 +121,7 @@ def version_to_proto(version: VersionRecord) -> registry_pb2.ModelVersion:
         input_baselines=version.input_baselines,
         signer=version.signer,
         model_signature=version.model_signature,
+        optimization_reports=version.optimization_reports,
         origin=(
             registry_pb2.VersionOrigin(
                 source_cluster=version.origin.source_cluster,
@@ -208,11 +209,16 @@ def deployment_to_proto(state: RoutingState) -> registry_pb2.Deployment:
         shadow_fraction=spec.shadow_fraction,
         preferred_batch_sizes=list(spec.preferred_batch_sizes),
         execution=spec.execution,
+        optimization=spec.optimization,
         placed_versions=list(state.placed_versions),
         epoch=state.epoch,
     )
     if spec.max_queue_delay_ms is not None:
         message.max_queue_delay_ms = spec.max_queue_delay_ms
+    if spec.max_abs_error is not None:
+        message.max_abs_error = spec.max_abs_error
+    if spec.min_top1_agreement is not None:
+        message.min_top1_agreement = spec.min_top1_agreement
     return message
 
 
@@ -232,6 +238,9 @@ def deployment_spec_from_proto(message: registry_pb2.Deployment) -> DeploymentSp
         shadow_fraction=message.shadow_fraction,
         preferred_batch_sizes=tuple(sorted(set(message.preferred_batch_sizes))),
         execution=message.execution,
+        optimization=message.optimization,
+        max_abs_error=message.max_abs_error if message.HasField("max_abs_error") else None,
+        min_top1_agreement=(message.min_top1_agreement if message.HasField("min_top1_agreement") else None),
     )
 
 

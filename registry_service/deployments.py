@@ -17,6 +17,7 @@ from registry_service.records import DeploymentSpec, RoutingState, VersionState
 __all__ = [
     "PRECISIONS",
     "EXECUTIONS",
+    "OPTIMIZATIONS",
     "SPEC_FIELDS",
     "OUTPUT_ONLY_FIELDS",
     "check_deployment",
@@ -29,6 +30,10 @@ __all__ = [
 
 PRECISIONS = frozenset({"", "fp32", "fp16", "bf16"})
 """Accepted `precision` values ("" is the model server's default, fp32)."""
+
+OPTIMIZATIONS = frozenset({"", "none", "int8_dynamic", "freeze", "compile"})
+"""Accepted `optimization` values ("" is "none"); `model_server.optimization.PROFILES`, which
+the registry does not import."""
 
 EXECUTIONS = frozenset({"", "auto", "loop", "thread"})
 """Accepted `execution` values ("" is the model server's default); the model server's
@@ -150,6 +155,16 @@ def check_deployment(
         raise InvalidArgument(
             f"precision {spec.precision!r} is not one of fp32, fp16, bf16", field=f"{field}.precision"
         )
+    if spec.optimization not in OPTIMIZATIONS:
+        raise InvalidArgument(
+            f"optimization {spec.optimization!r} is not one of none, int8_dynamic, freeze, compile",
+            field=f"{field}.optimization",
+        )
+    if spec.max_abs_error is not None and (not math.isfinite(spec.max_abs_error) or spec.max_abs_error < 0):
+        raise InvalidArgument("max_abs_error is a finite number, 0 or more", field=f"{field}.max_abs_error")
+    top1 = spec.min_top1_agreement
+    if top1 is not None and not 0.0 <= top1 <= 1.0:
+        raise InvalidArgument("min_top1_agreement is between 0 and 1", field=f"{field}.min_top1_agreement")
     for name in ("max_batch_size", "max_queue_size", "instances"):
         if getattr(spec, name) < 0:
             raise InvalidArgument(f"{name} is 0 (the default) or more", field=f"{field}.{name}")
@@ -253,4 +268,7 @@ def live_deployment(state: RoutingState) -> Deployment:
         shadow_fraction=spec.shadow_fraction,
         preferred_batch_sizes=list(spec.preferred_batch_sizes),
         execution=spec.execution or None,
+        optimization=spec.optimization or None,
+        max_abs_error=spec.max_abs_error,
+        min_top1_agreement=spec.min_top1_agreement,
     )

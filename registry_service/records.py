@@ -141,6 +141,9 @@ class VersionRecord:
     """The OpenSSF model signing bundle uploaded with the version; empty when unsigned."""
     origin: VersionOrigin | None = None
     """Where the version was imported from (a migration bundle); None when uploaded here."""
+    optimization_reports: tuple[registry_pb2.OptimizationReport, ...] = ()
+    """Accuracy and speed per profile × precision × device, as model servers measured them
+    (GetModelVersion only; listings leave them out)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +215,9 @@ class DeploymentSpec:
     shadow_fraction: float = 0.0
     preferred_batch_sizes: tuple[int, ...] = ()
     execution: str = ""
+    optimization: str = ""
+    max_abs_error: float | None = None
+    min_top1_agreement: float | None = None
 
     def to_json(self) -> str:
         """The form the database stores."""
@@ -230,6 +236,9 @@ class DeploymentSpec:
                 "shadow_fraction": self.shadow_fraction,
                 "preferred_batch_sizes": list(self.preferred_batch_sizes),
                 "execution": self.execution,
+                "optimization": self.optimization,
+                "max_abs_error": self.max_abs_error,
+                "min_top1_agreement": self.min_top1_agreement,
             },
             sort_keys=True,
         )

@@ -261,6 +261,28 @@ class Registry:
         _check_version_ref(model, version)
         return await self._store.get_version(model, version)
 
+    async def record_optimization_reports(
+        self, model: str, version: int, reports: tuple[registry_pb2.OptimizationReport, ...]
+    ) -> VersionRecord:
+        """Store measured optimisation reports with a version (see `RegistryStore`).
+
+        Raises:
+            InvalidArgument: a report names no profile or device, or two name the same one.
+            ModelNotFound, VersionNotFound: as `get_version`.
+        """
+        _check_version_ref(model, version)
+        seen: set[tuple[str, str, str]] = set()
+        for i, report in enumerate(reports):
+            key = (report.optimization, report.precision, report.device)
+            if not report.optimization or not report.device or not report.precision:
+                raise InvalidArgument(
+                    "a report names its optimization, precision and device", field=f"reports[{i}]"
+                )
+            if key in seen:
+                raise InvalidArgument(f"two reports are for {key}", field=f"reports[{i}]")
+            seen.add(key)
+        return await self._store.record_optimization_reports(model, version, reports)
+
     async def list_versions(self, model: str) -> list[VersionRecord]:
         """A model's versions, oldest first. Raises InvalidArgument or ModelNotFound."""
         check_name(model, field="model", what="model")

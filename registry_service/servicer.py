@@ -112,6 +112,22 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         return pb.GetModelVersionResponse(model_version=convert.version_to_proto(version))
 
     @rpc_errors
+    async def RecordOptimizationReports(
+        self, request: pb.RecordOptimizationReportsRequest, context: _Context
+    ) -> pb.RecordOptimizationReportsResponse:
+        target = f"version {request.version} optimization reports"
+        async with audited(
+            self._registry, context, "RecordOptimizationReports", request.model, target, request.request_id
+        ) as audit:
+            version = await self._registry.record_optimization_reports(
+                request.model, request.version, tuple(request.reports)
+            )
+            audit.message = ", ".join(
+                f"{r.optimization}/{r.precision}/{r.device}" for r in request.reports[:16]
+            )
+        return pb.RecordOptimizationReportsResponse(model_version=convert.version_to_proto(version))
+
+    @rpc_errors
     async def ListModelVersions(
         self, request: pb.ListModelVersionsRequest, context: _Context
     ) -> pb.ListModelVersionsResponse:

@@ -64,12 +64,13 @@ from registry_service.records import (
 
 __all__ = ["RegistryStore", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """Kept in `PRAGMA user_version`; a database from a newer registry is refused, not guessed at.
 2 -> 3 added `versions.input_baselines`, 3 -> 4 `models.require_signature`, `versions.signer`
 and `versions.model_signature`, 4 -> 5 `audit_log.prev_hash` and `audit_log.entry_hash` (the
 hash chain), 5 -> 6 `alias_history.kind`, 6 -> 7 the `cluster` identity and the
-`versions.origin_*` columns of imported versions (each upgraded in place on open)."""
+`versions.origin_*` columns of imported versions, 7 -> 8 the `optimization_reports` table
+(each upgraded in place on open)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -134,6 +135,16 @@ CREATE TABLE IF NOT EXISTS deployments (
     model       TEXT PRIMARY KEY REFERENCES models(name),
     spec        TEXT NOT NULL,  -- JSON DeploymentSpec
     update_time REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS optimization_reports (  -- measured by model servers, latest kept
+    model        TEXT    NOT NULL,
+    version      INTEGER NOT NULL,
+    optimization TEXT    NOT NULL,
+    precision    TEXT    NOT NULL,
+    device       TEXT    NOT NULL,
+    report       TEXT    NOT NULL,  -- JSON modelyard.v1.OptimizationReport
+    PRIMARY KEY (model, version, optimization, precision, device),
+    FOREIGN KEY (model, version) REFERENCES versions (model, version)
 );
 CREATE TABLE IF NOT EXISTS held_versions (  -- placed though no alias or pin asks for them
     model   TEXT    NOT NULL REFERENCES models(name),
@@ -293,6 +304,13 @@ class RegistryStore:
     async def get_version(self, model: str, version: int) -> VersionRecord:
         """One version. Raises ModelNotFound or VersionNotFound."""
         return await self._run(self._get_version, model, version)
+
+    async def record_optimization_reports(
+        self, model: str, version: int, reports: tuple[registry_pb2.OptimizationReport, ...]
+    ) -> VersionRecord:
+        """Store reports with a version, each replacing the one of its profile, precision and
+        device. Raises ModelNotFound or VersionNotFound."""
+        return await self._run(self._record_reports, model, version, reports)
 
     async def list_versions(self, model: str) -> list[VersionRecord]:
         """A model's versions, oldest first. Raises ModelNotFound."""
@@ -705,7 +723,30 @@ class RegistryStore:
                 field="version",
                 metadata={"model": model, "version": str(version)},
             )
-        return _version_from(row)
+        reports = tuple(
+            json_format.Parse(r["report"], registry_pb2.OptimizationReport())
+            for r in conn.execute(
+                "SELECT report FROM optimization_reports WHERE model = ? AND version = ? "
+                "ORDER BY optimization, precision, device",
+                (model, version),
+            )
+        )
+        return dataclasses.replace(_version_from(row), optimization_reports=reports)
+
+    def _record_reports(
+        self, model: str, version: int, reports: tuple[registry_pb2.OptimizationReport, ...]
+    ) -> VersionRecord:
+        with self._transaction() as conn:
+            self._version_in(conn, model, version)
+            conn.executemany(
+                "INSERT OR REPLACE INTO optimization_reports "
+                "(model, version, optimization, precision, device, report) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (model, version, r.optimization, r.precision, r.device, json_format.MessageToJson(r))
+                    for r in reports
+                ],
+            )
+            return self._version_in(conn, model, version)
 
     def _list_versions(self, model: str) -> list[VersionRecord]:
         with self._read() as conn:

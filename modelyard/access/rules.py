@@ -102,6 +102,7 @@ RULES: Mapping[str, Mapping[str, Mapping[str, Rule]]] = {
         "modelyard.v1.ModelServerService": {
             "Infer": Rule(INTERNAL),
             "GetServerStatus": Rule(INTERNAL),
+            "EvaluateOptimizations": Rule(INTERNAL),
         },
         "inference.GRPCInferenceService": {name: Rule(INTERNAL) for name in _OIP_METHODS},
     },
@@ -129,6 +130,7 @@ RULES: Mapping[str, Mapping[str, Mapping[str, Rule]]] = {
             # An import creates models and versions and may move aliases: the model is known
             # only from the manifest, so it takes the cluster-wide admin grant.
             "ImportModel": Rule("admin", mutating=True),
+            "RecordOptimizationReports": Rule("deploy", _MODEL, mutating=True),
         },
         "modelyard.v1.AccessService": {
             "CreateApiKey": Rule("admin", mutating=True),

@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from modelyard.v1 import inference_service_pb2 as _inference_service_pb2
+from modelyard.v1 import registry_pb2 as _registry_pb2
 from modelyard.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -24,6 +25,26 @@ VERSION_STATE_LOADING: VersionState
 VERSION_STATE_READY: VersionState
 VERSION_STATE_UNLOADING: VersionState
 VERSION_STATE_FAILED: VersionState
+
+class EvaluateOptimizationsRequest(_message.Message):
+    __slots__ = ("model", "version", "optimizations", "max_batch", "precisions")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZATIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    PRECISIONS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    optimizations: _containers.RepeatedScalarFieldContainer[str]
+    max_batch: int
+    precisions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., optimizations: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., precisions: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EvaluateOptimizationsResponse(_message.Message):
+    __slots__ = ("reports",)
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    reports: _containers.RepeatedCompositeFieldContainer[_registry_pb2.OptimizationReport]
+    def __init__(self, reports: _Optional[_Iterable[_Union[_registry_pb2.OptimizationReport, _Mapping]]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("model", "version", "inputs", "output_names", "request_id")

@@ -46,6 +46,11 @@ class ModelServerServiceStub:
                 request_serializer=modelyard_dot_v1_dot_model__server__service__pb2.GetServerStatusRequest.SerializeToString,
                 response_deserializer=modelyard_dot_v1_dot_model__server__service__pb2.GetServerStatusResponse.FromString,
                 _registered_method=True)
+        self.EvaluateOptimizations = channel.unary_unary(
+                '/modelyard.v1.ModelServerService/EvaluateOptimizations',
+                request_serializer=modelyard_dot_v1_dot_model__server__service__pb2.EvaluateOptimizationsRequest.SerializeToString,
+                response_deserializer=modelyard_dot_v1_dot_model__server__service__pb2.EvaluateOptimizationsResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServerServiceServicer:
@@ -67,6 +72,16 @@ class ModelServerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EvaluateOptimizations(self, request, context):
+        """EvaluateOptimizations loads a version under each optimisation profile asked for, on this
+        server's device, and measures it against fp32 eager on the version's baseline sample. It
+        does not change what this server serves. A profile the version cannot take comes back
+        with its `error` set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +94,11 @@ def add_ModelServerServiceServicer_to_server(servicer, server):
                     servicer.GetServerStatus,
                     request_deserializer=modelyard_dot_v1_dot_model__server__service__pb2.GetServerStatusRequest.FromString,
                     response_serializer=modelyard_dot_v1_dot_model__server__service__pb2.GetServerStatusResponse.SerializeToString,
+            ),
+            'EvaluateOptimizations': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvaluateOptimizations,
+                    request_deserializer=modelyard_dot_v1_dot_model__server__service__pb2.EvaluateOptimizationsRequest.FromString,
+                    response_serializer=modelyard_dot_v1_dot_model__server__service__pb2.EvaluateOptimizationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +157,33 @@ class ModelServerService:
             '/modelyard.v1.ModelServerService/GetServerStatus',
             modelyard_dot_v1_dot_model__server__service__pb2.GetServerStatusRequest.SerializeToString,
             modelyard_dot_v1_dot_model__server__service__pb2.GetServerStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateOptimizations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.v1.ModelServerService/EvaluateOptimizations',
+            modelyard_dot_v1_dot_model__server__service__pb2.EvaluateOptimizationsRequest.SerializeToString,
+            modelyard_dot_v1_dot_model__server__service__pb2.EvaluateOptimizationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

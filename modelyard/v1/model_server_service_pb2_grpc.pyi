@@ -39,6 +39,12 @@ class ModelServerServiceStub:
     """Infer runs one inference on a loaded model version, through that version's batcher."""
     GetServerStatus: _grpc.UnaryUnaryMultiCallable[_model_server_service_pb2.GetServerStatusRequest, _model_server_service_pb2.GetServerStatusResponse]
     """GetServerStatus lists the model versions this server holds and whether each is ready."""
+    EvaluateOptimizations: _grpc.UnaryUnaryMultiCallable[_model_server_service_pb2.EvaluateOptimizationsRequest, _model_server_service_pb2.EvaluateOptimizationsResponse]
+    """EvaluateOptimizations loads a version under each optimisation profile asked for, on this
+    server's device, and measures it against fp32 eager on the version's baseline sample. It
+    does not change what this server serves. A profile the version cannot take comes back
+    with its `error` set.
+    """
 
 @_typing.type_check_only
 class ModelServerServiceAsyncStub(ModelServerServiceStub):
@@ -51,6 +57,12 @@ class ModelServerServiceAsyncStub(ModelServerServiceStub):
     """Infer runs one inference on a loaded model version, through that version's batcher."""
     GetServerStatus: _aio.UnaryUnaryMultiCallable[_model_server_service_pb2.GetServerStatusRequest, _model_server_service_pb2.GetServerStatusResponse]  # type: ignore[assignment]
     """GetServerStatus lists the model versions this server holds and whether each is ready."""
+    EvaluateOptimizations: _aio.UnaryUnaryMultiCallable[_model_server_service_pb2.EvaluateOptimizationsRequest, _model_server_service_pb2.EvaluateOptimizationsResponse]  # type: ignore[assignment]
+    """EvaluateOptimizations loads a version under each optimisation profile asked for, on this
+    server's device, and measures it against fp32 eager on the version's baseline sample. It
+    does not change what this server serves. A profile the version cannot take comes back
+    with its `error` set.
+    """
 
 class ModelServerServiceServicer(metaclass=_abc_1.ABCMeta):
     """ModelServerService is the internal API of a model server. The gateway calls it; clients
@@ -72,5 +84,17 @@ class ModelServerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_model_server_service_pb2.GetServerStatusResponse, _abc.Awaitable[_model_server_service_pb2.GetServerStatusResponse]]:
         """GetServerStatus lists the model versions this server holds and whether each is ready."""
+
+    @_abc_1.abstractmethod
+    def EvaluateOptimizations(
+        self,
+        request: _model_server_service_pb2.EvaluateOptimizationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_server_service_pb2.EvaluateOptimizationsResponse, _abc.Awaitable[_model_server_service_pb2.EvaluateOptimizationsResponse]]:
+        """EvaluateOptimizations loads a version under each optimisation profile asked for, on this
+        server's device, and measures it against fp32 eager on the version's baseline sample. It
+        does not change what this server serves. A profile the version cannot take comes back
+        with its `error` set.
+        """
 
 def add_ModelServerServiceServicer_to_server(servicer: ModelServerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from modelyard.v1 import tensor_pb2 as modelyard_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmodelyard/v1/registry.proto\x12\x0cmodelyard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19modelyard/v1/tensor.proto\"\xb4\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0elatest_version\x18\x04 \x01(\x03\x12$\n\x07\x61liases\x18\x05 \x03(\x0b\x32\x13.modelyard.v1.Alias\x12\x19\n\x11require_signature\x18\x06 \x01(\x08\"\x93\x05\n\x0cModelVersion\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12,\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1c.modelyard.v1.ArtifactFormat\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12*\n\tsignature\x18\x06 \x01(\x0b\x32\x17.modelyard.v1.Signature\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x36\n\x06labels\x18\x08 \x03(\x0b\x32&.modelyard.v1.ModelVersion.LabelsEntry\x12\x38\n\x07metrics\x18\t \x03(\x0b\x32\'.modelyard.v1.ModelVersion.MetricsEntry\x12\x12\n\ncreated_by\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x05state\x18\x0c \x01(\x0e\x32\x1f.modelyard.v1.ModelVersionState\x12\x34\n\x0finput_baselines\x18\r \x03(\x0b\x32\x1b.modelyard.v1.InputBaseline\x12\x0e\n\x06signer\x18\x0e \x01(\t\x12\x17\n\x0fmodel_signature\x18\x0f \x01(\x0c\x12+\n\x06origin\x18\x10 \x01(\x0b\x32\x1b.modelyard.v1.VersionOrigin\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"c\n\rInputBaseline\x12\r\n\x05input\x18\x01 \x01(\t\x12\x12\n\nitem_count\x18\x02 \x01(\x03\x12/\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32\x1d.modelyard.v1.FeatureBaseline\"V\n\x0f\x46\x65\x61tureBaseline\x12\x0c\n\x04mean\x18\x01 \x01(\x01\x12\x0b\n\x03std\x18\x02 \x01(\x01\x12\x11\n\tbin_edges\x18\x03 \x03(\x01\x12\x15\n\rbin_fractions\x18\x04 \x03(\x01\"W\n\x05\x41lias\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf2\x01\n\x11\x41liasHistoryEntry\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x03 \x01(\x03\x12\x12\n\nto_version\x18\x04 \x01(\x03\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12(\n\x04time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x04kind\x18\n \x01(\x0e\x32\x1b.modelyard.v1.AliasMoveKind\"\xd6\x03\n\nDeployment\x12\x17\n\x0fpinned_versions\x18\x01 \x03(\x03\x12\x10\n\x08replicas\x18\x02 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\x05\x12\x1f\n\x12max_queue_delay_ms\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\x0emax_queue_size\x18\x07 \x01(\x05\x12\x11\n\tinstances\x18\x08 \x01(\x05\x12\x41\n\rtraffic_split\x18\t \x03(\x0b\x32*.modelyard.v1.Deployment.TrafficSplitEntry\x12\x14\n\x0cshadow_alias\x18\n \x01(\t\x12\x17\n\x0fshadow_fraction\x18\x0b \x01(\x01\x12\x17\n\x0fplaced_versions\x18\x0c \x03(\x03\x12\r\n\x05\x65poch\x18\r \x01(\x03\x12\x1d\n\x15preferred_batch_sizes\x18\x0e \x03(\x05\x12\x11\n\texecution\x18\x0f \x01(\t\x1a\x33\n\x11TrafficSplitEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x42\x15\n\x13_max_queue_delay_ms\"\xf3\x01\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x0f\n\x07outcome\x18\x08 \x01(\t\x12\x14\n\x0c\x65rror_reason\x18\t \x01(\t\x12\x0f\n\x07message\x18\n \x01(\t\x12\x11\n\tprev_hash\x18\x0b \x01(\t\x12\x12\n\nentry_hash\x18\x0c \x01(\t\"V\n\rVersionOrigin\x12\x16\n\x0esource_cluster\x18\x01 \x01(\t\x12\x16\n\x0esource_version\x18\x02 \x01(\x03\x12\x15\n\rsource_sha256\x18\x03 \x01(\t*t\n\x0e\x41rtifactFormat\x12\x1f\n\x1b\x41RTIFACT_FORMAT_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x41RTIFACT_FORMAT_TORCHSCRIPT\x10\x01\x12 \n\x1c\x41RTIFACT_FORMAT_TORCH_EXPORT\x10\x02*z\n\x11ModelVersionState\x12#\n\x1fMODEL_VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMODEL_VERSION_STATE_ACTIVE\x10\x01\x12 \n\x1cMODEL_VERSION_STATE_ARCHIVED\x10\x02*\xcd\x01\n\rAliasMoveKind\x12\x1f\n\x1b\x41LIAS_MOVE_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41LIAS_MOVE_KIND_SET\x10\x01\x12\x1b\n\x17\x41LIAS_MOVE_KIND_PROMOTE\x10\x02\x12\x1c\n\x18\x41LIAS_MOVE_KIND_ROLLBACK\x10\x03\x12\"\n\x1e\x41LIAS_MOVE_KIND_CANARY_PROMOTE\x10\x04\x12#\n\x1f\x41LIAS_MOVE_KIND_CANARY_ROLLBACK\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmodelyard/v1/registry.proto\x12\x0cmodelyard.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19modelyard/v1/tensor.proto\"\xb4\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0elatest_version\x18\x04 \x01(\x03\x12$\n\x07\x61liases\x18\x05 \x03(\x0b\x32\x13.modelyard.v1.Alias\x12\x19\n\x11require_signature\x18\x06 \x01(\x08\"\xd3\x05\n\x0cModelVersion\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12,\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1c.modelyard.v1.ArtifactFormat\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12*\n\tsignature\x18\x06 \x01(\x0b\x32\x17.modelyard.v1.Signature\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x36\n\x06labels\x18\x08 \x03(\x0b\x32&.modelyard.v1.ModelVersion.LabelsEntry\x12\x38\n\x07metrics\x18\t \x03(\x0b\x32\'.modelyard.v1.ModelVersion.MetricsEntry\x12\x12\n\ncreated_by\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x05state\x18\x0c \x01(\x0e\x32\x1f.modelyard.v1.ModelVersionState\x12\x34\n\x0finput_baselines\x18\r \x03(\x0b\x32\x1b.modelyard.v1.InputBaseline\x12\x0e\n\x06signer\x18\x0e \x01(\t\x12\x17\n\x0fmodel_signature\x18\x0f \x01(\x0c\x12+\n\x06origin\x18\x10 \x01(\x0b\x32\x1b.modelyard.v1.VersionOrigin\x12>\n\x14optimization_reports\x18\x11 \x03(\x0b\x32 .modelyard.v1.OptimizationReport\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb4\x03\n\x12OptimizationReport\x12\x14\n\x0coptimization\x18\x01 \x01(\t\x12\x11\n\tprecision\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x15\n\rmax_abs_error\x18\x04 \x01(\x01\x12\x15\n\rmax_rel_error\x18\x05 \x01(\x01\x12\x1b\n\x0etop1_agreement\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\x12items_per_s_batch1\x18\x07 \x01(\x01\x12\x1d\n\x15items_per_s_max_batch\x18\x08 \x01(\x01\x12\x11\n\tmax_batch\x18\t \x01(\x05\x12,\n\tload_time\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06sample\x18\x0b \x01(\t\x12\x14\n\x0csample_items\x18\x0c \x01(\x05\x12\x19\n\x11\x63ompile_cache_hit\x18\r \x01(\x08\x12\r\n\x05\x65rror\x18\x0e \x01(\t\x12\x11\n\tserver_id\x18\x0f \x01(\t\x12(\n\x04time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x11\n\x0f_top1_agreement\"c\n\rInputBaseline\x12\r\n\x05input\x18\x01 \x01(\t\x12\x12\n\nitem_count\x18\x02 \x01(\x03\x12/\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32\x1d.modelyard.v1.FeatureBaseline\"V\n\x0f\x46\x65\x61tureBaseline\x12\x0c\n\x04mean\x18\x01 \x01(\x01\x12\x0b\n\x03std\x18\x02 \x01(\x01\x12\x11\n\tbin_edges\x18\x03 \x03(\x01\x12\x15\n\rbin_fractions\x18\x04 \x03(\x01\"W\n\x05\x41lias\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf2\x01\n\x11\x41liasHistoryEntry\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x03 \x01(\x03\x12\x12\n\nto_version\x18\x04 \x01(\x03\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12(\n\x04time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x04kind\x18\n \x01(\x0e\x32\x1b.modelyard.v1.AliasMoveKind\"\xd2\x04\n\nDeployment\x12\x17\n\x0fpinned_versions\x18\x01 \x03(\x03\x12\x10\n\x08replicas\x18\x02 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\x05\x12\x1f\n\x12max_queue_delay_ms\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\x0emax_queue_size\x18\x07 \x01(\x05\x12\x11\n\tinstances\x18\x08 \x01(\x05\x12\x41\n\rtraffic_split\x18\t \x03(\x0b\x32*.modelyard.v1.Deployment.TrafficSplitEntry\x12\x14\n\x0cshadow_alias\x18\n \x01(\t\x12\x17\n\x0fshadow_fraction\x18\x0b \x01(\x01\x12\x17\n\x0fplaced_versions\x18\x0c \x03(\x03\x12\r\n\x05\x65poch\x18\r \x01(\x03\x12\x1d\n\x15preferred_batch_sizes\x18\x0e \x03(\x05\x12\x11\n\texecution\x18\x0f \x01(\t\x12\x14\n\x0coptimization\x18\x10 \x01(\t\x12\x1a\n\rmax_abs_error\x18\x11 \x01(\x01H\x01\x88\x01\x01\x12\x1f\n\x12min_top1_agreement\x18\x12 \x01(\x01H\x02\x88\x01\x01\x1a\x33\n\x11TrafficSplitEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x42\x15\n\x13_max_queue_delay_msB\x10\n\x0e_max_abs_errorB\x15\n\x13_min_top1_agreement\"\xf3\x01\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x0f\n\x07outcome\x18\x08 \x01(\t\x12\x14\n\x0c\x65rror_reason\x18\t \x01(\t\x12\x0f\n\x07message\x18\n \x01(\t\x12\x11\n\tprev_hash\x18\x0b \x01(\t\x12\x12\n\nentry_hash\x18\x0c \x01(\t\"V\n\rVersionOrigin\x12\x16\n\x0esource_cluster\x18\x01 \x01(\t\x12\x16\n\x0esource_version\x18\x02 \x01(\x03\x12\x15\n\rsource_sha256\x18\x03 \x01(\t*t\n\x0e\x41rtifactFormat\x12\x1f\n\x1b\x41RTIFACT_FORMAT_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x41RTIFACT_FORMAT_TORCHSCRIPT\x10\x01\x12 \n\x1c\x41RTIFACT_FORMAT_TORCH_EXPORT\x10\x02*z\n\x11ModelVersionState\x12#\n\x1fMODEL_VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMODEL_VERSION_STATE_ACTIVE\x10\x01\x12 \n\x1cMODEL_VERSION_STATE_ARCHIVED\x10\x02*\xcd\x01\n\rAliasMoveKind\x12\x1f\n\x1b\x41LIAS_MOVE_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41LIAS_MOVE_KIND_SET\x10\x01\x12\x1b\n\x17\x41LIAS_MOVE_KIND_PROMOTE\x10\x02\x12\x1c\n\x18\x41LIAS_MOVE_KIND_ROLLBACK\x10\x03\x12\"\n\x1e\x41LIAS_MOVE_KIND_CANARY_PROMOTE\x10\x04\x12#\n\x1f\x41LIAS_MOVE_KIND_CANARY_ROLLBACK\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,34 +40,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELVERSION_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_DEPLOYMENT_TRAFFICSPLITENTRY']._loaded_options = None
   _globals['_DEPLOYMENT_TRAFFICSPLITENTRY']._serialized_options = b'8\001'
-  _globals['_ARTIFACTFORMAT']._serialized_start=2280
-  _globals['_ARTIFACTFORMAT']._serialized_end=2396
-  _globals['_MODELVERSIONSTATE']._serialized_start=2398
-  _globals['_MODELVERSIONSTATE']._serialized_end=2520
-  _globals['_ALIASMOVEKIND']._serialized_start=2523
-  _globals['_ALIASMOVEKIND']._serialized_end=2728
-  _globals['_MODEL']._serialized_start=106
-  _globals['_MODEL']._serialized_end=286
-  _globals['_MODELVERSION']._serialized_start=289
-  _globals['_MODELVERSION']._serialized_end=948
-  _globals['_MODELVERSION_LABELSENTRY']._serialized_start=855
-  _globals['_MODELVERSION_LABELSENTRY']._serialized_end=900
-  _globals['_MODELVERSION_METRICSENTRY']._serialized_start=902
-  _globals['_MODELVERSION_METRICSENTRY']._serialized_end=948
-  _globals['_INPUTBASELINE']._serialized_start=950
-  _globals['_INPUTBASELINE']._serialized_end=1049
-  _globals['_FEATUREBASELINE']._serialized_start=1051
-  _globals['_FEATUREBASELINE']._serialized_end=1137
-  _globals['_ALIAS']._serialized_start=1139
-  _globals['_ALIAS']._serialized_end=1226
-  _globals['_ALIASHISTORYENTRY']._serialized_start=1229
-  _globals['_ALIASHISTORYENTRY']._serialized_end=1471
-  _globals['_DEPLOYMENT']._serialized_start=1474
-  _globals['_DEPLOYMENT']._serialized_end=1944
-  _globals['_DEPLOYMENT_TRAFFICSPLITENTRY']._serialized_start=1870
-  _globals['_DEPLOYMENT_TRAFFICSPLITENTRY']._serialized_end=1921
-  _globals['_AUDITENTRY']._serialized_start=1947
-  _globals['_AUDITENTRY']._serialized_end=2190
-  _globals['_VERSIONORIGIN']._serialized_start=2192
-  _globals['_VERSIONORIGIN']._serialized_end=2278
+  _globals['_ARTIFACTFORMAT']._serialized_start=2939
+  _globals['_ARTIFACTFORMAT']._serialized_end=3055
+  _globals['_MODELVERSIONSTATE']._serialized_start=3057
+  _globals['_MODELVERSIONSTATE']._serialized_end=3179
+  _globals['_ALIASMOVEKIND']._serialized_start=3182
+  _globals['_ALIASMOVEKIND']._serialized_end=3387
+  _globals['_MODEL']._serialized_start=138
+  _globals['_MODEL']._serialized_end=318
+  _globals['_MODELVERSION']._serialized_start=321
+  _globals['_MODELVERSION']._serialized_end=1044
+  _globals['_MODELVERSION_LABELSENTRY']._serialized_start=951
+  _globals['_MODELVERSION_LABELSENTRY']._serialized_end=996
+  _globals['_MODELVERSION_METRICSENTRY']._serialized_start=998
+  _globals['_MODELVERSION_METRICSENTRY']._serialized_end=1044
+  _globals['_OPTIMIZATIONREPORT']._serialized_start=1047
+  _globals['_OPTIMIZATIONREPORT']._serialized_end=1483
+  _globals['_INPUTBASELINE']._serialized_start=1485
+  _globals['_INPUTBASELINE']._serialized_end=1584
+  _globals['_FEATUREBASELINE']._serialized_start=1586
+  _globals['_FEATUREBASELINE']._serialized_end=1672
+  _globals['_ALIAS']._serialized_start=1674
+  _globals['_ALIAS']._serialized_end=1761
+  _globals['_ALIASHISTORYENTRY']._serialized_start=1764
+  _globals['_ALIASHISTORYENTRY']._serialized_end=2006
+  _globals['_DEPLOYMENT']._serialized_start=2009
+  _globals['_DEPLOYMENT']._serialized_end=2603
+  _globals['_DEPLOYMENT_TRAFFICSPLITENTRY']._serialized_start=2488
+  _globals['_DEPLOYMENT_TRAFFICSPLITENTRY']._serialized_end=2539
+  _globals['_AUDITENTRY']._serialized_start=2606
+  _globals['_AUDITENTRY']._serialized_end=2849
+  _globals['_VERSIONORIGIN']._serialized_start=2851
+  _globals['_VERSIONORIGIN']._serialized_end=2937
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from modelyard.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
@@ -61,7 +62,7 @@ class Model(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., latest_version: _Optional[int] = ..., aliases: _Optional[_Iterable[_Union[Alias, _Mapping]]] = ..., require_signature: _Optional[bool] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("model", "version", "format", "sha256", "size_bytes", "signature", "description", "labels", "metrics", "created_by", "create_time", "state", "input_baselines", "signer", "model_signature", "origin")
+    __slots__ = ("model", "version", "format", "sha256", "size_bytes", "signature", "description", "labels", "metrics", "created_by", "create_time", "state", "input_baselines", "signer", "model_signature", "origin", "optimization_reports")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +93,7 @@ class ModelVersion(_message.Message):
     SIGNER_FIELD_NUMBER: _ClassVar[int]
     MODEL_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZATION_REPORTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     format: ArtifactFormat
@@ -108,7 +110,44 @@ class ModelVersion(_message.Message):
     signer: str
     model_signature: bytes
     origin: VersionOrigin
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[_Union[ArtifactFormat, str]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., signature: _Optional[_Union[_tensor_pb2.Signature, _Mapping]] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_by: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., input_baselines: _Optional[_Iterable[_Union[InputBaseline, _Mapping]]] = ..., signer: _Optional[str] = ..., model_signature: _Optional[bytes] = ..., origin: _Optional[_Union[VersionOrigin, _Mapping]] = ...) -> None: ...
+    optimization_reports: _containers.RepeatedCompositeFieldContainer[OptimizationReport]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[_Union[ArtifactFormat, str]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., signature: _Optional[_Union[_tensor_pb2.Signature, _Mapping]] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_by: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., input_baselines: _Optional[_Iterable[_Union[InputBaseline, _Mapping]]] = ..., signer: _Optional[str] = ..., model_signature: _Optional[bytes] = ..., origin: _Optional[_Union[VersionOrigin, _Mapping]] = ..., optimization_reports: _Optional[_Iterable[_Union[OptimizationReport, _Mapping]]] = ...) -> None: ...
+
+class OptimizationReport(_message.Message):
+    __slots__ = ("optimization", "precision", "device", "max_abs_error", "max_rel_error", "top1_agreement", "items_per_s_batch1", "items_per_s_max_batch", "max_batch", "load_time", "sample", "sample_items", "compile_cache_hit", "error", "server_id", "time")
+    OPTIMIZATION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MAX_REL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    TOP1_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_PER_S_BATCH1_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_PER_S_MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    LOAD_TIME_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    optimization: str
+    precision: str
+    device: str
+    max_abs_error: float
+    max_rel_error: float
+    top1_agreement: float
+    items_per_s_batch1: float
+    items_per_s_max_batch: float
+    max_batch: int
+    load_time: _duration_pb2.Duration
+    sample: str
+    sample_items: int
+    compile_cache_hit: bool
+    error: str
+    server_id: str
+    time: _timestamp_pb2.Timestamp
+    def __init__(self, optimization: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., max_abs_error: _Optional[float] = ..., max_rel_error: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., items_per_s_batch1: _Optional[float] = ..., items_per_s_max_batch: _Optional[float] = ..., max_batch: _Optional[int] = ..., load_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., sample: _Optional[str] = ..., sample_items: _Optional[int] = ..., compile_cache_hit: _Optional[bool] = ..., error: _Optional[str] = ..., server_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class InputBaseline(_message.Message):
     __slots__ = ("input", "item_count", "features")
@@ -167,7 +206,7 @@ class AliasHistoryEntry(_message.Message):
     def __init__(self, model: _Optional[str] = ..., alias: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., epoch: _Optional[int] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., request_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[_Union[AliasMoveKind, str]] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("pinned_versions", "replicas", "device", "precision", "max_batch_size", "max_queue_delay_ms", "max_queue_size", "instances", "traffic_split", "shadow_alias", "shadow_fraction", "placed_versions", "epoch", "preferred_batch_sizes", "execution")
+    __slots__ = ("pinned_versions", "replicas", "device", "precision", "max_batch_size", "max_queue_delay_ms", "max_queue_size", "instances", "traffic_split", "shadow_alias", "shadow_fraction", "placed_versions", "epoch", "preferred_batch_sizes", "execution", "optimization", "max_abs_error", "min_top1_agreement")
     class TrafficSplitEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +229,9 @@ class Deployment(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZATION_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MIN_TOP1_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
     pinned_versions: _containers.RepeatedScalarFieldContainer[int]
     replicas: int
     device: str
@@ -205,7 +247,10 @@ class Deployment(_message.Message):
     epoch: int
     preferred_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
     execution: str
-    def __init__(self, pinned_versions: _Optional[_Iterable[int]] = ..., replicas: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., instances: _Optional[int] = ..., traffic_split: _Optional[_Mapping[str, int]] = ..., shadow_alias: _Optional[str] = ..., shadow_fraction: _Optional[float] = ..., placed_versions: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., execution: _Optional[str] = ...) -> None: ...
+    optimization: str
+    max_abs_error: float
+    min_top1_agreement: float
+    def __init__(self, pinned_versions: _Optional[_Iterable[int]] = ..., replicas: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., instances: _Optional[int] = ..., traffic_split: _Optional[_Mapping[str, int]] = ..., shadow_alias: _Optional[str] = ..., shadow_fraction: _Optional[float] = ..., placed_versions: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., execution: _Optional[str] = ..., optimization: _Optional[str] = ..., max_abs_error: _Optional[float] = ..., min_top1_agreement: _Optional[float] = ...) -> None: ...
 
 class AuditEntry(_message.Message):
     __slots__ = ("id", "time", "actor", "method", "model", "target", "request_id", "outcome", "error_reason", "message", "prev_hash", "entry_hash")

@@ -412,3 +412,21 @@ class ImportModelResponse(_message.Message):
     aliases: _containers.RepeatedCompositeFieldContainer[ImportedAlias]
     bundle_bytes: int
     def __init__(self, model: _Optional[str] = ..., source_cluster: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ImportedVersion, _Mapping]]] = ..., aliases: _Optional[_Iterable[_Union[ImportedAlias, _Mapping]]] = ..., bundle_bytes: _Optional[int] = ...) -> None: ...
+
+class RecordOptimizationReportsRequest(_message.Message):
+    __slots__ = ("model", "version", "reports", "request_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    reports: _containers.RepeatedCompositeFieldContainer[_registry_pb2.OptimizationReport]
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., reports: _Optional[_Iterable[_Union[_registry_pb2.OptimizationReport, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class RecordOptimizationReportsResponse(_message.Message):
+    __slots__ = ("model_version",)
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_version: _registry_pb2.ModelVersion
+    def __init__(self, model_version: _Optional[_Union[_registry_pb2.ModelVersion, _Mapping]] = ...) -> None: ...

@@ -126,6 +126,11 @@ class RegistryServiceStub:
                 request_serializer=modelyard_dot_v1_dot_registry__service__pb2.ImportModelRequest.SerializeToString,
                 response_deserializer=modelyard_dot_v1_dot_registry__service__pb2.ImportModelResponse.FromString,
                 _registered_method=True)
+        self.RecordOptimizationReports = channel.unary_unary(
+                '/modelyard.v1.RegistryService/RecordOptimizationReports',
+                request_serializer=modelyard_dot_v1_dot_registry__service__pb2.RecordOptimizationReportsRequest.SerializeToString,
+                response_deserializer=modelyard_dot_v1_dot_registry__service__pb2.RecordOptimizationReportsResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -282,6 +287,14 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordOptimizationReports(self, request, context):
+        """RecordOptimizationReports stores measured optimisation reports with a version (GetModelVersion
+        returns them); a report replaces the one of the same profile, precision and device.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -374,6 +387,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ImportModel,
                     request_deserializer=modelyard_dot_v1_dot_registry__service__pb2.ImportModelRequest.FromString,
                     response_serializer=modelyard_dot_v1_dot_registry__service__pb2.ImportModelResponse.SerializeToString,
+            ),
+            'RecordOptimizationReports': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordOptimizationReports,
+                    request_deserializer=modelyard_dot_v1_dot_registry__service__pb2.RecordOptimizationReportsRequest.FromString,
+                    response_serializer=modelyard_dot_v1_dot_registry__service__pb2.RecordOptimizationReportsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -864,6 +882,33 @@ class RegistryService:
             '/modelyard.v1.RegistryService/ImportModel',
             modelyard_dot_v1_dot_registry__service__pb2.ImportModelRequest.SerializeToString,
             modelyard_dot_v1_dot_registry__service__pb2.ImportModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordOptimizationReports(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.v1.RegistryService/RecordOptimizationReports',
+            modelyard_dot_v1_dot_registry__service__pb2.RecordOptimizationReportsRequest.SerializeToString,
+            modelyard_dot_v1_dot_registry__service__pb2.RecordOptimizationReportsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -104,6 +104,10 @@ class RegistryServiceStub:
     malformed or lying bundle fails with INVALID_ARGUMENT (reasons BUNDLE_INVALID,
     CHECKSUM_MISMATCH, UNSAFE_ARTIFACT, TOO_LARGE, MODEL_SIGNATURE_INVALID) and stores nothing.
     """
+    RecordOptimizationReports: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.RecordOptimizationReportsRequest, _registry_service_pb2.RecordOptimizationReportsResponse]
+    """RecordOptimizationReports stores measured optimisation reports with a version (GetModelVersion
+    returns them); a report replaces the one of the same profile, precision and device.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -180,6 +184,10 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     their origin. A version already imported from the same origin is not recorded again. A
     malformed or lying bundle fails with INVALID_ARGUMENT (reasons BUNDLE_INVALID,
     CHECKSUM_MISMATCH, UNSAFE_ARTIFACT, TOO_LARGE, MODEL_SIGNATURE_INVALID) and stores nothing.
+    """
+    RecordOptimizationReports: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.RecordOptimizationReportsRequest, _registry_service_pb2.RecordOptimizationReportsResponse]  # type: ignore[assignment]
+    """RecordOptimizationReports stores measured optimisation reports with a version (GetModelVersion
+    returns them); a report replaces the one of the same profile, precision and device.
     """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -362,6 +370,16 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         their origin. A version already imported from the same origin is not recorded again. A
         malformed or lying bundle fails with INVALID_ARGUMENT (reasons BUNDLE_INVALID,
         CHECKSUM_MISMATCH, UNSAFE_ARTIFACT, TOO_LARGE, MODEL_SIGNATURE_INVALID) and stores nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def RecordOptimizationReports(
+        self,
+        request: _registry_service_pb2.RecordOptimizationReportsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.RecordOptimizationReportsResponse, _abc.Awaitable[_registry_service_pb2.RecordOptimizationReportsResponse]]:
+        """RecordOptimizationReports stores measured optimisation reports with a version (GetModelVersion
+        returns them); a report replaces the one of the same profile, precision and device.
         """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

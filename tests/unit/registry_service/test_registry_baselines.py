@@ -169,5 +169,5 @@ async def test_a_schema_2_database_is_upgraded_in_place(tmp_path: Path) -> None:
     finally:
         await store.aclose()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
     conn.close()

@@ -91,6 +91,9 @@ def test_every_deployment_field_is_diffed() -> None:
         shadow_fraction=0.1,
         preferred_batch_sizes=(4,),
         execution="thread",
+        optimization="freeze",
+        max_abs_error=0.01,
+        min_top1_agreement=0.99,
     )
     text = deployment_diff(DeploymentSpec(), changed)
     assert [part.split(" ", 1)[0] for part in text.split("; ")] == list(SPEC_FIELDS)
@@ -206,7 +209,7 @@ async def test_a_schema_5_database_is_upgraded_and_its_moves_stay_untyped(tmp_pa
     finally:
         await store.aclose()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
     conn.close()
 
 
