@@ -30,7 +30,7 @@ from rich.table import Table
 
 from modelyard import cli_registry
 from modelyard.cli_registry import DEFAULT_REGISTRY, ApiKeyOpt, JsonOpt, RegistryOpt, call_registry
-from modelyard.local_cluster import DEFAULT_PORTS, api_key_for, client_tls_for
+from modelyard.local_cluster import DEFAULT_PORTS, api_key_for, client_tls_for, tool_token_for
 from modelyard.tls import open_channel
 from modelyard.v1 import (
     model_server_service_pb2,
@@ -44,6 +44,8 @@ __all__ = ["optimize", "recommend", "within_tolerance"]
 
 DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORTS['model_server']}"
 EVALUATE_TIMEOUT_S = 900.0
+OPTIMIZE_CLIENT = "optimize"
+"""The command's service-token kind on the local cluster (the model server's audit names it)."""
 """Compiling with AOTInductor takes minutes on a small CPU."""
 
 
@@ -113,7 +115,10 @@ def optimize(
         if stored:
             got = await stub.GetModelVersion(pb.GetModelVersionRequest(model=model, version=version))
             return deployment, list(got.model_version.optimization_reports)
-        token = api_key or api_key_for(registry)
+        # EvaluateOptimizations is internal to the cluster: on the local cluster the command
+        # calls it as its own tool (`service:optimize`, from the cluster secret); elsewhere
+        # with the key given (a cluster whose model servers take it: access control off).
+        token = tool_token_for(server, OPTIMIZE_CLIENT) or api_key or api_key_for(registry)
         async with open_channel(
             server, client_tls_for(registry), token=token, client="cli"
         ) as server_channel:

@@ -66,6 +66,7 @@ __all__ = [
     "client_tls_for",
     "api_key_for",
     "tool_token",
+    "tool_token_for",
     "API_KEY_ENV",
 ]
 
@@ -707,6 +708,19 @@ def api_key_for(address: str, cluster_file: Path | None = None) -> str | None:
     try:
         return info.api_key_file.read_text().strip() or None
     except OSError:
+        return None
+
+
+def tool_token_for(address: str, kind: str, cluster_file: Path | None = None) -> str | None:
+    """`tool_token(kind)` of the running local cluster whose file names `address` (its
+    secret readable by this user), else None: how a CLI command calls what is internal to
+    the cluster (a model server's `EvaluateOptimizations`) on the operator's own cluster."""
+    info = _cluster_serving(address, cluster_file)
+    if info is None or info.secret_file is None:
+        return None
+    try:
+        return tool_token(info.secret_file, kind)
+    except (OSError, ValueError):
         return None
 
 
