@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import math
 import random
 import time
@@ -75,15 +76,29 @@ class Wide(torch.nn.Module):
         return self.linear(x)
 
 
+MODEL = "wide"
+"""The model of the test running now (set per test)."""
+_NAMES = itertools.count(1)
+
+
+@pytest.fixture(autouse=True)
+def _a_model_of_its_own() -> None:
+    """Each test its own model name: the in-process model servers of all the tests share one
+    Prometheus registry, and the series of an earlier test's model of the same name would run
+    on into this one's windows."""
+    global MODEL
+    MODEL = f"wide-{next(_NAMES)}"
+
+
 async def publish_wide(registry_stub: Any) -> int:
-    await registry_stub.CreateModel(reg.CreateModelRequest(name="wide"))
+    await registry_stub.CreateModel(reg.CreateModelRequest(name=MODEL))
     data = torchscript(Wide())
     sample = torch.randn(4000, FEATURES, generator=torch.Generator().manual_seed(24))
 
     async def requests() -> AsyncIterator[reg.UploadModelVersionRequest]:
         yield reg.UploadModelVersionRequest(
             metadata=reg.UploadModelVersionMetadata(
-                model="wide",
+                model=MODEL,
                 format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
                 sha256=hashlib.sha256(data).hexdigest(),
                 signature=SIGNATURE,
@@ -101,7 +116,7 @@ def item(rng: random.Random, shift: float) -> torch.Tensor:
 
 async def predict(gateway: Any, x: torch.Tensor) -> None:
     await gateway.Predict(
-        inf.PredictRequest(model="wide", alias="production", inputs=[tensor_to_proto("input", x)]), timeout=10
+        inf.PredictRequest(model=MODEL, alias="production", inputs=[tensor_to_proto("input", x)]), timeout=10
     )
 
 
@@ -144,10 +159,10 @@ async def start(
     **settings: Any,
 ) -> tuple[MonitorApp, int]:
     version = await publish_wide(registry_stub)
-    await set_alias(registry_stub, "wide", "production", version)
+    await set_alias(registry_stub, MODEL, "production", version)
     await until_served(gateway)
     rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
+    rules.write_text(RULES.replace("model: wide}", f"model: {MODEL}}}"))
     # A 5 s window of ~20 sampled items per second: 50 to 150 items, the sizes where the old
     # PSI rule fired; drift_min_items is the default (50).
     monitor = await start_monitor(rules_file=rules, window_s=window_s, **settings)
@@ -166,7 +181,7 @@ async def test_identical_traffic_never_fires_the_drift_test_and_a_one_sigma_shif
         tested: list[tuple[float, float]] = []  # (items, p) of every round with a test
 
         def record() -> bool:
-            figures = monitor.stats.get(("wide", version))
+            figures = monitor.stats.get((MODEL, version))
             if figures is not None and not math.isnan(figures.input_drift_p):
                 items = min(sum(c) for c in figures.input_bins.values())
                 tested.append((items, figures.input_drift_p))
@@ -191,8 +206,8 @@ async def test_identical_traffic_never_fires_the_drift_test_and_a_one_sigma_shif
         )
         assert took < 20.0  # the window is 7 s
         (alert,) = monitor.alerts.alerts()
-        assert alert.labels["model"] == "wide" and alert.value < 0.00001
-        worst = monitor.drift.tests[("wide", version)][0]
+        assert alert.labels["model"] == MODEL and alert.value < 0.00001
+        worst = monitor.drift.tests[(MODEL, version)][0]
         assert worst.feature == f"input/{SHIFTED}" and worst.test == "chi2"
     finally:
         await traffic.stop()
@@ -228,7 +243,7 @@ async def test_a_drift_alert_whose_traffic_stops_goes_to_no_data_and_resolves_on
         timeout_s=30,
         what="the alert to go to no data",
     )
-    assert math.isnan(monitor.stats[("wide", version)].input_drift_p)
+    assert math.isnan(monitor.stats[(MODEL, version)].input_drift_p)
     await monitor.wait_rounds(10)  # and it stays there
     (alert,) = monitor.alerts.alerts()
     assert alert.state is AlertState.NO_DATA and alert.resolved_at is None and alert.value < 0.00001
@@ -239,7 +254,7 @@ async def test_a_drift_alert_whose_traffic_stops_goes_to_no_data_and_resolves_on
         (listed,) = (await stub.ListAlerts(mon.ListAlertsRequest())).alerts
         assert listed.state == mon.ALERT_STATE_NO_DATA and listed.HasField("no_data_time")
         assert not listed.HasField("resolve_time")
-        (figures,) = (await stub.GetModelStats(mon.GetModelStatsRequest(model="wide"))).versions
+        (figures,) = (await stub.GetModelStats(mon.GetModelStatsRequest(model=MODEL))).versions
         assert not figures.HasField("input_drift_p")
 
     # Identical traffic again: tested on enough items, no drift, so it resolves.
