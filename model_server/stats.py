@@ -130,6 +130,11 @@ class InputBinCounts(Collector):
                     self._bins.clear()
                 self._bins[key] = _Bins(baseline)
 
+    def clear(self) -> None:
+        """Forget every version's edges and counts."""
+        with self._lock:
+            self._bins.clear()
+
     def count(self, labels: tuple[str, str], name: str, rows: np.ndarray) -> None:
         """Add the items of `rows` ([items, features], float64) to the bins of one input."""
         bins = self._bins.get((labels[0], labels[1], name))
@@ -206,6 +211,11 @@ class InputMoments(Collector):
         self._lock = threading.Lock()  # the sampler runs on the event loop, collect() in the HTTP thread
         self._moments: dict[tuple[str, str, str], _Moments] = {}
         self._max_keys = max_keys
+
+    def clear(self) -> None:
+        """Forget every version's moments."""
+        with self._lock:
+            self._moments.clear()
 
     def add(self, labels: tuple[str, str], name: str, rows: np.ndarray) -> None:
         """Add sampled `rows` ([items, features], float64) of input `name`."""
