@@ -26,7 +26,7 @@ lint: setup
 	.venv/bin/buf lint
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
-	.venv/bin/mypy modelyard gateway model_server registry_service monitor_service load_tests
+	.venv/bin/mypy modelyard modelyard_cli gateway model_server registry_service monitor_service load_tests
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache .mypy_cache

@@ -61,7 +61,7 @@ case "$cmd" in
         scripts/check_deploy.sh
         "$VENV/bin/ruff" check .
         "$VENV/bin/ruff" format --check .
-        "$VENV/bin/mypy" modelyard gateway model_server registry_service monitor_service load_tests
+        "$VENV/bin/mypy" modelyard modelyard_cli gateway model_server registry_service monitor_service load_tests
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;

@@ -37,8 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gateway_bench as gb  # noqa: E402 - a sibling script, not a package
 
-from modelyard.demo import register_model  # noqa: E402
-from modelyard.local_cluster import Child, LocalCluster  # noqa: E402
+from modelyard_cli.demo import register_model  # noqa: E402
+from modelyard_cli.local_cluster import Child, LocalCluster  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = {"model_server": "MODELYARD_MODEL_SERVER_", "gateway": "MODELYARD_GATEWAY_"}

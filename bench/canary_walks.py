@@ -44,7 +44,6 @@ from gateway.app import GatewayApp
 from gateway.settings import GatewaySettings
 from model_server.app import ModelServerApp
 from model_server.settings import ModelServerSettings
-from modelyard.embedded_redis import RedisServer
 from modelyard.settings import RedisSettings, ServerSettings, load_settings
 from modelyard.tensor_codec import tensor_to_proto
 from modelyard.v1 import inference_service_pb2 as inf
@@ -52,6 +51,7 @@ from modelyard.v1 import inference_service_pb2_grpc as inf_grpc
 from modelyard.v1 import registry_pb2, tensor_pb2
 from modelyard.v1 import registry_service_pb2 as reg
 from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
+from modelyard_cli.embedded_redis import RedisServer
 from monitor_service.app import MonitorApp
 from monitor_service.canary import CanaryAction, CanaryDecision, CanarySettings
 from monitor_service.collector import histogram_quantile

@@ -43,11 +43,11 @@ import numpy as np
 import torch
 
 from modelyard.access.keys import ServiceTokens
-from modelyard.demo import register_model
-from modelyard.local_cluster import LocalCluster
 from modelyard.oip import grpc_service_pb2 as oip
 from modelyard.tls import open_channel
 from modelyard.v1 import tensor_pb2
+from modelyard_cli.demo import register_model
+from modelyard_cli.local_cluster import LocalCluster
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BENCH = REPO.parent / "shared" / "bench"

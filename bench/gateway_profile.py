@@ -24,12 +24,12 @@ import numpy as np
 from gateway.app import GatewayApp
 from gateway.settings import GatewaySettings
 from modelyard.coordination import CoordinationStore, ServiceRecord, VersionRecord
-from modelyard.embedded_redis import RedisServer
 from modelyard.oip import grpc_service_pb2 as oip
 from modelyard.settings import RedisSettings, ServerSettings, load_settings
 from modelyard.v1 import inference_service_pb2 as inf
 from modelyard.v1 import model_server_service_pb2 as ms
 from modelyard.v1 import tensor_pb2
+from modelyard_cli.embedded_redis import RedisServer
 
 OURS = ("/gateway/", "/modelyard/", "prometheus_client/", "logging/")
 

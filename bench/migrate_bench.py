@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from modelyard.embedded_redis import RedisServer
+from modelyard_cli.embedded_redis import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "modelyard.cli"]
+CLI = [sys.executable, "-m", "modelyard_cli.app"]
 
 
 class _Padded(torch.nn.Module):

@@ -45,11 +45,11 @@ import grpc
 import numpy as np
 import torch
 
-from modelyard.demo import register_model
-from modelyard.embedded_redis import RedisServer
 from modelyard.oip import grpc_service_pb2 as oip
 from modelyard.oip.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from modelyard.v1 import tensor_pb2
+from modelyard_cli.demo import register_model
+from modelyard_cli.embedded_redis import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MAKE_MODELS = ROOT.parent / "shared" / "bench" / "make_models.py"

@@ -30,11 +30,11 @@ import torch
 
 from modelyard.access.client import bearer_metadata
 from modelyard.access.keys import ServiceTokens
-from modelyard.demo import build_demo_model, demo_signature, predict_until_served, register_model
-from modelyard.local_cluster import LocalCluster
 from modelyard.tensor_codec import tensor_to_proto
 from modelyard.v1 import inference_service_pb2 as inf
 from modelyard.v1 import model_server_service_pb2 as ms
+from modelyard_cli.demo import build_demo_model, demo_signature, predict_until_served, register_model
+from modelyard_cli.local_cluster import LocalCluster
 
 
 async def closed_loop(call, payload: bytes, concurrency: int, seconds: float) -> dict[str, float]:

@@ -33,10 +33,10 @@ from typing import Any
 import grpc
 import torch
 
-from modelyard.embedded_redis import RedisServer
 from modelyard.v1 import registry_pb2, tensor_pb2
 from modelyard.v1 import registry_service_pb2 as reg
 from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
+from modelyard_cli.embedded_redis import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK = 1024 * 1024

@@ -20,9 +20,9 @@ from load_tests.runner import RunOptions, RunReport, ScenarioError, run_scenario
 from load_tests.scenarios import SCENARIOS
 from load_tests.slo import DEFAULT_SLO_FILE, load_slos
 from load_tests.stages import format_stages, parse_duration_s
-from modelyard.local_cluster import API_KEY_ENV, CLUSTER_FILE_NAME, ClusterFile
 from modelyard.settings import RedisSettings
 from modelyard.telemetry import configure_logging
+from modelyard_cli.local_cluster import API_KEY_ENV, CLUSTER_FILE_NAME, ClusterFile
 
 __all__ = ["app"]
 

@@ -27,8 +27,8 @@ import grpc.experimental.gevent as grpc_gevent
 import os
 
 from modelyard.access.client import bearer_metadata
-from modelyard.local_cluster import API_KEY_ENV
 from modelyard.tls import ClientTLS, open_sync_channel
+from modelyard_cli.local_cluster import API_KEY_ENV
 
 grpc_gevent.init_gevent()
 

@@ -29,10 +29,10 @@ from load_tests.registry_actions import LOAD_TEST_CLIENT, get_deployment, set_de
 from modelyard.coordination import CoordinationStore, Deployment, ServiceRecord
 from modelyard.errors import CoordinationUnavailable
 from modelyard.membership import new_service_id
-from modelyard.processes import spawn_child
 from modelyard.settings import RedisSettings
 from modelyard.tls import ClientTLS, LocalCA, https_context, open_channel
 from modelyard.v1 import registry_pb2
+from modelyard_cli.processes import spawn_child
 
 __all__ = ["JoinedModelServer", "JoinError", "pick_service_id"]
 

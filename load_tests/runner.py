@@ -27,13 +27,13 @@ from load_tests.scenarios import Action, Scenario
 from load_tests.slo import RunStats, Slo, SloMiss, check_slo, read_stats
 from load_tests.stages import format_stages
 from modelyard.access.keys import ServiceTokens
-from modelyard.local_cluster import API_KEY_ENV, LocalCluster, tool_token
 from modelyard.settings import RedisSettings
 from modelyard.tasks import cancel_task
 from modelyard.tls import CLIENT_KIND, ClientTLS, open_channel
 from modelyard.v1 import inference_service_pb2 as inf
 from modelyard.v1 import inference_service_pb2_grpc as inf_grpc
 from modelyard.v1 import tensor_pb2
+from modelyard_cli.local_cluster import API_KEY_ENV, LocalCluster, tool_token
 
 __all__ = ["RunOptions", "RunReport", "run_scenario", "ScenarioError", "REPO_ROOT"]
 
@@ -247,7 +247,7 @@ async def _register_demo(
     registry: str, model: str, tls: ClientTLS | None = None, token: str | None = None
 ) -> None:
     # torch is only needed to build the demo model for a cluster the runner starts.
-    from modelyard.demo import build_demo_model, demo_signature, register_model
+    from modelyard_cli.demo import build_demo_model, demo_signature, register_model
 
     _module, artifact = build_demo_model()
     await register_model(

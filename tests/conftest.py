@@ -20,8 +20,8 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from model_server.stats import INPUT_BINS, INPUT_MOMENTS
 from modelyard.coordination import CoordinationStore
-from modelyard.embedded_redis import RedisServer
 from modelyard.settings import RedisSettings
+from modelyard_cli.embedded_redis import RedisServer
 
 for _prefix in ("GATEWAY", "MODEL_SERVER", "REGISTRY", "MONITOR"):
     os.environ.setdefault(f"MODELYARD_{_prefix}_ACCESS__MODE", "off")

@@ -38,7 +38,7 @@ compose up -d --wait --wait-timeout 180 "${services[@]}"
 compose run --rm --no-deps -T -e PYTHONUNBUFFERED=1 registry python - <<'PY'
 import asyncio
 import torch
-from modelyard.demo import build_demo_model, demo_signature, predict_until_served, register_model
+from modelyard_cli.demo import build_demo_model, demo_signature, predict_until_served, register_model
 
 async def main() -> None:
     token = open("/run/secrets/admin_key").read().strip()
@@ -57,7 +57,7 @@ import asyncio
 import os
 import grpc
 import torch
-from modelyard.demo import predict_until_served
+from modelyard_cli.demo import predict_until_served
 token = open(os.path.join(os.environ["MODELYARD_SECRETS_DIR"], "admin_key")).read().strip()
 answers = asyncio.run(predict_until_served("127.0.0.1:50051", "demo", [torch.randn(2, 64)], token=token))
 print(f"host client: served by demo v{answers[0].version}")

@@ -31,8 +31,6 @@ from google.protobuf import descriptor_pool, message_factory
 
 from modelyard.access.keys import ServiceTokens, new_key_token
 from modelyard.access.rules import AUTHENTICATED, INTERNAL, RULES, Rule
-from modelyard.demo import build_demo_model, demo_signature, register_model
-from modelyard.local_cluster import LocalCluster
 from modelyard.oip import grpc_service_pb2  # noqa: F401 - registers the OIP descriptors
 from modelyard.tensor_codec import tensor_to_proto
 from modelyard.tls import open_channel
@@ -47,6 +45,8 @@ from modelyard.v1 import (
     registry_service_pb2_grpc,
 )
 from modelyard.v1 import inference_service_pb2_grpc as inf_grpc
+from modelyard_cli.demo import build_demo_model, demo_signature, register_model
+from modelyard_cli.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.timeout(300)
 

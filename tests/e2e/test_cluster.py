@@ -14,8 +14,6 @@ import torch
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from modelyard.demo import build_demo_model, demo_signature, predict_until_served, register_model
-from modelyard.local_cluster import LocalCluster
 from modelyard.tensor_codec import tensor_from_proto, tensor_to_proto
 from modelyard.tls import open_channel
 from modelyard.v1 import inference_service_pb2 as inf
@@ -25,6 +23,8 @@ from modelyard.v1 import monitor_service_pb2_grpc as mon_grpc
 from modelyard.v1 import registry_pb2, tensor_pb2
 from modelyard.v1 import registry_service_pb2 as reg
 from modelyard.v1 import registry_service_pb2_grpc as reg_grpc
+from modelyard_cli.demo import build_demo_model, demo_signature, predict_until_served, register_model
+from modelyard_cli.local_cluster import LocalCluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

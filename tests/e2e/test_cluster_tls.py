@@ -21,10 +21,11 @@ import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
-from modelyard import cli_registry, cli_top
-from modelyard.demo import build_demo_model, demo_signature, predict_until_served, register_model
-from modelyard.local_cluster import CLUSTER_FILE_ENV, ClusterFile, LocalCluster, client_tls_for
 from modelyard.tls import ClientTLS, open_channel
+from modelyard_cli import registry as cli_registry
+from modelyard_cli import top as cli_top
+from modelyard_cli.demo import build_demo_model, demo_signature, predict_until_served, register_model
+from modelyard_cli.local_cluster import CLUSTER_FILE_ENV, ClusterFile, LocalCluster, client_tls_for
 from tests.integration.test_gateway_oip import triton_python
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]

@@ -21,13 +21,13 @@ import redis.asyncio as aioredis
 import torch
 
 from modelyard.coordination import CoordinationStore
-from modelyard.demo import build_demo_model, demo_signature, predict_until_served, register_model
-from modelyard.local_cluster import Child, LocalCluster
 from modelyard.settings import RedisSettings
 from modelyard.tensor_codec import tensor_from_proto, tensor_to_proto
 from modelyard.tls import open_channel
 from modelyard.v1 import inference_service_pb2 as inf
 from modelyard.v1 import inference_service_pb2_grpc as inf_grpc
+from modelyard_cli.demo import build_demo_model, demo_signature, predict_until_served, register_model
+from modelyard_cli.local_cluster import Child, LocalCluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 

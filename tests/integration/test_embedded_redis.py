@@ -1,4 +1,4 @@
-"""Integration tests for modelyard.embedded_redis: these start real redis-server processes."""
+"""Integration tests for modelyard_cli.embedded_redis: these start real redis-server processes."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import pytest
 import redis
 
 import modelyard
-from modelyard import embedded_redis
-from modelyard.embedded_redis import (
+from modelyard_cli import embedded_redis
+from modelyard_cli.embedded_redis import (
     REDIS_SERVER_ENV,
     RedisServer,
     find_redis_server,
@@ -331,7 +331,7 @@ def test_server_dies_with_sigkilled_parent(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import time
-        from modelyard.embedded_redis import RedisServer
+        from modelyard_cli.embedded_redis import RedisServer
         server = RedisServer(data_dir={str(tmp_path)!r})
         server.start()
         print(server.pid, server.port, flush=True)

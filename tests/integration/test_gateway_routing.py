@@ -19,13 +19,13 @@ from gateway.app import ROUTING_HEALTH_SERVICE, GatewayApp
 from gateway.settings import GatewaySettings
 from model_server.app import ModelServerApp
 from modelyard.coordination import CoordinationStore, Deployment, ServiceRecord, VersionRecord
-from modelyard.embedded_redis import RedisServer
 from modelyard.settings import RedisSettings, ServerSettings, load_settings
 from modelyard.tensor_codec import tensor_from_proto, tensor_to_proto
 from modelyard.v1 import inference_service_pb2 as inf
 from modelyard.v1 import inference_service_pb2_grpc as inf_grpc
 from modelyard.v1 import model_server_service_pb2 as ms
 from modelyard.v1 import tensor_pb2
+from modelyard_cli.embedded_redis import RedisServer
 from tests.integration.conftest import ClusterSource, LaunchGateway, LaunchModelServer, converge
 
 pytestmark = pytest.mark.integration

@@ -30,13 +30,13 @@ from load_tests.scenarios import SCENARIOS
 from load_tests.slo import DEFAULT_SLO_FILE, RunStats, Slo, check_slo, load_slos, read_stats
 from load_tests.stages import Stage, parse_duration_s, parse_stages
 from modelyard.coordination import CoordinationStore
-from modelyard.demo import build_demo_model, demo_signature, register_model
-from modelyard.local_cluster import API_KEY_ENV, ClusterFile, LocalCluster
 from modelyard.settings import RedisSettings
 from modelyard.tls import open_channel
 from modelyard.v1 import registry_pb2
 from modelyard.v1 import registry_service_pb2 as reg
 from modelyard.v1 import registry_service_pb2_grpc as reg_grpc
+from modelyard_cli.demo import build_demo_model, demo_signature, register_model
+from modelyard_cli.local_cluster import API_KEY_ENV, ClusterFile, LocalCluster
 
 RUN_TIMEOUT_S = 120
 

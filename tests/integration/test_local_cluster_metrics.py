@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from modelyard.local_cluster import ClusterFile, LocalCluster
 from modelyard.tls import open_channel
 from modelyard.v1 import monitor_service_pb2 as mon
 from modelyard.v1 import monitor_service_pb2_grpc as mon_grpc
+from modelyard_cli.local_cluster import ClusterFile, LocalCluster
 
 pytestmark = pytest.mark.integration
 

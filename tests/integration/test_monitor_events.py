@@ -12,11 +12,11 @@ import grpc
 import pytest
 from typer.testing import CliRunner
 
-from modelyard.cli_top import app as top_app
 from modelyard.coordination import CoordinationStore, ServiceRecord, VersionRecord
 from modelyard.settings import RedisSettings, ServerSettings, load_settings
 from modelyard.v1 import monitor_service_pb2 as mon
 from modelyard.v1 import monitor_service_pb2_grpc as mon_grpc
+from modelyard_cli.top import app as top_app
 from monitor_service.app import MonitorApp
 from monitor_service.settings import MonitorSettings
 

@@ -15,8 +15,6 @@ import torch
 from typer.testing import CliRunner
 
 from gateway.app import GatewayApp
-from modelyard.cli import app as cli_app
-from modelyard.cli_top import app as top_app
 from modelyard.coordination import CoordinationStore, Deployment
 from modelyard.settings import RedisSettings, ServerSettings, load_settings
 from modelyard.tensor_codec import tensor_to_proto
@@ -25,6 +23,8 @@ from modelyard.v1 import inference_service_pb2_grpc as inf_grpc
 from modelyard.v1 import monitor_service_pb2 as mon
 from modelyard.v1 import monitor_service_pb2_grpc as mon_grpc
 from modelyard.v1 import tensor_pb2
+from modelyard_cli.app import app as cli_app
+from modelyard_cli.top import app as top_app
 from monitor_service.app import MonitorApp
 from monitor_service.settings import MonitorSettings
 from tests.integration.conftest import ClusterSource, LaunchGateway, LaunchModelServer, converge

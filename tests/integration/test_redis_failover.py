@@ -19,12 +19,12 @@ from gateway.settings import GatewaySettings
 from model_server.app import ModelServerApp
 from model_server.settings import ModelServerSettings
 from modelyard.coordination import parse_sentinel_url
-from modelyard.demo import build_demo_model, demo_signature, register_model
-from modelyard.embedded_redis import RedisServer
 from modelyard.settings import RedisSettings, ServerSettings, load_settings
 from modelyard.tensor_codec import tensor_to_proto
 from modelyard.v1 import inference_service_pb2 as inf
 from modelyard.v1 import inference_service_pb2_grpc as inf_grpc
+from modelyard_cli.demo import build_demo_model, demo_signature, register_model
+from modelyard_cli.embedded_redis import RedisServer
 from registry_service.app import RegistryApp
 from registry_service.settings import RegistrySettings
 

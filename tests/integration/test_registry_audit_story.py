@@ -22,12 +22,12 @@ from grpc_status import rpc_status
 
 from modelyard.access.client import bearer
 from modelyard.access.keys import ServiceTokens, new_key_token
-from modelyard.local_cluster import tool_token
 from modelyard.settings import AccessSettings, RedisSettings, ServerSettings, load_settings
 from modelyard.tls import open_channel
 from modelyard.v1 import registry_pb2, tensor_pb2
 from modelyard.v1 import registry_service_pb2 as pb
 from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
+from modelyard_cli.local_cluster import tool_token
 from registry_service.app import RegistryApp
 from registry_service.settings import RegistrySettings
 

@@ -15,8 +15,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from modelyard import cli_registry
 from modelyard.settings import RedisSettings, ServerSettings, load_settings
+from modelyard_cli import registry as cli_registry
 from registry_service.app import RegistryApp
 from registry_service.settings import RegistrySettings
 

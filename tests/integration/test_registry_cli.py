@@ -15,8 +15,8 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from modelyard import cli_registry
 from modelyard.settings import RedisSettings, ServerSettings, SigningSettings, load_settings
+from modelyard_cli import registry as cli_registry
 from registry_service.app import RegistryApp
 from registry_service.settings import RegistrySettings
 from tests.signing_kit import KeySigner

@@ -17,10 +17,10 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from modelyard import cli_registry
 from modelyard.settings import RedisSettings, ServerSettings, load_settings
 from modelyard.v1 import registry_service_pb2 as reg
 from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
+from modelyard_cli import registry as cli_registry
 from registry_service.app import RegistryApp
 from registry_service.settings import RegistrySettings
 

@@ -24,12 +24,12 @@ from typer.testing import CliRunner
 from model_server.app import ModelServerApp
 from model_server.repository import LoadedVersion, VersionState
 from model_server.settings import ModelServerSettings
-from modelyard import cli_registry
 from modelyard.coordination import CoordinationStore
 from modelyard.settings import RedisSettings, ServerSettings, load_settings
 from modelyard.v1 import registry_pb2, tensor_pb2
 from modelyard.v1 import registry_service_pb2 as pb
 from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
+from modelyard_cli import registry as cli_registry
 from registry_service.app import RegistryApp
 from registry_service.settings import RegistrySettings
 

@@ -25,15 +25,15 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from modelyard import cli_registry
 from modelyard.access.client import bearer
 from modelyard.access.keys import new_key_token
-from modelyard.embedded_redis import RedisServer
 from modelyard.settings import AccessSettings, RedisSettings, ServerSettings, load_settings
 from modelyard.tls import open_channel
 from modelyard.v1 import registry_pb2, tensor_pb2
 from modelyard.v1 import registry_service_pb2 as pb
 from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
+from modelyard_cli import registry as cli_registry
+from modelyard_cli.embedded_redis import RedisServer
 from registry_service import bundle
 from registry_service.app import RegistryApp
 from registry_service.settings import RegistrySettings

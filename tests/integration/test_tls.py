@@ -27,8 +27,6 @@ from model_server.app import ModelServerApp
 from model_server.loader import RegistryArtifactSource
 from model_server.settings import ModelServerSettings
 from modelyard.coordination import CoordinationStore
-from modelyard.demo import build_demo_model, demo_signature, predict_until_served, register_model
-from modelyard.embedded_redis import RedisServer, RedisServerTLS
 from modelyard.rpc.server import create_server
 from modelyard.settings import RedisSettings, ServerSettings, TLSSettings, load_settings
 from modelyard.tensor_codec import tensor_to_proto
@@ -41,6 +39,8 @@ from modelyard.v1 import monitor_service_pb2 as mon
 from modelyard.v1 import monitor_service_pb2_grpc as mon_grpc
 from modelyard.v1 import registry_service_pb2 as reg
 from modelyard.v1 import registry_service_pb2_grpc as reg_grpc
+from modelyard_cli.demo import build_demo_model, demo_signature, predict_until_served, register_model
+from modelyard_cli.embedded_redis import RedisServer, RedisServerTLS
 from monitor_service.app import MonitorApp
 from monitor_service.settings import MonitorSettings
 from registry_service.app import RegistryApp

@@ -12,8 +12,8 @@ import pytest
 
 from load_tests import cli
 from load_tests.joined_server import JoinedModelServer
-from modelyard.local_cluster import ClusterFile
 from modelyard.settings import RedisSettings
+from modelyard_cli.local_cluster import ClusterFile
 
 PREFIX = "MODELYARD_MODEL_SERVER_"
 

@@ -12,7 +12,6 @@ import pytest
 from cryptography import x509
 from typer.testing import CliRunner
 
-from modelyard.cli import app
 from modelyard.settings import TLSSettings
 from modelyard.tls import (
     CALLERS,
@@ -23,6 +22,7 @@ from modelyard.tls import (
     certificate_expiry,
     kind_uri,
 )
+from modelyard_cli.app import app
 
 
 def test_a_certificate_names_its_kind_and_hosts_and_chains_to_the_ca(tmp_path: Path) -> None:

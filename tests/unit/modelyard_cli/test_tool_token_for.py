@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from modelyard.access.keys import ServiceTokens
-from modelyard.local_cluster import ClusterFile, tool_token_for
+from modelyard_cli.local_cluster import ClusterFile, tool_token_for
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from modelyard.cli_top import render
 from modelyard.v1 import monitor_service_pb2 as pb
+from modelyard_cli.top import render
 
 
 def text_of(stats: pb.GetModelStatsResponse) -> str:

@@ -19,10 +19,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from modelyard.local_cluster import api_key_for, client_tls_for
 from modelyard.tls import open_channel
 from modelyard.v1 import monitor_service_pb2 as pb
 from modelyard.v1 import monitor_service_pb2_grpc as pb_grpc
+from modelyard_cli.local_cluster import api_key_for, client_tls_for
 
 __all__ = ["events", "format_event"]
 

@@ -15,9 +15,9 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
-from modelyard.cli_registry import DEFAULT_REGISTRY, ApiKeyOpt, JsonOpt, RegistryOpt, call_registry, time_text
 from modelyard.v1 import access_service_pb2 as pb
 from modelyard.v1 import access_service_pb2_grpc
+from modelyard_cli.registry import DEFAULT_REGISTRY, ApiKeyOpt, JsonOpt, RegistryOpt, call_registry, time_text
 
 __all__ = ["keys_app"]
 

@@ -9,7 +9,7 @@ exits 1. On a terminal a progress bar shows the bytes moved.
 
 Wiring (in `modelyard/cli_registry.add_to`)::
 
-    from modelyard import cli_migrate
+    from modelyard_cli import migrate as cli_migrate
     cli_migrate.register(models_app)
 """
 
@@ -36,10 +36,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from modelyard.local_cluster import api_key_for, client_tls_for
 from modelyard.tls import open_channel
 from modelyard.v1 import registry_service_pb2 as pb
 from modelyard.v1 import registry_service_pb2_grpc
+from modelyard_cli.local_cluster import api_key_for, client_tls_for
 
 __all__ = ["register", "CHUNK_BYTES"]
 

@@ -20,10 +20,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from modelyard.local_cluster import api_key_for, client_tls_for
 from modelyard.tls import open_channel
 from modelyard.v1 import monitor_service_pb2 as pb
 from modelyard.v1 import monitor_service_pb2_grpc as pb_grpc
+from modelyard_cli.local_cluster import api_key_for, client_tls_for
 
 __all__ = ["app", "render"]
 

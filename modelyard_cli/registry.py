@@ -11,9 +11,9 @@ Failures print the status and the registry's message, and exit with 1.
 `audit verify` checks the audit log's hash chain (`modelyard.audit_chain`) through the
 registry, or offline in its SQLite file with `--db`; it exits with 1 on tampering.
 
-Wiring (in `modelyard/cli.py`)::
+Wiring (in `modelyard_cli/app.py`)::
 
-    from modelyard import cli_registry
+    from modelyard_cli import registry as cli_registry
     cli_registry.add_to(app)
 """
 
@@ -40,10 +40,10 @@ from rich.table import Table
 from modelyard import audit_chain
 from modelyard.baseline import DEFAULT_BINS, compute_baseline, load_baseline_sample
 from modelyard.errors import InvalidArgument
-from modelyard.local_cluster import api_key_for, client_tls_for
 from modelyard.tls import open_channel
 from modelyard.v1 import registry_pb2, registry_service_pb2_grpc, tensor_pb2
 from modelyard.v1 import registry_service_pb2 as pb
+from modelyard_cli.local_cluster import api_key_for, client_tls_for
 
 __all__ = [
     "models_app",
@@ -93,7 +93,7 @@ def add_to(app: typer.Typer) -> None:
     app.add_typer(deploy_app, name="deploy")
     app.add_typer(audit_app, name="audit")
     # Imported here: cli_migrate registers on models_app, defined above.
-    from modelyard import cli_migrate
+    from modelyard_cli import migrate as cli_migrate
 
     cli_migrate.register(models_app)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from modelyard.cli_optimize import recommend, within_tolerance
 from modelyard.v1 import registry_pb2
+from modelyard_cli.optimize import recommend, within_tolerance
 
 
 def report(

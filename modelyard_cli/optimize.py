@@ -12,7 +12,7 @@ items/s at the largest batch among those within `--max-abs-error` / `--min-top1-
 (and `precision` when the recommended one differs) through an update mask naming only those,
 compare-and-set on the epoch read before measuring.
 
-Wiring (in `modelyard/cli.py`)::
+Wiring (in `modelyard_cli/app.py`)::
 
     app.command(name="optimize")(cli_optimize.optimize)
 """
@@ -28,9 +28,6 @@ import typer
 from google.protobuf import field_mask_pb2, json_format
 from rich.table import Table
 
-from modelyard import cli_registry
-from modelyard.cli_registry import DEFAULT_REGISTRY, ApiKeyOpt, JsonOpt, RegistryOpt, call_registry
-from modelyard.local_cluster import DEFAULT_PORTS, api_key_for, client_tls_for, tool_token_for
 from modelyard.tls import open_channel
 from modelyard.v1 import (
     model_server_service_pb2,
@@ -39,6 +36,9 @@ from modelyard.v1 import (
     registry_service_pb2_grpc,
 )
 from modelyard.v1 import registry_service_pb2 as pb
+from modelyard_cli import registry as cli_registry
+from modelyard_cli.local_cluster import DEFAULT_PORTS, api_key_for, client_tls_for, tool_token_for
+from modelyard_cli.registry import DEFAULT_REGISTRY, ApiKeyOpt, JsonOpt, RegistryOpt, call_registry
 
 __all__ = ["optimize", "recommend", "within_tolerance"]
 

@@ -42,9 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelyard.access.keys import ServiceTokens
 from modelyard.coordination import CoordinationStore, ServiceRecord
-from modelyard.embedded_redis import RedisServer, RedisServerTLS
 from modelyard.membership import new_service_id
-from modelyard.processes import spawn_child
 from modelyard.settings import RedisSettings
 from modelyard.tls import (
     CLIENT_KIND,
@@ -55,6 +53,8 @@ from modelyard.tls import (
     open_channel,
     write_private,
 )
+from modelyard_cli.embedded_redis import RedisServer, RedisServerTLS
+from modelyard_cli.processes import spawn_child
 
 __all__ = [
     "LocalCluster",

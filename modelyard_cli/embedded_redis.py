@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
 
-from modelyard.processes import spawn_child
+from modelyard_cli.processes import spawn_child
 
 __all__ = [
     "REDIS_SERVER_ENV",

@@ -12,10 +12,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from modelyard import cli_events, cli_keys, cli_optimize, cli_registry, cli_top
-from modelyard.local_cluster import LocalCluster
 from modelyard.telemetry import configure_logging
 from modelyard.tls import CLIENT_KIND, SERVICE_KINDS, LocalCA
+from modelyard_cli import events as cli_events
+from modelyard_cli import keys as cli_keys
+from modelyard_cli import optimize as cli_optimize
+from modelyard_cli import registry as cli_registry
+from modelyard_cli import top as cli_top
+from modelyard_cli.local_cluster import LocalCluster
 
 app = typer.Typer(help="Modelyard: a gRPC inference cluster for PyTorch models.", no_args_is_help=True)
 console = Console()
@@ -175,8 +179,8 @@ def _print_cluster(cluster: LocalCluster) -> None:
 async def _run_demo(cluster: LocalCluster) -> None:
     import torch  # the CLI loads torch only for the demo
 
-    from modelyard.demo import build_demo_model, demo_signature, predict_until_served, register_model
-    from modelyard.local_cluster import tool_token
+    from modelyard_cli.demo import build_demo_model, demo_signature, predict_until_served, register_model
+    from modelyard_cli.local_cluster import tool_token
 
     module, artifact = build_demo_model()
     # The demo's registry calls carry its own service token, so the audit log and the alias
@@ -211,7 +215,3 @@ async def _run_demo(cluster: LocalCluster) -> None:
             f"{delta:.2e}",
         )
     console.print(table)
-
-
-if __name__ == "__main__":
-    app()
