@@ -1,6 +1,8 @@
 """Shared integration fixtures: real model servers and gateways (port 0) on the session's real
 Redis, serving real TorchScript modules from an in-memory artifact source.
 
+Also `registry`: a real registry on port 0 with its store in the test's tmp_path.
+
 Usage::
 
     async def test_x(cluster_source, launch_model_server, launch_gateway, store):
@@ -17,6 +19,7 @@ import hashlib
 import io
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +33,8 @@ from model_server.settings import ModelServerSettings
 from modelyard.errors import VersionNotFound
 from modelyard.settings import RedisSettings, ServerSettings, load_settings
 from modelyard.v1 import registry_pb2, tensor_pb2
+from registry_service.app import RegistryApp
+from registry_service.settings import RegistrySettings
 
 __all__ = ["ClusterSource", "LaunchGateway", "LaunchModelServer", "converge"]
 
@@ -77,6 +82,23 @@ async def converge(condition: Callable[[], bool], *, timeout_s: float = 30.0) ->
         if time.monotonic() > end:
             raise AssertionError("the cluster did not converge")
         await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def registry(redis_settings: RedisSettings, tmp_path: Path) -> AsyncIterator[RegistryApp]:
+    """A real registry on port 0 with its store under the test's tmp_path (a module that needs
+    other settings, such as no retention or trusted signers, defines its own)."""
+    app = RegistryApp(
+        load_settings(
+            RegistrySettings,
+            server=ServerSettings(port=0, drain_grace_s=1.0),
+            redis=redis_settings,
+            data_dir=tmp_path / "registry",
+        )
+    )
+    await app.start()
+    yield app
+    await app.aclose()
 
 
 @pytest.fixture

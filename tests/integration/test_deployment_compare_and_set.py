@@ -22,7 +22,6 @@ from tests.integration.test_monitor_analysis import StartMonitor, publish, set_a
 
 pytestmark = pytest.mark.integration
 
-registry = cluster.registry
 registry_stub = cluster.registry_stub
 start_monitor = cluster.start_monitor
 

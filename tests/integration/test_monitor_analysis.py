@@ -42,7 +42,6 @@ from monitor_service.app import MonitorApp
 from monitor_service.canary import CanaryAction, CanarySettings
 from monitor_service.settings import MonitorSettings
 from registry_service.app import RegistryApp
-from registry_service.settings import RegistrySettings
 
 pytestmark = pytest.mark.integration
 
@@ -85,21 +84,6 @@ def torchscript(module: torch.nn.Module) -> bytes:
 
 
 # -- the cluster ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def registry(redis_settings: RedisSettings, tmp_path: Path) -> AsyncIterator[RegistryApp]:
-    app = RegistryApp(
-        load_settings(
-            RegistrySettings,
-            server=ServerSettings(port=0, drain_grace_s=1.0),
-            redis=redis_settings,
-            data_dir=tmp_path / "registry",
-        )
-    )
-    await app.start()
-    yield app
-    await app.aclose()
 
 
 @pytest.fixture

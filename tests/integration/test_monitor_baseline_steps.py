@@ -42,7 +42,6 @@ pytestmark = pytest.mark.integration
 
 # The cluster of the monitor analysis tests (registry, model server, gateway, monitor), shared
 # by name.
-registry = cluster.registry
 registry_stub = cluster.registry_stub
 model_server = cluster.model_server
 gateway = cluster.gateway

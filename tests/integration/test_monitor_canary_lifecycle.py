@@ -36,7 +36,6 @@ from tests.integration.test_monitor_baseline_steps import STEPS, split_of, stepp
 
 pytestmark = pytest.mark.integration
 
-registry = cluster.registry
 registry_stub = cluster.registry_stub
 model_server = cluster.model_server
 gateway = cluster.gateway

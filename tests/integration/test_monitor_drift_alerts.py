@@ -47,7 +47,6 @@ from tests.integration.test_monitor_analysis import (
 
 pytestmark = pytest.mark.integration
 
-registry = cluster.registry
 registry_stub = cluster.registry_stub
 model_server = cluster.model_server
 gateway = cluster.gateway

@@ -32,7 +32,6 @@ from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
 from modelyard_cli import optimize as cli_optimize
 from modelyard_cli import registry as cli_registry
 from registry_service.app import RegistryApp
-from registry_service.settings import RegistrySettings
 
 if TYPE_CHECKING:  # the async stub exists only in the typing stubs
     from modelyard.v1.registry_service_pb2_grpc import RegistryServiceAsyncStub
@@ -46,21 +45,6 @@ SIGNATURE = tensor_pb2.Signature(
 )
 
 LaunchModelServer = Callable[..., Any]
-
-
-@pytest.fixture
-async def registry(redis_settings: RedisSettings, tmp_path: Path) -> AsyncIterator[RegistryApp]:
-    app = RegistryApp(
-        load_settings(
-            RegistrySettings,
-            server=ServerSettings(port=0, drain_grace_s=1.0),
-            redis=redis_settings,
-            data_dir=tmp_path / "registry",
-        )
-    )
-    await app.start()
-    yield app
-    await app.aclose()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,21 +21,6 @@ from registry_service.settings import RegistrySettings
 from tests.signing_kit import KeySigner
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def registry(redis_settings: RedisSettings, tmp_path: Path) -> AsyncIterator[RegistryApp]:
-    app = RegistryApp(
-        load_settings(
-            RegistrySettings,
-            server=ServerSettings(port=0, drain_grace_s=1.0),
-            redis=redis_settings,
-            data_dir=tmp_path / "registry",
-        )
-    )
-    await app.start()
-    yield app
-    await app.aclose()
 
 
 def cli() -> typer.Typer:

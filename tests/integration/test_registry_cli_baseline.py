@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,29 +16,12 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from modelyard.settings import RedisSettings, ServerSettings, load_settings
 from modelyard.v1 import registry_service_pb2 as reg
 from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
 from modelyard_cli import registry as cli_registry
 from registry_service.app import RegistryApp
-from registry_service.settings import RegistrySettings
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def registry(redis_settings: RedisSettings, tmp_path: Path) -> AsyncIterator[RegistryApp]:
-    app = RegistryApp(
-        load_settings(
-            RegistrySettings,
-            server=ServerSettings(port=0, drain_grace_s=1.0),
-            redis=redis_settings,
-            data_dir=tmp_path / "registry",
-        )
-    )
-    await app.start()
-    yield app
-    await app.aclose()
 
 
 def cli() -> typer.Typer:

@@ -9,7 +9,6 @@ import asyncio
 import hashlib
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -31,7 +30,6 @@ from modelyard.v1 import registry_service_pb2 as pb
 from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
 from modelyard_cli import registry as cli_registry
 from registry_service.app import RegistryApp
-from registry_service.settings import RegistrySettings
 
 if TYPE_CHECKING:  # the async stub exists only in the typing stubs
     from modelyard.v1.registry_service_pb2_grpc import RegistryServiceAsyncStub
@@ -43,21 +41,6 @@ SIGNATURE = tensor_pb2.Signature(
     inputs=[tensor_pb2.TensorSpec(name="x", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[-1, 4])],
     outputs=[tensor_pb2.TensorSpec(name="y", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[-1, 2])],
 )
-
-
-@pytest.fixture
-async def registry(redis_settings: RedisSettings, tmp_path: Path) -> AsyncIterator[RegistryApp]:
-    app = RegistryApp(
-        load_settings(
-            RegistrySettings,
-            server=ServerSettings(port=0, drain_grace_s=1.0),
-            redis=redis_settings,
-            data_dir=tmp_path / "registry",
-        )
-    )
-    await app.start()
-    yield app
-    await app.aclose()
 
 
 @pytest.fixture
