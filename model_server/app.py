@@ -79,6 +79,9 @@ class ModelServerApp:
                 tls=ClientTLS.from_settings(settings.tls),
                 token=self.access.service_token(),
             )
+        # One set of request figures for both protocols (the monitor sees every call); a
+        # version's series go when it is unloaded.
+        self.stats = RequestStats()
         self.repository = ModelRepository(
             artifact_source,
             BatchConfig(
@@ -92,6 +95,7 @@ class ModelServerApp:
             device=settings.device,
             precision=settings.precision,
             on_change=self._held_changed,
+            on_unloaded=self.stats.forget,
             signatures=SignaturePolicy.from_settings(settings.signing),
             optimizer=Optimizer(CompileCache(settings.compile_cache_dir)),
             report_sink=self._record_report if self._registry is not None else None,
@@ -175,9 +179,7 @@ class ModelServerApp:
         """Listen, join the cluster, and start following the aliases."""
         if self._server is not None or self._closed:
             raise RuntimeError("Cannot start a ModelServerApp more than once.")
-        # One set of request figures for both protocols: the monitor sees every call.
-        stats = RequestStats()
-        self.dataplane = ModelServerDataPlane(self.repository, stats)
+        self.dataplane = ModelServerDataPlane(self.repository, self.stats)
         servicer = ModelServerServicer(
             self.dataplane, server_id=self.service_id, draining=lambda: self._draining
         )

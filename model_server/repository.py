@@ -145,6 +145,8 @@ class ModelRepository:
             cache (`compile` is refused).
         report_sink: Given each report measured at load (passed or refused by the gate), to
             store it in the registry; its failures are logged, never fail the load.
+        on_unloaded: Called with a version's model and number once it is unloaded (the app
+            drops its request series).
     """
 
     def __init__(
@@ -158,8 +160,10 @@ class ModelRepository:
         signatures: SignaturePolicy | None = None,
         optimizer: Optimizer | None = None,
         report_sink: Callable[[str, int, OptimizationReport], Awaitable[None]] | None = None,
+        on_unloaded: Callable[[str, int], None] | None = None,
     ) -> None:
         self._report_sink = report_sink
+        self._on_unloaded = on_unloaded or (lambda model, version: None)
         self._source = source
         self.optimizer = optimizer or Optimizer()
         self._signatures = signatures
@@ -559,6 +563,7 @@ class ModelRepository:
         # memory goes back now rather than at the next automatic collection.
         gc.collect()
         log.info("unloaded %s v%d", model, version)
+        self._on_unloaded(model, version)
         self._on_change()
 
     @staticmethod

@@ -135,6 +135,12 @@ class InputBinCounts(Collector):
         with self._lock:
             self._bins.clear()
 
+    def forget(self, model: str, version: str) -> None:
+        """Forget one version's edges and counts (its series leave /metrics)."""
+        with self._lock:
+            for key in [k for k in self._bins if k[:2] == (model, version)]:
+                del self._bins[key]
+
     def count(self, labels: tuple[str, str], name: str, rows: np.ndarray) -> None:
         """Add the items of `rows` ([items, features], float64) to the bins of one input."""
         bins = self._bins.get((labels[0], labels[1], name))
@@ -216,6 +222,12 @@ class InputMoments(Collector):
         """Forget every version's moments."""
         with self._lock:
             self._moments.clear()
+
+    def forget(self, model: str, version: str) -> None:
+        """Forget one version's moments (its series leave /metrics)."""
+        with self._lock:
+            for key in [k for k in self._moments if k[:2] == (model, version)]:
+                del self._moments[key]
 
     def add(self, labels: tuple[str, str], name: str, rows: np.ndarray) -> None:
         """Add sampled `rows` ([items, features], float64) of input `name`."""
@@ -435,6 +447,19 @@ class RequestStats:
                 except Exception:  # statistics must never fail a request that succeeded
                     log.exception("input statistics of %s v%d failed", model, version)
         return result
+
+    def forget(self, model: str, version: int) -> None:
+        """Drop a version's series once it is unloaded, so that a long-lived model server
+        exports only what it serves (Prometheus marks the vanished series stale). A call that
+        finishes on the version after this starts its series again."""
+        self._seconds.pop((model, version), None)
+        for key in [k for k in self._counts if k[:2] == (model, version)]:
+            del self._counts[key]
+        labels = {"model": model, "version": str(version)}
+        REQUESTS.remove_by_labels(labels)
+        REQUEST_SECONDS.remove_by_labels(labels)
+        INPUT_BINS.forget(model, str(version))
+        INPUT_MOMENTS.forget(model, str(version))
 
     def _record(self, model: str, version: int, code: str, seconds: float) -> None:
         histogram = self._seconds.get((model, version))

@@ -245,15 +245,28 @@ class ProcessView:
         if self.start_time < since:
             older = [s for s in self.snapshots if s.time <= since]
             base = (older[-1] if older else self.snapshots[0]).values
+        # An input whose sampled-item count went down started again from zero (its version
+        # was unloaded and loaded again, and the model server forgot its statistics): its
+        # sums count from zero too.
+        restarted = {
+            (model, version, name)
+            for (what, model, version, name), value in newest.values.items()
+            if what == "in_n" and value < base.get((what, model, version, name), 0.0)
+        }
         out: dict[Key, float] = {}
         for key, value in newest.values.items():
             if key[0] in _GAUGES:
                 out[key] = value
                 continue
             before = base.get(key, 0.0)
-            # Gauge-backed sums (input statistics) may go down; real counters only go down
-            # on a restart, which `start_time` handles.
-            out[key] = value - before if key[0] in ("in_s", "in_q") or value >= before else value
+            if key[0] in ("in_s", "in_q"):
+                # Gauge-backed sums (input statistics) may go down.
+                name = str(key[3]).rpartition("/")[0]
+                out[key] = value if (key[1], key[2], name) in restarted else value - before
+            else:
+                # A counter goes down when its series started again (a restart, which
+                # `start_time` also handles, or a version's series forgotten at unload).
+                out[key] = value - before if value >= before else value
         return out
 
 

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from model_server.batching import BatchConfig
+from model_server.dataplane import ModelServerDataPlane
 from model_server.repository import ModelRepository, VersionState
+from model_server.stats import RequestStats
 from modelyard.errors import (
     ArtifactCorrupt,
     FailedPrecondition,
@@ -24,6 +27,7 @@ from modelyard.errors import (
 )
 from modelyard.tensor_codec import tensor_from_proto, tensor_to_proto
 from modelyard.v1 import registry_pb2, tensor_pb2
+from modelyard.validation import WireTensor
 from tests.unit.model_server.model_artifacts import (
     FP32,
     MemorySource,
@@ -189,6 +193,43 @@ async def test_unload_drops_every_reference_to_the_module(
     gc.collect()
     assert repository.get("mlp", 1) is None
     assert module_ref() is None, "the unloaded module is still referenced"
+
+
+async def test_an_unloaded_versions_series_leave_metrics_and_the_others_stay(source: MemorySource) -> None:
+    stats = RequestStats(input_sample_every=1)
+    repository = ModelRepository(source, BatchConfig(max_batch_size=8), on_unloaded=stats.forget)
+    dataplane = ModelServerDataPlane(repository, stats)
+    try:
+        for version in (1, 2):
+            source.add(make_artifact(torchscript_bytes(mlp()), model="forgotten", version=version))
+            await repository.load("forgotten", version)
+            await dataplane.infer(
+                "forgotten", version, [WireTensor.of(wire("input", torch.zeros(2, 4)))], [], None
+            )
+
+        def series(version: int) -> dict[str, float | None]:
+            labels = {"model": "forgotten", "version": str(version)}
+            return {
+                "requests": REGISTRY.get_sample_value(
+                    "modelyard_model_server_requests_total", {**labels, "code": "OK"}
+                ),
+                "latency": REGISTRY.get_sample_value("modelyard_model_server_request_seconds_count", labels),
+                "sampled": REGISTRY.get_sample_value(
+                    "modelyard_model_server_input_sampled_items_total", {**labels, "input": "input"}
+                ),
+            }
+
+        assert series(1) == {"requests": 1.0, "latency": 1.0, "sampled": 2.0}
+        await repository.unload("forgotten", 1)
+        assert series(1) == {"requests": None, "latency": None, "sampled": None}
+        assert series(2) == {"requests": 1.0, "latency": 1.0, "sampled": 2.0}
+
+        # Loaded again, it counts afresh (no cached series left detached).
+        await repository.load("forgotten", 1)
+        await dataplane.infer("forgotten", 1, [WireTensor.of(wire("input", torch.zeros(3, 4)))], [], None)
+        assert series(1) == {"requests": 1.0, "latency": 1.0, "sampled": 3.0}
+    finally:
+        await repository.aclose()
 
 
 async def test_unload_during_a_load_cancels_it(source: MemorySource, repository: ModelRepository) -> None:

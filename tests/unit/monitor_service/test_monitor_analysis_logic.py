@@ -86,6 +86,31 @@ def test_a_window_is_the_delta_since_its_start_per_process() -> None:
     )
 
 
+def test_an_input_whose_statistics_started_again_counts_its_sums_from_zero() -> None:
+    # v1 was unloaded (the model server forgot its series) and loaded again inside the window;
+    # v2 ran on. Without the restart, v1's sums would come out as 12 - 400 = -388.
+    process = ProcessView(("h", 1000.0), start_time=1000.0)
+    before = {
+        ("in_n", "m", 1, "x"): 100.0,
+        ("in_s", "m", 1, "x/0"): 400.0,
+        ("in_q", "m", 1, "x/0"): 1700.0,
+        ("in_n", "m", 2, "x"): 100.0,
+        ("in_s", "m", 2, "x/0"): 400.0,
+    }
+    after = {
+        ("in_n", "m", 1, "x"): 3.0,
+        ("in_s", "m", 1, "x/0"): 12.0,
+        ("in_q", "m", 1, "x/0"): 50.0,
+        ("in_n", "m", 2, "x"): 110.0,
+        ("in_s", "m", 2, "x/0"): 390.0,  # a sum may go down: its items' values were negative
+    }
+    process.snapshots.extend([Snapshot(2000.0, before), Snapshot(2060.0, after)])
+    delta = process.delta(since=2000.0)
+    assert delta[("in_n", "m", 1, "x")] == 3.0
+    assert delta[("in_s", "m", 1, "x/0")] == 12.0 and delta[("in_q", "m", 1, "x/0")] == 50.0
+    assert delta[("in_n", "m", 2, "x")] == 10.0 and delta[("in_s", "m", 2, "x/0")] == -10.0
+
+
 def stats(model: str = "m", version: int = 1, **values: Any) -> VersionStats:
     return VersionStats(model=model, version=version, **values)
 
