@@ -253,7 +253,7 @@ class Database:
         statements it runs see one consistent snapshot."""
         return await self._on_thread(functools.partial(self._in_transaction, "DEFERRED", fn, *args, **kwargs))
 
-    # -- on the database thread ------------------------------------------------------------
+    # -- plumbing ------------------------------------------------------------------------------
 
     async def _on_thread(self, call: Callable[[], T]) -> T:
         if self._state is _State.UNOPENED:

@@ -1,4 +1,4 @@
-"""The audit log's hash chain in Database on a real SQLite file: every append is sealed to
+"""The audit log's hash chain (store_audit) on a real SQLite file: every append is sealed to
 the one before it (under concurrency too), time survives SQLite and the API to the microsecond,
 and a database from before the chain is upgraded with its old rows reported as not covered."""
 

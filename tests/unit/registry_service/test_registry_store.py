@@ -1,5 +1,5 @@
-"""Database on a real SQLite file: version numbering, alias compare-and-set, request-id
-replays, epochs, reopening, and its lifecycle errors."""
+"""The registry database (db, store_*, rules) on a real SQLite file: version numbering, alias
+compare-and-set, request-id replays, epochs, reopening, and its lifecycle errors."""
 
 from __future__ import annotations
 
