@@ -21,11 +21,11 @@ from modelyard.v1 import access_service_pb2_grpc, registry_service_pb2_grpc
 from registry_service.access_servicer import ACCESS_SERVICE_NAME, AccessServicer
 from registry_service.api_keys import ApiKeys, KeyStore
 from registry_service.artifacts import ArtifactStore
+from registry_service.db import Database
 from registry_service.records import AuditRecord
 from registry_service.registry import Registry
 from registry_service.servicer import SERVICE_NAME, RegistryServicer
 from registry_service.settings import RegistrySettings
-from registry_service.store import RegistryStore
 
 __all__ = ["RegistryApp"]
 
@@ -51,7 +51,7 @@ class RegistryApp:
         self.settings = settings
         self.service_id = settings.service_id or new_service_id("registry")
         self._coordination: CoordinationStore | None = None
-        self._store: RegistryStore | None = None
+        self._db: Database | None = None
         self._key_store: KeyStore | None = None
         self.keys: ApiKeys | None = None
         self._registry: Registry | None = None
@@ -95,13 +95,11 @@ class RegistryApp:
         self._start_time = time.time()
         settings = self.settings
         self._coordination = await CoordinationStore(settings.redis).open()
-        self._store = await RegistryStore(
-            settings.resolved_database_path, retention_s=settings.retention_s
-        ).open()
+        self._db = await Database(settings.resolved_database_path).open()
         artifacts = ArtifactStore(settings.resolved_artifacts_dir)
         await artifacts.open()
         registry = self._registry = Registry(
-            self._store,
+            self._db,
             artifacts,
             self._coordination,
             max_artifact_bytes=settings.max_artifact_bytes,
@@ -169,8 +167,8 @@ class RegistryApp:
         if self._server is not None:
             await self._server.drain()
             self._server = None
-        if self._store is not None:
-            await self._store.aclose()
+        if self._db is not None:
+            await self._db.aclose()
         if self._key_store is not None:
             await self._key_store.aclose()
         if self._coordination is not None:

@@ -1,6 +1,6 @@
 """The registry core: models, versions, artifacts and aliases, with no gRPC in sight.
 
-SQLite (`store.RegistryStore`) is the source of truth and the artifact directory
+SQLite (`db.Database`, its rules in `rules`) is the source of truth and the artifact directory
 (`artifacts.ArtifactStore`) holds the bytes; Redis gets a live copy of each model's aliases,
 written whole with the model's epoch so that a late or replayed write never moves a pointer
 back. If Redis is down when an alias moves, the move still stands (it is committed) and
@@ -34,9 +34,10 @@ from modelyard.errors import (
 )
 from modelyard.model_signatures import SignaturePolicy, SignatureVerifier
 from modelyard.v1 import registry_pb2, tensor_pb2
-from registry_service import migration
+from registry_service import migration, rules, store_aliases, store_audit, store_deployments, store_models
 from registry_service.artifacts import SHA256_PATTERN, ArtifactStore, StagedArtifact
 from registry_service.bundle import Manifest
+from registry_service.db import Database
 from registry_service.deployments import check_update_mask, deployment_diff, live_deployment
 from registry_service.formats import check_archive
 from registry_service.records import (
@@ -55,7 +56,6 @@ from registry_service.records import (
     VersionState,
     check_name,
 )
-from registry_service.store import RegistryStore
 
 __all__ = ["AliasSink", "Registry", "PromoteOutcome", "resolve_page_size"]
 
@@ -105,7 +105,7 @@ class Registry:
     """What the registry does, for any transport.
 
     Args:
-        store: The metadata database (opened).
+        db: The metadata database (opened).
         artifacts: The artifact directory (opened).
         aliases: Where alias maps go live (Redis).
         max_artifact_bytes: Largest artifact an upload may carry.
@@ -116,7 +116,7 @@ class Registry:
 
     Usage::
 
-        registry = Registry(store, artifacts, coordination, max_artifact_bytes=2**31,
+        registry = Registry(db, artifacts, coordination, max_artifact_bytes=2**31,
                             download_chunk_bytes=2**20)
         await registry.create_model("demo", "an MLP")
         version = await registry.upload_version(metadata, chunks)
@@ -125,7 +125,7 @@ class Registry:
 
     def __init__(
         self,
-        store: RegistryStore,
+        db: Database,
         artifacts: ArtifactStore,
         aliases: AliasSink,
         *,
@@ -138,7 +138,7 @@ class Registry:
         signatures: SignaturePolicy | None = None,
     ) -> None:
         self._signatures = signatures or SignaturePolicy(SignatureVerifier())
-        self._store = store
+        self._db = db
         self._artifacts = artifacts
         self._aliases = aliases
         self._max_artifact_bytes = max_artifact_bytes
@@ -165,18 +165,22 @@ class Registry:
             AlreadyExists: the name is taken (a retry with the same request id returns the model).
         """
         check_name(name, field="name", what="model")
-        return await self._store.create_model(
-            name, description, request_id=request_id, require_signature=require_signature
+        return await self._db.run(
+            store_models.create_model,
+            name,
+            description,
+            request_id=request_id,
+            require_signature=require_signature,
         )
 
     async def get_model(self, name: str) -> ModelRecord:
         """A model with its aliases. Raises InvalidArgument or ModelNotFound."""
         check_name(name, field="name", what="model")
-        return await self._store.get_model(name)
+        return await self._db.read(store_models.get_model, name)
 
     async def list_models(self) -> list[ModelRecord]:
         """Every model with its aliases, sorted by name."""
-        return await self._store.list_models()
+        return await self._db.read(store_models.list_models)
 
     # -- versions --------------------------------------------------------------------------
 
@@ -225,7 +229,7 @@ class Registry:
         _check_metrics(metadata.metrics)
         _check_baselines(metadata.input_baselines, metadata.signature)
         # Refuse an unknown model, and a missing or bad signature, before any byte is read.
-        model = await self._store.get_model(metadata.model)
+        model = await self._db.read(store_models.get_model, metadata.model)
         signer = await asyncio.to_thread(
             self._signatures.check,
             metadata.model_signature,
@@ -240,7 +244,8 @@ class Registry:
                 max_bytes=self._max_artifact_bytes,
                 check=lambda path: check_archive(path, fmt),
             )
-            version = await self._store.insert_version(
+            version = await self._db.run(
+                store_models.insert_version,
                 dataclasses.replace(metadata, sha256=stored_sha256),
                 sha256=stored_sha256,
                 size_bytes=size,
@@ -259,12 +264,12 @@ class Registry:
     async def get_version(self, model: str, version: int) -> VersionRecord:
         """One version's metadata. Raises InvalidArgument, ModelNotFound or VersionNotFound."""
         _check_version_ref(model, version)
-        return await self._store.get_version(model, version)
+        return await self._db.read(store_models.get_version, model, version)
 
     async def record_optimization_reports(
         self, model: str, version: int, reports: tuple[registry_pb2.OptimizationReport, ...]
     ) -> VersionRecord:
-        """Store measured optimisation reports with a version (see `RegistryStore`).
+        """Store measured optimisation reports with a version (see `store_models`).
 
         Raises:
             InvalidArgument: a report names no profile or device, or two name the same one.
@@ -281,12 +286,12 @@ class Registry:
             if key in seen:
                 raise InvalidArgument(f"two reports are for {key}", field=f"reports[{i}]")
             seen.add(key)
-        return await self._store.record_optimization_reports(model, version, reports)
+        return await self._db.run(store_models.record_optimization_reports, model, version, reports)
 
     async def list_versions(self, model: str) -> list[VersionRecord]:
         """A model's versions, oldest first. Raises InvalidArgument or ModelNotFound."""
         check_name(model, field="model", what="model")
-        return await self._store.list_versions(model)
+        return await self._db.read(store_models.list_versions, model)
 
     async def download(self, model: str, version: int) -> tuple[VersionRecord, AsyncGenerator[bytes, None]]:
         """A version's metadata and its artifact's bytes.
@@ -326,7 +331,7 @@ class Registry:
     @property
     def cluster_id(self) -> str:
         """This registry's stable identity, which bundles it exports name as their source."""
-        return self._store.cluster_id
+        return self._db.cluster_id
 
     async def export_model(
         self, model: str, versions: Sequence[int] = (), aliases: Sequence[str] = ()
@@ -381,7 +386,7 @@ class Registry:
                 await locks.enter_async_context(self._content_lock(sha256))
             for artifact in staged:
                 await self._artifacts.install(artifact)
-            return await self._store.import_versions(model, items, created_by=actor)
+            return await self._db.run(store_models.import_versions, model, items, created_by=actor)
 
     async def move_imported_alias(
         self, model: str, alias: str, version: int, *, reason: str, actor: str
@@ -389,7 +394,7 @@ class Registry:
         """Point an alias at an imported version: by the zero-downtime promote when a model
         server runs here to make it ready, else with SetAlias semantics (nothing would ever
         report it ready, and a registry-only cluster serves nothing anyway)."""
-        current = (await self._store.routing_state(model)).aliases.get(alias, 0)
+        current = (await self._db.read(rules.routing_state, model)).aliases.get(alias, 0)
         if current == version:
             return migration.AliasOutcome(alias, version, "unchanged", current)
         try:
@@ -479,7 +484,8 @@ class Registry:
         request_id: str,
         kind: MoveKind,
     ) -> AliasChange:
-        change = await self._store.set_alias(
+        change = await self._db.run(
+            rules.set_alias,
             model,
             alias,
             version,
@@ -489,6 +495,7 @@ class Registry:
             actor=actor,
             request_id=request_id,
             kind=kind,
+            retention_s=self._retention_s,
         )
         if change.changed:
             log.info(
@@ -529,13 +536,15 @@ class Registry:
         """
         check_name(model, field="model", what="model")
         check_name(alias, field="alias", what="alias")
-        change = await self._store.rollback_alias(
+        change = await self._db.run(
+            rules.rollback_alias,
             model,
             alias,
             expected_version=expected_version,
             reason=reason,
             actor=actor,
             request_id=request_id,
+            retention_s=self._retention_s,
         )
         if change.changed:
             log.info(
@@ -565,8 +574,13 @@ class Registry:
         check_name(model, field="model", what="model")
         if alias:
             check_name(alias, field="alias", what="alias")
-        return await self._store.list_alias_history(
-            model, alias, page_size=resolve_page_size(page_size), before_id=before_id, kind=kind
+        return await self._db.read(
+            store_aliases.list_alias_history,
+            model,
+            alias,
+            page_size=resolve_page_size(page_size),
+            before_id=before_id,
+            kind=kind,
         )
 
     async def promote(
@@ -599,7 +613,7 @@ class Registry:
         timeout_s = self._promote_timeout_s if ready_timeout_s is None else ready_timeout_s
         if not timeout_s > 0:
             raise InvalidArgument("ready_timeout must be positive", field="ready_timeout")
-        before = await self._store.routing_state(model)
+        before = await self._db.read(rules.routing_state, model)
         current = before.aliases.get(alias, 0)
         if expected_version is not None and expected_version != current:
             # Fail fast: no point loading a version for a move that would lose anyway.
@@ -608,8 +622,12 @@ class Registry:
                 f"{expected_version}; re-read it and retry with the new expected_version",
                 metadata={"model": model, "alias": alias, "current_version": str(current)},
             )
-        state = await self._store.hold_version(
-            model, version, until=self._clock() + timeout_s + self._retention_s, why="promoting"
+        state = await self._db.run(
+            rules.hold_version,
+            model,
+            version,
+            until=self._clock() + timeout_s + self._retention_s,
+            why="promoting",
         )
         await self._publish(state)
         self._holds_changed.set()
@@ -629,13 +647,13 @@ class Registry:
         except BaseException:
             # Stop placing a version nobody moved to (a no-op once the alias points at it).
             with contextlib.suppress(ModelyardError):
-                released = await self._store.release_hold(model, version, why="promoting")
+                released = await self._db.run(rules.release_hold, model, version, why="promoting")
                 if released is not None:
                     await self._publish(released)
             raise
         if not change.changed:
             # Nothing moved (already there, or a retried call): the alias keeps it placed.
-            released = await self._store.release_hold(model, version, why="promoting")
+            released = await self._db.run(rules.release_hold, model, version, why="promoting")
             if released is not None:
                 await self._publish(released)
         return PromoteOutcome(change=change, ready_replicas=ready)
@@ -712,7 +730,9 @@ class Registry:
                 field="expected_epoch",
             )
         fields = check_update_mask(update_mask)
-        change = await self._store.set_deployment(model, spec, expected_epoch=expected_epoch, fields=fields)
+        change = await self._db.run(
+            rules.set_deployment, model, spec, expected_epoch=expected_epoch, fields=fields
+        )
         state = change.state
         log.info(
             "deployment of model %r set by %s (epoch %d, placed versions %s): %s",
@@ -728,7 +748,7 @@ class Registry:
     async def get_deployment(self, model: str) -> RoutingState:
         """A model's deployment with the versions placed now. Raises ModelNotFound."""
         check_name(model, field="model", what="model")
-        return await self._store.routing_state(model)
+        return await self._db.read(rules.routing_state, model)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -739,7 +759,7 @@ class Registry:
             FailedPrecondition: an alias points at it, or the deployment pins it.
         """
         _check_version_ref(model, version)
-        record, state = await self._store.archive_version(model, version)
+        record, state = await self._db.run(rules.archive_version, model, version)
         log.info("archived version %d of model %r", version, model)
         await self._publish(state)
         return record
@@ -754,9 +774,9 @@ class Registry:
             FailedPrecondition: an alias points at it, or the deployment pins it.
         """
         _check_version_ref(model, version)
-        record = await self._store.get_version(model, version)
+        record = await self._db.read(store_models.get_version, model, version)
         async with self._content_lock(record.sha256):
-            outcome = await self._store.delete_version(model, version)
+            outcome = await self._db.run(rules.delete_version, model, version)
             if outcome.artifact_unreferenced:
                 await self._artifacts.remove(outcome.sha256)
         log.info(
@@ -773,7 +793,7 @@ class Registry:
     async def record_audit(self, record: AuditRecord) -> None:
         """Append to the audit log. Never raises: the audit must not fail the call it records."""
         try:
-            await self._store.add_audit(record)
+            await self._db.run(store_audit.add_audit, record)
         except Exception:  # noqa: BLE001 - logged in full; the call itself already happened
             log.exception("cannot write the audit entry %s", record)
 
@@ -781,8 +801,8 @@ class Registry:
         self, where: AuditFilter, *, page_size: int = 100, before_id: int = 0
     ) -> list[AuditRecord]:
         """Audit entries matching `where`, newest first."""
-        return await self._store.list_audit(
-            where, page_size=resolve_page_size(page_size), before_id=before_id
+        return await self._db.read(
+            store_audit.list_audit, where, page_size=resolve_page_size(page_size), before_id=before_id
         )
 
     # -- Redis -----------------------------------------------------------------------------
@@ -810,7 +830,7 @@ class Registry:
         while True:
             self._holds_changed.clear()
             try:
-                for state in await self._store.expire_holds():
+                for state in await self._db.run(rules.expire_holds):
                     log.info(
                         "retention over for model %r: placed versions now %s (epoch %d)",
                         state.model,
@@ -818,7 +838,7 @@ class Registry:
                         state.epoch,
                     )
                     await self._publish(state)
-                next_at = await self._store.next_hold_expiry()
+                next_at = await self._db.read(store_deployments.next_hold_expiry)
             except ModelyardError as exc:
                 log.warning("cannot expire held versions, will retry: %s", exc)
                 next_at = None
@@ -841,7 +861,7 @@ class Registry:
         Raises:
             CoordinationUnavailable: Redis cannot be reached.
         """
-        local = await self._store.all_routing_states()
+        local = await self._db.read(rules.all_routing_states)
         live, live_deployments, _services = await self._aliases.routing_snapshot()
         rewritten = 0
         for model, state in sorted(local.items()):
@@ -852,7 +872,7 @@ class Registry:
             if live_state[1] >= state.epoch:
                 # Either a change committed (and went live) after our snapshot, or Redis really
                 # is ahead of us: look again before deciding.
-                state = await self._store.routing_state(model)
+                state = await self._db.read(rules.routing_state, model)
                 if _same(state, live_state, live_dep):
                     continue
                 if live_state[1] >= state.epoch:
@@ -863,8 +883,8 @@ class Registry:
                         model,
                         state.epoch,
                     )
-                    await self._store.bump_epoch(model, above=live_state[1])
-                    state = await self._store.routing_state(model)
+                    await self._db.run(store_aliases.bump_epoch, model, above=live_state[1])
+                    state = await self._db.read(rules.routing_state, model)
             if await self._aliases.apply_aliases(
                 model, state.aliases, state.epoch, deployment=live_deployment(state)
             ):

@@ -1,4 +1,4 @@
-"""The audit log's hash chain in RegistryStore on a real SQLite file: every append is sealed to
+"""The audit log's hash chain (store_audit) on a real SQLite file: every append is sealed to
 the one before it (under concurrency too), time survives SQLite and the API to the microsecond,
 and a database from before the chain is upgraded with its old rows reported as not covered."""
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from modelyard.audit_chain import GENESIS_HASH, entry_from_proto, entry_from_row, verify_chain
-from registry_service import convert
+from registry_service import convert, store_audit
+from registry_service.db import SCHEMA_VERSION, Database
 from registry_service.records import AuditFilter, AuditRecord
-from registry_service.store import SCHEMA_VERSION, RegistryStore
 
 
 def record(n: int, *, time: float = 1_760_000_000.123456789) -> AuditRecord:
@@ -32,18 +32,18 @@ def record(n: int, *, time: float = 1_760_000_000.123456789) -> AuditRecord:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[RegistryStore]:
-    opened = await RegistryStore(tmp_path / "registry.sqlite3").open()
+async def store(tmp_path: Path) -> AsyncIterator[Database]:
+    opened = await Database(tmp_path / "registry.sqlite3").open()
     yield opened
     await opened.aclose()
 
 
-async def all_entries(store: RegistryStore) -> list[AuditRecord]:
-    return list(reversed(await store.list_audit(AuditFilter(), page_size=10_000)))
+async def all_entries(store: Database) -> list[AuditRecord]:
+    return list(reversed(await store.read(store_audit.list_audit, AuditFilter(), page_size=10_000)))
 
 
-async def test_each_entry_is_sealed_to_the_one_before(store: RegistryStore) -> None:
-    ids = [await store.add_audit(record(n)) for n in range(5)]
+async def test_each_entry_is_sealed_to_the_one_before(store: Database) -> None:
+    ids = [await store.run(store_audit.add_audit, record(n)) for n in range(5)]
     assert ids == [1, 2, 3, 4, 5]
     entries = await all_entries(store)
     assert entries[0].prev_hash == GENESIS_HASH
@@ -59,14 +59,14 @@ async def test_each_entry_is_sealed_to_the_one_before(store: RegistryStore) -> N
     assert verify_chain(rows) == report
 
 
-async def test_concurrent_appends_form_one_chain(store: RegistryStore) -> None:
-    await asyncio.gather(*(store.add_audit(record(n)) for n in range(30)))
+async def test_concurrent_appends_form_one_chain(store: Database) -> None:
+    await asyncio.gather(*(store.run(store_audit.add_audit, record(n)) for n in range(30)))
     report = verify_chain(entry_from_proto(convert.audit_to_proto(e)) for e in await all_entries(store))
     assert report.intact and report.entries == 30
 
 
-async def test_time_is_kept_to_the_microsecond_through_sqlite_and_the_api(store: RegistryStore) -> None:
-    await store.add_audit(record(0, time=1_760_000_000.1234567))
+async def test_time_is_kept_to_the_microsecond_through_sqlite_and_the_api(store: Database) -> None:
+    await store.run(store_audit.add_audit, record(0, time=1_760_000_000.1234567))
     [stored] = await all_entries(store)
     assert stored.time == 1_760_000_000.123457
     message = convert.audit_to_proto(stored)
@@ -76,7 +76,7 @@ async def test_time_is_kept_to_the_microsecond_through_sqlite_and_the_api(store:
 
 async def test_an_old_database_keeps_its_rows_unchained_and_chains_new_ones(tmp_path: Path) -> None:
     path = tmp_path / "registry.sqlite3"
-    await (await RegistryStore(path).open()).aclose()
+    await (await Database(path).open()).aclose()
     # What a registry from before the chain left: the same schema version, no hash columns.
     conn = sqlite3.connect(path, isolation_level=None)
     conn.executescript(
@@ -95,10 +95,10 @@ async def test_an_old_database_keeps_its_rows_unchained_and_chains_new_ones(tmp_
     )
     conn.close()
 
-    store = await RegistryStore(path).open()
+    store = await Database(path).open()
     try:
-        await store.add_audit(record(3))
-        await store.add_audit(record(4))
+        await store.run(store_audit.add_audit, record(3))
+        await store.run(store_audit.add_audit, record(4))
         entries = await all_entries(store)
     finally:
         await store.aclose()

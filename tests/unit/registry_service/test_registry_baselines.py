@@ -17,10 +17,11 @@ from modelyard.baseline import compute_baseline
 from modelyard.coordination import Deployment, ServiceRecord
 from modelyard.errors import InvalidArgument
 from modelyard.v1 import registry_pb2, tensor_pb2
+from registry_service import store_models
 from registry_service.artifacts import ArtifactStore
+from registry_service.db import SCHEMA_VERSION, Database
 from registry_service.records import ArtifactFormat, UploadMetadata
 from registry_service.registry import Registry
-from registry_service.store import SCHEMA_VERSION, RegistryStore
 
 SIGNATURE = tensor_pb2.Signature(
     inputs=[tensor_pb2.TensorSpec(name="x", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[-1, 2])],
@@ -86,7 +87,7 @@ async def never() -> AsyncIterator[bytes]:
 
 @pytest.fixture
 async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
-    store = await RegistryStore(tmp_path / "registry.sqlite3").open()
+    store = await Database(tmp_path / "registry.sqlite3").open()
     artifacts = ArtifactStore(tmp_path / "artifacts")
     await artifacts.open()
     yield Registry(store, artifacts, NoRedis(), max_artifact_bytes=1 << 20, download_chunk_bytes=1024)
@@ -149,9 +150,15 @@ async def test_a_bad_baseline_is_refused_before_any_byte_is_read(
 
 async def test_a_schema_2_database_is_upgraded_in_place(tmp_path: Path) -> None:
     path = tmp_path / "registry.sqlite3"
-    store = await RegistryStore(path).open()
-    await store.create_model("demo", "")
-    await store.insert_version(metadata(input_baselines=()), sha256="ab" * 32, size_bytes=1, created_by="")
+    store = await Database(path).open()
+    await store.run(store_models.create_model, "demo", "")
+    await store.run(
+        store_models.insert_version,
+        metadata(input_baselines=()),
+        sha256="ab" * 32,
+        size_bytes=1,
+        created_by="",
+    )
     await store.aclose()
     # What a schema-2 registry left: no input_baselines column.
     conn = sqlite3.connect(path)
@@ -160,12 +167,14 @@ async def test_a_schema_2_database_is_upgraded_in_place(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
 
-    store = await RegistryStore(path).open()
+    store = await Database(path).open()
     try:
-        old = await store.get_version("demo", 1)
+        old = await store.read(store_models.get_version, "demo", 1)
         assert old.input_baselines == () and old.sha256 == "ab" * 32
-        new = await store.insert_version(metadata(), sha256="cd" * 32, size_bytes=1, created_by="")
-        assert (await store.get_version("demo", new.version)).input_baselines == BASELINES
+        new = await store.run(
+            store_models.insert_version, metadata(), sha256="cd" * 32, size_bytes=1, created_by=""
+        )
+        assert (await store.read(store_models.get_version, "demo", new.version)).input_baselines == BASELINES
     finally:
         await store.aclose()
     conn = sqlite3.connect(path)

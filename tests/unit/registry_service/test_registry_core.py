@@ -16,9 +16,9 @@ from modelyard.coordination import Deployment, ServiceRecord
 from modelyard.errors import CoordinationUnavailable, InvalidArgument, ModelNotFound
 from modelyard.v1 import tensor_pb2
 from registry_service.artifacts import ArtifactStore
+from registry_service.db import Database
 from registry_service.records import ArtifactFormat, UploadMetadata
 from registry_service.registry import Registry
-from registry_service.store import RegistryStore
 
 SIGNATURE = tensor_pb2.Signature(
     inputs=[tensor_pb2.TensorSpec(name="x", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[-1, 2])],
@@ -88,7 +88,7 @@ def sink() -> FakeAliasSink:
 
 @pytest.fixture
 async def registry(tmp_path: Path, sink: FakeAliasSink) -> AsyncIterator[Registry]:
-    store = await RegistryStore(tmp_path / "registry.sqlite3").open()
+    store = await Database(tmp_path / "registry.sqlite3").open()
     artifacts = ArtifactStore(tmp_path / "artifacts")
     await artifacts.open()
     yield Registry(store, artifacts, sink, max_artifact_bytes=1 << 20, download_chunk_bytes=1024)

@@ -18,7 +18,9 @@ from modelyard.errors import (
     InvalidArgument,
 )
 from modelyard.v1 import tensor_pb2
+from registry_service import rules, store_aliases, store_audit, store_deployments, store_models
 from registry_service.artifacts import ArtifactStore
+from registry_service.db import Database
 from registry_service.deployments import check_deployment, live_deployment
 from registry_service.records import (
     ArtifactFormat,
@@ -29,7 +31,6 @@ from registry_service.records import (
     VersionState,
 )
 from registry_service.registry import Registry
-from registry_service.store import RegistryStore
 
 SIGNATURE = tensor_pb2.Signature(
     inputs=[tensor_pb2.TensorSpec(name="x", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[-1, 2])],
@@ -51,16 +52,17 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def store(tmp_path: Path, clock: Clock) -> AsyncIterator[RegistryStore]:
-    opened = await RegistryStore(tmp_path / "registry.sqlite3", clock=clock, retention_s=60).open()
+async def store(tmp_path: Path, clock: Clock) -> AsyncIterator[Database]:
+    opened = await Database(tmp_path / "registry.sqlite3", clock=clock).open()
     yield opened
     await opened.aclose()
 
 
-async def with_versions(store: RegistryStore, count: int, model: str = "demo") -> None:
-    await store.create_model(model, "")
+async def with_versions(store: Database, count: int, model: str = "demo") -> None:
+    await store.run(store_models.create_model, model, "")
     for i in range(count):
-        await store.insert_version(
+        await store.run(
+            store_models.insert_version,
             UploadMetadata(
                 model=model, format=ArtifactFormat.TORCHSCRIPT, sha256=f"{i:064x}", signature=SIGNATURE
             ),
@@ -120,80 +122,91 @@ def test_a_good_deployment_passes_and_goes_live_with_defaults_as_none() -> None:
 # -- store ----------------------------------------------------------------------------------
 
 
-async def test_rollback_goes_to_the_previous_target_and_is_compare_and_set(store: RegistryStore) -> None:
+async def test_rollback_goes_to_the_previous_target_and_is_compare_and_set(store: Database) -> None:
     await with_versions(store, 3)
-    await store.set_alias("demo", "production", 1, expected_version=0)
+    await store.run(rules.set_alias, "demo", "production", 1, expected_version=0, retention_s=60)
     with pytest.raises(FailedPrecondition):
-        await store.rollback_alias("demo", "production", expected_version=None)
+        await store.run(rules.rollback_alias, "demo", "production", expected_version=None, retention_s=60)
     with pytest.raises(AliasNotFound):
-        await store.rollback_alias("demo", "canary", expected_version=None)
-    await store.set_alias("demo", "production", 2, expected_version=1)
+        await store.run(rules.rollback_alias, "demo", "canary", expected_version=None, retention_s=60)
+    await store.run(rules.set_alias, "demo", "production", 2, expected_version=1, retention_s=60)
     with pytest.raises(Conflict):
-        await store.rollback_alias("demo", "production", expected_version=1)
+        await store.run(rules.rollback_alias, "demo", "production", expected_version=1, retention_s=60)
 
-    back = await store.rollback_alias("demo", "production", expected_version=2, actor="ann", request_id="r1")
+    back = await store.run(
+        rules.rollback_alias,
+        "demo",
+        "production",
+        expected_version=2,
+        actor="ann",
+        request_id="r1",
+        retention_s=60,
+    )
     assert (back.previous_version, back.alias.version, back.epoch, back.changed) == (2, 1, 3, True)
-    replay = await store.rollback_alias("demo", "production", expected_version=2, request_id="r1")
+    replay = await store.run(
+        rules.rollback_alias, "demo", "production", expected_version=2, request_id="r1", retention_s=60
+    )
     assert (replay.alias.version, replay.epoch, replay.changed) == (1, 3, False)
 
-    history = await store.list_alias_history("demo")
+    history = await store.read(store_aliases.list_alias_history, "demo")
     assert [(h.from_version, h.to_version, h.epoch) for h in history] == [(2, 1, 3), (1, 2, 2), (0, 1, 1)]
     assert (history[0].actor, history[0].reason, history[0].request_id) == (
         "ann",
         "rollback from version 2",
         "r1",
     )
-    older = await store.list_alias_history("demo", "production", page_size=1, before_id=history[0].id)
+    older = await store.read(
+        store_aliases.list_alias_history, "demo", "production", page_size=1, before_id=history[0].id
+    )
     assert [h.to_version for h in older] == [2]
 
 
-async def test_replaced_versions_are_held_for_the_retention_window(
-    store: RegistryStore, clock: Clock
-) -> None:
+async def test_replaced_versions_are_held_for_the_retention_window(store: Database, clock: Clock) -> None:
     await with_versions(store, 3)
-    await store.set_alias("demo", "production", 1, expected_version=0)
-    await store.set_alias("demo", "canary", 1, expected_version=0)
-    moved = await store.set_alias("demo", "production", 2, expected_version=1)
+    await store.run(rules.set_alias, "demo", "production", 1, expected_version=0, retention_s=60)
+    await store.run(rules.set_alias, "demo", "canary", 1, expected_version=0, retention_s=60)
+    moved = await store.run(rules.set_alias, "demo", "production", 2, expected_version=1, retention_s=60)
     assert moved.state is not None and moved.state.placed_versions == (1, 2)  # canary still on 1
-    moved = await store.set_alias("demo", "canary", 3, expected_version=1)
+    moved = await store.run(rules.set_alias, "demo", "canary", 3, expected_version=1, retention_s=60)
     assert moved.state is not None and moved.state.placed_versions == (1, 2, 3)  # 1 held now
-    assert await store.next_hold_expiry() == clock.now + 60
+    assert await store.read(store_deployments.next_hold_expiry) == clock.now + 60
 
     clock.now += 59
-    assert await store.expire_holds() == []
+    assert await store.run(rules.expire_holds) == []
     clock.now += 1
-    [expired] = await store.expire_holds()
+    [expired] = await store.run(rules.expire_holds)
     assert (expired.placed_versions, expired.epoch) == ((2, 3), moved.epoch + 1)
-    assert await store.next_hold_expiry() is None
+    assert await store.read(store_deployments.next_hold_expiry) is None
 
 
-async def test_pins_holds_archive_and_delete(store: RegistryStore) -> None:
+async def test_pins_holds_archive_and_delete(store: Database) -> None:
     await with_versions(store, 3)
-    await store.set_alias("demo", "production", 2, expected_version=0)
-    change = await store.set_deployment("demo", DeploymentSpec(pinned_versions=(3,), replicas=2))
+    await store.run(rules.set_alias, "demo", "production", 2, expected_version=0, retention_s=60)
+    change = await store.run(rules.set_deployment, "demo", DeploymentSpec(pinned_versions=(3,), replicas=2))
     assert change.previous == DeploymentSpec() and change.state.placed_versions == (2, 3)
-    for call in (store.archive_version, store.delete_version):
+    for refused in (rules.archive_version, rules.delete_version):
         for version in (2, 3):  # aliased, pinned
             with pytest.raises(FailedPrecondition):
-                await call("demo", version)
+                await store.run(refused, "demo", version)
 
-    state = await store.hold_version("demo", 1, until=2000.0, why="promoting")
+    state = await store.run(rules.hold_version, "demo", 1, until=2000.0, why="promoting")
     assert state.placed_versions == (1, 2, 3)
-    record, state = await store.archive_version("demo", 1)
+    record, state = await store.run(rules.archive_version, "demo", 1)
     assert record.state is VersionState.ARCHIVED and state.placed_versions == (2, 3)
     with pytest.raises(FailedPrecondition):
-        await store.hold_version("demo", 1, until=2000.0, why="promoting")
+        await store.run(rules.hold_version, "demo", 1, until=2000.0, why="promoting")
 
-    await store.set_deployment("demo", DeploymentSpec())
-    outcome = await store.delete_version("demo", 1)
+    await store.run(rules.set_deployment, "demo", DeploymentSpec())
+    outcome = await store.run(rules.delete_version, "demo", 1)
     assert not outcome.artifact_unreferenced  # version 3 shares its content
-    outcome = await store.delete_version("demo", 3)
+    outcome = await store.run(rules.delete_version, "demo", 3)
     assert outcome.artifact_unreferenced and outcome.state.placed_versions == (2,)
 
 
-async def test_audit_log_filters_and_pages(store: RegistryStore) -> None:
+async def test_audit_log_filters_and_pages(store: Database) -> None:
     for i in range(5):
-        await store.add_audit(
+        await store.run(
+            store_audit.add_audit,
             AuditRecord(
                 time=float(i),
                 actor="ann" if i % 2 else "bob",
@@ -202,12 +215,20 @@ async def test_audit_log_filters_and_pages(store: RegistryStore) -> None:
                 target="",
                 request_id=str(i),
                 outcome="OK" if i < 4 else "ABORTED",
-            )
+            ),
         )
-    assert [r.request_id for r in await store.list_audit(AuditFilter(actor="bob"))] == ["4", "2", "0"]
-    assert [r.request_id for r in await store.list_audit(AuditFilter(outcome="ABORTED"))] == ["4"]
-    page = await store.list_audit(AuditFilter(), page_size=2)
-    rest = await store.list_audit(AuditFilter(start_time=1.0), page_size=2, before_id=page[-1].id)
+    assert [r.request_id for r in await store.read(store_audit.list_audit, AuditFilter(actor="bob"))] == [
+        "4",
+        "2",
+        "0",
+    ]
+    assert [
+        r.request_id for r in await store.read(store_audit.list_audit, AuditFilter(outcome="ABORTED"))
+    ] == ["4"]
+    page = await store.read(store_audit.list_audit, AuditFilter(), page_size=2)
+    rest = await store.read(
+        store_audit.list_audit, AuditFilter(start_time=1.0), page_size=2, before_id=page[-1].id
+    )
     assert [r.request_id for r in page + rest] == ["4", "3", "2", "1"]
 
 
@@ -263,7 +284,7 @@ def cluster() -> FakeCluster:
 
 
 @pytest.fixture
-async def registry(tmp_path: Path, store: RegistryStore, cluster: FakeCluster, clock: Clock) -> Registry:
+async def registry(tmp_path: Path, store: Database, cluster: FakeCluster, clock: Clock) -> Registry:
     artifacts = ArtifactStore(tmp_path / "artifacts")
     await artifacts.open()
     return Registry(
@@ -279,7 +300,7 @@ async def registry(tmp_path: Path, store: RegistryStore, cluster: FakeCluster, c
 
 
 async def test_promote_flips_only_once_the_version_is_ready(
-    registry: Registry, store: RegistryStore, cluster: FakeCluster
+    registry: Registry, store: Database, cluster: FakeCluster
 ) -> None:
     await with_versions(store, 2)
     await registry.set_alias("demo", "production", 1, expected_version=0)
@@ -292,7 +313,7 @@ async def test_promote_flips_only_once_the_version_is_ready(
     )
     assert cluster.live["demo"][0] == {"production": 2}
     assert cluster.deployments["demo"].placed_versions == [1, 2]  # 1 retained for rollback
-    assert live_deployment(await store.routing_state("demo")) == cluster.deployments["demo"]
+    assert live_deployment(await store.read(rules.routing_state, "demo")) == cluster.deployments["demo"]
 
 
 @pytest.mark.parametrize(
@@ -305,7 +326,7 @@ async def test_promote_flips_only_once_the_version_is_ready(
 )
 async def test_promote_that_cannot_get_ready_leaves_the_alias_and_placement_alone(
     registry: Registry,
-    store: RegistryStore,
+    store: Database,
     cluster: FakeCluster,
     servers: list[tuple[int, str]],
     error: type[Exception],
@@ -323,7 +344,7 @@ async def test_promote_that_cannot_get_ready_leaves_the_alias_and_placement_alon
 
 
 async def test_resync_rewrites_a_lost_deployment(
-    registry: Registry, store: RegistryStore, cluster: FakeCluster
+    registry: Registry, store: Database, cluster: FakeCluster
 ) -> None:
     await with_versions(store, 1)
     await registry.set_alias("demo", "production", 1, expected_version=0)

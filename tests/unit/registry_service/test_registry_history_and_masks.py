@@ -12,6 +12,8 @@ import pytest
 
 from modelyard.errors import InvalidArgument
 from modelyard.v1 import tensor_pb2
+from registry_service import rules, store_aliases, store_audit, store_models
+from registry_service.db import SCHEMA_VERSION, Database
 from registry_service.deployments import (
     MAX_DIFF_CHARS,
     SPEC_FIELDS,
@@ -27,7 +29,6 @@ from registry_service.records import (
     MoveKind,
     UploadMetadata,
 )
-from registry_service.store import SCHEMA_VERSION, RegistryStore
 
 SIGNATURE = tensor_pb2.Signature(
     inputs=[tensor_pb2.TensorSpec(name="x", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[-1, 2])],
@@ -36,16 +37,17 @@ SIGNATURE = tensor_pb2.Signature(
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[RegistryStore]:
-    opened = await RegistryStore(tmp_path / "registry.sqlite3").open()
+async def store(tmp_path: Path) -> AsyncIterator[Database]:
+    opened = await Database(tmp_path / "registry.sqlite3").open()
     yield opened
     await opened.aclose()
 
 
-async def with_versions(store: RegistryStore, count: int, model: str = "demo") -> None:
-    await store.create_model(model, "")
+async def with_versions(store: Database, count: int, model: str = "demo") -> None:
+    await store.run(store_models.create_model, model, "")
     for i in range(count):
-        await store.insert_version(
+        await store.run(
+            store_models.insert_version,
             UploadMetadata(
                 model=model, format=ArtifactFormat.TORCHSCRIPT, sha256=f"{i:064x}", signature=SIGNATURE
             ),
@@ -137,17 +139,19 @@ def test_a_bad_mask_path_is_refused_with_the_paths_allowed(paths: list[str], say
         assert "pinned_versions, replicas, device" in caught.value.message
 
 
-async def test_a_masked_set_keeps_the_other_fields_and_reports_what_was_there(store: RegistryStore) -> None:
+async def test_a_masked_set_keeps_the_other_fields_and_reports_what_was_there(store: Database) -> None:
     await with_versions(store, 2)
-    await store.set_alias("demo", "production", 1, expected_version=0)
-    await store.set_alias("demo", "canary", 2, expected_version=0)
-    split = await store.set_deployment(
+    await store.run(rules.set_alias, "demo", "production", 1, expected_version=0, retention_s=600.0)
+    await store.run(rules.set_alias, "demo", "canary", 2, expected_version=0, retention_s=600.0)
+    split = await store.run(
+        rules.set_deployment,
         "demo",
         DeploymentSpec(traffic_split={"production": 90, "canary": 10}),
         fields=frozenset({"traffic_split"}),
     )
     assert split.previous == DeploymentSpec()
-    shadow = await store.set_deployment(
+    shadow = await store.run(
+        rules.set_deployment,
         "demo",
         DeploymentSpec(shadow_alias="canary", shadow_fraction=0.5),
         fields=frozenset({"shadow_alias", "shadow_fraction"}),
@@ -158,23 +162,37 @@ async def test_a_masked_set_keeps_the_other_fields_and_reports_what_was_there(st
     # The merged deployment is what is validated: clearing the shadow alias alone leaves a
     # fraction with nothing to mirror to.
     with pytest.raises(InvalidArgument) as caught:
-        await store.set_deployment("demo", DeploymentSpec(), fields=frozenset({"shadow_alias"}))
+        await store.run(rules.set_deployment, "demo", DeploymentSpec(), fields=frozenset({"shadow_alias"}))
     assert caught.value.field == "deployment.shadow_alias"
-    cleared = await store.set_deployment("demo", DeploymentSpec(), fields=frozenset({"traffic_split"}))
+    cleared = await store.run(
+        rules.set_deployment, "demo", DeploymentSpec(), fields=frozenset({"traffic_split"})
+    )
     assert cleared.state.spec.traffic_split == {} and cleared.state.spec.shadow_alias == "canary"
 
 
 # -- typed history --------------------------------------------------------------------------
 
 
-async def test_moves_are_typed_and_filterable(store: RegistryStore) -> None:
+async def test_moves_are_typed_and_filterable(store: Database) -> None:
     await with_versions(store, 3)
-    await store.set_alias("demo", "production", 1, expected_version=0, actor="key:alice")
-    await store.set_alias("demo", "production", 2, expected_version=1, kind=MoveKind.PROMOTE)
-    await store.rollback_alias("demo", "production", expected_version=2)
-    await store.set_alias("demo", "canary", 3, expected_version=0)
-    await store.set_alias("demo", "canary", 1, expected_version=3, kind=MoveKind.CANARY_ROLLBACK)
-    history = await store.list_alias_history("demo")
+    await store.run(
+        rules.set_alias, "demo", "production", 1, expected_version=0, actor="key:alice", retention_s=600.0
+    )
+    await store.run(
+        rules.set_alias, "demo", "production", 2, expected_version=1, kind=MoveKind.PROMOTE, retention_s=600.0
+    )
+    await store.run(rules.rollback_alias, "demo", "production", expected_version=2, retention_s=600.0)
+    await store.run(rules.set_alias, "demo", "canary", 3, expected_version=0, retention_s=600.0)
+    await store.run(
+        rules.set_alias,
+        "demo",
+        "canary",
+        1,
+        expected_version=3,
+        kind=MoveKind.CANARY_ROLLBACK,
+        retention_s=600.0,
+    )
+    history = await store.read(store_aliases.list_alias_history, "demo")
     assert [(e.alias, e.kind) for e in history] == [
         ("canary", MoveKind.CANARY_ROLLBACK),
         ("canary", MoveKind.SET),
@@ -182,16 +200,16 @@ async def test_moves_are_typed_and_filterable(store: RegistryStore) -> None:
         ("production", MoveKind.PROMOTE),
         ("production", MoveKind.SET),
     ]
-    rollbacks = await store.list_alias_history("demo", kind=MoveKind.ROLLBACK)
+    rollbacks = await store.read(store_aliases.list_alias_history, "demo", kind=MoveKind.ROLLBACK)
     assert [(e.from_version, e.to_version) for e in rollbacks] == [(2, 1)]
-    assert await store.list_alias_history("demo", "canary", kind=MoveKind.PROMOTE) == []
+    assert await store.read(store_aliases.list_alias_history, "demo", "canary", kind=MoveKind.PROMOTE) == []
 
 
 async def test_a_schema_5_database_is_upgraded_and_its_moves_stay_untyped(tmp_path: Path) -> None:
     path = tmp_path / "registry.sqlite3"
-    store = await RegistryStore(path).open()
+    store = await Database(path).open()
     await with_versions(store, 2)
-    await store.set_alias("demo", "production", 1, expected_version=0)
+    await store.run(rules.set_alias, "demo", "production", 1, expected_version=0, retention_s=600.0)
     await store.aclose()
     # What a schema-5 registry left: no alias_history.kind column.
     conn = sqlite3.connect(path)
@@ -200,11 +218,11 @@ async def test_a_schema_5_database_is_upgraded_and_its_moves_stay_untyped(tmp_pa
     conn.commit()
     conn.close()
 
-    store = await RegistryStore(path).open()
+    store = await Database(path).open()
     try:
-        await store.set_alias("demo", "production", 2, expected_version=1)
-        await store.rollback_alias("demo", "production", expected_version=2)
-        history = await store.list_alias_history("demo")
+        await store.run(rules.set_alias, "demo", "production", 2, expected_version=1, retention_s=600.0)
+        await store.run(rules.rollback_alias, "demo", "production", expected_version=2, retention_s=600.0)
+        history = await store.read(store_aliases.list_alias_history, "demo")
         assert [e.kind for e in history] == [MoveKind.ROLLBACK, MoveKind.SET, MoveKind.UNSPECIFIED]
     finally:
         await store.aclose()
@@ -216,7 +234,7 @@ async def test_a_schema_5_database_is_upgraded_and_its_moves_stay_untyped(tmp_pa
 # -- the audit's actor filter ---------------------------------------------------------------
 
 
-async def test_a_bare_actor_name_finds_its_key_its_service_and_its_claim(store: RegistryStore) -> None:
+async def test_a_bare_actor_name_finds_its_key_its_service_and_its_claim(store: Database) -> None:
     actors = [
         "service:monitor",
         "key:monitor",
@@ -227,14 +245,15 @@ async def test_a_bare_actor_name_finds_its_key_its_service_and_its_claim(store: 
         "service:monitor-2",
     ]
     for actor in actors:
-        await store.add_audit(
+        await store.run(
+            store_audit.add_audit,
             AuditRecord(
                 time=1.0, actor=actor, method="SetAlias", model="demo", target="", request_id="", outcome="OK"
-            )
+            ),
         )
 
     async def found(actor: str) -> list[str]:
-        return [e.actor for e in await store.list_audit(AuditFilter(actor=actor))]
+        return [e.actor for e in await store.read(store_audit.list_audit, AuditFilter(actor=actor))]
 
     assert await found("monitor") == [actors[2], actors[1], actors[0]]
     assert await found("service:monitor") == [actors[0]]

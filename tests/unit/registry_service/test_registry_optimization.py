@@ -13,7 +13,9 @@ import pytest
 
 from modelyard.errors import InvalidArgument, VersionNotFound
 from modelyard.v1 import registry_pb2, tensor_pb2
+from registry_service import store_models
 from registry_service.convert import deployment_spec_from_proto, deployment_to_proto, version_to_proto
+from registry_service.db import Database
 from registry_service.deployments import check_deployment, live_deployment
 from registry_service.records import (
     ArtifactFormat,
@@ -22,7 +24,6 @@ from registry_service.records import (
     UploadMetadata,
     VersionState,
 )
-from registry_service.store import RegistryStore
 
 
 def check(spec: DeploymentSpec) -> None:
@@ -65,8 +66,8 @@ def test_the_profile_and_tolerance_round_trip_and_go_live() -> None:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[RegistryStore]:
-    opened = await RegistryStore(tmp_path / "registry.sqlite3").open()
+async def store(tmp_path: Path) -> AsyncIterator[Database]:
+    opened = await Database(tmp_path / "registry.sqlite3").open()
     yield opened
     await opened.aclose()
 
@@ -81,13 +82,14 @@ def report(profile: str, max_abs: float, device: str = "cpu") -> registry_pb2.Op
     )
 
 
-async def test_reports_are_stored_per_profile_precision_and_device(store: RegistryStore) -> None:
-    await store.create_model("demo", "")
+async def test_reports_are_stored_per_profile_precision_and_device(store: Database) -> None:
+    await store.run(store_models.create_model, "demo", "")
     signature = tensor_pb2.Signature(
         inputs=[tensor_pb2.TensorSpec(name="x", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[-1, 2])],
         outputs=[tensor_pb2.TensorSpec(name="y", data_type=tensor_pb2.DATA_TYPE_FP32, shape=[-1, 1])],
     )
-    await store.insert_version(
+    await store.run(
+        store_models.insert_version,
         UploadMetadata(
             model="demo", format=ArtifactFormat.TORCHSCRIPT, sha256="ab" * 32, signature=signature
         ),
@@ -95,12 +97,20 @@ async def test_reports_are_stored_per_profile_precision_and_device(store: Regist
         size_bytes=1,
         created_by="",
     )
-    assert (await store.get_version("demo", 1)).optimization_reports == ()
-    await store.record_optimization_reports("demo", 1, (report("int8_dynamic", 0.5), report("freeze", 0.0)))
-    await store.record_optimization_reports(
-        "demo", 1, (report("int8_dynamic", 0.1), report("freeze", 0.0, "cuda:0"))
+    assert (await store.read(store_models.get_version, "demo", 1)).optimization_reports == ()
+    await store.run(
+        store_models.record_optimization_reports,
+        "demo",
+        1,
+        (report("int8_dynamic", 0.5), report("freeze", 0.0)),
     )
-    got = await store.get_version("demo", 1)
+    await store.run(
+        store_models.record_optimization_reports,
+        "demo",
+        1,
+        (report("int8_dynamic", 0.1), report("freeze", 0.0, "cuda:0")),
+    )
+    got = await store.read(store_models.get_version, "demo", 1)
     assert [(r.optimization, r.device, r.max_abs_error) for r in got.optimization_reports] == [
         ("freeze", "cpu", 0.0),
         ("freeze", "cuda:0", 0.0),
@@ -108,4 +118,4 @@ async def test_reports_are_stored_per_profile_precision_and_device(store: Regist
     ]
     assert len(version_to_proto(got).optimization_reports) == 3
     with pytest.raises(VersionNotFound):
-        await store.record_optimization_reports("demo", 2, (report("freeze", 0.0),))
+        await store.run(store_models.record_optimization_reports, "demo", 2, (report("freeze", 0.0),))
