@@ -16,6 +16,7 @@ import torch
 
 from model_server.batching import BatchConfig
 from model_server.dataplane import ModelServerDataPlane
+from model_server.devices import available_devices
 from model_server.loader import ArtifactSource, RegistryArtifactSource
 from model_server.oip_servicer import OIP_SERVICE_NAME, OipServicer
 from model_server.optimization import CompileCache, OptimizationReport, Optimizer
@@ -64,6 +65,7 @@ class ModelServerApp:
         # Process-wide; set once here, before any model runs.
         torch.set_num_threads(resolve_torch_threads(settings.torch_threads, settings.instances))
         self.service_id = settings.service_id or new_service_id("model_server")
+        self._devices = available_devices()
         self.store = CoordinationStore(settings.redis)
         self._registry: RegistryArtifactSource | None = None
         # Every RPC here is internal; the keys are loaded all the same, so that an end user's
@@ -145,6 +147,7 @@ class ModelServerApp:
             start_time=self.heartbeat.start_time,
             draining=self._draining,
             versions=self.repository.records(),
+            devices=self._devices,
         )
 
     async def _record_report(self, model: str, version: int, report: OptimizationReport) -> None:

@@ -32,6 +32,7 @@ from modelyard.errors import FailedPrecondition
 __all__ = [
     "PRECISIONS",
     "ServingConfig",
+    "available_devices",
     "resolve_device",
     "check_precision",
     "cast_module",
@@ -60,6 +61,12 @@ class ServingConfig:
     """A `model_server.optimization.PROFILES` name, applied after the precision cast."""
     tolerance: Tolerance = field(default_factory=Tolerance)
     """How far a reduced precision or an optimisation may stray from fp32 eager."""
+
+
+def available_devices() -> list[str]:
+    """Every device this machine can run a version on: "cpu", then "cuda:N" per GPU."""
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return ["cpu", *cuda]
 
 
 def resolve_device(device: str) -> str:

@@ -169,11 +169,16 @@ class OptimizationReport:
     compile_cache_hit: bool = False
     error: str = ""
     """Why the profile could not be applied; the figures are zero when set."""
+    reference_device: str = ""
+    """Where the fp32 eager reference ran; empty: on `device` too."""
 
     @classmethod
-    def refused(cls, profile: str, precision: str, device: str, error: str) -> OptimizationReport:
+    def refused(
+        cls, profile: str, precision: str, device: str, error: str, *, reference_device: str = ""
+    ) -> OptimizationReport:
         """The report of a profile that could not be applied."""
         return cls(
+            reference_device=reference_device,
             profile=profile,
             precision=precision or "fp32",
             device=device,
@@ -210,6 +215,7 @@ class OptimizationReport:
             compile_cache_hit=self.compile_cache_hit,
             error=self.error,
             server_id=server_id,
+            reference_device=self.reference_device,
         )
         if self.top1_agreement is not None:
             message.top1_agreement = self.top1_agreement
@@ -471,9 +477,11 @@ def report_for(
     sample_items: int = 256,
     budget_s: float = 0.3,
     batching: bool = True,
+    reference_device: str = "",
 ) -> OptimizationReport:
-    """Measure `candidate` against `reference` (fp32 eager) on a baseline sample of
-    `sample_items` (at least `max_batch`) items, fed in chunks of `max_batch`; blocking."""
+    """Measure `candidate` against `reference` (fp32 eager, on `reference_device`; empty: on
+    `device`) on a baseline sample of `sample_items` (at least `max_batch`) items, fed in
+    chunks of `max_batch`; blocking."""
     items = max(sample_items, max_batch) if batching else 1
     inputs, kind = sample_inputs(signature, baselines, items)
     chunk = max_batch if batching else 1
@@ -503,4 +511,5 @@ def report_for(
         sample=kind,
         sample_items=items,
         compile_cache_hit=compile_cache_hit,
+        reference_device=reference_device,
     )

@@ -479,22 +479,32 @@ class ModelRepository:
         *,
         precisions: Iterable[str] = ("fp32",),
         max_batch: int = 0,
+        device: str = "",
+        reference_device: str = "",
     ) -> list[OptimizationReport]:
-        """Measure a version under each profile at each precision against fp32 eager, on this
-        server's default device, without changing what is served. A combination the version
-        cannot take comes back refused (its `error` set); compiled packages go to the compile
-        cache as at load.
+        """Measure a version under each profile at each precision against fp32 eager, without
+        changing what is served. A combination the version cannot take comes back refused
+        (its `error` set); compiled packages go to the compile cache as at load.
+
+        Args:
+            device: Where the candidates run; empty: this server's default device.
+            reference_device: Where the fp32 eager reference runs; empty: on `device`. The
+                registry's proof of a deployment change asks for "cpu", so that a device
+                change is measured against the CPU's answers, not the new device's own.
 
         Raises:
+            FailedPrecondition: this machine does not have `device` or `reference_device`.
             ModelyardError: the artifact cannot be fetched or loaded as it is.
         """
-        device = resolve_device(self.default_serving.device)
+        device = resolve_device(device or self.default_serving.device)
+        on = resolve_device(reference_device) if reference_device else device
+        shown_reference = on if reference_device else ""
         max_batch = max_batch or self.default_serving.batch.max_batch_size
         artifact = await self._source.fetch(model, version)
         check = InputCheck.from_proto(model, artifact.signature)
         output_dtypes = [DTYPE_BY_DATA_TYPE[spec.data_type] for spec in artifact.signature.outputs]
-        as_saved = await asyncio.to_thread(load_module, artifact, device, signatures=self._signatures)
-        reference = forward_fn(as_saved, device, None, output_dtypes)
+        as_saved = await asyncio.to_thread(load_module, artifact, on, signatures=self._signatures)
+        reference = forward_fn(as_saved, on, None, output_dtypes)
         reports = []
         for profile, precision in [(p, q) for p in profiles for q in precisions]:
             try:
@@ -518,13 +528,20 @@ class ModelRepository:
                     load_s=load_s,
                     compile_cache_hit=hit,
                     batching=check.batching,
+                    reference_device=shown_reference,
                 )
             except ModelyardError as exc:
-                report = OptimizationReport.refused(profile, precision, device, exc.message)
+                report = OptimizationReport.refused(
+                    profile, precision, device, exc.message, reference_device=shown_reference
+                )
             except Exception as exc:  # noqa: BLE001 - a profile torch cannot apply is reported
                 log.warning("evaluating %s v%d with %s failed", model, version, profile, exc_info=True)
                 report = OptimizationReport.refused(
-                    profile, precision, device, f"{type(exc).__name__}: {exc}"[:300]
+                    profile,
+                    precision,
+                    device,
+                    f"{type(exc).__name__}: {exc}"[:300],
+                    reference_device=shown_reference,
                 )
             reports.append(report)
         return reports

@@ -134,6 +134,8 @@ class ModelServerServicer(model_server_service_pb2_grpc.ModelServerServiceServic
             list(request.optimizations) or list(PROFILES),
             precisions=list(request.precisions) or ["fp32"],
             max_batch=request.max_batch,
+            device=request.device,
+            reference_device=request.reference_device,
         )
         return model_server_service_pb2.EvaluateOptimizationsResponse(
             reports=[r.to_proto(self._server_id) for r in reports]

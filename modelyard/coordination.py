@@ -128,6 +128,10 @@ class ServiceRecord(BaseModel):
     heartbeat_time: float = 0.0
     draining: bool = False
     versions: list[VersionRecord] = Field(default_factory=list)
+    devices: list[str] = Field(default_factory=list)
+    """Model servers: the devices it can run a version on ("cpu", "cuda:0", ...), which the
+    registry's proof of a device change chooses by; empty in other services' records, and in
+    those of model servers older than the field (taken as the CPU only)."""
 
 
 class AliasesEvent(BaseModel):

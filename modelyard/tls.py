@@ -93,17 +93,22 @@ CALLERS: dict[str, dict[str, frozenset[str]]] = {
         "modelyard.v1.InferenceService": ANY_KIND,
         "inference.GRPCInferenceService": ANY_KIND,
     },
-    # A model server takes inference only from the gateway, and status calls from the monitor.
+    # A model server takes inference only from the gateway, and status calls from the monitor;
+    # the registry may ask it only to measure a version (the proof of a deployment change).
     "model_server": {
         "modelyard.v1.ModelServerService": frozenset({"gateway", "monitor"}),
+        "modelyard.v1.ModelServerService/EvaluateOptimizations": frozenset(
+            {"gateway", "monitor", "registry"}
+        ),
         "inference.GRPCInferenceService": frozenset({"gateway", "monitor"}),
     },
     # Who may write what is the access-control issue's; here any authenticated peer.
     "registry": {"modelyard.v1.RegistryService": ANY_KIND},
     "monitor": {"modelyard.v1.MonitorService": ANY_KIND},
 }
-"""Server kind → gRPC service → the peer kinds allowed to call it under mTLS. A service not
-listed (health, reflection) is open to every authenticated peer."""
+"""Server kind → gRPC service (or "service/Method", which takes precedence for that method)
+→ the peer kinds allowed to call it under mTLS. A service not listed (health, reflection) is
+open to every authenticated peer."""
 
 CERT_EXPIRY = Gauge(
     "modelyard_tls_certificate_expiry_timestamp_seconds",
@@ -678,7 +683,8 @@ class PeerKindInterceptor(grpc.aio.ServerInterceptor):
     The peer's kind is handed on in `peer_kind_var`.
 
     Args:
-        allowed: gRPC service name → allowed kinds (`ANY_KIND`: every authenticated peer).
+        allowed: gRPC service name, or "service/Method" for one method (it takes precedence
+            over its service's entry) → allowed kinds (`ANY_KIND`: every authenticated peer).
             Services not listed are open to every authenticated peer.
     """
 
@@ -696,7 +702,9 @@ class PeerKindInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method
         service = method.lstrip("/").partition("/")[0]
-        kinds = self._allowed.get(service, ANY_KIND)
+        kinds = self._allowed.get(method.lstrip("/"))
+        if kinds is None:
+            kinds = self._allowed.get(service, ANY_KIND)
         if kinds is ANY_KIND or "*" in kinds:
             return handler
         cached = self._cache.get(method)

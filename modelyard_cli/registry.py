@@ -609,16 +609,62 @@ def _print_deployment(d: registry_pb2.Deployment) -> None:
     console.print(table)
 
 
+ProofRows = list[tuple[int, registry_pb2.OptimizationReport]]
+
+
+async def _proof_of(stub: _Stub, model: str, d: registry_pb2.Deployment) -> ProofRows:
+    """The stored proof of the deployment's setting: for each placed version, the reports
+    measured by SetDeployment (against fp32 eager on the CPU: `reference_device` set) at its
+    precision and optimisation."""
+    wanted = (d.optimization or "none", d.precision or "fp32")
+    rows: ProofRows = []
+    for version in d.placed_versions:
+        got = await stub.GetModelVersion(pb.GetModelVersionRequest(model=model, version=version))
+        rows += [
+            (version, r)
+            for r in got.model_version.optimization_reports
+            if r.reference_device and (r.optimization, r.precision) == wanted
+        ]
+    return rows
+
+
+def _print_proof(rows: ProofRows) -> None:
+    if not rows:
+        return
+    table = Table(
+        "version", "device", "max abs error", "max rel error", "top-1", "sample", "server", "measured",
+        title="proof of the device / precision / optimization (against fp32 eager on the CPU)",
+    )  # fmt: skip
+    for version, r in rows:
+        table.add_row(
+            str(version),
+            r.device,
+            f"{r.max_abs_error:.3g}",
+            f"{r.max_rel_error:.3g}",
+            f"{r.top1_agreement:.4f}" if r.HasField("top1_agreement") else "-",
+            f"{r.sample_items} {r.sample}",
+            escape(r.server_id),
+            time_text(r.time),
+        )
+    console.print(table)
+
+
 @deploy_app.command("show")
 def deploy_show(
     model: str, registry: RegistryOpt = DEFAULT_REGISTRY, as_json: JsonOpt = False, api_key: ApiKeyOpt = ""
 ) -> None:
-    """A model's deployment, with the versions placed now."""
-    response = _call(registry, api_key, lambda s, md: s.GetDeployment(pb.GetDeploymentRequest(model=model)))
+    """A model's deployment, with the versions placed now and the proof of its setting."""
+
+    async def show(s: _Stub, md: tuple[tuple[str, str], ...]) -> tuple[pb.GetDeploymentResponse, ProofRows]:
+        response = await s.GetDeployment(pb.GetDeploymentRequest(model=model))
+        return response, [] if as_json else await _proof_of(s, model, response.deployment)
+
+    response, proof = _call(registry, api_key, show)
     if as_json:
         _print_json(response)
     else:
         _print_deployment(response.deployment)
+        _print_proof(proof)
 
 
 @deploy_app.command("set")
@@ -681,12 +727,22 @@ def deploy_set(
             min=0, help="Only if the model's epoch (`modelyard deploy show`) is still this one; 0: always."
         ),
     ] = 0,
+    skip_proof: Annotated[
+        bool,
+        typer.Option(
+            "--skip-proof",
+            help="Change the device, precision or optimization without measuring the placed "
+            "versions first (only the model servers' load-time gate checks the tolerance).",
+        ),
+    ] = False,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
     api_key: ApiKeyOpt = "",
 ) -> None:
     """Change the settings given and keep every other one (the registry applies them as an
-    update mask, in one transaction); --replace replaces the whole deployment."""
+    update mask, in one transaction); --replace replaces the whole deployment. A change of
+    device, precision or optimization under a tolerance is proven first (docs/migration.md):
+    beyond the tolerance it is refused with the figures."""
     deployment = registry_pb2.Deployment()
     paths: list[str] = []
 
@@ -748,12 +804,19 @@ def deploy_set(
         deployment=deployment,
         expected_epoch=expected_epoch,
         update_mask=field_mask_pb2.FieldMask(paths=paths),
+        skip_proof=skip_proof,
     )
-    response = _call(registry, api_key, lambda s, md: s.SetDeployment(request, metadata=md))
+
+    async def set_it(s: _Stub, md: tuple[tuple[str, str], ...]) -> tuple[pb.SetDeploymentResponse, ProofRows]:
+        response = await s.SetDeployment(request, metadata=md)
+        return response, [] if as_json else await _proof_of(s, model, response.deployment)
+
+    response, proof = _call(registry, api_key, set_it)
     if as_json:
         _print_json(response)
     else:
         _print_deployment(response.deployment)
+        _print_proof(proof)
 
 
 # -- audit ----------------------------------------------------------------------------------

@@ -17,11 +17,13 @@ from modelyard.model_signatures import SignaturePolicy
 from modelyard.rpc.context import current_request_id
 from modelyard.rpc.server import ServiceServer, create_server
 from modelyard.tasks import BackgroundTasks
+from modelyard.tls import ClientTLS
 from modelyard.v1 import access_service_pb2_grpc, registry_service_pb2_grpc
 from registry_service.access_servicer import ACCESS_SERVICE_NAME, AccessServicer
 from registry_service.api_keys import ApiKeys, KeyStore
 from registry_service.artifacts import ArtifactStore
 from registry_service.db import Database
+from registry_service.proof import ModelServerProver
 from registry_service.records import AuditRecord
 from registry_service.registry import Registry
 from registry_service.servicer import SERVICE_NAME, RegistryServicer
@@ -98,6 +100,15 @@ class RegistryApp:
         self._db = await Database(settings.resolved_database_path).open()
         artifacts = ArtifactStore(settings.resolved_artifacts_dir)
         await artifacts.open()
+        access = AccessControl(settings.access, kind="registry", on_denied=self._audit_denied)
+        # The proof of a deployment change calls a model server as service:registry, with the
+        # cluster's client TLS (the model servers' CALLERS admit the registry's certificate).
+        prover = ModelServerProver(
+            self._coordination.list_services,
+            ClientTLS.from_settings(settings.tls),
+            access.service_token(),
+            timeout_s=settings.proof_timeout_s,
+        )
         registry = self._registry = Registry(
             self._db,
             artifacts,
@@ -107,8 +118,8 @@ class RegistryApp:
             retention_s=settings.retention_s,
             promote_timeout_s=settings.promote_timeout_s,
             signatures=SignaturePolicy.from_settings(settings.signing),
+            prover=prover,
         )
-        access = AccessControl(settings.access, kind="registry", on_denied=self._audit_denied)
         self._key_store = await KeyStore(settings.data_dir / "keys.sqlite3").open()
         keys = self.keys = ApiKeys(self._key_store, self._coordination, access.book)
         await keys.load()

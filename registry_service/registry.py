@@ -38,8 +38,15 @@ from registry_service import migration, rules, store_aliases, store_audit, store
 from registry_service.artifacts import SHA256_PATTERN, ArtifactStore, StagedArtifact
 from registry_service.bundle import Manifest
 from registry_service.db import Database
-from registry_service.deployments import check_update_mask, deployment_diff, live_deployment
+from registry_service.deployments import (
+    apply_update_mask,
+    check_deployment,
+    check_update_mask,
+    deployment_diff,
+    live_deployment,
+)
 from registry_service.formats import check_archive
+from registry_service.proof import beyond_tolerance, figures_text, missing_baselines, needs_proof
 from registry_service.records import (
     AliasChange,
     AuditFilter,
@@ -93,6 +100,28 @@ class AliasSink(Protocol):
         ...
 
 
+class Prover(Protocol):
+    """Measures a version under a new deployment setting before the registry stores it:
+    `registry_service.proof.ModelServerProver` (a model server, over gRPC) in production."""
+
+    async def choose(self, device: str) -> ServiceRecord:
+        """The model server that will measure on `device`; FailedPrecondition if none can."""
+        ...
+
+    async def measure(
+        self, server: ServiceRecord, model: str, version: int, spec: DeploymentSpec
+    ) -> registry_pb2.OptimizationReport:
+        """One version under `spec`'s device, precision and optimisation against fp32 eager
+        on the CPU, on its baseline sample; Unavailable when the server does not answer."""
+        ...
+
+
+PROOF_ATTEMPTS = 3
+"""How many times a SetDeployment without `expected_epoch` proves again when the model's
+routing moved while its versions were being measured (an alias moved, say) before it gives
+up with ABORTED."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class PromoteOutcome:
     """What a promote did: the alias move, and how many replicas were ready before it."""
@@ -113,6 +142,9 @@ class Registry:
         signatures: Whom to trust for model signatures, and whether every version needs one;
             unset trusts no one (a signed upload is refused, an unsigned one accepted unless
             its model requires a signature).
+        prover: Proves a device, precision or optimisation change on a model server before
+            `set_deployment` stores it; unset: such a change is stored unproven (the model
+            servers' load-time gate is then the only check).
 
     Usage::
 
@@ -136,8 +168,10 @@ class Registry:
         ready_poll_interval_s: float = 0.1,
         clock: Callable[[], float] = time.time,
         signatures: SignaturePolicy | None = None,
+        prover: Prover | None = None,
     ) -> None:
         self._signatures = signatures or SignaturePolicy(SignatureVerifier())
+        self._prover = prover
         self._db = db
         self._artifacts = artifacts
         self._aliases = aliases
@@ -702,15 +736,21 @@ class Registry:
         expected_epoch: int = 0,
         update_mask: Sequence[str] = (),
         actor: str = "",
+        skip_proof: bool = False,
     ) -> DeploymentChange:
         """Change a model's deployment and publish it; with `expected_epoch` (non-zero), only
         while the model's routing epoch is still that one (compare-and-set).
+
+        A change of device, precision or optimisation of a model with placed versions, under
+        a deployment with a tolerance, is proven first (`_prove`): beyond the tolerance it is
+        refused and nothing changes; within it, the reports are stored with the versions.
 
         Args:
             spec: The new deployment, or the new values of the fields `update_mask` names.
             update_mask: The fields to change (AIP-134 paths, such as "traffic_split"); the
                 others keep their values. Empty or ["*"]: replace the whole deployment.
             actor: Who asks (for the log line).
+            skip_proof: Store such a change unproven (the operator's explicit opt-out).
 
         Returns:
             The deployment before the call and the routing state after it.
@@ -720,7 +760,10 @@ class Registry:
                 alias, or the weights do not sum to 100, or `expected_epoch` is negative, or
                 the mask names a path that is not a settable field.
             ModelNotFound: unknown model.
-            FailedPrecondition: a pinned version is archived.
+            FailedPrecondition: a pinned version is archived; or the proof refused the
+                change (beyond the tolerance, a version without a baseline, no model server
+                for the device, a setting the version cannot take).
+            Unavailable: the proof's model server did not answer in time.
             Conflict: the epoch is not `expected_epoch` any more.
         """
         check_name(model, field="model", what="model")
@@ -730,9 +773,26 @@ class Registry:
                 field="expected_epoch",
             )
         fields = check_update_mask(update_mask)
-        change = await self._db.run(
-            rules.set_deployment, model, spec, expected_epoch=expected_epoch, fields=fields
-        )
+        for attempt in range(1, PROOF_ATTEMPTS + 1):
+            proven: list[tuple[int, registry_pb2.OptimizationReport]] = []
+            at = expected_epoch
+            if self._prover is not None and not skip_proof:
+                current = await self._db.read(rules.routing_state, model)
+                if not expected_epoch or expected_epoch == current.epoch:
+                    proven = await self._prove(current, apply_update_mask(current.spec, spec, fields))
+                    # Store only the deployment that was proven: a move in between (an alias
+                    # to a version not measured) fails the write, and it is proven again.
+                    at = current.epoch if proven else expected_epoch
+            try:
+                change = await self._db.run(
+                    rules.set_deployment, model, spec, expected_epoch=at, fields=fields
+                )
+            except Conflict:
+                if expected_epoch or at == expected_epoch or attempt == PROOF_ATTEMPTS:
+                    raise
+                log.info("routing of model %r moved during the proof; proving again", model)
+                continue
+            break
         state = change.state
         log.info(
             "deployment of model %r set by %s (epoch %d, placed versions %s): %s",
@@ -743,7 +803,92 @@ class Registry:
             deployment_diff(change.previous, state.spec),
         )
         await self._publish(state)
+        # After the publish: the change is committed, and a failure to keep its proof must
+        # not leave it unpublished until the resync.
+        for version, report in proven:
+            await self._db.run(store_models.record_optimization_reports, model, version, (report,))
         return change
+
+    async def _prove(
+        self, current: RoutingState, new: DeploymentSpec
+    ) -> list[tuple[int, registry_pb2.OptimizationReport]]:
+        """Measure every version `new` would place under its setting, when the change from
+        `current` needs it (`proof.needs_proof`); the reports by version, or [] when no
+        proof is needed (no setting change, no tolerance, or nothing placed).
+
+        Raises:
+            FailedPrecondition: a version has no baseline, no model server can run the
+                device, a version cannot take the setting, or a report is beyond the
+                tolerance (the message carries the figures; ErrorInfo metadata too).
+            Unavailable: a model server did not answer in time.
+        """
+        assert self._prover is not None
+        model = current.model
+        targets = sorted({*current.placed_versions, *new.pinned_versions})
+        if not targets or not needs_proof(current.spec, new):
+            return []
+        versions = {v.version: v for v in await self._db.read(store_models.list_versions, model)}
+        # The checks the store makes again in its transaction, first, so that a deployment
+        # that would be refused anyway costs no measurement.
+        check_deployment(
+            new, model=model, aliases=current.aliases, versions={n: v.state for n, v in versions.items()}
+        )
+        for version in targets:
+            record = versions.get(version)
+            if record is None:  # placed but gone since the listing: VersionNotFound says so
+                record = await self._db.read(store_models.get_version, model, version)
+            missing = missing_baselines(record)
+            if missing:
+                raise FailedPrecondition(
+                    f"version {version} of model {model!r} has no input baseline for "
+                    f"{', '.join(repr(m) for m in missing[:4])}, so the change of device, precision "
+                    "or optimization cannot be proven on its real inputs; upload the version with "
+                    "its baseline (modelyard models upload --baseline-sample), drop the "
+                    "tolerance, or set skip_proof",
+                    metadata={"model": model, "version": str(version)},
+                )
+        server = await self._prover.choose(new.device)
+        change = f"{_setting_text(current.spec)} -> {_setting_text(new)}"
+        proven = []
+        for version in targets:
+            report = await self._prover.measure(server, model, version, new)
+            if report.error:
+                raise FailedPrecondition(
+                    f"deployment of model {model!r} not changed: version {version} cannot run "
+                    f"{_setting_text(new)}: {report.error}",
+                    metadata={"model": model, "version": str(version), "server_id": report.server_id},
+                )
+            violation = beyond_tolerance(report, new.max_abs_error, new.min_top1_agreement)
+            log.info(
+                "proof of %s for model %r version %d on %s: %s (%s)",
+                change,
+                model,
+                version,
+                report.server_id,
+                figures_text(report),
+                violation or "within tolerance",
+            )
+            if violation is not None:
+                metadata = {
+                    "model": model,
+                    "version": str(version),
+                    "server_id": report.server_id,
+                    "device": report.device,
+                    "max_abs_error": f"{report.max_abs_error:.6g}",
+                    "max_rel_error": f"{report.max_rel_error:.6g}",
+                    "sample_items": str(report.sample_items),
+                }
+                if report.HasField("top1_agreement"):
+                    metadata["top1_agreement"] = f"{report.top1_agreement:.6g}"
+                raise FailedPrecondition(
+                    f"deployment of model {model!r} not changed: {change} is beyond its tolerance "
+                    f"for version {version}: {violation} ({figures_text(report)}, on "
+                    f"{report.device} against fp32 eager on the CPU); the current setting keeps "
+                    "serving",
+                    metadata=metadata,
+                )
+            proven.append((version, report))
+        return proven
 
     async def get_deployment(self, model: str) -> RoutingState:
         """A model's deployment with the versions placed now. Raises ModelNotFound."""
@@ -912,6 +1057,12 @@ class Registry:
 
 def _same(state: RoutingState, live: tuple[dict[str, int], int], deployment: Deployment | None) -> bool:
     return (state.aliases, state.epoch) == live and deployment == live_deployment(state)
+
+
+def _setting_text(spec: DeploymentSpec) -> str:
+    return (
+        f"{spec.precision or 'fp32'}/{spec.optimization or 'none'} on {spec.device or 'the default device'}"
+    )
 
 
 def resolve_page_size(page_size: int) -> int:

@@ -268,6 +268,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
                 expected_epoch=request.expected_epoch,
                 update_mask=paths,
                 actor=audit.actor,
+                skip_proof=request.skip_proof,
             )
             state = change.state
             audit.message = (

@@ -65,6 +65,10 @@ class RegistrySettings(ServiceSettings):
     promote_timeout_s: PositiveFloat = 120.0
     """How long PromoteVersion waits, by default, for the version to be ready on the model
     servers before it gives up (DEADLINE_EXCEEDED) without moving the alias."""
+    proof_timeout_s: PositiveFloat = 120.0
+    """How long the proof of a device, precision or optimization change (SetDeployment) waits
+    for a model server to measure one version; beyond it the call fails with UNAVAILABLE and
+    the deployment does not change."""
 
     @property
     def resolved_database_path(self) -> Path:

@@ -28,29 +28,29 @@ from modelyard.v1 import registry_pb2 as modelyard_dot_v1_dot_registry__pb2
 from modelyard.v1 import tensor_pb2 as modelyard_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'modelyard/v1/model_server_service.proto\x12\x0cmodelyard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a$modelyard/v1/inference_service.proto\x1a\x1bmodelyard/v1/registry.proto\x1a\x19modelyard/v1/tensor.proto\"|\n\x1c\x45valuateOptimizationsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x15\n\roptimizations\x18\x03 \x03(\t\x12\x11\n\tmax_batch\x18\x04 \x01(\x05\x12\x12\n\nprecisions\x18\x05 \x03(\t\"R\n\x1d\x45valuateOptimizationsResponse\x12\x31\n\x07reports\x18\x01 \x03(\x0b\x32 .modelyard.v1.OptimizationReport\"\x8a\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12$\n\x06inputs\x18\x04 \x03(\x0b\x32\x14.modelyard.v1.Tensor\x12\x14\n\x0coutput_names\x18\x05 \x03(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\tJ\x04\x08\x03\x10\x04J\x04\x08\x06\x10\x07\"\x96\x01\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12%\n\x07outputs\x18\x03 \x03(\x0b\x32\x14.modelyard.v1.Tensor\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12*\n\x06timing\x18\x05 \x01(\x0b\x32\x1a.modelyard.v1.ServerTiming\"\x18\n\x16GetServerStatusRequest\"t\n\x17GetServerStatusResponse\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x34\n\x0floaded_versions\x18\x02 \x03(\x0b\x32\x1b.modelyard.v1.LoadedVersion\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"\xf3\x01\n\rLoadedVersion\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.modelyard.v1.VersionState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12*\n\tsignature\x18\x05 \x01(\x0b\x32\x17.modelyard.v1.Signature\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x1c\n\x14outstanding_requests\x18\x07 \x01(\x03\x12.\n\nready_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x98\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15VERSION_STATE_LOADING\x10\x01\x12\x17\n\x13VERSION_STATE_READY\x10\x02\x12\x1b\n\x17VERSION_STATE_UNLOADING\x10\x03\x12\x18\n\x14VERSION_STATE_FAILED\x10\x04\x32\xa8\x02\n\x12ModelServerService\x12@\n\x05Infer\x12\x1a.modelyard.v1.InferRequest\x1a\x1b.modelyard.v1.InferResponse\x12^\n\x0fGetServerStatus\x12$.modelyard.v1.GetServerStatusRequest\x1a%.modelyard.v1.GetServerStatusResponse\x12p\n\x15\x45valuateOptimizations\x12*.modelyard.v1.EvaluateOptimizationsRequest\x1a+.modelyard.v1.EvaluateOptimizationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'modelyard/v1/model_server_service.proto\x12\x0cmodelyard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a$modelyard/v1/inference_service.proto\x1a\x1bmodelyard/v1/registry.proto\x1a\x19modelyard/v1/tensor.proto\"\xa6\x01\n\x1c\x45valuateOptimizationsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x15\n\roptimizations\x18\x03 \x03(\t\x12\x11\n\tmax_batch\x18\x04 \x01(\x05\x12\x12\n\nprecisions\x18\x05 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x18\n\x10reference_device\x18\x07 \x01(\t\"R\n\x1d\x45valuateOptimizationsResponse\x12\x31\n\x07reports\x18\x01 \x03(\x0b\x32 .modelyard.v1.OptimizationReport\"\x8a\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12$\n\x06inputs\x18\x04 \x03(\x0b\x32\x14.modelyard.v1.Tensor\x12\x14\n\x0coutput_names\x18\x05 \x03(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\tJ\x04\x08\x03\x10\x04J\x04\x08\x06\x10\x07\"\x96\x01\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12%\n\x07outputs\x18\x03 \x03(\x0b\x32\x14.modelyard.v1.Tensor\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12*\n\x06timing\x18\x05 \x01(\x0b\x32\x1a.modelyard.v1.ServerTiming\"\x18\n\x16GetServerStatusRequest\"t\n\x17GetServerStatusResponse\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x34\n\x0floaded_versions\x18\x02 \x03(\x0b\x32\x1b.modelyard.v1.LoadedVersion\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"\xf3\x01\n\rLoadedVersion\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.modelyard.v1.VersionState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12*\n\tsignature\x18\x05 \x01(\x0b\x32\x17.modelyard.v1.Signature\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x1c\n\x14outstanding_requests\x18\x07 \x01(\x03\x12.\n\nready_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x98\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15VERSION_STATE_LOADING\x10\x01\x12\x17\n\x13VERSION_STATE_READY\x10\x02\x12\x1b\n\x17VERSION_STATE_UNLOADING\x10\x03\x12\x18\n\x14VERSION_STATE_FAILED\x10\x04\x32\xa8\x02\n\x12ModelServerService\x12@\n\x05Infer\x12\x1a.modelyard.v1.InferRequest\x1a\x1b.modelyard.v1.InferResponse\x12^\n\x0fGetServerStatus\x12$.modelyard.v1.GetServerStatusRequest\x1a%.modelyard.v1.GetServerStatusResponse\x12p\n\x15\x45valuateOptimizations\x12*.modelyard.v1.EvaluateOptimizationsRequest\x1a+.modelyard.v1.EvaluateOptimizationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelyard.v1.model_server_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERSIONSTATE']._serialized_start=1079
-  _globals['_VERSIONSTATE']._serialized_end=1231
-  _globals['_EVALUATEOPTIMIZATIONSREQUEST']._serialized_start=184
-  _globals['_EVALUATEOPTIMIZATIONSREQUEST']._serialized_end=308
-  _globals['_EVALUATEOPTIMIZATIONSRESPONSE']._serialized_start=310
-  _globals['_EVALUATEOPTIMIZATIONSRESPONSE']._serialized_end=392
-  _globals['_INFERREQUEST']._serialized_start=395
-  _globals['_INFERREQUEST']._serialized_end=533
-  _globals['_INFERRESPONSE']._serialized_start=536
-  _globals['_INFERRESPONSE']._serialized_end=686
-  _globals['_GETSERVERSTATUSREQUEST']._serialized_start=688
-  _globals['_GETSERVERSTATUSREQUEST']._serialized_end=712
-  _globals['_GETSERVERSTATUSRESPONSE']._serialized_start=714
-  _globals['_GETSERVERSTATUSRESPONSE']._serialized_end=830
-  _globals['_LOADEDVERSION']._serialized_start=833
-  _globals['_LOADEDVERSION']._serialized_end=1076
-  _globals['_MODELSERVERSERVICE']._serialized_start=1234
-  _globals['_MODELSERVERSERVICE']._serialized_end=1530
+  _globals['_VERSIONSTATE']._serialized_start=1122
+  _globals['_VERSIONSTATE']._serialized_end=1274
+  _globals['_EVALUATEOPTIMIZATIONSREQUEST']._serialized_start=185
+  _globals['_EVALUATEOPTIMIZATIONSREQUEST']._serialized_end=351
+  _globals['_EVALUATEOPTIMIZATIONSRESPONSE']._serialized_start=353
+  _globals['_EVALUATEOPTIMIZATIONSRESPONSE']._serialized_end=435
+  _globals['_INFERREQUEST']._serialized_start=438
+  _globals['_INFERREQUEST']._serialized_end=576
+  _globals['_INFERRESPONSE']._serialized_start=579
+  _globals['_INFERRESPONSE']._serialized_end=729
+  _globals['_GETSERVERSTATUSREQUEST']._serialized_start=731
+  _globals['_GETSERVERSTATUSREQUEST']._serialized_end=755
+  _globals['_GETSERVERSTATUSRESPONSE']._serialized_start=757
+  _globals['_GETSERVERSTATUSRESPONSE']._serialized_end=873
+  _globals['_LOADEDVERSION']._serialized_start=876
+  _globals['_LOADEDVERSION']._serialized_end=1119
+  _globals['_MODELSERVERSERVICE']._serialized_start=1277
+  _globals['_MODELSERVERSERVICE']._serialized_end=1573
 # @@protoc_insertion_point(module_scope)

@@ -27,18 +27,22 @@ VERSION_STATE_UNLOADING: VersionState
 VERSION_STATE_FAILED: VersionState
 
 class EvaluateOptimizationsRequest(_message.Message):
-    __slots__ = ("model", "version", "optimizations", "max_batch", "precisions")
+    __slots__ = ("model", "version", "optimizations", "max_batch", "precisions", "device", "reference_device")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZATIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     PRECISIONS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_DEVICE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     optimizations: _containers.RepeatedScalarFieldContainer[str]
     max_batch: int
     precisions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., optimizations: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., precisions: _Optional[_Iterable[str]] = ...) -> None: ...
+    device: str
+    reference_device: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., optimizations: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., precisions: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., reference_device: _Optional[str] = ...) -> None: ...
 
 class EvaluateOptimizationsResponse(_message.Message):
     __slots__ = ("reports",)

@@ -114,7 +114,7 @@ class ModelVersion(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[_Union[ArtifactFormat, str]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., signature: _Optional[_Union[_tensor_pb2.Signature, _Mapping]] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_by: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., input_baselines: _Optional[_Iterable[_Union[InputBaseline, _Mapping]]] = ..., signer: _Optional[str] = ..., model_signature: _Optional[bytes] = ..., origin: _Optional[_Union[VersionOrigin, _Mapping]] = ..., optimization_reports: _Optional[_Iterable[_Union[OptimizationReport, _Mapping]]] = ...) -> None: ...
 
 class OptimizationReport(_message.Message):
-    __slots__ = ("optimization", "precision", "device", "max_abs_error", "max_rel_error", "top1_agreement", "items_per_s_batch1", "items_per_s_max_batch", "max_batch", "load_time", "sample", "sample_items", "compile_cache_hit", "error", "server_id", "time")
+    __slots__ = ("optimization", "precision", "device", "max_abs_error", "max_rel_error", "top1_agreement", "items_per_s_batch1", "items_per_s_max_batch", "max_batch", "load_time", "sample", "sample_items", "compile_cache_hit", "error", "server_id", "time", "reference_device")
     OPTIMIZATION_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class OptimizationReport(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_DEVICE_FIELD_NUMBER: _ClassVar[int]
     optimization: str
     precision: str
     device: str
@@ -147,7 +148,8 @@ class OptimizationReport(_message.Message):
     error: str
     server_id: str
     time: _timestamp_pb2.Timestamp
-    def __init__(self, optimization: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., max_abs_error: _Optional[float] = ..., max_rel_error: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., items_per_s_batch1: _Optional[float] = ..., items_per_s_max_batch: _Optional[float] = ..., max_batch: _Optional[int] = ..., load_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., sample: _Optional[str] = ..., sample_items: _Optional[int] = ..., compile_cache_hit: _Optional[bool] = ..., error: _Optional[str] = ..., server_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    reference_device: str
+    def __init__(self, optimization: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., max_abs_error: _Optional[float] = ..., max_rel_error: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., items_per_s_batch1: _Optional[float] = ..., items_per_s_max_batch: _Optional[float] = ..., max_batch: _Optional[int] = ..., load_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., sample: _Optional[str] = ..., sample_items: _Optional[int] = ..., compile_cache_hit: _Optional[bool] = ..., error: _Optional[str] = ..., server_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reference_device: _Optional[str] = ...) -> None: ...
 
 class InputBaseline(_message.Message):
     __slots__ = ("input", "item_count", "features")

@@ -256,18 +256,20 @@ class PromoteVersionResponse(_message.Message):
     def __init__(self, alias: _Optional[_Union[_registry_pb2.Alias, _Mapping]] = ..., previous_version: _Optional[int] = ..., epoch: _Optional[int] = ..., ready_replicas: _Optional[int] = ...) -> None: ...
 
 class SetDeploymentRequest(_message.Message):
-    __slots__ = ("model", "deployment", "request_id", "expected_epoch", "update_mask")
+    __slots__ = ("model", "deployment", "request_id", "expected_epoch", "update_mask", "skip_proof")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_EPOCH_FIELD_NUMBER: _ClassVar[int]
     UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
+    SKIP_PROOF_FIELD_NUMBER: _ClassVar[int]
     model: str
     deployment: _registry_pb2.Deployment
     request_id: str
     expected_epoch: int
     update_mask: _field_mask_pb2.FieldMask
-    def __init__(self, model: _Optional[str] = ..., deployment: _Optional[_Union[_registry_pb2.Deployment, _Mapping]] = ..., request_id: _Optional[str] = ..., expected_epoch: _Optional[int] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
+    skip_proof: bool
+    def __init__(self, model: _Optional[str] = ..., deployment: _Optional[_Union[_registry_pb2.Deployment, _Mapping]] = ..., request_id: _Optional[str] = ..., expected_epoch: _Optional[int] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ..., skip_proof: _Optional[bool] = ...) -> None: ...
 
 class SetDeploymentResponse(_message.Message):
     __slots__ = ("deployment",)

@@ -229,7 +229,14 @@ class RegistryServiceServicer:
     def SetDeployment(self, request, context):
         """SetDeployment changes how a model is served: pinned versions, replicas, device,
         precision, batching, traffic split and shadow. With an `update_mask`, only the fields it
-        names change; without one, the whole deployment is replaced.
+        names change; without one, the whole deployment is replaced. A change of device,
+        precision or optimization of a model with placed versions, under a deployment with a
+        tolerance, is proven first: a model server that can run the new setting measures each
+        placed version under it against fp32 eager on the CPU, on the version's baseline sample;
+        beyond the tolerance the call fails with FAILED_PRECONDITION and the figures and nothing
+        changes. No model server for the new device, or a version without a baseline, also fails
+        with FAILED_PRECONDITION; a model server that does not answer in time, with UNAVAILABLE.
+        The reports of an accepted change are stored with the versions (GetModelVersion).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -76,7 +76,14 @@ class RegistryServiceStub:
     SetDeployment: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.SetDeploymentRequest, _registry_service_pb2.SetDeploymentResponse]
     """SetDeployment changes how a model is served: pinned versions, replicas, device,
     precision, batching, traffic split and shadow. With an `update_mask`, only the fields it
-    names change; without one, the whole deployment is replaced.
+    names change; without one, the whole deployment is replaced. A change of device,
+    precision or optimization of a model with placed versions, under a deployment with a
+    tolerance, is proven first: a model server that can run the new setting measures each
+    placed version under it against fp32 eager on the CPU, on the version's baseline sample;
+    beyond the tolerance the call fails with FAILED_PRECONDITION and the figures and nothing
+    changes. No model server for the new device, or a version without a baseline, also fails
+    with FAILED_PRECONDITION; a model server that does not answer in time, with UNAVAILABLE.
+    The reports of an accepted change are stored with the versions (GetModelVersion).
     """
     GetDeployment: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetDeploymentRequest, _registry_service_pb2.GetDeploymentResponse]
     """GetDeployment returns how a model is served, with the versions placed now."""
@@ -157,7 +164,14 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     SetDeployment: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.SetDeploymentRequest, _registry_service_pb2.SetDeploymentResponse]  # type: ignore[assignment]
     """SetDeployment changes how a model is served: pinned versions, replicas, device,
     precision, batching, traffic split and shadow. With an `update_mask`, only the fields it
-    names change; without one, the whole deployment is replaced.
+    names change; without one, the whole deployment is replaced. A change of device,
+    precision or optimization of a model with placed versions, under a deployment with a
+    tolerance, is proven first: a model server that can run the new setting measures each
+    placed version under it against fp32 eager on the CPU, on the version's baseline sample;
+    beyond the tolerance the call fails with FAILED_PRECONDITION and the figures and nothing
+    changes. No model server for the new device, or a version without a baseline, also fails
+    with FAILED_PRECONDITION; a model server that does not answer in time, with UNAVAILABLE.
+    The reports of an accepted change are stored with the versions (GetModelVersion).
     """
     GetDeployment: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetDeploymentRequest, _registry_service_pb2.GetDeploymentResponse]  # type: ignore[assignment]
     """GetDeployment returns how a model is served, with the versions placed now."""
@@ -307,7 +321,14 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_registry_service_pb2.SetDeploymentResponse, _abc.Awaitable[_registry_service_pb2.SetDeploymentResponse]]:
         """SetDeployment changes how a model is served: pinned versions, replicas, device,
         precision, batching, traffic split and shadow. With an `update_mask`, only the fields it
-        names change; without one, the whole deployment is replaced.
+        names change; without one, the whole deployment is replaced. A change of device,
+        precision or optimization of a model with placed versions, under a deployment with a
+        tolerance, is proven first: a model server that can run the new setting measures each
+        placed version under it against fp32 eager on the CPU, on the version's baseline sample;
+        beyond the tolerance the call fails with FAILED_PRECONDITION and the figures and nothing
+        changes. No model server for the new device, or a version without a baseline, also fails
+        with FAILED_PRECONDITION; a model server that does not answer in time, with UNAVAILABLE.
+        The reports of an accepted change are stored with the versions (GetModelVersion).
         """
 
     @_abc_1.abstractmethod

@@ -144,8 +144,12 @@ async def served(
         await asyncio.sleep(0.05)
 
 
-async def set_deployment(stub: RegistryServiceAsyncStub, paths: list[str], **fields: Any) -> None:
-    request = pb.SetDeploymentRequest(model=MODEL, deployment=registry_pb2.Deployment(**fields))
+async def set_deployment(
+    stub: RegistryServiceAsyncStub, paths: list[str], *, skip_proof: bool = False, **fields: Any
+) -> None:
+    request = pb.SetDeploymentRequest(
+        model=MODEL, deployment=registry_pb2.Deployment(**fields), skip_proof=skip_proof
+    )
     request.update_mask.paths.extend(paths)
     await stub.SetDeployment(request)
 
@@ -181,8 +185,14 @@ async def test_a_profile_beyond_the_tolerance_is_refused_and_the_served_copy_kee
     first = await served(server)
     assert first.serving.optimization == "none" and first.report is None
 
+    # Without the registry's proof (SetDeployment would refuse the change itself:
+    # test_deployment_proof.py), so that the model server's own load-time gate is what refuses.
     await set_deployment(
-        stub, ["optimization", "max_abs_error"], optimization="int8_dynamic", max_abs_error=1e-3
+        stub,
+        ["optimization", "max_abs_error"],
+        skip_proof=True,
+        optimization="int8_dynamic",
+        max_abs_error=1e-3,
     )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
@@ -280,7 +290,11 @@ async def test_a_compiled_package_is_reused_after_a_restart(
     await stub.CreateModel(pb.CreateModelRequest(name=MODEL))
     await upload(stub, MODEL, exported(module), registry_pb2.ARTIFACT_FORMAT_TORCH_EXPORT)
     await stub.SetAlias(pb.SetAliasRequest(model=MODEL, alias="production", version=1))
-    await set_deployment(stub, ["optimization", "max_abs_error"], optimization="compile", max_abs_error=1e-4)
+    # Set before any model server is up (so the first one compiles): without the proof, which
+    # needs a live model server to measure on.
+    await set_deployment(
+        stub, ["optimization", "max_abs_error"], skip_proof=True, optimization="compile", max_abs_error=1e-4
+    )
 
     first = await launch()
     loaded = await served(first, timeout_s=110)

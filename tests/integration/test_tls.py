@@ -18,6 +18,7 @@ import pytest
 import redis
 import torch
 from cryptography import x509
+from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.app import GatewayApp
@@ -37,6 +38,7 @@ from modelyard.v1 import model_server_service_pb2 as ms
 from modelyard.v1 import model_server_service_pb2_grpc as ms_grpc
 from modelyard.v1 import monitor_service_pb2 as mon
 from modelyard.v1 import monitor_service_pb2_grpc as mon_grpc
+from modelyard.v1 import registry_pb2
 from modelyard.v1 import registry_service_pb2 as reg
 from modelyard.v1 import registry_service_pb2_grpc as reg_grpc
 from modelyard_cli.demo import build_demo_model, demo_signature, predict_until_served, register_model
@@ -216,6 +218,28 @@ async def test_predict_chain_and_every_service_pair_under_mtls(
         lambda: urllib.request.urlopen(f"https://{metrics}/metrics", timeout=5, context=context).read()
     )
     assert b"modelyard_tls_certificate_expiry_timestamp_seconds" in body
+
+
+async def test_the_registry_proves_a_deployment_change_on_a_model_server_under_mtls(
+    cluster: Cluster, pki: Pki
+) -> None:
+    client = pki.client()
+    _, artifact = build_demo_model(seed=7)
+    await register_model(cluster.registry.address, "tls-proof", artifact, demo_signature(), tls=client)
+    request = reg.SetDeploymentRequest(
+        model="tls-proof",
+        deployment=registry_pb2.Deployment(precision="bf16", max_abs_error=1e6),
+        update_mask=field_mask_pb2.FieldMask(paths=["precision", "max_abs_error"]),
+    )
+    async with open_channel(cluster.registry.address, client) as channel:
+        stub = reg_grpc.RegistryServiceStub(channel)
+        # registry → model server (EvaluateOptimizations, which CALLERS opens to the registry's
+        # certificate for that method only: Infer stays refused to it, below).
+        await stub.SetDeployment(request, timeout=60)
+        got = await stub.GetModelVersion(reg.GetModelVersionRequest(model="tls-proof", version=1), timeout=5)
+    (report,) = got.model_version.optimization_reports
+    assert (report.precision, report.reference_device) == ("bf16", "cpu")
+    assert report.server_id == cluster.model_server.service_id and report.sample == "baseline"
 
 
 async def test_clients_without_a_good_certificate_are_refused_at_the_handshake(

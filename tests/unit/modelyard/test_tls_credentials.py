@@ -46,6 +46,9 @@ def test_the_kind_comes_only_from_a_modelyard_spiffe_uri() -> None:
     assert _kind_from_names([b"localhost", kind_uri("gateway").encode()]) == "gateway"
     assert _kind_from_names([b"spiffe://elsewhere/gateway", b"gateway"]) is None
     assert CALLERS["model_server"]["modelyard.v1.ModelServerService"] == {"gateway", "monitor"}
+    # The registry may only ask a model server to measure (the proof of a deployment change).
+    evaluate = CALLERS["model_server"]["modelyard.v1.ModelServerService/EvaluateOptimizations"]
+    assert evaluate == {"gateway", "monitor", "registry"}
 
 
 def test_the_reloader_answers_a_change_once_and_keeps_the_last_good_files(tmp_path: Path) -> None:
