@@ -42,7 +42,10 @@ Where the forward runs (`execution`):
   brings more), up to `max_batch_size` or `max_queue_delay`; a lone caller waits two turns
   (microseconds).
 - `auto` (default): `loop` when the version runs on the CPU with one instance and its warm-up
-  forward at `max_batch_size` took at most `LOOP_MAX_FORWARD_S`; `thread` otherwise.
+  forward at `max_batch_size` took at most `LOOP_MAX_FORWARD_S`; `thread` otherwise. A fastest
+  forward just over the bound (within `RETIME_FACTOR` times it) is timed again, up to
+  `RETIME_RUNS` more times (`retime`): a machine busy at load time (a cluster starting) slows a
+  few forwards, not the fastest of many.
 
 Requests whose future is done (the caller went away) or whose deadline has passed are
 dropped when their batch is formed, before compute. The waiting queue is bounded in items:
@@ -106,6 +109,8 @@ __all__ = [
     "INPUT_FAILURES",
     "EXECUTIONS",
     "LOOP_MAX_FORWARD_S",
+    "RETIME_FACTOR",
+    "RETIME_RUNS",
 ]
 
 log = logging.getLogger(__name__)
@@ -157,6 +162,14 @@ EXECUTIONS = ("auto", "loop", "thread")
 LOOP_MAX_FORWARD_S = 0.001
 """`auto` runs a CPU version on the event loop when its warm-up forward at `max_batch_size`
 took at most this long (a longer one would hold up every other request on the loop)."""
+
+RETIME_FACTOR = 4.0
+"""A fastest warm-up forward over `LOOP_MAX_FORWARD_S` but within this many times it is too
+close to call on three runs: `retime` times it again."""
+
+RETIME_RUNS = 20
+"""At most this many more forwards at the largest batch (`retime`): about 20 ms for a forward
+near the bound, and none for one well over it."""
 
 # Which batcher owns the series of a (model, version) label pair (the newest one).
 _METRIC_OWNERS: weakref.WeakValueDictionary[tuple[str, str], Batcher] = weakref.WeakValueDictionary()
@@ -504,6 +517,20 @@ class Batcher:
         outputs = results[-1][0][0]
         assert not isinstance(outputs, BaseException)
         return outputs
+
+    async def retime(self, inputs: Sequence[torch.Tensor]) -> None:
+        """Time the forward at `inputs`' size (the largest warmed up) again, up to
+        `RETIME_RUNS` times, while `auto`'s choice is too close to call: a CPU version with one
+        instance whose fastest forward there is over `LOOP_MAX_FORWARD_S` but within
+        `RETIME_FACTOR` times it. Call after `warm_up`, before `settle_execution`."""
+        if self._config.execution != "auto" or self._device != "cpu" or self._config.instances != 1:
+            return
+        items, _ = self._items_and_key(inputs)
+        for _ in range(RETIME_RUNS):
+            fastest = self.warm_up_s.get(items, math.inf)
+            if not LOOP_MAX_FORWARD_S < fastest <= LOOP_MAX_FORWARD_S * RETIME_FACTOR:
+                return
+            await self.warm_up(inputs, repeats=1)
 
     def settle_execution(self) -> str:
         """Decide where `auto` runs batches, from the warm-up timings; call after warm-up.

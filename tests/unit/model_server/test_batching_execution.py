@@ -201,6 +201,48 @@ async def test_auto_keeps_a_slow_forward_off_the_loop(closing: Any) -> None:
     assert batcher.settle_execution() == "thread"
 
 
+async def test_auto_times_again_a_forward_that_a_busy_machine_slowed_at_load(
+    closing: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bound of 50 ms no `x * 2` misses; the warm-up's three forwards are slowed to twice
+    # it, as a machine busy starting a cluster slows them, and then the model runs at its cost.
+    monkeypatch.setattr(batching, "LOOP_MAX_FORWARD_S", 0.05)
+    calls = 0
+
+    def busy_then_fast(x: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls <= 3:
+            time.sleep(0.1)
+        return x * 2
+
+    batcher = make(busy_then_fast, closing, max_batch_size=8)
+    await batcher.warm_up([rows(0, 8)])
+    assert batcher.warm_up_s[8] > 0.05
+    await batcher.retime([rows(0, 8)])
+    assert calls == 4 and batcher.warm_up_s[8] <= 0.05  # one more was enough
+    assert batcher.settle_execution() == "loop"
+
+
+async def test_auto_does_not_time_again_a_forward_well_over_the_bound(
+    closing: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batching, "LOOP_MAX_FORWARD_S", 0.01)
+    calls = 0
+
+    def slow(x: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        time.sleep(0.01 * (batching.RETIME_FACTOR + 1))
+        return x
+
+    batcher = make(slow, closing, max_batch_size=8)
+    await batcher.warm_up([rows(0, 8)])
+    await batcher.retime([rows(0, 8)])
+    assert calls == 3
+    assert batcher.settle_execution() == "thread"
+
+
 # -- preferred batch sizes --------------------------------------------------------------------
 
 
