@@ -102,6 +102,34 @@ async def registry(redis_settings: RedisSettings, tmp_path: Path) -> AsyncIterat
 
 
 @pytest.fixture
+async def launch(redis_settings: RedisSettings, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Starts model servers on a real registry (`await launch(registry, **overrides)`), fast
+    heartbeats and reconciles, one compile cache directory; closes them all at the end."""
+    apps: list[ModelServerApp] = []
+
+    async def start(registry: RegistryApp, **overrides: Any) -> ModelServerApp:
+        app = ModelServerApp(
+            load_settings(
+                ModelServerSettings,
+                server=ServerSettings(port=0, metrics_port=0, drain_grace_s=1.0, heartbeat_interval_s=0.2),
+                redis=redis_settings,
+                registry_address=registry.address,
+                reconcile_interval_s=0.2,
+                max_batch_size=8,
+                compile_cache_dir=tmp_path / "compiled",
+                **overrides,
+            )
+        )
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        await app.aclose()
+
+
+@pytest.fixture
 def cluster_source() -> ClusterSource:
     return ClusterSource()
 

@@ -25,7 +25,6 @@ from typer.testing import CliRunner
 
 from model_server.app import ModelServerApp
 from model_server.repository import LoadedVersion, VersionState
-from model_server.settings import ModelServerSettings
 from modelyard.access.keys import new_key_token
 from modelyard.baseline import compute_baseline
 from modelyard.settings import AccessSettings, RedisSettings, ServerSettings, load_settings
@@ -83,33 +82,6 @@ async def start_registry(redis_settings: RedisSettings, tmp_path: Path) -> Async
 async def stub(registry: RegistryApp) -> AsyncIterator[RegistryServiceAsyncStub]:
     async with grpc.aio.insecure_channel(registry.address) as channel:
         yield RegistryServiceStub(channel)
-
-
-@pytest.fixture
-async def launch(redis_settings: RedisSettings, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    """Starts model servers on a registry; closes them all at the end."""
-    apps: list[ModelServerApp] = []
-
-    async def start(registry: RegistryApp, **overrides: Any) -> ModelServerApp:
-        app = ModelServerApp(
-            load_settings(
-                ModelServerSettings,
-                server=ServerSettings(port=0, metrics_port=0, drain_grace_s=1.0, heartbeat_interval_s=0.2),
-                redis=redis_settings,
-                registry_address=registry.address,
-                reconcile_interval_s=0.2,
-                max_batch_size=8,
-                compile_cache_dir=tmp_path / "compiled",
-                **overrides,
-            )
-        )
-        await app.start()
-        apps.append(app)
-        return app
-
-    yield start
-    for app in apps:
-        await app.aclose()
 
 
 def sensitive_model() -> torch.nn.Module:

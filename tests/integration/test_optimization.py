@@ -22,10 +22,8 @@ from typer.testing import CliRunner
 
 from model_server.app import ModelServerApp
 from model_server.repository import LoadedVersion, VersionState
-from model_server.settings import ModelServerSettings
 from modelyard.baseline import compute_baseline
 from modelyard.coordination import CoordinationStore
-from modelyard.settings import RedisSettings, ServerSettings, load_settings
 from modelyard.v1 import registry_pb2, tensor_pb2
 from modelyard.v1 import registry_service_pb2 as pb
 from modelyard.v1.registry_service_pb2_grpc import RegistryServiceStub
@@ -54,31 +52,9 @@ async def stub(registry: RegistryApp) -> AsyncIterator[RegistryServiceAsyncStub]
 
 
 @pytest.fixture
-async def launch(
-    redis_settings: RedisSettings, registry: RegistryApp, tmp_path: Path
-) -> AsyncIterator[Callable[[], Any]]:
-    """Starts model servers sharing one compile cache directory; closes them all at the end."""
-    apps: list[ModelServerApp] = []
-
-    async def start() -> ModelServerApp:
-        app = ModelServerApp(
-            load_settings(
-                ModelServerSettings,
-                server=ServerSettings(port=0, metrics_port=0, drain_grace_s=1.0, heartbeat_interval_s=0.2),
-                redis=redis_settings,
-                registry_address=registry.address,
-                reconcile_interval_s=0.2,
-                max_batch_size=8,
-                compile_cache_dir=tmp_path / "compiled",
-            )
-        )
-        await app.start()
-        apps.append(app)
-        return app
-
-    yield start
-    for app in apps:
-        await app.aclose()
+def launch_here(launch: Callable[..., Any], registry: RegistryApp) -> Callable[[], Any]:
+    """Starts model servers on this test's registry (the shared `launch`)."""
+    return lambda: launch(registry)
 
 
 def sensitive_model() -> torch.nn.Module:
@@ -171,9 +147,12 @@ async def cli(registry: RegistryApp, *args: str) -> tuple[int, str]:
 
 
 async def test_a_profile_beyond_the_tolerance_is_refused_and_the_served_copy_keeps_its_settings(
-    registry: RegistryApp, stub: RegistryServiceAsyncStub, launch: Callable[[], Any], store: CoordinationStore
+    registry: RegistryApp,
+    stub: RegistryServiceAsyncStub,
+    launch_here: Callable[[], Any],
+    store: CoordinationStore,
 ) -> None:
-    server = await launch()
+    server = await launch_here()
     await stub.CreateModel(pb.CreateModelRequest(name=MODEL))
     baselines = compute_baseline(
         {"x": torch.randn(512, 16, generator=torch.Generator().manual_seed(3)) * 2 + 1}
@@ -232,11 +211,11 @@ async def test_a_profile_beyond_the_tolerance_is_refused_and_the_served_copy_kee
 async def test_optimize_measures_records_and_applies_the_fastest_within_tolerance(
     registry: RegistryApp,
     stub: RegistryServiceAsyncStub,
-    launch: Callable[[], Any],
+    launch_here: Callable[[], Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(cli_registry, "console", Console(width=200))
-    server = await launch()
+    server = await launch_here()
     await stub.CreateModel(pb.CreateModelRequest(name=MODEL))
     await upload(stub, MODEL, torchscript(sensitive_model()), registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT)
     await stub.SetAlias(pb.SetAliasRequest(model=MODEL, alias="production", version=1))
@@ -283,7 +262,7 @@ async def test_optimize_measures_records_and_applies_the_fastest_within_toleranc
 # Inductor's own deepcopy of the program's pytree specs trips torch's deprecation of LeafSpec.
 @pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")
 async def test_a_compiled_package_is_reused_after_a_restart(
-    stub: RegistryServiceAsyncStub, launch: Callable[[], Any], tmp_path: Path
+    stub: RegistryServiceAsyncStub, launch_here: Callable[[], Any], tmp_path: Path
 ) -> None:
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(16, 4)).eval()
@@ -296,7 +275,7 @@ async def test_a_compiled_package_is_reused_after_a_restart(
         stub, ["optimization", "max_abs_error"], skip_proof=True, optimization="compile", max_abs_error=1e-4
     )
 
-    first = await launch()
+    first = await launch_here()
     loaded = await served(first, timeout_s=110)
     assert loaded.report is not None and not loaded.report.compile_cache_hit
     cache = first.repository.optimizer.cache
@@ -306,7 +285,7 @@ async def test_a_compiled_package_is_reused_after_a_restart(
     compile_s = loaded.report.load_s
     await first.aclose()
 
-    second = await launch()
+    second = await launch_here()
     reloaded = await served(second, timeout_s=60)
     cache = second.repository.optimizer.cache
     assert cache is not None and (cache.misses, cache.hits) == (0, 1)
